@@ -1,0 +1,155 @@
+"""The ``covid-tune`` command: each subcommand maps to one function.
+
+A ``UserError`` (bad data, bad YAML, bad flag) prints one line and exits with code 2;
+``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from covid_tune.errors import UserError
+
+DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+
+
+def cmd_check(args) -> int:
+    from covid_tune.check import check_dataset
+
+    report = check_dataset(args.data, args.task, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    if args.strict and report.unreadable:
+        path, why = report.unreadable[0]
+        raise UserError(f"{report.root}/{path}: cannot be decoded ({why}); "
+                        f"{len(report.unreadable)} such file(s); remove them or drop --strict")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from covid_tune.synth import PHANTOM_NOTE, generate
+
+    counts = generate(Path(args.out), args.task, scale=args.scale, size=args.size,
+                      seed=args.seed, progress=not args.quiet)
+    total = sum(sum(c.values()) for c in counts.values())
+    print(f"wrote {total} images to {args.out} ({args.task} layout)")
+    print(PHANTOM_NOTE)
+    return 0
+
+
+def sweep_options(args):
+    from covid_tune.sweep import SweepOptions
+
+    return SweepOptions(
+        space_file=args.space, data=args.data, name=args.name or "",
+        storage_path=args.storage_path, num_samples=args.num_samples,
+        max_epochs=args.max_epochs, image_size=args.image_size, pretrained=args.pretrained,
+        max_concurrent=args.max_concurrent, address=args.address,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        seed=args.seed, max_failures=args.max_failures, strict=args.strict)
+
+
+def cmd_sweep(args) -> int:
+    from covid_tune.sweep import run_sweep
+
+    run_sweep(sweep_options(args))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from covid_tune.sweep import resume_sweep
+
+    resume_sweep(args.run_dir)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from covid_tune.sweep import SweepOptions, run_sweep
+    from covid_tune.synth import PHANTOM_NOTE, generate
+
+    out = Path(args.out).resolve()
+    data = out / "data"
+    if not data.exists():
+        generate(data, "binary", scale=args.scale, size=96, seed=args.seed)
+    print(f"demo data: {data} ({PHANTOM_NOTE})")
+    opts = SweepOptions(space_file=str(DEMO_SPACE), data=str(data), name=args.name,
+                        storage_path=str(out / "runs"), seed=args.seed)
+    run_sweep(opts)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covid-tune",
+        description="Distributed hyperparameter search for chest X-ray classifiers.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="check a dataset folder")
+    p.add_argument("data")
+    p.add_argument("--task", choices=["binary", "multilabel"])
+    p.add_argument("--strict", action="store_true", help="exit 2 if any file is unreadable")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("synth", help="write a synthetic phantom dataset")
+    p.add_argument("out")
+    p.add_argument("--task", choices=["binary", "multilabel"], required=True)
+    p.add_argument("--scale", type=float, default=0.05, help="fraction of the real counts")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("sweep", help="run a hyperparameter search")
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--data", required=True, help="dataset root folder")
+    p.add_argument("--name", help="run name (default: <task>-<time>)")
+    p.add_argument("--storage-path", default="runs",
+                   help="where runs live: a path, or s3:// gs:// URI (default: ./runs)")
+    p.add_argument("--num-samples", type=int, help="trials to run (overrides the file)")
+    p.add_argument("--max-epochs", type=int, help="override the file's max_epochs")
+    p.add_argument("--image-size", type=int, help="override the file's image_size")
+    p.add_argument("--pretrained", help="imagenet, none, or a local state-dict file")
+    p.add_argument("--max-concurrent", type=int, help="most trials at once")
+    p.add_argument("--address", help="Ray cluster address (default: Ray on this machine)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial; 0.25 packs four trials on a GPU")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a crashed trial from its last checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("demo", help="synthesise data and run a small real sweep")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--scale", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"covid-tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("covid-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

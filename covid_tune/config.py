@@ -1,0 +1,527 @@
+"""Typed configuration at the edge: a search-space YAML file in, dataclasses out.
+
+Everything a sweep needs is validated here, once, and every problem is reported at once
+as ``file: key: what is wrong``. Nothing downstream re-validates.
+
+A search-space file looks like ``search_spaces/binary.yaml``:
+
+- fixed keys: ``task``, ``metric``, ``mode``, ``max_epochs``, ``image_size``,
+  ``augment``, ``pretrained``, ``num_samples``, ``asha`` (``grace_period``,
+  ``reduction_factor``);
+- ``params``: one entry per hyperparameter, either a fixed value, ``{choices: [...]}``
+  or ``{low: L, high: H, log: bool, step: S}``. ``frozen_layers`` may instead map each
+  backbone to its own range (conditional on the backbone);
+- ``start_with``: configurations evaluated first (the assignment's hand-picked rows).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from covid_tune.errors import UserError
+from covid_tune.models import BACKBONES, conv_count
+from covid_tune.tasks import TASKS, Task
+
+PARAM_TYPES: dict[str, type] = {
+    "backbone": str,
+    "frozen_layers": int,
+    "lr": float,
+    "momentum": float,
+    "batch_size": int,
+    "weight_decay": float,
+    "hidden": int,
+    "dropout": float,
+    "loss": str,
+    "focal_alpha": float,
+    "focal_gamma": float,
+}
+"""Every hyperparameter a search space may name, in sampling order."""
+
+FOCAL_PARAMS = ("focal_alpha", "focal_gamma")
+TASK_LOSSES = {"binary": ("ce",), "multilabel": ("bce", "focal")}
+PARAM_DEFAULTS: dict[str, Any] = {
+    "frozen_layers": 0,
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "batch_size": 32,
+    "weight_decay": 0.0,
+    "hidden": 256,
+    "dropout": 0.5,
+    "focal_alpha": 0.25,
+    "focal_gamma": 2.0,
+}
+TOP_KEYS = (
+    "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
+    "num_samples", "asha", "params", "start_with",
+)
+ASHA_KEYS = ("grace_period", "reduction_factor")
+AUGMENT_KEYS = ("rotation", "scale", "ratio", "flip")
+RANGE_KEYS = ("low", "high", "log", "step")
+
+TASK_METRICS = {
+    "binary": ("loss", "accuracy", "f1", "precision", "recall"),
+    "multilabel": (
+        "loss", "accuracy", "f1", "macro_f1", "samples_f1", "hamming_loss",
+        "f1_covid", "f1_normal", "f1_pneumonia",
+    ),
+}
+"""What each task's trials report, prefixed ``train_`` and ``val_``."""
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A hyperparameter held at one value: never sampled."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical hyperparameter."""
+
+    choices: tuple
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric hyperparameter in ``[low, high]``, integer when ``integer``."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+
+Param = Fixed | Choice | Range
+
+
+@dataclass(frozen=True)
+class Asha:
+    """ASHA's settings: the least epochs a trial gets, and how hard each rung cuts."""
+
+    grace_period: int = 2
+    reduction_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """One study: a validated search-space file."""
+
+    source: str
+    """The file it came from (for messages and the run's record)."""
+    task: str
+    metric: str
+    """The validation metric trials are ranked by, e.g. ``val_f1``."""
+    mode: str
+    """``max`` or ``min``."""
+    max_epochs: int
+    image_size: int
+    """Side of the square images the models see, in pixels."""
+    augment: dict | None
+    """Training augmentation (rotation, scale, ratio, flip) or ``None`` for none."""
+    pretrained: str
+    """``imagenet``, ``none`` or a path to a local state dict."""
+    num_samples: int
+    asha: Asha
+    params: dict[str, Param]
+    """Hyperparameter name -> Fixed/Choice/Range; ``frozen_layers`` may be a dict
+    backbone -> Param."""
+    start_with: tuple[dict, ...] = field(default_factory=tuple)
+
+    @property
+    def task_spec(self) -> Task:
+        return TASKS[self.task]
+
+    def fixed_settings(self) -> dict:
+        """The keys every trial shares, as they go into each trial's config."""
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "mode": self.mode,
+            "max_epochs": self.max_epochs,
+            "image_size": self.image_size,
+            "augment": self.augment,
+            "pretrained": self.pretrained,
+        }
+
+    def with_overrides(self, **overrides: Any) -> SearchSpace:
+        """A copy with command-line overrides (``None`` means keep); revalidated."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if not changes:
+            return self
+        if changes.get("max_epochs", self.max_epochs) < self.asha.grace_period:
+            changes["asha"] = replace(self.asha, grace_period=changes["max_epochs"])
+        raw = to_raw(replace(self, **changes))
+        return parse_space(raw, self.source)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """What one trial trains: the resolved config Ray hands the trainable."""
+
+    task: str
+    backbone: str
+    frozen_layers: int
+    lr: float
+    momentum: float
+    batch_size: int
+    weight_decay: float
+    hidden: int
+    dropout: float
+    loss: str
+    focal_alpha: float
+    focal_gamma: float
+    max_epochs: int
+    image_size: int
+    augment: dict | None
+    pretrained: str
+    metric: str
+    mode: str
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict) -> TrialConfig:
+        """Build from a Ray trial config; keys that are Optuna bookkeeping are ignored."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file; UserError lists every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such search-space file (see search_spaces/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: {where}YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the file ({exc})") from None
+    return parse_space(raw, str(path))
+
+
+def parse_space(raw: Any, source: str) -> SearchSpace:
+    """Validate a parsed YAML document; raise UserError with every problem found."""
+    problems = Problems(source)
+    if not isinstance(raw, dict):
+        problems.add("(top)", "expected a mapping of keys such as task, metric, params")
+        problems.raise_if_any()
+    problems.unknown_keys(raw, TOP_KEYS, "")
+    task = _task(raw, problems)
+    params = _params(raw.get("params"), task, problems)
+    space = SearchSpace(
+        source=source,
+        task=task or "binary",
+        metric=_metric(raw, task, problems),
+        mode=_one_of(raw, "mode", ("max", "min"), "max", problems),
+        max_epochs=_int(raw, "max_epochs", 10, 1, problems),
+        image_size=_int(raw, "image_size", 224, 32, problems),
+        augment=_augment(raw.get("augment", True), problems),
+        pretrained=_pretrained(raw.get("pretrained", "imagenet"), problems),
+        num_samples=_int(raw, "num_samples", 16, 1, problems),
+        asha=_asha(raw.get("asha") or {}, problems),
+        params=params,
+        start_with=_start_with(raw.get("start_with") or [], params, problems),
+    )
+    if space.asha.grace_period > space.max_epochs:
+        problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
+                     f"max_epochs ({space.max_epochs}); lower it")
+    problems.raise_if_any()
+    return space
+
+
+class Problems:
+    """Collects ``file: key: what is wrong`` lines, then raises them all at once."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.lines.append(f"{self.source}: {key}: {message}")
+
+    def unknown_keys(self, mapping: dict, valid: tuple, prefix: str) -> None:
+        for key in mapping:
+            if key not in valid:
+                near = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+                self.add(f"{prefix}{key}", f"unknown key{hint}")
+
+    def raise_if_any(self) -> None:
+        if len(self.lines) == 1:
+            raise UserError(self.lines[0])
+        if self.lines:
+            raise UserError(f"{len(self.lines)} problems:\n  " + "\n  ".join(self.lines))
+
+
+def _task(raw: dict, problems: Problems) -> str | None:
+    task = raw.get("task")
+    if task not in TASKS:
+        problems.add("task", f"{task!r} is not a task; use one of: {', '.join(TASKS)}")
+        return None
+    return task
+
+
+def _metric(raw: dict, task: str | None, problems: Problems) -> str:
+    default = TASKS[task].default_metric if task else "val_f1"
+    metric = raw.get("metric", default)
+    if task is None:
+        return str(metric)
+    valid = [f"{split}_{name}" for split in ("val", "train") for name in TASK_METRICS[task]]
+    if metric not in valid:
+        problems.add("metric", f"{metric!r} is not reported by {task} trials; use one of: "
+                     f"{', '.join(valid[: len(valid) // 2])}")
+    return str(metric)
+
+
+def _one_of(raw: dict, key: str, valid: tuple, default: Any, problems: Problems) -> Any:
+    value = raw.get(key, default)
+    if value not in valid:
+        problems.add(key, f"{value!r} is not valid; use one of: {', '.join(map(str, valid))}")
+    return value
+
+
+def _int(raw: dict, key: str, default: int, minimum: int, problems: Problems) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.add(key, f"expected an integer, got {value!r}")
+        return default
+    if value < minimum:
+        problems.add(key, f"{value} is too small; use at least {minimum}")
+    return value
+
+
+def _augment(value: Any, problems: Problems) -> dict | None:
+    defaults = {"rotation": 15.0, "scale": [0.7, 1.0], "ratio": [0.75, 1.333], "flip": True}
+    if value is False or value is None:
+        return None
+    if value is True:
+        return defaults
+    if not isinstance(value, dict):
+        problems.add("augment", "expected true, false or a mapping of rotation, scale, ratio, flip")
+        return None
+    problems.unknown_keys(value, AUGMENT_KEYS, "augment.")
+    merged = {**defaults, **{k: v for k, v in value.items() if k in AUGMENT_KEYS}}
+    if not isinstance(merged["rotation"], (int, float)) or not 0 <= merged["rotation"] <= 180:
+        problems.add("augment.rotation", "expected degrees between 0 and 180")
+    for key, most in (("scale", 1.0), ("ratio", 10.0)):
+        pair = merged[key]
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, (int, float)) and 0 < v <= most for v in pair)
+                and pair[0] <= pair[1]):
+            problems.add(f"augment.{key}", f"expected [low, high] with 0 < low <= high <= {most:g}")
+    if not isinstance(merged["flip"], bool):
+        problems.add("augment.flip", "expected true or false")
+    return merged
+
+
+def _pretrained(value: Any, problems: Problems) -> str:
+    if not isinstance(value, str) or not value:
+        problems.add("pretrained", "expected 'imagenet', 'none' or a path to a local state dict")
+        return "none"
+    return value
+
+
+def _asha(raw: Any, problems: Problems) -> Asha:
+    if not isinstance(raw, dict):
+        problems.add("asha", "expected a mapping with grace_period and reduction_factor")
+        return Asha()
+    problems.unknown_keys(raw, ASHA_KEYS, "asha.")
+    grace = raw.get("grace_period", Asha.grace_period)
+    factor = raw.get("reduction_factor", Asha.reduction_factor)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
+        problems.add("asha.grace_period", f"expected an integer >= 1, got {grace!r}")
+        grace = Asha.grace_period
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+        problems.add("asha.reduction_factor", f"expected a number > 1, got {factor!r}")
+        factor = Asha.reduction_factor
+    return Asha(grace_period=grace, reduction_factor=float(factor))
+
+
+def _params(raw: Any, task: str | None, problems: Problems) -> dict[str, Param]:
+    if not isinstance(raw, dict) or not raw:
+        problems.add("params", "expected a mapping of hyperparameters (backbone, lr, ...)")
+        return {}
+    problems.unknown_keys(raw, tuple(PARAM_TYPES), "params.")
+    params: dict[str, Param] = {}
+    for name in PARAM_TYPES:
+        if name == "frozen_layers" or name not in raw:
+            continue
+        params[name] = _param(raw[name], name, PARAM_TYPES[name], problems)
+    if "backbone" not in params:
+        problems.add("params.backbone", "missing; use {choices: [vgg16, resnet18]} or one backbone")
+        return params
+    backbones = _values(params["backbone"])
+    for backbone in backbones:
+        if backbone not in BACKBONES:
+            problems.add("params.backbone", f"unknown backbone {backbone!r}; use one of: "
+                         f"{', '.join(BACKBONES)}")
+    known = [b for b in backbones if b in BACKBONES]
+    params["frozen_layers"] = _frozen(raw.get("frozen_layers", 0), known, problems)
+    _check_loss(params, task, problems)
+    return params
+
+
+def _param(raw: Any, key: str, kind: type, problems: Problems) -> Param:
+    where = f"params.{key}"
+    if isinstance(raw, dict) and "choices" in raw:
+        problems.unknown_keys({k: 0 for k in raw if k != "choices"}, (), f"{where}.")
+        choices = raw["choices"]
+        if not isinstance(choices, list) or not choices:
+            problems.add(where, "choices must be a non-empty list")
+            return Choice(())
+        for value in choices:
+            if not _is_kind(value, kind):
+                problems.add(where, f"choice {value!r} is not {kind.__name__}")
+        return Choice(tuple(choices))
+    if isinstance(raw, dict):
+        return _range(raw, where, kind, problems)
+    if not _is_kind(raw, kind):
+        problems.add(where, f"expected a {kind.__name__}, {{choices: [...]}} or "
+                     f"{{low: .., high: ..}}, got {raw!r}")
+    return Fixed(raw)
+
+
+def _range(raw: dict, where: str, kind: type, problems: Problems) -> Range:
+    problems.unknown_keys(raw, RANGE_KEYS, f"{where}.")
+    if kind is str:
+        problems.add(where, "a text parameter takes a value or {choices: [...]}, not a range")
+        return Range(0, 1)
+    low, high = raw.get("low"), raw.get("high")
+    log, step = raw.get("log", False), raw.get("step")
+    bad = [k for k, v in (("low", low), ("high", high)) if not _is_kind(v, kind)]
+    for k in bad:
+        problems.add(f"{where}.{k}", f"expected a {kind.__name__}, got {raw.get(k)!r}")
+    if bad:
+        return Range(0, 1, integer=kind is int)
+    if low >= high:
+        problems.add(where, f"low ({low}) must be less than high ({high})")
+    if not isinstance(log, bool):
+        problems.add(f"{where}.log", f"expected true or false, got {log!r}")
+    elif log and low <= 0:
+        problems.add(where, f"log scale needs low > 0, got {low}")
+    if step is not None and (not _is_kind(step, kind) or step <= 0 or log):
+        problems.add(f"{where}.step", "expected a positive number, and no step with log scale")
+    return Range(low, high, bool(log), step, integer=kind is int)
+
+
+def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[str, Param]:
+    if isinstance(raw, dict) and raw and set(raw) <= set(BACKBONES):
+        per = {b: _param(v, f"frozen_layers.{b}", int, problems) for b, v in raw.items()}
+        for backbone in backbones:
+            if backbone not in per:
+                problems.add(f"params.frozen_layers.{backbone}",
+                             f"missing; give a range for every backbone in the search")
+    else:
+        param = _param(raw, "frozen_layers", int, problems)
+        per = {b: param for b in backbones}
+    for backbone, param in per.items():
+        most = conv_count(backbone)
+        if any(v < 0 or v > most for v in _values(param) if isinstance(v, int)):
+            problems.add(f"params.frozen_layers.{backbone}",
+                         f"{backbone} has {most} conv layers; keep frozen_layers within 0..{most}")
+    return per
+
+
+def _check_loss(params: dict[str, Param], task: str | None, problems: Problems) -> None:
+    if task is None:
+        return
+    valid = TASK_LOSSES[task]
+    params.setdefault("loss", Fixed(valid[0]))
+    losses = _values(params["loss"])
+    for loss in losses:
+        if loss not in valid:
+            problems.add("params.loss", f"{loss!r} is not a {task} loss; use one of: "
+                         f"{', '.join(valid)}")
+    for key in FOCAL_PARAMS:
+        if key in params and "focal" not in losses:
+            problems.add(f"params.{key}", "only used with the focal loss; add focal to "
+                         "params.loss choices or remove this key")
+
+
+def _start_with(raw: Any, params: dict[str, Param], problems: Problems) -> tuple[dict, ...]:
+    if not isinstance(raw, list):
+        problems.add("start_with", "expected a list of configurations")
+        return ()
+    for i, row in enumerate(raw):
+        where = f"start_with[{i}]"
+        if not isinstance(row, dict):
+            problems.add(where, "expected a mapping of hyperparameter values")
+            continue
+        problems.unknown_keys(row, tuple(PARAM_TYPES), f"{where}.")
+        for key, value in row.items():
+            param = params.get(key)
+            if key == "frozen_layers" and isinstance(param, dict):
+                param = param.get(row.get("backbone") or _only(params.get("backbone")))
+            if param is not None and not _allows(param, value):
+                problems.add(f"{where}.{key}", f"{value!r} is outside the search space")
+    return tuple(raw)
+
+
+def _allows(param: Param, value: Any) -> bool:
+    if isinstance(param, Fixed):
+        return value == param.value
+    if isinstance(param, Choice):
+        return value in param.choices
+    return param.contains(value) and (not param.integer or isinstance(value, int))
+
+
+def _values(param: Param | None) -> list:
+    """The discrete values a parameter can take, or its bounds for a range."""
+    if isinstance(param, Fixed):
+        return [param.value]
+    if isinstance(param, Choice):
+        return list(param.choices)
+    if isinstance(param, Range):
+        return [param.low, param.high]
+    return []
+
+
+def _only(param: Param | None) -> Any:
+    return param.value if isinstance(param, Fixed) else None
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def to_raw(space: SearchSpace) -> dict:
+    """Back to the YAML shape (used to re-validate after overrides)."""
+    def param_raw(p: Param) -> Any:
+        if isinstance(p, Fixed):
+            return p.value
+        if isinstance(p, Choice):
+            return {"choices": list(p.choices)}
+        out = {"low": p.low, "high": p.high, "log": p.log}
+        return out if p.step is None else {**out, "step": p.step}
+
+    params = {k: (
+        {b: param_raw(p) for b, p in v.items()} if isinstance(v, dict) else param_raw(v)
+    ) for k, v in space.params.items()}
+    return {
+        **space.fixed_settings(),
+        "augment": space.augment if space.augment is not None else False,
+        "num_samples": space.num_samples,
+        "asha": asdict(space.asha),
+        "params": params,
+        "start_with": list(space.start_with),
+    }

@@ -1,0 +1,324 @@
+"""Image folders in, decoded uint8 tensors out: find the files, decode them once, cache them.
+
+``scan`` reads a folder in either assignment layout (names matched case-insensitively,
+junk such as ``desktop.ini`` skipped and counted). ``load_dataset`` decodes every image
+once to 8-bit grayscale at the sweep's working size (shorter side resized, centre
+crop) into a ``DataBundle`` of numpy arrays, cached on disk under a fingerprint of every
+file's path, size and modification time, so a changed dataset is decoded again. Trials
+receive the bundle through Ray's object store, never by re-reading the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
+
+from covid_tune.errors import UserError
+from covid_tune.tasks import TASKS, Task
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+JUNK_NAMES = ("desktop.ini", ".ds_store", "thumbs.db", "ehthumbs.db", "icon\r")
+CACHE_VERSION = "1"
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class ImageFileRef:
+    path: Path
+    class_dir: str | None
+    """The class folder (lower case) or ``None`` for an unlabelled split."""
+
+
+@dataclass
+class Layout:
+    """What ``scan`` found: the image files of each split, and what it skipped."""
+
+    root: Path
+    task: Task
+    files: dict[str, list[ImageFileRef]]
+    junk: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Split:
+    images: np.ndarray
+    """uint8 (N, S, S) grayscale."""
+    targets: np.ndarray
+    """binary: int64 (N,) class index; multilabel: float32 (N, K) label bits; (N, 0)
+    for an unlabelled split."""
+    names: list[str]
+    """Paths relative to the dataset root."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class DataBundle:
+    """A decoded dataset: what every trial of a sweep trains and evaluates on."""
+
+    task: str
+    root: str
+    image_size: int
+    splits: dict[str, Split]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(relative path, reason) of files that could not be decoded."""
+    fingerprint: str = ""
+
+    @property
+    def task_spec(self) -> Task:
+        return TASKS[self.task]
+
+
+def is_junk(path: Path) -> bool:
+    name = path.name.lower()
+    return name in JUNK_NAMES or name.startswith("._") or path.suffix.lower() not in IMAGE_SUFFIXES
+
+
+def _children(folder: Path) -> dict[str, Path]:
+    """Sub-folders by lower-case name."""
+    try:
+        return {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot list the folder ({exc.strerror})") from None
+
+
+def _files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(images, junk) directly inside ``folder``, sorted by name."""
+    images, junk = [], []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot list the folder ({exc.strerror})") from None
+    for path in entries:
+        if path.is_dir():
+            continue
+        (junk if is_junk(path) else images).append(path)
+    return images, junk
+
+
+def detect_task(root: Path) -> Task:
+    """Tell the layout from the class folders under the training split."""
+    splits = _children(root)
+    for task in TASKS.values():
+        train = splits.get(task.split_dirs["train"].lower())
+        if train is not None and set(_children(train)) >= set(task.class_dirs):
+            return task
+    raise UserError(
+        f"{root}: neither layout found; expected train/{{infected,normal}} (binary) or "
+        f"Train/{{covid-19,normal,pneumonia}} (multilabel), see ASSIGNMENT.md")
+
+
+def scan(root: str | Path, task: str | None = None) -> Layout:
+    """Find every image of a dataset folder; UserError when the layout is wrong."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; pass the dataset root (holding train/ and "
+                        f"validation/)")
+    spec = detect_task(root) if task is None else _expect_layout(root, TASKS[task])
+    splits = _children(root)
+    layout = Layout(root=root, task=spec, files={})
+    for split, dirname in spec.split_dirs.items():
+        folder = splits.get(dirname.lower())
+        if folder is None:
+            if split == "test":
+                continue
+            raise UserError(f"{root}: missing the {dirname}/ folder of the {spec.name} layout")
+        layout.files[split] = _scan_split(folder, split, spec, layout.junk)
+    return layout
+
+
+def _expect_layout(root: Path, task: Task) -> Task:
+    detected = detect_task(root)
+    if detected.name != task.name:
+        raise UserError(f"{root}: this is the {detected.name} layout, not {task.name}; pass "
+                        f"--task {detected.name} or point at the right folder")
+    return task
+
+
+def _scan_split(folder: Path, split: str, task: Task, junk: list[Path]) -> list[ImageFileRef]:
+    refs: list[ImageFileRef] = []
+    if split not in task.labelled_splits:
+        images, skipped = _files(folder)
+        junk += skipped
+        refs = [ImageFileRef(p, None) for p in images]
+    else:
+        classes = _children(folder)
+        for class_dir in task.class_dirs:
+            if class_dir not in classes:
+                raise UserError(f"{folder}: missing the class folder {class_dir}/")
+            images, skipped = _files(classes[class_dir])
+            junk += skipped
+            if not images:
+                raise UserError(f"{classes[class_dir]}: no .png/.jpg images in this class "
+                                f"folder; a {task.name} dataset needs every class")
+            refs += [ImageFileRef(p, class_dir) for p in images]
+    if not refs:
+        raise UserError(f"{folder}: no .png/.jpg images in this split")
+    return refs
+
+
+def to_gray8(image: Image.Image) -> Image.Image:
+    """Any PIL mode (1, L, P, RGB, RGBA, CMYK, I;16, I, F) as 8-bit grayscale.
+
+    Modes of more than 8 bits are stretched from their own min..max to 0..255.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    return image.convert("L")
+
+
+def read_gray(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image: 8-bit grayscale, shorter side resized to ``size``, centre crop.
+
+    Returns the ``(size, size)`` uint8 array and the original (width, height). The same
+    function serves training, evaluation, export and prediction, so they agree.
+    Raises ``OSError``/``ValueError`` (including PIL's decompression-bomb error) for a
+    file that cannot be decoded.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            original = image.size
+            image.draft("L", (size, size))
+            gray = to_gray8(image)
+    scale = size / min(gray.size)
+    width, height = max(size, round(gray.width * scale)), max(size, round(gray.height * scale))
+    gray = gray.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (width - size) // 2, (height - size) // 2
+    gray = gray.crop((left, top, left + size, top + size))
+    return np.asarray(gray, dtype=np.uint8), original
+
+
+def try_read(path: Path, size: int) -> tuple[np.ndarray | None, tuple[int, int] | None, str]:
+    """``read_gray`` that reports a failure as a reason instead of raising."""
+    try:
+        pixels, original = read_gray(path, size)
+        return pixels, original, ""
+    except Image.DecompressionBombError:
+        return None, None, "decompression bomb (too many pixels)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, None, text[:200]
+
+
+def decode_all(paths: list[Path], size: int, desc: str, progress: bool = True) -> list:
+    """``try_read`` over many files on every core, with a progress bar."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda p: try_read(p, size), paths, chunksize=1)
+        return list(tqdm(results, total=len(paths), desc=desc, unit="img",
+                         disable=not progress, leave=False))
+
+
+def fingerprint(layout: Layout) -> str:
+    """A hash of every file's relative path, size and modification time."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{CACHE_VERSION}|{layout.task.name}".encode())
+    for split in sorted(layout.files):
+        for ref in layout.files[split]:
+            stat = ref.path.stat()
+            rel = ref.path.relative_to(layout.root).as_posix()
+            digest.update(f"|{rel}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """``$COVID_TUNE_CACHE`` or ``~/.cache/covid-tune``."""
+    return Path(os.environ.get("COVID_TUNE_CACHE") or Path.home() / ".cache" / "covid-tune")
+
+
+def load_dataset(root: str | Path, task: str | None = None, image_size: int = 224, *,
+                 strict: bool = False, use_cache: bool = True, progress: bool = True) -> DataBundle:
+    """Decode a dataset folder once into a ``DataBundle`` (from the cache when valid)."""
+    layout = scan(root, task)
+    key = fingerprint(layout)
+    cached = cache_dir() / f"{layout.task.name}-{key}-{image_size}.npz"
+    if use_cache and cached.is_file():
+        try:
+            return _read_cache(cached, layout, image_size, key, strict)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    bundle = _decode_layout(layout, image_size, key, progress)
+    _refuse_unreadable(bundle, strict)
+    if use_cache:
+        _write_cache(cached, bundle)
+    return bundle
+
+
+def _decode_layout(layout: Layout, size: int, key: str, progress: bool) -> DataBundle:
+    task = layout.task
+    bundle = DataBundle(task=task.name, root=str(layout.root), image_size=size, splits={},
+                        fingerprint=key)
+    for split, refs in layout.files.items():
+        results = decode_all([r.path for r in refs], size, f"decoding {split}", progress)
+        kept = [(r, px) for r, (px, _, _) in zip(refs, results) if px is not None]
+        bundle.skipped += [(_rel(r.path, layout.root), why)
+                           for r, (px, _, why) in zip(refs, results) if px is None]
+        if not kept:
+            raise UserError(f"{layout.root}: no image of the {split} split could be decoded")
+        images = np.stack([px for _, px in kept])
+        bundle.splits[split] = Split(images=images, targets=_targets(task, [r for r, _ in kept]),
+                                     names=[_rel(r.path, layout.root) for r, _ in kept])
+    return bundle
+
+
+def _targets(task: Task, refs: list[ImageFileRef]) -> np.ndarray:
+    if refs[0].class_dir is None:
+        return np.zeros((len(refs), 0), dtype=np.float32)
+    bits = np.stack([task.target_of(r.class_dir) for r in refs])
+    return bits.astype(np.float32) if task.multilabel else bits[:, 0].astype(np.int64)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _refuse_unreadable(bundle: DataBundle, strict: bool) -> None:
+    if strict and bundle.skipped:
+        name, why = bundle.skipped[0]
+        raise UserError(f"{bundle.root}/{name}: cannot be decoded ({why}); "
+                        f"{len(bundle.skipped)} such file(s) in all; remove them or drop --strict")
+
+
+def _write_cache(path: Path, bundle: DataBundle) -> None:
+    arrays = {"skipped": np.array([f"{n}\t{w}" for n, w in bundle.skipped], dtype=str)}
+    for split, data in bundle.splits.items():
+        arrays[f"{split}/images"] = data.images
+        arrays[f"{split}/targets"] = data.targets
+        arrays[f"{split}/names"] = np.array(data.names, dtype=str)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"could not write the decode cache {path} ({exc}); continuing without it")
+
+
+def _read_cache(path: Path, layout: Layout, size: int, key: str, strict: bool) -> DataBundle:
+    with np.load(path, allow_pickle=False) as stored:
+        splits = {split: Split(images=stored[f"{split}/images"],
+                               targets=stored[f"{split}/targets"],
+                               names=stored[f"{split}/names"].tolist())
+                  for split in layout.files}
+        skipped = [tuple(s.split("\t", 1)) for s in stored["skipped"].tolist()]
+    bundle = DataBundle(task=layout.task.name, root=str(layout.root), image_size=size,
+                        splits=splits, skipped=skipped, fingerprint=key)
+    _refuse_unreadable(bundle, strict)
+    return bundle

@@ -1,0 +1,135 @@
+"""Accuracy, F1 and confusion matrices from model outputs, in plain numpy.
+
+What the tables' "Accuracy/F1" column means here (``HEADLINE`` names the two keys):
+
+- binary (Part 1): ``accuracy`` is the fraction of images classified right;
+  ``f1`` is the F1 of the positive class, **infected** (index 1), not of normal.
+- multilabel (Part 2): ``accuracy`` is exact-match accuracy (all three label bits
+  right); ``f1`` is the macro F1, the unweighted mean of the per-label F1 of
+  covid, normal and pneumonia.
+
+A prediction is positive when its probability is strictly above the threshold (0.5),
+so a binary tie goes to normal, as ``argmax`` would. Every value returned is a
+python ``float`` or ``int`` (or nested lists/dicts of them), ready for
+``ray.tune.report`` and JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from covid_tune.tasks import Task
+
+HEADLINE = ("accuracy", "f1")
+"""Metric keys of the "Accuracy/F1" columns, for both tasks."""
+
+
+def binary_metrics(targets: np.ndarray, prob_infected: np.ndarray, threshold: float = 0.5) -> dict:
+    """Accuracy, and F1/precision/recall with **infected = 1 as the positive class**.
+
+    ``targets``: (N,) 0 = normal, 1 = infected. ``prob_infected``: (N,) P(infected).
+    ``confusion`` is ``[[tn, fp], [fn, tp]]``: rows true normal/infected, columns
+    predicted normal/infected. F1, precision and recall are 0.0 when undefined.
+    """
+    truth = _bits(targets, ndim=1)
+    predicted = np.asarray(prob_infected, dtype=np.float64).reshape(truth.shape) > threshold
+    confusion = _confusion(truth, predicted)
+    (tn, fp), (fn, tp) = confusion
+    return {
+        "accuracy": float(np.mean(truth == predicted)),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "confusion": confusion,
+    }
+
+
+def multilabel_metrics(
+    targets: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold: float = 0.5
+) -> dict:
+    """Exact-match accuracy, Hamming loss, macro and per-sample F1, per-label F1 and confusion.
+
+    ``targets``, ``probs``: (N, K) in the order of ``label_names``. ``f1`` is the
+    macro F1. In ``samples_f1`` a sample with no true and no predicted label scores 1.0.
+    """
+    truth = _bits(targets, ndim=2)
+    predicted = np.asarray(probs, dtype=np.float64).reshape(truth.shape) > threshold
+    if truth.shape[1] != len(label_names):
+        raise ValueError(f"{truth.shape[1]} label columns but {len(label_names)} label names")
+    confusions = {name: _confusion(truth[:, k], predicted[:, k]) for k, name in enumerate(label_names)}
+    label_f1 = {name: _f1(c) for name, c in confusions.items()}
+    macro_f1 = float(np.mean(list(label_f1.values())))
+    return {
+        "accuracy": float(np.mean(np.all(truth == predicted, axis=1))),
+        "hamming_loss": float(np.mean(truth != predicted)),
+        "macro_f1": macro_f1,
+        "samples_f1": _samples_f1(truth, predicted),
+        "f1": macro_f1,
+        **{f"f1_{name}": value for name, value in label_f1.items()},
+        "confusion": confusions,
+    }
+
+
+def compute_metrics(task: Task, targets: np.ndarray, outputs: np.ndarray) -> dict:
+    """Metrics of ``task`` from raw logits: binary (N, 2) or multilabel (N, K).
+
+    Binary targets are class indices, (N,) or (N, 1); multilabel targets are (N, K) bits.
+    """
+    return _SCORERS[task.name](task, targets, np.asarray(outputs, dtype=np.float64))
+
+
+def _score_binary(task: Task, targets: np.ndarray, logits: np.ndarray) -> dict:
+    """P(infected) = softmax(logits)[:, 1] = sigmoid(logit_1 - logit_0)."""
+    return binary_metrics(targets, _sigmoid(logits[:, 1] - logits[:, 0]))
+
+
+def _score_multilabel(task: Task, targets: np.ndarray, logits: np.ndarray) -> dict:
+    return multilabel_metrics(targets, _sigmoid(logits), task.label_names)
+
+
+_SCORERS: dict[str, Callable[[Task, np.ndarray, np.ndarray], dict]] = {
+    "binary": _score_binary,
+    "multilabel": _score_multilabel,
+}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Overflow-free logistic function."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _bits(targets: np.ndarray, ndim: int) -> np.ndarray:
+    """Targets as a bool array of ``ndim`` dimensions; 0/1 values only, at least one row."""
+    array = np.asarray(targets)
+    if ndim == 1:
+        array = array.reshape(-1)
+    if array.ndim != ndim or len(array) == 0:
+        raise ValueError(f"expected non-empty {ndim}-d targets, got shape {array.shape}")
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError("targets must be 0 or 1")
+    return array.astype(bool)
+
+
+def _confusion(truth: np.ndarray, predicted: np.ndarray) -> list[list[int]]:
+    """``[[tn, fp], [fn, tp]]`` as python ints."""
+    counts = np.bincount(2 * truth.astype(int) + predicted.astype(int), minlength=4)
+    return [[int(counts[0]), int(counts[1])], [int(counts[2]), int(counts[3])]]
+
+
+def _f1(confusion: list[list[int]]) -> float:
+    (_, fp), (fn, tp) = confusion
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def _samples_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    tp = np.sum(truth & predicted, axis=1)
+    wrong = np.sum(truth != predicted, axis=1)
+    denominator = 2 * tp + wrong
+    scores = np.divide(2 * tp, denominator, out=np.ones(len(tp)), where=denominator > 0)
+    return float(np.mean(scores))

@@ -1,0 +1,278 @@
+"""The search: Ray Tune runs the trials, Optuna's TPE picks them, ASHA stops weak ones.
+
+``run_sweep`` validates everything first (search space, dataset, pretrained weights,
+resources), decodes the dataset once, then starts (or joins) Ray and runs a ``Tuner``.
+The run directory ``<storage-path>/<name>`` is Ray Tune's own layout, readable by
+``ray.tune.ExperimentAnalysis``, plus ``sweep.json`` (what was asked) and
+``optuna.db`` (the Optuna study, for ``optuna.load_study`` or optuna-dashboard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from covid_tune.config import SearchSpace, load_space
+from covid_tune.data import DataBundle, load_dataset
+from covid_tune.errors import UserError
+from covid_tune.models import check_pretrained
+from covid_tune.space import define_by_run, start_points
+from covid_tune.train import train_trial
+
+SWEEP_FILE = "sweep.json"
+STUDY_FILE = "optuna.db"
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What ``covid-tune sweep`` was asked to do (saved as ``sweep.json``)."""
+
+    space_file: str
+    data: str
+    name: str = ""
+    storage_path: str = "runs"
+    num_samples: int | None = None
+    max_epochs: int | None = None
+    image_size: int | None = None
+    pretrained: str | None = None
+    max_concurrent: int | None = None
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    seed: int = 0
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+    strict: bool = False
+    task: str | None = None
+
+    def space(self) -> SearchSpace:
+        return load_space(self.space_file).with_overrides(
+            max_epochs=self.max_epochs, image_size=self.image_size,
+            pretrained=self.pretrained, num_samples=self.num_samples)
+
+    def run_dir(self) -> str:
+        return os.path.join(self.storage_path, self.name)
+
+
+class SweepSearch(OptunaSearch):
+    """Ray's OptunaSearch with two fixes for sweeps that run trials in parallel.
+
+    - A trial ASHA stopped before ``max_epochs`` is told to Optuna as PRUNED (Ray tells
+      it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL.
+    - Until ``n_startup`` trials have finished, no more than ``n_startup`` are started
+      (Ray issue 52535: otherwise every trial started while the first ones run is drawn
+      at random, far more than TPE's start-up count).
+    """
+
+    def __init__(self, *args, max_epochs: int, n_startup: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+        self.n_startup = n_startup
+
+    def suggest(self, trial_id: str):
+        if trial_id not in self._ot_trials and self.waiting_for_startup():
+            return None
+        return super().suggest(trial_id)
+
+    def waiting_for_startup(self) -> bool:
+        started, finished = len(self._ot_trials), len(self._completed_trials)
+        return started >= self.n_startup and finished < self.n_startup
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        state = None
+        if error:
+            state = optuna.trial.TrialState.FAIL
+        elif result and result.get("epoch", self.max_epochs) < self.max_epochs:
+            state = optuna.trial.TrialState.PRUNED
+        if state is None:
+            return super().on_trial_complete(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
+        self._completed_trials.add(trial_id)
+
+
+def n_startup_trials(space: SearchSpace) -> int:
+    """TPE's random start-up trials: the hand-picked rows, or a third of the budget."""
+    return max(len(space.start_with), min(10, max(2, space.num_samples // 3)))
+
+
+def build_searcher(space: SearchSpace, study_path: str, name: str, seed: int,
+                   max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=n_startup_trials(space))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_path}")
+    searcher = SweepSearch(
+        space=define_by_run(space), metric=space.metric, mode=space.mode,
+        points_to_evaluate=start_points(space) or None, sampler=sampler,
+        study_name=name, storage=storage, max_epochs=space.max_epochs,
+        n_startup=n_startup_trials(space))
+    if max_concurrent:
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return searcher
+
+
+def build_scheduler(space: SearchSpace) -> ASHAScheduler:
+    return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode,
+                         max_t=space.max_epochs, grace_period=space.asha.grace_period,
+                         reduction_factor=space.asha.reduction_factor)
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names: ``trial_<id>`` (Ray's default embeds the config)."""
+    return f"trial_{trial.trial_id}"
+
+
+def build_trainable(bundle: DataBundle, opts: SweepOptions):
+    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(train_trial, data=bundle), resources)
+
+
+def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=opts.name,
+        storage_path=opts.storage_path,
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=space.metric,
+            checkpoint_score_order=space.mode),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        verbose=1,
+    )
+
+
+def start_ray(address: str | None) -> None:
+    """Join a cluster at ``address``, or start Ray on this machine bound to localhost."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+                 dashboard_host="127.0.0.1", configure_logging=False)
+
+
+def check_resources(opts: SweepOptions) -> None:
+    """Refuse a trial that asks for more than the largest node has."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    most_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+    most_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+    if opts.cpus_per_trial > most_cpu or opts.gpus_per_trial > most_gpu:
+        raise UserError(
+            f"--cpus-per-trial {opts.cpus_per_trial} / --gpus-per-trial {opts.gpus_per_trial} "
+            f"is more than any node has (largest: {largest.get('CPU', 0):g} CPU, "
+            f"{largest.get('GPU', 0):g} GPU); ask for less")
+
+
+def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle]:
+    """Everything that can fail on bad input, done before Ray starts."""
+    space = opts.space()
+    name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path))
+    backbones = space.params["backbone"]
+    for backbone in getattr(backbones, "choices", None) or [backbones.value]:
+        check_pretrained(backbone, space.pretrained)
+    bundle = load_dataset(opts.data, space.task, space.image_size, strict=opts.strict)
+    return opts, space, bundle
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def run_sweep(opts: SweepOptions) -> tune.ResultGrid:
+    """Validate, decode the data once, then run the search; returns Ray's results."""
+    opts, space, bundle = prepare(opts)
+    report_data(bundle)
+    run_dir = Path(opts.run_dir())
+    if (run_dir / SWEEP_FILE).exists():
+        raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name or "
+                        f"continue it with `covid-tune resume {run_dir}`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SWEEP_FILE).write_text(json.dumps(asdict(opts), indent=1))
+    start_ray(opts.address)
+    check_resources(opts)
+    searcher = build_searcher(space, str(run_dir / STUDY_FILE), opts.name, opts.seed,
+                              opts.max_concurrent)
+    tuner = tune.Tuner(
+        build_trainable(bundle, opts),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
+                                    num_samples=space.num_samples,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=run_config(space, opts),
+    )
+    results = tuner.fit()
+    report_best(results, space)
+    return results
+
+
+def resume_sweep(run_dir: str | Path) -> tune.ResultGrid:
+    """Continue a sweep whose driver died: finished trials kept, the rest resumed."""
+    run_dir = Path(run_dir).resolve()
+    opts = read_options(run_dir)
+    space = opts.space()
+    bundle = load_dataset(opts.data, space.task, space.image_size, strict=opts.strict)
+    start_ray(opts.address)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=build_trainable(bundle, opts),
+                               resume_unfinished=True, resume_errored=True)
+    results = tuner.fit()
+    report_best(results, space)
+    return results
+
+
+def read_options(run_dir: Path) -> SweepOptions:
+    path = run_dir / SWEEP_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a covid-tune run (no {SWEEP_FILE}); pass the folder "
+                        f"`covid-tune sweep` printed")
+    return SweepOptions(**json.loads(path.read_text()))
+
+
+def report_data(bundle: DataBundle) -> None:
+    counts = ", ".join(f"{split} {len(s)}" for split, s in bundle.splits.items())
+    print(f"data: {bundle.root} ({bundle.task}, {bundle.image_size} px): {counts}")
+    if bundle.skipped:
+        print(f"  skipped {len(bundle.skipped)} unreadable file(s), e.g. "
+              f"{bundle.skipped[0][0]}: {bundle.skipped[0][1]}")
+
+
+def report_best(results: tune.ResultGrid, space: SearchSpace) -> None:
+    """Print the best trial (by its best epoch) and where its checkpoint is."""
+    finished = [r for r in results if r.metrics and space.metric in r.metrics]
+    if not finished:
+        print("no trial reported a result; see the errors above")
+        return
+    best = results.get_best_result(space.metric, space.mode, scope="all")
+    checkpoint = best.get_best_checkpoint(space.metric, space.mode)
+    errors = sum(1 for r in results if r.error)
+    print(f"\n{len(results)} trials, {errors} failed. Best trial {best.metrics['trial_id']}: "
+          f"{space.metric} = {_best_value(best, space):.4f}")
+    params = {k: best.config[k] for k in ("backbone", "frozen_layers", "lr", "loss")
+              if k in best.config}
+    print(f"  config: {params}")
+    print(f"  checkpoint: {checkpoint.path if checkpoint else '(none kept)'}")
+    print(f"  run dir: {best.path.rsplit('/', 1)[0]}")
+
+
+def _best_value(result, space: SearchSpace) -> float:
+    values = result.metrics_dataframe[space.metric]
+    return float(values.max() if space.mode == "max" else values.min())

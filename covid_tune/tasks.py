@@ -1,0 +1,70 @@
+"""The two assignment tasks: folder layouts, class names and label encodings.
+
+Part 1, ``binary``: ``<root>/{train,validation,test}/{infected,normal}``. One output
+per class in the order ``("normal", "infected")``; the positive class for F1 is
+``infected`` (index 1), stated here once so no metric gets it backwards.
+
+Part 2, ``multilabel``: ``<root>/{Train,Validation}/{covid-19,normal,pneumonia}`` and a
+flat, unlabelled ``<root>/Test``. Sigmoid outputs in the order
+``("covid", "normal", "pneumonia")``; COVID-19 is a pneumonia, so it sets both bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    split_dirs: dict[str, str]
+    """Canonical split name -> folder name as published (matched case-insensitively)."""
+    class_dirs: tuple[str, ...]
+    """Class folder names as published (matched case-insensitively)."""
+    label_names: tuple[str, ...]
+    """Model output order."""
+    targets: dict[str, tuple[int, ...]]
+    """Class folder -> target: a class index (binary) or the label bits (multilabel)."""
+    labelled_splits: tuple[str, ...]
+    """Splits with class sub-folders; any other split is a flat folder of images."""
+    default_loss: str
+    default_metric: str
+
+    @property
+    def multilabel(self) -> bool:
+        return self.name == "multilabel"
+
+    @property
+    def outputs(self) -> int:
+        return len(self.label_names)
+
+    def target_of(self, class_dir: str) -> np.ndarray:
+        return np.asarray(self.targets[class_dir.lower()], dtype=np.float32)
+
+
+BINARY = Task(
+    name="binary",
+    split_dirs={"train": "train", "validation": "validation", "test": "test"},
+    class_dirs=("infected", "normal"),
+    label_names=("normal", "infected"),
+    targets={"normal": (0,), "infected": (1,)},
+    labelled_splits=("train", "validation", "test"),
+    default_loss="ce",
+    default_metric="val_f1",
+)
+
+MULTILABEL = Task(
+    name="multilabel",
+    split_dirs={"train": "Train", "validation": "Validation", "test": "Test"},
+    class_dirs=("covid-19", "normal", "pneumonia"),
+    label_names=("covid", "normal", "pneumonia"),
+    targets={"covid-19": (1, 0, 1), "normal": (0, 1, 0), "pneumonia": (0, 0, 1)},
+    labelled_splits=("train", "validation"),
+    default_loss="bce",
+    default_metric="val_macro_f1",
+)
+
+TASKS = {t.name: t for t in (BINARY, MULTILABEL)}
+POSITIVE_CLASS = "infected"

@@ -1,0 +1,100 @@
+"""TensorBoard event files for each trial: scalars per epoch, confusion matrices, HParams.
+
+Each trial writes into its own trial folder of the run, so
+``tensorboard --logdir <run dir>`` shows every trial while the sweep runs. Sampled
+hyperparameters go through TensorBoard's HParams plugin, with the trial's best
+validation metric so far as the HParams metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+from covid_tune.config import TrialConfig
+
+HPARAM_KEYS = ("backbone", "frozen_layers", "lr", "momentum", "batch_size", "weight_decay",
+               "hidden", "dropout", "loss", "focal_alpha", "focal_gamma")
+
+
+def trial_dir() -> str:
+    """Where this trial's files live: the run's trial folder when storage is local."""
+    from ray import tune
+
+    with contextlib.suppress(Exception):
+        path = tune.get_context().get_trial_dir()
+        if path and "://" not in path and os.path.isdir(path):
+            return path
+    return os.getcwd()
+
+
+@dataclass
+class TrialWriter:
+    writer: SummaryWriter
+    metric: str
+    mode: str
+    best: float | None = None
+
+    @classmethod
+    def open(cls, cfg: TrialConfig, log_dir: str | None = None) -> TrialWriter:
+        writer = SummaryWriter(log_dir=log_dir or trial_dir(), flush_secs=10)
+        params = {k: v for k, v in cfg.to_dict().items() if k in HPARAM_KEYS}
+        exp, ssi, sei = hparams(params, {f"best/{cfg.metric}": 0.0})
+        for summary in (exp, ssi, sei):
+            writer.file_writer.add_summary(summary)
+        return cls(writer, cfg.metric, cfg.mode)
+
+    def log_epoch(self, epoch: int, metrics: dict, confusion) -> None:
+        """Scalars, the best metric so far and the validation confusion matrix image."""
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                split, _, name = key.partition("_")
+                tag = f"{name}/{split}" if split in ("train", "val") else f"trial/{key}"
+                self.writer.add_scalar(tag, value, epoch)
+        value = metrics[self.metric]
+        better = max if self.mode == "max" else min
+        self.best = value if self.best is None else better(self.best, value)
+        self.writer.add_scalar(f"best/{self.metric}", self.best, epoch)
+        self.writer.add_image("confusion/val", confusion_image(confusion), epoch,
+                              dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def confusion_image(confusion) -> np.ndarray:
+    """A small RGB picture of one 2x2 matrix (binary) or one per label (multilabel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = confusion if isinstance(confusion, dict) else {"infected": confusion}
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.4), dpi=80,
+                             squeeze=False)
+    for ax, (label, matrix) in zip(axes[0], panels.items()):
+        draw_confusion(ax, np.asarray(matrix), label)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def draw_confusion(ax, matrix: np.ndarray, label: str) -> None:
+    """One 2x2 confusion matrix on a matplotlib axis (rows true, columns predicted)."""
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        colour = "white" if count > matrix.max() / 2 else "black"
+        ax.text(j, i, str(int(count)), ha="center", va="center", color=colour)
+    ax.set_xticks([0, 1], [f"not {label}", label], fontsize=7)
+    ax.set_yticks([0, 1], [f"not {label}", label], fontsize=7)
+    ax.set_xlabel("predicted", fontsize=7)
+    ax.set_ylabel("true", fontsize=7)
+

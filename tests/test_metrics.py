@@ -1,0 +1,116 @@
+"""Metrics against confusion matrices counted by hand."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from covid_tune.metrics import binary_metrics, compute_metrics, multilabel_metrics
+from covid_tune.tasks import BINARY, MULTILABEL
+
+# 10 images, 1 = infected. Predicted infected where prob > 0.5:
+#   truth 1 1 1 1 0 0 0 0 0 0
+#   pred  1 1 1 0 1 0 0 0 0 0   -> tp 3, fn 1, fp 1, tn 5
+TRUTH = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+PROB = np.array([0.9, 0.8, 0.6, 0.4, 0.7, 0.1, 0.2, 0.3, 0.5, 0.0])
+
+
+def test_binary_hand_counted():
+    m = binary_metrics(TRUTH, PROB)
+    assert m["confusion"] == [[5, 1], [1, 3]]
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["precision"] == pytest.approx(0.75)  # 3 / (3 + 1)
+    assert m["recall"] == pytest.approx(0.75)  # 3 / (3 + 1)
+    assert m["f1"] == pytest.approx(0.75)  # 2*3 / (2*3 + 1 + 1)
+
+
+def test_binary_positive_class_is_infected():
+    # Predicting everything infected: F1 of infected is 2*4/(2*4+6) = 8/14, of normal it would be 0.
+    m = binary_metrics(TRUTH, np.ones(10))
+    assert m["confusion"] == [[0, 6], [0, 4]]
+    assert m["f1"] == pytest.approx(8 / 14) and m["recall"] == 1.0 and m["precision"] == pytest.approx(0.4)
+
+
+def test_binary_threshold():
+    m = binary_metrics(TRUTH, PROB, threshold=0.35)  # adds the 0.4 (tp) and the 0.5 (fp)
+    assert m["confusion"] == [[4, 2], [0, 4]]
+
+
+def test_binary_no_positives_is_zero_not_nan():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        none_true = binary_metrics(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.4]))
+        none_predicted = binary_metrics(np.array([1, 1, 0, 0]), np.zeros(4))
+    assert none_true == {"accuracy": 1.0, "f1": 0.0, "precision": 0.0, "recall": 0.0,
+                         "confusion": [[4, 0], [0, 0]]}
+    assert none_predicted["confusion"] == [[2, 0], [2, 0]]
+    assert none_predicted["f1"] == 0.0 and none_predicted["accuracy"] == 0.5
+
+
+def test_binary_all_infected_and_right():
+    m = binary_metrics(np.ones(3, int), np.array([0.9, 0.8, 0.7]))
+    assert m == {"accuracy": 1.0, "f1": 1.0, "precision": 1.0, "recall": 1.0, "confusion": [[0, 0], [0, 3]]}
+
+
+NAMES = ("covid", "normal", "pneumonia")
+COVID, NORMAL, PNEUMONIA = [1, 0, 1], [0, 1, 0], [0, 0, 1]
+ML_TRUTH = np.array([COVID, COVID, NORMAL, NORMAL, PNEUMONIA, PNEUMONIA])
+ML_PRED = np.array([
+    [1, 0, 1],  # covid, right
+    [0, 0, 1],  # covid called pneumonia: covid fn
+    [0, 1, 0],  # right
+    [0, 0, 0],  # nothing predicted: normal fn
+    [0, 0, 1],  # right
+    [1, 1, 1],  # covid fp, normal fp
+])
+
+
+def test_multilabel_hand_counted():
+    m = multilabel_metrics(ML_TRUTH, ML_PRED * 0.8 + 0.1, NAMES)
+    assert m["confusion"] == {
+        "covid": [[3, 1], [1, 1]],  # f1 2/(2+1+1) = 0.5
+        "normal": [[3, 1], [1, 1]],  # f1 0.5
+        "pneumonia": [[2, 0], [0, 4]],  # f1 1.0
+    }
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["hamming_loss"] == pytest.approx(4 / 18)
+    assert m["f1_covid"] == 0.5 and m["f1_normal"] == 0.5 and m["f1_pneumonia"] == 1.0
+    assert m["macro_f1"] == m["f1"] == pytest.approx(2 / 3)
+    # per sample: 1, 2/3, 1, 0, 1, 2*1/(2*1+2) = 0.5
+    assert m["samples_f1"] == pytest.approx((1 + 2 / 3 + 1 + 0 + 1 + 0.5) / 6)
+
+
+def test_multilabel_empty_rows_count_as_right_in_samples_f1():
+    truth = np.array([[0, 0, 0], [0, 1, 0]])
+    m = multilabel_metrics(truth, np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]), NAMES)
+    assert m["samples_f1"] == 0.5  # first row: nothing true, nothing predicted -> 1.0
+    assert m["f1_covid"] == 0.0 and m["f1_normal"] == 0.0 and m["accuracy"] == 0.5
+
+
+def test_compute_metrics_binary_from_logits():
+    # softmax(logits)[:, 1] > 0.5 exactly when logit_1 > logit_0; a tie is normal.
+    logits = np.array([[0.0, 3.0], [2.0, 1.0], [1.0, 1.0], [-500.0, 500.0]])
+    m = compute_metrics(BINARY, np.array([[1.0], [0.0], [1.0], [1.0]]), logits)
+    assert m["confusion"] == [[1, 0], [1, 2]]
+    assert m["f1"] == pytest.approx(0.8)
+    json.dumps(m)
+
+
+def test_compute_metrics_multilabel_from_logits():
+    logits = np.where(ML_PRED == 1, 2.0, -2.0)
+    m = compute_metrics(MULTILABEL, ML_TRUTH.astype(np.float32), logits)
+    assert m == multilabel_metrics(ML_TRUTH, ML_PRED, NAMES)
+    assert all(type(v) is float for k, v in m.items() if k != "confusion")
+    json.dumps(m)
+
+
+def test_bad_targets_raise():
+    with pytest.raises(ValueError, match="0 or 1"):
+        binary_metrics(np.array([0, 2]), np.array([0.1, 0.9]))
+    with pytest.raises(ValueError, match="non-empty"):
+        binary_metrics(np.array([]), np.array([]))
+    with pytest.raises(ValueError, match="label names"):
+        multilabel_metrics(ML_TRUTH, ML_PRED, NAMES[:2])
