@@ -65,6 +65,36 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def cmd_leaderboard(args) -> int:
+    from covid_tune.leaderboard import write_leaderboard
+
+    print(write_leaderboard(args.run_dirs, args.out))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from covid_tune.export import export_best
+
+    for folder in export_best(args.run_dirs, args.out):
+        print(f"exported {folder}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from covid_tune.predict import predict
+
+    summary = predict(args.model_dir, args.input, args.out)
+    print(summary)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from covid_tune.bench import run_bench
+
+    run_bench(quick=args.quick, json_path=args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from covid_tune.sweep import SweepOptions, run_sweep
     from covid_tune.synth import PHANTOM_NOTE, generate
@@ -76,8 +106,15 @@ def cmd_demo(args) -> int:
     print(f"demo data: {data} ({PHANTOM_NOTE})")
     opts = SweepOptions(space_file=str(DEMO_SPACE), data=str(data), name=args.name,
                         storage_path=str(out / "runs"), seed=args.seed)
-    run_sweep(opts)
-    return 0
+    results = run_sweep(opts)
+    run_dir = str(out / "runs" / args.name)
+    from covid_tune.export import export_best
+    from covid_tune.leaderboard import write_leaderboard
+
+    print(write_leaderboard([run_dir], str(out / "leaderboard")))
+    for folder in export_best([run_dir], str(out / "model")):
+        print(f"best model exported to {folder}")
+    return 0 if results else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("leaderboard", help="tables of the best trials, as the assignment's")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="folder for leaderboard.md/.csv/.parquet and charts "
+                                 "(default: <first run>/leaderboard)")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("export", help="export the best model of each task")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="writes OUT/<task>/model.onnx, ...")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="run an exported model on an image or a folder")
+    p.add_argument("model_dir")
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--out", default="preds.csv", help="CSV to write (default: preds.csv)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="measure the fast paths against the plain ones")
+    p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="synthesise data and run a small real sweep")
     p.add_argument("--out", default="demo-out")
