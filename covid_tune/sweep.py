@@ -99,8 +99,14 @@ class SweepSearch(OptunaSearch):
             state = optuna.trial.TrialState.PRUNED
         if state is None:
             return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
+        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        if state == optuna.trial.TrialState.PRUNED and step is not None and step not in reported:
+            # Ray passes the result that made ASHA stop only here, not to on_trial_result.
+            ot_trial.report(result[self.metric], step)
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+            self._ot_study.tell(ot_trial, state=state)
         except (ValueError, RuntimeError) as exc:
             warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
         self._completed_trials.add(trial_id)

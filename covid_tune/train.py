@@ -75,6 +75,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
     task = TASKS[cfg.task]
     device = Device.pick()
     _set_threads()
+    torch.manual_seed(cfg.seed)  # the same config starts from the same weights
     model = build_model(cfg.backbone, task.outputs, cfg.hidden, cfg.dropout,
                         cfg.frozen_layers, cfg.pretrained).to(device.torch)
     if device.channels_last:

@@ -1,7 +1,8 @@
 """Shared fixtures: one Ray instance per test session, and small generated datasets.
 
 The Ray instance is a real two-node cluster on this machine
-(``ray.cluster_utils.Cluster``): a head node and one worker node, one CPU each, so
+(``ray.cluster_utils.Cluster``, on this machine's own address; the sandbox has no
+other host): a head node and one worker node, one CPU each, so
 end-to-end sweeps really spread over nodes and cluster tests can add or remove nodes.
 """
 
@@ -25,13 +26,13 @@ def decode_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real two-node Ray cluster on localhost, shared by the whole session."""
+    """A real two-node Ray cluster on this machine, shared by the whole session."""
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        "num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
