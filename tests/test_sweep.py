@@ -128,3 +128,28 @@ def test_multilabel_sweep_end_to_end(ray_cluster, multilabel_data, tmp_path):
     assert all(c["focal_gamma"] == 2.0 for c in configs if c["loss"] == "bce")
     study = optuna.load_study(study_name="ml", storage=f"sqlite:///{tmp_path / 'runs' / 'ml' / STUDY_FILE}")
     assert len(study.trials) == 4
+
+
+def test_sweep_on_a_messy_dataset(ray_cluster, binary_data, tmp_path, capsys):
+    """Other sizes and modes, junk and a corrupt file: the sweep runs and says what it skipped."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "messy"
+    shutil.copytree(binary_data, root)
+    rng = np.random.default_rng(0)
+    normal = root / "train" / "normal"
+    Image.fromarray(rng.integers(0, 4000, (300, 200)).astype(np.uint16)).save(normal / "deep.png")
+    Image.fromarray(rng.integers(0, 255, (50, 90, 4), dtype=np.uint8), "RGBA").save(normal / "a.PNG")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(normal / "c.JPEG")
+    (normal / "desktop.ini").write_text("[.ShellClassInfo]")
+    (normal / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))
+    opts = SweepOptions(space_file=str(space_file(tmp_path, "binary")), data=str(root),
+                        name="messy", storage_path=str(tmp_path / "runs"), num_samples=1,
+                        max_epochs=1)
+    results = run_sweep(opts)
+    assert len(results) == 1 and not results.errors
+    out = capsys.readouterr().out
+    assert "train 75" in out and "skipped 1 unreadable file(s), e.g. train/normal/corrupt.png" in out
