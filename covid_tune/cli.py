@@ -7,13 +7,56 @@ A ``UserError`` (bad data, bad YAML, bad flag) prints one line and exits with co
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
 from covid_tune.errors import UserError
 
 DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+FLAG_MINIMUMS = {
+    "num_samples": (1, True), "max_epochs": (1, True), "image_size": (32, True),
+    "max_concurrent": (1, True), "max_failures": (-1, True), "seed": (0, True),
+    "cpus_per_trial": (0, False), "gpus_per_trial": (0, True), "scale": (0, False),
+    "size": (32, True),
+}
+"""Numeric flag -> (least value, whether the least value itself is allowed)."""
+
+
+def check_flags(args) -> None:
+    """Refuse a numeric flag that is out of range, or not a finite number, by name."""
+    for name, (least, allowed) in FLAG_MINIMUMS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < least or (value == least and not allowed):
+            bound = f"at least {least}" if allowed else f"more than {least}"
+            raise UserError(f"--{name.replace('_', '-')} {value}: out of range; use {bound}")
+
+
+def require_writable(path: str, flag: str, file: bool = False) -> None:
+    """Refuse up front an output folder (or the folder of an output ``file``) that
+    cannot be created or written to.
+
+    The folder need not exist: its nearest existing parent must be a folder this
+    process can create files in. Remote URIs (s3://, gs://) are left to Ray.
+    """
+    if "://" in path:
+        return
+    folder = Path(path).expanduser().absolute()
+    folder = folder.parent if file else folder
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".covid-tune-probe"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({exc.strerror}); choose "
+                        f"a folder you may write to") from None
 
 
 def cmd_check(args) -> int:
@@ -31,6 +74,7 @@ def cmd_check(args) -> int:
 def cmd_synth(args) -> int:
     from covid_tune.synth import PHANTOM_NOTE, generate
 
+    require_writable(args.out, "out")
     counts = generate(Path(args.out), args.task, scale=args.scale, size=args.size,
                       seed=args.seed, progress=not args.quiet)
     total = sum(sum(c.values()) for c in counts.values())
@@ -48,12 +92,14 @@ def sweep_options(args):
         max_epochs=args.max_epochs, image_size=args.image_size, pretrained=args.pretrained,
         max_concurrent=args.max_concurrent, address=args.address,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        seed=args.seed, max_failures=args.max_failures, strict=args.strict)
+        seed=args.seed, max_failures=args.max_failures, strict=args.strict,
+        shared_storage=args.shared_storage)
 
 
 def cmd_sweep(args) -> int:
     from covid_tune.sweep import run_sweep
 
+    require_writable(args.storage_path, "--storage-path")
     run_sweep(sweep_options(args))
     return 0
 
@@ -61,13 +107,15 @@ def cmd_sweep(args) -> int:
 def cmd_resume(args) -> int:
     from covid_tune.sweep import resume_sweep
 
-    resume_sweep(args.run_dir)
+    resume_sweep(args.run_dir, address=args.address)
     return 0
 
 
 def cmd_leaderboard(args) -> int:
     from covid_tune.leaderboard import write_leaderboard
 
+    if args.out:
+        require_writable(args.out, "--out")
     print(write_leaderboard(args.run_dirs, args.out))
     return 0
 
@@ -75,6 +123,7 @@ def cmd_leaderboard(args) -> int:
 def cmd_export(args) -> int:
     from covid_tune.export import export_best
 
+    require_writable(args.out, "--out")
     for folder in export_best(args.run_dirs, args.out):
         print(f"exported {folder}")
     return 0
@@ -83,6 +132,7 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from covid_tune.predict import predict
 
+    require_writable(args.out, "--out", file=True)
     summary = predict(args.model_dir, args.input, args.out)
     print(summary)
     return 0
@@ -99,6 +149,7 @@ def cmd_demo(args) -> int:
     from covid_tune.sweep import SweepOptions, run_sweep
     from covid_tune.synth import PHANTOM_NOTE, generate
 
+    require_writable(args.out, "--out")
     out = Path(args.out).resolve()
     data = out / "data"
     if not data.exists():
@@ -159,10 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retries of a crashed trial from its last checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="trust that --storage-path is shared by every node (skip the probe)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
     p.add_argument("run_dir")
+    p.add_argument("--address", help="Ray cluster address (default: the one the sweep used)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("leaderboard", help="tables of the best trials, as the assignment's")
@@ -199,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         return args.func(args)
     except UserError as exc:
         if args.debug:

@@ -17,6 +17,8 @@ A search-space file looks like ``search_spaces/binary.yaml``:
 from __future__ import annotations
 
 import difflib
+import math
+import reprlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -204,15 +206,38 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise UserError(f"{path}: no such search-space file (see search_spaces/ for examples)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}: {where}YAML syntax error: {problem}") from None
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the file ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: {_where(exc, text)}YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a search space; see "
+                        f"search_spaces/ for the shape") from None
     return parse_space(raw, str(path))
+
+
+def _where(exc: yaml.YAMLError, text: str) -> str:
+    """``line L, column C: `` of a YAML error, also for a bad character (ReaderError)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: "
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"line {text.count(chr(10), 0, exc.position) + 1}: "
+    return ""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """A value for a message, shortened: a YAML alias can make a list of millions."""
+    return _REPR.repr(value)
 
 
 def parse_space(raw: Any, source: str) -> SearchSpace:
@@ -271,8 +296,8 @@ class Problems:
 
 def _task(raw: dict, problems: Problems) -> str | None:
     task = raw.get("task")
-    if task not in TASKS:
-        problems.add("task", f"{task!r} is not a task; use one of: {', '.join(TASKS)}")
+    if not isinstance(task, str) or task not in TASKS:
+        problems.add("task", f"{_show(task)} is not a task; use one of: {', '.join(TASKS)}")
         return None
     return task
 
@@ -281,25 +306,26 @@ def _metric(raw: dict, task: str | None, problems: Problems) -> str:
     default = TASKS[task].default_metric if task else "val_f1"
     metric = raw.get("metric", default)
     if task is None:
-        return str(metric)
+        return metric if isinstance(metric, str) else default
     valid = [f"{split}_{name}" for split in ("val", "train") for name in TASK_METRICS[task]]
     if metric not in valid:
-        problems.add("metric", f"{metric!r} is not reported by {task} trials; use one of: "
+        problems.add("metric", f"{_show(metric)} is not reported by {task} trials; use one of: "
                      f"{', '.join(valid[: len(valid) // 2])}")
-    return str(metric)
+        return default
+    return metric
 
 
 def _one_of(raw: dict, key: str, valid: tuple, default: Any, problems: Problems) -> Any:
     value = raw.get(key, default)
     if value not in valid:
-        problems.add(key, f"{value!r} is not valid; use one of: {', '.join(map(str, valid))}")
+        problems.add(key, f"{_show(value)} is not valid; use one of: {', '.join(map(str, valid))}")
     return value
 
 
 def _int(raw: dict, key: str, default: int, minimum: int, problems: Problems) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        problems.add(key, f"expected an integer, got {value!r}")
+        problems.add(key, f"expected an integer, got {_show(value)}")
         return default
     if value < minimum:
         problems.add(key, f"{value} is too small; use at least {minimum}")
@@ -345,10 +371,10 @@ def _asha(raw: Any, problems: Problems) -> Asha:
     grace = raw.get("grace_period", Asha.grace_period)
     factor = raw.get("reduction_factor", Asha.reduction_factor)
     if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
-        problems.add("asha.grace_period", f"expected an integer >= 1, got {grace!r}")
+        problems.add("asha.grace_period", f"expected an integer >= 1, got {_show(grace)}")
         grace = Asha.grace_period
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
-        problems.add("asha.reduction_factor", f"expected a number > 1, got {factor!r}")
+        problems.add("asha.reduction_factor", f"expected a number > 1, got {_show(factor)}")
         factor = Asha.reduction_factor
     return Asha(grace_period=grace, reduction_factor=float(factor))
 
@@ -368,10 +394,10 @@ def _params(raw: Any, task: str | None, problems: Problems) -> dict[str, Param]:
         return params
     backbones = _values(params["backbone"])
     for backbone in backbones:
-        if backbone not in BACKBONES:
-            problems.add("params.backbone", f"unknown backbone {backbone!r}; use one of: "
+        if not isinstance(backbone, str) or backbone not in BACKBONES:
+            problems.add("params.backbone", f"unknown backbone {_show(backbone)}; use one of: "
                          f"{', '.join(BACKBONES)}")
-    known = [b for b in backbones if b in BACKBONES]
+    known = [b for b in backbones if isinstance(b, str) and b in BACKBONES]
     params["frozen_layers"] = _frozen(raw.get("frozen_layers", 0), known, problems)
     _check_loss(params, task, problems)
     return params
@@ -380,20 +406,20 @@ def _params(raw: Any, task: str | None, problems: Problems) -> dict[str, Param]:
 def _param(raw: Any, key: str, kind: type, problems: Problems) -> Param:
     where = f"params.{key}"
     if isinstance(raw, dict) and "choices" in raw:
-        problems.unknown_keys({k: 0 for k in raw if k != "choices"}, (), f"{where}.")
+        problems.unknown_keys({k: 0 for k in raw if k != "choices"}, ("choices",), f"{where}.")
         choices = raw["choices"]
         if not isinstance(choices, list) or not choices:
             problems.add(where, "choices must be a non-empty list")
             return Choice(())
         for value in choices:
             if not _is_kind(value, kind):
-                problems.add(where, f"choice {value!r} is not {kind.__name__}")
+                problems.add(where, f"choice {_show(value)} is not {kind.__name__}")
         return Choice(tuple(choices))
     if isinstance(raw, dict):
         return _range(raw, where, kind, problems)
     if not _is_kind(raw, kind):
         problems.add(where, f"expected a {kind.__name__}, {{choices: [...]}} or "
-                     f"{{low: .., high: ..}}, got {raw!r}")
+                     f"{{low: .., high: ..}}, got {_show(raw)}")
     return Fixed(raw)
 
 
@@ -406,13 +432,13 @@ def _range(raw: dict, where: str, kind: type, problems: Problems) -> Range:
     log, step = raw.get("log", False), raw.get("step")
     bad = [k for k, v in (("low", low), ("high", high)) if not _is_kind(v, kind)]
     for k in bad:
-        problems.add(f"{where}.{k}", f"expected a {kind.__name__}, got {raw.get(k)!r}")
+        problems.add(f"{where}.{k}", f"expected a {kind.__name__}, got {_show(raw.get(k))}")
     if bad:
         return Range(0, 1, integer=kind is int)
     if low >= high:
         problems.add(where, f"low ({low}) must be less than high ({high})")
     if not isinstance(log, bool):
-        problems.add(f"{where}.log", f"expected true or false, got {log!r}")
+        problems.add(f"{where}.log", f"expected true or false, got {_show(log)}")
     elif log and low <= 0:
         problems.add(where, f"log scale needs low > 0, got {low}")
     if step is not None and (not _is_kind(step, kind) or step <= 0 or log):
@@ -446,7 +472,7 @@ def _check_loss(params: dict[str, Param], task: str | None, problems: Problems) 
     losses = _values(params["loss"])
     for loss in losses:
         if loss not in valid:
-            problems.add("params.loss", f"{loss!r} is not a {task} loss; use one of: "
+            problems.add("params.loss", f"{_show(loss)} is not a {task} loss; use one of: "
                          f"{', '.join(valid)}")
     for key in FOCAL_PARAMS:
         if key in params and "focal" not in losses:
@@ -467,10 +493,20 @@ def _start_with(raw: Any, params: dict[str, Param], problems: Problems) -> tuple
         for key, value in row.items():
             param = params.get(key)
             if key == "frozen_layers" and isinstance(param, dict):
-                param = param.get(row.get("backbone") or _only(params.get("backbone")))
+                param = _row_frozen(row, params, param, where, problems)
             if param is not None and not _allows(param, value):
-                problems.add(f"{where}.{key}", f"{value!r} is outside the search space")
+                problems.add(f"{where}.{key}", f"{_show(value)} is outside the search space")
     return tuple(raw)
+
+
+def _row_frozen(row: dict, params: dict[str, Param], per: dict[str, Param], where: str,
+                problems: Problems) -> Param | None:
+    """The frozen_layers range that applies to a ``start_with`` row (by its backbone)."""
+    backbone = row.get("backbone", _only(params.get("backbone")))
+    if backbone is None:
+        problems.add(f"{where}.frozen_layers", "frozen_layers depends on the backbone; "
+                     "give the row's backbone too")
+    return per.get(backbone) if isinstance(backbone, str) else None
 
 
 def _allows(param: Param, value: Any) -> bool:
@@ -497,8 +533,10 @@ def _only(param: Param | None) -> Any:
 
 
 def _is_kind(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float:  # NaN and infinity are no hyperparameter values
+        if isinstance(value, float):
+            return math.isfinite(value)
+        return isinstance(value, int) and not isinstance(value, bool)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,8 +26,12 @@ from covid_tune.errors import UserError
 from covid_tune.tasks import TASKS, Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_FORMATS = ("PNG", "JPEG")
+"""What PIL may decode, whatever the suffix (a .png that is really a JPEG is common);
+never its other plugins (EPS would run Ghostscript)."""
 JUNK_NAMES = ("desktop.ini", ".ds_store", "thumbs.db", "ehthumbs.db", "icon\r")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
+"""Bumped when decoding changes (2: PNG/JPEG decoders only, bombs refused per image)."""
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -83,25 +88,40 @@ def is_junk(path: Path) -> bool:
     return name in JUNK_NAMES or name.startswith("._") or path.suffix.lower() not in IMAGE_SUFFIXES
 
 
+def _entries(folder: Path) -> list[tuple[Path, bool]]:
+    """(path, is a folder) of everything directly inside ``folder``, sorted by name.
+
+    Nothing is followed further down, so a symlink loop cannot make a scan hang; a
+    link that loops or points nowhere is not a folder, and is left to ``try_read``.
+    """
+    try:
+        return [(p, _is_dir(p)) for p in sorted(folder.iterdir())]
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot list the folder ({exc.strerror}); check that "
+                        f"you may read it (ls -ld, chmod)") from None
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder: a symlink loop or a broken link is not."""
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except PermissionError:
+        raise
+    except OSError:
+        return False
+
+
 def _children(folder: Path) -> dict[str, Path]:
     """Sub-folders by lower-case name."""
-    try:
-        return {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot list the folder ({exc.strerror})") from None
+    return {p.name.lower(): p for p, is_dir in _entries(folder) if is_dir}
 
 
 def _files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(images, junk) directly inside ``folder``, sorted by name."""
     images, junk = [], []
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot list the folder ({exc.strerror})") from None
-    for path in entries:
-        if path.is_dir():
-            continue
-        (junk if is_junk(path) else images).append(path)
+    for path, is_dir in _entries(folder):
+        if not is_dir:
+            (junk if is_junk(path) else images).append(path)
     return images, junk
 
 
@@ -121,7 +141,8 @@ def scan(root: str | Path, task: str | None = None) -> Layout:
     """Find every image of a dataset folder; UserError when the layout is wrong."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root}: no such folder; pass the dataset root (holding train/ and "
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise UserError(f"{root}: {what}; pass the dataset root (holding train/ and "
                         f"validation/)")
     spec = detect_task(root) if task is None else _expect_layout(root, TASKS[task])
     splits = _children(root)
@@ -188,15 +209,14 @@ def read_gray(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]
 
     Returns the ``(size, size)`` uint8 array and the original (width, height). The same
     function serves training, evaluation, export and prediction, so they agree.
-    Raises ``OSError``/``ValueError`` (including PIL's decompression-bomb error) for a
-    file that cannot be decoded.
+    Only PIL's PNG and JPEG decoders are used. Raises ``OSError``/``ValueError``/
+    ``SyntaxError`` or PIL's ``DecompressionBombError`` for a file that cannot be decoded.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            original = image.size
-            image.draft("L", (size, size))
-            gray = to_gray8(image)
+    with Image.open(path, formats=IMAGE_FORMATS) as image:
+        refuse_bomb(image)
+        original = image.size
+        image.draft("L", (size, size))
+        gray = to_gray8(image)
     scale = size / min(gray.size)
     width, height = max(size, round(gray.width * scale)), max(size, round(gray.height * scale))
     gray = gray.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -205,16 +225,44 @@ def read_gray(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]
     return np.asarray(gray, dtype=np.uint8), original
 
 
+def refuse_bomb(image: Image.Image) -> None:
+    """Refuse more than ``Image.MAX_IMAGE_PIXELS`` pixels: PIL itself only warns up to
+    twice that. Checked per image because warning filters are process-wide and the
+    decode runs in threads."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} pixels is more than the limit of {limit}")
+
+
 def try_read(path: Path, size: int) -> tuple[np.ndarray | None, tuple[int, int] | None, str]:
     """``read_gray`` that reports a failure as a reason instead of raising."""
+    why = not_a_file(path)
+    if why:
+        return None, None, why
     try:
         pixels, original = read_gray(path, size)
         return pixels, original, ""
-    except Image.DecompressionBombError:
-        return None, None, "decompression bomb (too many pixels)"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, None, text[:200]
+    except Image.DecompressionBombError as exc:
+        return None, None, f"decompression bomb: {_first_line(exc)}"
+    except (OSError, ValueError, SyntaxError) as exc:
+        return None, None, _first_line(exc)
+
+
+def not_a_file(path: Path) -> str:
+    """Why ``path`` is not a regular file to open ('' when it is): a symlink loop, a
+    broken link, a pipe (opening one would block) or a device."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        link = "a symlink loop or a broken link: " if path.is_symlink() else ""
+        return f"cannot open ({link}{exc.strerror})"
+    return "" if stat.S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
 
 
 def decode_all(paths: list[Path], size: int, desc: str, progress: bool = True) -> list:
@@ -232,10 +280,18 @@ def fingerprint(layout: Layout) -> str:
     digest.update(f"{CACHE_VERSION}|{layout.task.name}".encode())
     for split in sorted(layout.files):
         for ref in layout.files[split]:
-            stat = ref.path.stat()
             rel = ref.path.relative_to(layout.root).as_posix()
-            digest.update(f"|{rel}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(f"|{rel}|{_stamp(ref.path)}".encode())
     return digest.hexdigest()
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time; a fixed word for a file that cannot be stat'ed."""
+    try:
+        info = path.stat()
+    except OSError:
+        return "unreadable"
+    return f"{info.st_size}|{info.st_mtime_ns}"
 
 
 def cache_dir() -> Path:

@@ -1,28 +1,41 @@
 """The search: Ray Tune runs the trials, Optuna's TPE picks them, ASHA stops weak ones.
 
 ``run_sweep`` validates everything first (search space, dataset, pretrained weights,
-resources), decodes the dataset once, then starts (or joins) Ray and runs a ``Tuner``.
-The run directory ``<storage-path>/<name>`` is Ray Tune's own layout, readable by
-``ray.tune.ExperimentAnalysis``, plus ``sweep.json`` (what was asked) and
-``optuna.db`` (the Optuna study, for ``optuna.load_study`` or optuna-dashboard).
+resources, shared storage), decodes the dataset once, then starts (or joins) Ray and
+runs a ``Tuner``. The run directory ``<storage-path>/<name>`` (a local or shared
+folder, or an ``s3://`` / ``gs://`` URI) is Ray Tune's own layout, readable by
+``ray.tune.ExperimentAnalysis``, plus ``sweep.json`` (what was asked) and ``optuna.db``
+(the Optuna study, for ``optuna.load_study`` or optuna-dashboard).
+
+The study lives in the driver's memory and is saved with Ray's searcher state, in the
+same snapshot as the trials, so a resumed sweep's study matches its trials exactly.
+``optuna.db`` is an SQLite copy rewritten each time a trial ends.
+
+``resume_sweep`` continues a sweep whose driver died: finished trials are kept, the
+others resume from their last checkpoint, and the study carries on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
-import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from covid_tune.cluster import (check_resources, check_storage, exists, is_uri, join,
+                                list_dirs, move_dir, open_path, read_bytes, start_ray,
+                                write_bytes)
 from covid_tune.config import SearchSpace, load_space
 from covid_tune.data import DataBundle, load_dataset
 from covid_tune.errors import UserError
@@ -32,6 +45,8 @@ from covid_tune.train import train_trial
 
 SWEEP_FILE = "sweep.json"
 STUDY_FILE = "optuna.db"
+LOST_DIR = "lost_trials"
+"""Where ``resume`` moves the folders of trials the run's last snapshot did not list."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,8 @@ class SweepOptions:
     keep_checkpoints: int = 2
     strict: bool = False
     task: str | None = None
+    shared_storage: bool = False
+    """Skip the check that every node sees a local ``storage_path``."""
 
     def space(self) -> SearchSpace:
         return load_space(self.space_file).with_overrides(
@@ -62,7 +79,7 @@ class SweepOptions:
             pretrained=self.pretrained, num_samples=self.num_samples)
 
     def run_dir(self) -> str:
-        return os.path.join(self.storage_path, self.name)
+        return join(self.storage_path, self.name)
 
 
 class SweepSearch(OptunaSearch):
@@ -73,12 +90,16 @@ class SweepSearch(OptunaSearch):
     - Until ``n_startup`` trials have finished, no more than ``n_startup`` are started
       (Ray issue 52535: otherwise every trial started while the first ones run is drawn
       at random, far more than TPE's start-up count).
+
+    Each time a trial ends, the study is written to ``study_file`` as SQLite.
     """
 
-    def __init__(self, *args, max_epochs: int, n_startup: int, **kwargs):
+    def __init__(self, *args, max_epochs: int, n_startup: int, study_file: str | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
         self.n_startup = n_startup
+        self.study_file = study_file
 
     def suggest(self, trial_id: str):
         if trial_id not in self._ot_trials and self.waiting_for_startup():
@@ -90,6 +111,22 @@ class SweepSearch(OptunaSearch):
         return started >= self.n_startup and finished < self.n_startup
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        self.tell_optuna(trial_id, result, error)
+        self.save_study()
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self.save_study()  # the file may hold trials the restored snapshot does not
+
+    def save_study(self) -> None:
+        if not self.study_file:
+            return
+        try:
+            write_bytes(self.study_file, study_as_sqlite(self._ot_study))
+        except OSError as exc:  # a storage hiccup must not stop the sweep
+            warnings.warn(f"could not write {self.study_file}: {exc}")
+
+    def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
         state = None
@@ -112,24 +149,43 @@ class SweepSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def study_as_sqlite(study: optuna.Study) -> bytes:
+    """An SQLite file holding ``study``, for ``optuna.load_study`` and optuna-dashboard."""
+    memory = optuna.storages.RDBStorage("sqlite:///:memory:")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
+    try:
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=memory)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, STUDY_FILE)
+        target = sqlite3.connect(path)
+        memory.engine.raw_connection().driver_connection.backup(target)
+        target.close()
+        return Path(path).read_bytes()
+
+
 def n_startup_trials(space: SearchSpace) -> int:
     """TPE's random start-up trials: the hand-picked rows, or a third of the budget."""
     return max(len(space.start_with), min(10, max(2, space.num_samples // 3)))
 
 
-def build_searcher(space: SearchSpace, study_path: str, name: str, seed: int,
+def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
                    max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
+    """TPE in a ``SweepSearch``; the study is kept in memory and copied to ``study_path``
+    (a local path or a URI) as SQLite each time a trial ends."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True,
             n_startup_trials=n_startup_trials(space))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_path}")
     searcher = SweepSearch(
         space=define_by_run(space), metric=space.metric, mode=space.mode,
         points_to_evaluate=start_points(space) or None, sampler=sampler,
-        study_name=name, storage=storage, max_epochs=space.max_epochs,
-        n_startup=n_startup_trials(space))
+        study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
+        study_file=study_path)
     if max_concurrent:
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     return searcher
@@ -155,6 +211,7 @@ def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
     return tune.RunConfig(
         name=opts.name,
         storage_path=opts.storage_path,
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=space.metric,
             checkpoint_score_order=space.mode),
@@ -164,29 +221,11 @@ def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
     )
 
 
-def start_ray(address: str | None) -> None:
-    """Join a cluster at ``address``, or start Ray on this machine bound to localhost."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
-                 dashboard_host="127.0.0.1", configure_logging=False)
-
-
-def check_resources(opts: SweepOptions) -> None:
-    """Refuse a trial that asks for more than the largest node has."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
-    most_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
-    most_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
-    if opts.cpus_per_trial > most_cpu or opts.gpus_per_trial > most_gpu:
-        raise UserError(
-            f"--cpus-per-trial {opts.cpus_per_trial} / --gpus-per-trial {opts.gpus_per_trial} "
-            f"is more than any node has (largest: {largest.get('CPU', 0):g} CPU, "
-            f"{largest.get('GPU', 0):g} GPU); ask for less")
+def without_ray_tensorboard() -> None:
+    """Keep Ray's TensorBoard logger out of the trial folders: each trial writes its own
+    event files, whose HParams summary Ray's would replace (``run_config`` adds Ray's
+    CSV and JSON loggers back)."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
 def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle]:
@@ -194,6 +233,7 @@ def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle]:
     space = opts.space()
     name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path))
+    open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:
         check_pretrained(backbone, space.pretrained)
@@ -202,23 +242,24 @@ def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle]:
 
 
 def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def run_sweep(opts: SweepOptions) -> tune.ResultGrid:
     """Validate, decode the data once, then run the search; returns Ray's results."""
     opts, space, bundle = prepare(opts)
     report_data(bundle)
-    run_dir = Path(opts.run_dir())
-    if (run_dir / SWEEP_FILE).exists():
+    run_dir = opts.run_dir()
+    if exists(join(run_dir, SWEEP_FILE)):
         raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name or "
                         f"continue it with `covid-tune resume {run_dir}`")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SWEEP_FILE).write_text(json.dumps(asdict(opts), indent=1))
     start_ray(opts.address)
-    check_resources(opts)
-    searcher = build_searcher(space, str(run_dir / STUDY_FILE), opts.name, opts.seed,
+    check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+    check_storage(opts.storage_path, opts.shared_storage)
+    record_options(opts)
+    searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
                               opts.max_concurrent)
+    without_ray_tensorboard()
     tuner = tune.Tuner(
         build_trainable(bundle, opts),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
@@ -227,30 +268,70 @@ def run_sweep(opts: SweepOptions) -> tune.ResultGrid:
         run_config=run_config(space, opts),
     )
     results = tuner.fit()
-    report_best(results, space)
+    report_best(results, space, run_dir)
     return results
 
 
-def resume_sweep(run_dir: str | Path) -> tune.ResultGrid:
-    """Continue a sweep whose driver died: finished trials kept, the rest resumed."""
-    run_dir = Path(run_dir).resolve()
+def resume_sweep(run_dir: str | Path, address: str | None = None) -> tune.ResultGrid:
+    """Continue a sweep whose driver died: finished trials kept, the rest resumed.
+
+    Ray restores the trials and the searcher (with the Optuna study) from the run's
+    last snapshot; trials it lists as unfinished restart from their last checkpoint.
+    ``address`` overrides the cluster address the sweep was started with.
+    """
+    run_dir = _absolute(str(run_dir)).rstrip("/")
     opts = read_options(run_dir)
+    if not tune.Tuner.can_restore(run_dir):
+        raise UserError(f"{run_dir}: the sweep stopped before Ray Tune saved any state, so "
+                        f"there is nothing to resume; start it again with `covid-tune sweep` "
+                        f"(another --name, or remove this folder)")
     space = opts.space()
     bundle = load_dataset(opts.data, space.task, space.image_size, strict=opts.strict)
-    start_ray(opts.address)
-    tuner = tune.Tuner.restore(str(run_dir), trainable=build_trainable(bundle, opts),
+    start_ray(address or opts.address)
+    check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+    check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
+    without_ray_tensorboard()
+    tuner = tune.Tuner.restore(run_dir, trainable=build_trainable(bundle, opts),
                                resume_unfinished=True, resume_errored=True)
     results = tuner.fit()
-    report_best(results, space)
+    set_aside_lost_trials(run_dir, results)
+    report_best(results, space, run_dir)
     return results
 
 
-def read_options(run_dir: Path) -> SweepOptions:
-    path = run_dir / SWEEP_FILE
-    if not path.is_file():
+def record_options(opts: SweepOptions) -> None:
+    """Write ``sweep.json``, the first file of the run: storage trouble shows here."""
+    path = join(opts.run_dir(), SWEEP_FILE)
+    try:
+        write_bytes(path, json.dumps(asdict(opts), indent=1).encode())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write to the storage path ({exc})") from None
+
+
+def read_options(run_dir: str) -> SweepOptions:
+    path = join(run_dir, SWEEP_FILE)
+    if not exists(path):
         raise UserError(f"{run_dir}: not a covid-tune run (no {SWEEP_FILE}); pass the folder "
                         f"`covid-tune sweep` printed")
-    return SweepOptions(**json.loads(path.read_text()))
+    return SweepOptions(**json.loads(read_bytes(path)))
+
+
+def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:
+    """Move the folders of trials the resumed run does not know into ``lost_trials/``.
+
+    A driver killed between two snapshots of the run may have started trials that the
+    last snapshot does not list; the resumed run starts new ones in their place, so
+    their folders would otherwise be counted twice by anything reading the run.
+    """
+    known = {os.path.basename(result.path.rstrip("/")) for result in results}
+    lost = [name for name in list_dirs(run_dir) if name.startswith("trial_")
+            and name not in known]
+    for name in lost:
+        move_dir(join(run_dir, name), join(run_dir, LOST_DIR, name))
+    if lost:
+        print(f"moved {len(lost)} folder(s) of trials lost with the old driver to "
+              f"{join(run_dir, LOST_DIR)}")
+    return lost
 
 
 def report_data(bundle: DataBundle) -> None:
@@ -261,7 +342,7 @@ def report_data(bundle: DataBundle) -> None:
               f"{bundle.skipped[0][0]}: {bundle.skipped[0][1]}")
 
 
-def report_best(results: tune.ResultGrid, space: SearchSpace) -> None:
+def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> None:
     """Print the best trial (by its best epoch) and where its checkpoint is."""
     finished = [r for r in results if r.metrics and space.metric in r.metrics]
     if not finished:
@@ -276,7 +357,7 @@ def report_best(results: tune.ResultGrid, space: SearchSpace) -> None:
               if k in best.config}
     print(f"  config: {params}")
     print(f"  checkpoint: {checkpoint.path if checkpoint else '(none kept)'}")
-    print(f"  run dir: {best.path.rsplit('/', 1)[0]}")
+    print(f"  run dir: {run_dir}")
 
 
 def _best_value(result, space: SearchSpace) -> float:

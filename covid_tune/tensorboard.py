@@ -2,8 +2,9 @@
 
 Each trial writes into its own trial folder of the run, so
 ``tensorboard --logdir <run dir>`` shows every trial while the sweep runs. Sampled
-hyperparameters go through TensorBoard's HParams plugin, with the trial's best
-validation metric so far as the HParams metric.
+hyperparameters go through TensorBoard's HParams plugin; its metrics are the trial's
+validation scores at its best epoch so far (``best/val_f1``, ``best/val_loss``, ...,
+and ``best/epoch``), so the HParams dashboard compares trials by their best epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from covid_tune.config import TrialConfig
 
 HPARAM_KEYS = ("backbone", "frozen_layers", "lr", "momentum", "batch_size", "weight_decay",
                "hidden", "dropout", "loss", "focal_alpha", "focal_gamma")
+BEST_KEYS = ("val_loss", "val_accuracy", "val_f1", "epoch")
+"""Values logged as ``best/<key>`` at the best epoch so far: the HParams metrics."""
 
 
 def trial_dir() -> str:
@@ -38,34 +41,46 @@ class TrialWriter:
     writer: SummaryWriter
     metric: str
     mode: str
-    best: float | None = None
+    best: dict | None = None
+    """The metrics of the best epoch so far."""
 
     @classmethod
     def open(cls, cfg: TrialConfig, log_dir: str | None = None) -> TrialWriter:
         writer = SummaryWriter(log_dir=log_dir or trial_dir(), flush_secs=10)
         params = {k: v for k, v in cfg.to_dict().items() if k in HPARAM_KEYS}
-        exp, ssi, sei = hparams(params, {f"best/{cfg.metric}": 0.0})
+        exp, ssi, sei = hparams(params, {f"best/{k}": 0.0 for k in best_keys(cfg.metric)})
         for summary in (exp, ssi, sei):
             writer.file_writer.add_summary(summary)
         return cls(writer, cfg.metric, cfg.mode)
 
     def log_epoch(self, epoch: int, metrics: dict, confusion) -> None:
-        """Scalars, the best metric so far and the validation confusion matrix image."""
+        """Scalars, the best epoch's metrics so far and the validation confusion image."""
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "epoch":
                 split, _, name = key.partition("_")
                 tag = f"{name}/{split}" if split in ("train", "val") else f"trial/{key}"
                 self.writer.add_scalar(tag, value, epoch)
-        value = metrics[self.metric]
-        better = max if self.mode == "max" else min
-        self.best = value if self.best is None else better(self.best, value)
-        self.writer.add_scalar(f"best/{self.metric}", self.best, epoch)
+        if self.improves(metrics[self.metric]):
+            self.best = {k: metrics[k] for k in best_keys(self.metric) if k in metrics}
+        for key, value in self.best.items():
+            self.writer.add_scalar(f"best/{key}", value, epoch)
         self.writer.add_image("confusion/val", confusion_image(confusion), epoch,
                               dataformats="HWC")
         self.writer.flush()
 
+    def improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        best = self.best[self.metric]
+        return value > best if self.mode == "max" else value < best
+
     def close(self) -> None:
         self.writer.close()
+
+
+def best_keys(metric: str) -> tuple[str, ...]:
+    """The sweep's metric first, then the other ``BEST_KEYS``."""
+    return tuple(dict.fromkeys((metric, *BEST_KEYS)))
 
 
 def confusion_image(confusion) -> np.ndarray:

@@ -2,28 +2,40 @@
 
 ``train_trial(config, data)`` is the Ray Tune trainable. Its data arrives through
 ``tune.with_parameters`` (one copy in the object store, shared by the trials of a
-node). Each epoch it reports the train and validation metrics and a checkpoint holding
-the weights, the optimizer, the epoch and the recipe (resolved config, label names), so
-a retried or restored trial continues from its last epoch.
+node). Each epoch it reports the train and validation metrics (and the id of the Ray
+node it ran on) and a checkpoint holding the weights, the optimizer, the epoch and the
+recipe (resolved config, label names), so a retried or restored trial continues from
+its last epoch.
+
+Checkpoints are written whole into a temporary folder that Ray then copies to storage
+and registers only once the copy is complete. The recipe records the size and SHA-256
+of ``checkpoint.pt``, so ``load_checkpoint`` refuses a copy cut short (on shared
+storage, say) and ``restore`` falls back to the trial's newest intact checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
+import ray
 import torch
 from ray import tune
 
 from covid_tune.augment import Augment, to_model_input
 from covid_tune.config import TrialConfig
 from covid_tune.data import DataBundle, Split
+from covid_tune.errors import UserError
 from covid_tune.losses import build_loss
 from covid_tune.metrics import compute_metrics
 from covid_tune.models import build_model
@@ -32,10 +44,42 @@ from covid_tune.tensorboard import TrialWriter
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECIPE_FILE = "recipe.json"
+CRASH_ENV = "COVID_TUNE_TEST_CRASH_AT_EPOCH"
+"""Test-only (tests/test_cluster.py): a trial that started from scratch exits its
+process at this epoch, as a crash would, to prove it is retried from its checkpoint."""
 
 
 class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial ends as failed, the sweep goes on."""
+
+
+DIVERGED_FILE = "diverged.txt"
+"""Written in the trial folder when the trial diverges: its retries then fail at once."""
+
+
+@contextlib.contextmanager
+def not_retried_once_diverged():
+    """Ray retries every failed trial (``max_failures``); a diverged one would only
+    diverge again from its last checkpoint, so its retries fail at once, same reason."""
+    marker = diverged_marker()
+    if marker is not None and marker.is_file():
+        raise TrialDiverged(f"{marker.read_text()} (diverged before; not trained again)")
+    try:
+        yield
+    except TrialDiverged as exc:
+        if marker is not None:
+            marker.write_text(str(exc))
+        raise
+
+
+def diverged_marker() -> Path | None:
+    """``diverged.txt`` in this trial's folder; ``None`` outside a Ray Tune trial."""
+    folder = tune.get_context().get_trial_dir()
+    return Path(folder) / DIVERGED_FILE if folder and Path(folder).is_dir() else None
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint folder whose files are missing, cut short or altered."""
 
 
 @dataclass
@@ -69,6 +113,7 @@ class EpochResult:
     seconds: float
 
 
+@not_retried_once_diverged()
 def train_trial(config: dict, data: DataBundle) -> None:
     """The Ray Tune trainable: a function of (config, data handle)."""
     cfg = TrialConfig.from_dict(config)
@@ -84,18 +129,26 @@ def train_trial(config: dict, data: DataBundle) -> None:
     scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
     loss_fn = build_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
     start = restore(model, optimizer, tune.get_checkpoint())
+    node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
     for epoch in range(start + 1, cfg.max_epochs + 1):
+        crash_if_asked(epoch, start)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, data.splits["train"], loss_fn, optimizer, scaler,
                                 cfg, device, epoch)
         val = evaluate(model, data.splits["validation"], loss_fn, cfg, device)
-        metrics = epoch_metrics(task, train, val, epoch, lr)
+        metrics = {**epoch_metrics(task, train, val, epoch, lr), "node_id": node_id}
         writer.log_epoch(epoch, metrics, val_confusion(task, val))
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     writer.close()
+
+
+def crash_if_asked(epoch: int, start: int) -> None:
+    """Test-only: see ``CRASH_ENV``. Never set outside the tests."""
+    if start == 0 and os.environ.get(CRASH_ENV) == str(epoch):
+        os._exit(1)
 
 
 def _set_threads() -> None:
@@ -205,30 +258,86 @@ def val_confusion(task: Task, val: EpochResult):
 
 def save_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
                     metrics: dict) -> None:
-    """Weights + optimizer (``checkpoint.pt``) and the recipe (``recipe.json``)."""
+    """Weights + optimizer (``checkpoint.pt``) and the recipe (``recipe.json``), which
+    also records the size and SHA-256 of ``checkpoint.pt``."""
     task = TASKS[cfg.task]
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
     torch.save(state, folder / CHECKPOINT_FILE)
     recipe = {"epoch": epoch, "config": cfg.to_dict(), "label_names": list(task.label_names),
-              "metrics": metrics}
+              "metrics": metrics,
+              "files": {CHECKPOINT_FILE: file_digest(folder / CHECKPOINT_FILE)}}
     (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict, dict]:
-    """(state, recipe) of a checkpoint folder, read without unpickling code."""
+def file_digest(path: Path) -> dict:
+    """``{"bytes": size, "sha256": hex digest}`` of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_recipe(folder: str | Path) -> dict:
+    """A checkpoint's recipe, after checking its files against it; DamagedCheckpoint if not."""
     folder = Path(folder)
+    try:
+        recipe = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{folder}: no readable {RECIPE_FILE} ({exc})") from None
+    for name, expected in recipe.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or file_digest(path) != expected:
+            raise DamagedCheckpoint(f"{folder}: {name} is missing, cut short or altered "
+                                    f"(its size or SHA-256 differs from {RECIPE_FILE})")
+    return recipe
+
+
+def is_intact(folder: str | Path) -> bool:
+    """Whether a checkpoint folder's files match its recipe (a copy cut short does not)."""
+    try:
+        read_recipe(folder)
+    except DamagedCheckpoint:
+        return False
+    return True
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict, dict]:
+    """(state, recipe) of an intact checkpoint folder, read without unpickling code."""
+    folder = Path(folder)
+    recipe = read_recipe(folder)
     state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    recipe = json.loads((folder / RECIPE_FILE).read_text())
     return state, recipe
 
 
 def restore(model, optimizer, checkpoint: tune.Checkpoint | None) -> int:
-    """Load the last checkpoint of a retried/restored trial; the epoch it reached."""
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as folder:
-        state, _ = load_checkpoint(folder)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"])
+    """Load the newest intact checkpoint of a retried/restored trial; the epoch it reached.
 
+    Ray hands over the last checkpoint it registered; should that one be damaged, the
+    trial goes back to its newest intact older checkpoint (or to epoch 0) instead of
+    failing again on every retry.
+    """
+    for candidate in fallbacks(checkpoint):
+        try:
+            with candidate.as_directory() as folder:
+                state, _ = load_checkpoint(folder)
+        except DamagedCheckpoint as exc:
+            warnings.warn(f"{exc}; trying an older checkpoint")
+            continue
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["epoch"])
+    return 0
+
+
+def fallbacks(checkpoint: tune.Checkpoint | None) -> list[tune.Checkpoint]:
+    """``checkpoint``, then the older ``checkpoint_*`` folders beside it, newest first."""
+    if checkpoint is None:
+        return []
+    fs = checkpoint.filesystem
+    parent, name = os.path.split(checkpoint.path.rstrip("/"))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name),
+                   reverse=True)
+    return [checkpoint, *(tune.Checkpoint(path, filesystem=fs) for path in older)]

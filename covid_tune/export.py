@@ -1,0 +1,210 @@
+"""The best model of each task, exported so it runs without the training code.
+
+``export_best`` finds, over the given runs, the trial whose best checkpoint scores best
+on the sweep's validation metric, one per task, and writes ``<out>/<task>/``:
+
+- ``model.onnx``: logits for a batch of images (dynamic batch axis), checked against
+  PyTorch on random input with ONNX Runtime before it is kept;
+- ``model.torchscript.pt``: the same network traced to TorchScript, checked the same way;
+- ``model.safetensors``: the weights (for ``covid_tune.models.build_model``);
+- ``model.json``: everything ``covid-tune predict`` needs (labels, their order,
+  thresholds, preprocessing) plus hyperparameters, validation metrics and the source;
+- ``README.md``: a short model card.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from covid_tune.augment import MEAN, STD
+from covid_tune.data import scan
+from covid_tune.runs import RunInfo, TrialRecord, best_trial, data_root, load_model, read_run
+from covid_tune.tasks import POSITIVE_CLASS, TASKS
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+README_FILE = "README.md"
+THRESHOLD = 0.5
+RTOL, ATOL = 1e-3, 1e-4
+"""How close ONNX Runtime's and TorchScript's logits must be to PyTorch's."""
+PREPROCESSING = (
+    "decode to 8-bit grayscale; resize the shorter side to {size} px (bilinear); "
+    "centre crop {size}x{size}; divide by 255; repeat to 3 channels; subtract mean and "
+    "divide by std per channel"
+)
+
+
+def export_best(run_dirs: list[str], out: str) -> list[Path]:
+    """Export the best trial of each task found in ``run_dirs`` to ``out/<task>/``."""
+    runs = [read_run(d) for d in run_dirs]
+    folders = []
+    for task in (t for t in TASKS if any(r.task == t for r in runs)):
+        task_runs = [r for r in runs if r.task == task]
+        trials = [t for r in task_runs for t in r.trials]
+        record = best_trial(trials, task_runs[0].metric, task_runs[0].mode)
+        run = next(r for r in task_runs if r.name == record.run)
+        folders.append(export_model(run, record, Path(out) / task))
+    return folders
+
+
+def export_model(run: RunInfo, record: TrialRecord, folder: Path) -> Path:
+    """Write the five files of one exported model; return the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = load_model(record)
+    size = int(record.config["image_size"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    checks = {
+        "onnx_max_abs_diff": write_onnx(model, folder / ONNX_FILE, size),
+        "torchscript_max_abs_diff": write_torchscript(model, folder / TORCHSCRIPT_FILE, size),
+    }
+    card = model_card(run, record, checks)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=1))
+    (folder / README_FILE).write_text(readme(card, data_counts(run, record.task)))
+    return folder
+
+
+def random_images(batch: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def write_onnx(model: torch.nn.Module, path: Path, size: int) -> float:
+    """Export with the dynamo exporter (batch axis dynamic); check it with ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (random_images(2, size, 0),), str(path), dynamo=True,
+                          external_data=False, input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=({0: batch},),
+                          verbose=False)
+    onnx.checker.check_model(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = random_images(3, size, 1)
+    return check_close("ONNX", session.run(None, {"images": x.numpy()})[0], model, x)
+
+
+def write_torchscript(model: torch.nn.Module, path: Path, size: int) -> float:
+    """Trace to TorchScript, save, load back and check it against the eager model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, random_images(2, size, 0))
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path))
+    x = random_images(3, size, 2)
+    with torch.no_grad():
+        return check_close("TorchScript", loaded(x).numpy(), model, x)
+
+
+@torch.no_grad()
+def check_close(name: str, outputs: np.ndarray, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Largest difference from PyTorch's logits; RuntimeError beyond the tolerance."""
+    expected = model(x).numpy()
+    diff = float(np.max(np.abs(outputs - expected)))
+    if outputs.shape != expected.shape or diff > ATOL + RTOL * float(np.max(np.abs(expected))):
+        raise RuntimeError(f"the exported {name} model disagrees with PyTorch: shapes "
+                           f"{outputs.shape} vs {expected.shape}, largest difference {diff:.3g}")
+    return diff
+
+
+def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
+    """``model.json``: the recipe that lets ``predict`` run the ONNX file on its own."""
+    task = TASKS[record.task]
+    size = int(record.config["image_size"])
+    return {
+        "format": "covid-tune model 1",
+        "task": task.name,
+        "backbone": record.config["backbone"],
+        "files": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "weights": WEIGHTS_FILE},
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "output": outputs_spec(task),
+        "label_names": list(task.label_names),
+        "thresholds": {name: THRESHOLD for name in threshold_labels(task)},
+        "preprocessing": {
+            "size": size, "grayscale_to_channels": 3, "resize": "shorter side, bilinear",
+            "crop": "centre", "scale": 1 / 255, "mean": list(MEAN), "std": list(STD),
+            "steps": PREPROCESSING.format(size=size)},
+        "hyperparameters": record.config,
+        "epoch": record.epoch,
+        "selected_by": {"metric": record.config["metric"], "mode": record.config["mode"]},
+        "validation_metrics": {k.removeprefix("val_"): v for k, v in record.metrics.items()
+                               if k.startswith("val_")},
+        "checks": checks,
+        "source": {"run_dir": str(run.path), "run": run.name, "trial_id": record.trial_id,
+                   "checkpoint": str(record.checkpoint), "data": run.data},
+    }
+
+
+def outputs_spec(task) -> dict:
+    if task.multilabel:
+        return {"name": "logits", "activation": "sigmoid per label",
+                "label_order": list(task.label_names),
+                "label_encoding": {k: list(v) for k, v in task.targets.items()},
+                "rule": "a label is on when its probability is above its threshold"}
+    return {"name": "logits", "activation": "softmax", "class_order": list(task.label_names),
+            "positive_class": POSITIVE_CLASS,
+            "rule": f"{POSITIVE_CLASS} when P({POSITIVE_CLASS}) is above its threshold"}
+
+
+def threshold_labels(task) -> tuple[str, ...]:
+    return task.label_names if task.multilabel else (POSITIVE_CLASS,)
+
+
+def data_counts(run: RunInfo, task: str) -> dict[str, dict[str, int]]:
+    """Images per split and class of the training data, if the folder is still there."""
+    root = data_root(run)
+    if root is None:
+        return {}
+    layout = scan(root, task)
+    counts: dict[str, dict[str, int]] = {}
+    for split, refs in layout.files.items():
+        for ref in refs:
+            per_split = counts.setdefault(split, {})
+            per_split[ref.class_dir or "unlabelled"] = per_split.get(ref.class_dir or
+                                                                    "unlabelled", 0) + 1
+    return counts
+
+
+def readme(card: dict, counts: dict) -> str:
+    """The model card: what it is, how to run it, how it scored, what it was trained on."""
+    hp = {k: v for k, v in card["hyperparameters"].items() if k not in ("task", "metric", "mode")
+          and (card["hyperparameters"]["loss"] == "focal" or not k.startswith("focal_"))}
+    metrics = card["validation_metrics"]
+    size = card["preprocessing"]["size"]
+    lines = [
+        f"# covid-tune model: {card['task']} ({card['backbone']})", "",
+        "**Not for clinical use.** A research and teaching artefact from a hyperparameter "
+        "search; it has not been validated on patients and must not inform any diagnosis.", "",
+        "## Use", "",
+        "```bash", "covid-tune predict MODEL_DIR IMAGE_OR_FOLDER --out preds.csv", "```", "",
+        f"Input `images`: float32 `[batch, 3, {size}, {size}]`; "
+        f"{card['preprocessing']['steps']} (mean {card['preprocessing']['mean']}, "
+        f"std {card['preprocessing']['std']}). Output `logits`: "
+        f"{card['output']['activation']} over {', '.join(card['label_names'])}; "
+        f"{card['output']['rule']} (threshold {THRESHOLD}).", "",
+        f"## Validation metrics (epoch {card['epoch']}, chosen by best "
+        f"`{card['selected_by']['metric']}`)", "",
+        "| metric | value |", "|---|---|",
+        *[f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))], "",
+        "## Training data", "",
+        f"Folder `{card['source']['data']}` ({card['task']} layout).",
+        *[f"- {split}: " + ", ".join(f"{c} {n}" for c, n in per.items())
+          for split, per in counts.items()], "",
+        "Scores on synthetic data (`covid-tune synth`, as used by `covid-tune demo` and the "
+        "tests) say nothing clinically: those images are drawn phantoms, not radiographs.", "",
+        "## Hyperparameters", "",
+        ", ".join(f"{k} {v}" for k, v in hp.items()), "",
+        "## Source", "",
+        f"Run `{card['source']['run']}` ({card['source']['run_dir']}), trial "
+        f"`{card['source']['trial_id']}`, checkpoint `{card['source']['checkpoint']}`.", "",
+    ]
+    return "\n".join(lines)

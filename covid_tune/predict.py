@@ -1,0 +1,151 @@
+"""Run an exported model on images with ONNX Runtime alone: no torch, no Ray.
+
+``predict(model_dir, input, out_csv)`` reads ``model.json`` (written by
+``covid_tune.export``) for the labels, thresholds and preprocessing, decodes each image
+with the same ``read_gray`` the training used, and writes one CSV row per readable
+image: the file name, then the label bits in ``model.json``'s order (multilabel), or
+the class and the probability of the positive class (binary). Unreadable images are
+listed on stderr and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from covid_tune.data import IMAGE_SUFFIXES, is_junk, try_read
+from covid_tune.errors import UserError
+
+BATCH = 64
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet reads a cell starting with one of these as a formula."""
+
+
+def predict(model_dir: str, input: str, out_csv: str) -> str:
+    """Predict every image of ``input`` (a file or a folder); return a one-line summary."""
+    out = check_out(Path(out_csv))
+    card = read_card(Path(model_dir))
+    session = open_session(Path(model_dir) / card["files"]["onnx"])
+    root, files = find_images(Path(input))
+    rows, skipped = [], []
+    for start in range(0, len(files), BATCH):
+        names, pixels = decode_batch(files[start:start + BATCH], root, card, skipped)
+        if names:
+            logits = session.run(None, {card["input"]["name"]: normalize(pixels, card)})[0]
+            rows += prediction_rows(card, names, logits)
+    write_csv(out, header(card), rows)
+    for name, why in skipped:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    return (f"{len(rows)} image(s) predicted -> {out_csv}"
+            + (f"; {len(skipped)} unreadable, skipped (listed above)" if skipped else ""))
+
+
+def read_card(model_dir: Path) -> dict:
+    path = model_dir / "model.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no model.json here; pass a folder written by "
+                        f"`covid-tune export` (OUT/binary or OUT/multilabel)")
+    return json.loads(path.read_text())
+
+
+def open_session(path: Path):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise UserError(f"{path}: missing; export the model again with `covid-tune export`")
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def find_images(path: Path) -> tuple[Path, list[Path]]:
+    """(the folder names are relative to, the image files), in natural name order."""
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder")
+    files = [p for p in path.rglob("*") if p.is_file() and not is_junk(p)]
+    if not files:
+        raise UserError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
+    return path, sorted(files, key=lambda p: natural_key(p.relative_to(path).as_posix()))
+
+
+def natural_key(name: str) -> list:
+    """``2.png`` before ``10.png``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def decode_batch(files: list[Path], root: Path, card: dict,
+                 skipped: list) -> tuple[list[str], np.ndarray]:
+    """Names and uint8 pixels of the readable files; the others go to ``skipped``."""
+    size = int(card["preprocessing"]["size"])
+    names, pixels = [], []
+    for path in files:
+        image, _, why = try_read(path, size)
+        name = path.relative_to(root).as_posix()
+        if image is None:
+            skipped.append((name, why))
+        else:
+            names.append(name)
+            pixels.append(image)
+    return names, np.stack(pixels) if pixels else np.zeros((0, size, size), np.uint8)
+
+
+def normalize(pixels: np.ndarray, card: dict) -> np.ndarray:
+    """uint8 ``(B, S, S)`` -> float32 ``(B, 3, S, S)`` with ``model.json``'s mean/std."""
+    prep = card["preprocessing"]
+    mean = np.asarray(prep["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(prep["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    x = pixels[:, None].astype(np.float32) / np.float32(255)
+    return (x - mean) / std
+
+
+def header(card: dict) -> list[str]:
+    if card["task"] == "multilabel":
+        return ["file", *card["output"]["label_order"]]
+    return ["file", "class", f"probability_{card['output']['positive_class']}"]
+
+
+def prediction_rows(card: dict, names: list[str], logits: np.ndarray) -> list[list]:
+    """One CSV row per image: label bits (multilabel) or class and probability (binary)."""
+    thresholds = card["thresholds"]
+    if card["task"] == "multilabel":
+        order = card["output"]["label_order"]
+        probs = sigmoid(logits)
+        limits = np.asarray([thresholds[label] for label in order])
+        return [[n, *(int(b) for b in p > limits)] for n, p in zip(names, probs)]
+    classes = card["output"]["class_order"]
+    positive = card["output"]["positive_class"]
+    index = classes.index(positive)
+    other = classes[1 - index]
+    probs = sigmoid(logits[:, index] - logits[:, 1 - index])  # softmax of two logits
+    return [[n, positive if p > thresholds[positive] else other, f"{p:.6f}"]
+            for n, p in zip(names, probs)]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def safe_cell(value: str) -> str:
+    """Prefix ``'`` to text a spreadsheet would run as a formula."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def check_out(path: Path) -> Path:
+    """The CSV goes exactly where asked; refuse a folder before any work is done."""
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a folder; give a file name such as preds.csv")
+    return path
+
+
+def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
+    """Write at ``path`` (its folder is created); names made formula-safe."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows([[safe_cell(row[0]), *row[1:]] for row in rows])

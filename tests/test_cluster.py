@@ -1,0 +1,402 @@
+"""Running on a cluster: the configs in cluster/, the storage and resource checks, and
+sweeps that survive a crashed trial, a lost node and a killed driver.
+
+Everything runs on the session's real two-node Ray cluster (``ray_cluster``, one CPU
+per node, on this machine). Drivers that must die or carry a test-only setting run as
+``python -m covid_tune`` subprocesses joined to it with ``--address``. Nothing sleeps
+for a guessed time: tests poll for a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import optuna
+import pytest
+import ray
+import ray.autoscaler
+import yaml
+from ray import tune
+from ray.tune import ExperimentAnalysis
+
+from covid_tune import cluster
+from covid_tune.cli import build_parser
+from covid_tune.errors import UserError
+from covid_tune.sweep import (LOST_DIR, STUDY_FILE, SWEEP_FILE, SweepOptions, run_sweep,
+                              set_aside_lost_trials)
+from covid_tune.train import (CHECKPOINT_FILE, CRASH_ENV, DamagedCheckpoint, is_intact,
+                              load_checkpoint, restore, save_checkpoint)
+
+CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
+EPOCHS = 3
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def space_file(folder: Path, num_samples: int, epochs: int = EPOCHS) -> Path:
+    """A tiny binary study: resnet18 at 32 px; ASHA never stops a trial early (grace
+    period = max_epochs), so every trial's epochs are known in advance."""
+    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": epochs,
+           "image_size": 32, "pretrained": "none", "num_samples": num_samples,
+           "augment": False, "asha": {"grace_period": epochs, "reduction_factor": 2},
+           "params": {"backbone": "resnet18", "frozen_layers": 10,
+                      "lr": {"low": 1e-3, "high": 0.1, "log": True},
+                      "batch_size": 16, "hidden": 16, "dropout": 0.0}}
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def wait_for(condition, what: str, timeout: float = 240.0, every: float = 0.2):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def start_driver(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """``python -m covid_tune ARGS`` in the background, its output in ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "covid_tune", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def sweep_args(space: Path, data: Path, storage: Path, name: str, address: str,
+               *extra: str) -> list[str]:
+    return ["sweep", "--space", str(space), "--data", str(data), "--storage-path",
+            str(storage), "--name", name, "--address", address, "--seed", "1", *extra]
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 420) -> str:
+    result = subprocess.run([sys.executable, "-m", "covid_tune", *args], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def final_trials(run_dir: Path) -> list:
+    """Ray's trials from the run's last snapshot (what ``resume`` restores)."""
+    return ExperimentAnalysis(str(run_dir)).trials
+
+
+def started_from(result: dict) -> int:
+    """The epoch of the checkpoint a trial's last attempt started from (0: scratch)."""
+    return result["epoch"] - result["iterations_since_restore"]
+
+
+def trial_folders(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.glob("trial_*")}
+
+
+# --- cluster/ ------------------------------------------------------------------------
+
+def cluster_yaml(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER_DIR / name).read_text()) if d is not None]
+
+
+def test_every_cluster_yaml_parses():
+    names = sorted(p.name for p in CLUSTER_DIR.glob("*.y*ml"))
+    assert names == ["aws.yaml", "kuberay.yaml"]
+    for name in names:
+        assert cluster_yaml(name), f"{name} is empty"
+
+
+def test_launcher_config_fits_rays_schema_and_node_types():
+    config, = cluster_yaml("aws.yaml")
+    schema = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    jsonschema.validate(config, json.loads(schema.read_text()))
+    types = config["available_node_types"]
+    head = types.pop(config["head_node_type"])
+    assert head["resources"] == {"CPU": 0}  # the head runs the driver, no trials
+    assert types, "no worker node type"
+    for worker in types.values():
+        assert worker["resources"]["GPU"] >= 1 and worker["resources"]["CPU"] >= 1
+        assert 0 == worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
+    setup = " ".join(config["setup_commands"])
+    assert "~/covid-tune" in setup and f"ray[default,tune]=={ray.__version__}" in setup
+    assert "ResNet18_Weights" in setup and "VGG16_Weights" in setup
+
+
+def test_launcher_keeps_ray_private_and_token_authenticated():
+    config, = cluster_yaml("aws.yaml")
+    head = " ".join(config["head_start_ray_commands"])
+    workers = " ".join(config["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token ray start" in head and "RAY_AUTH_MODE=token ray start" in workers
+    assert any("export RAY_AUTH_MODE=token" in c for c in config["initialization_commands"])
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    # Ray's own security group opens SSH only; no extra rule may open more.
+    assert not config["provider"].get("security_group", {}).get("IpPermissions")
+
+
+def test_kuberay_cluster_is_token_authenticated_and_internal():
+    docs = {doc["kind"]: doc for doc in cluster_yaml("kuberay.yaml")}
+    assert set(docs) == {"RayCluster", "NetworkPolicy", "PersistentVolumeClaim"}
+    spec = docs["RayCluster"]["spec"]
+    assert docs["RayCluster"]["apiVersion"] == "ray.io/v1"
+    assert spec["authOptions"] == {"mode": "token"} and spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head["rayStartParams"]["num-cpus"] == "0"
+    if head["rayStartParams"].get("dashboard-host") != "127.0.0.1":
+        policy = docs["NetworkPolicy"]["spec"]
+        own_pods = {"ray.io/cluster": docs["RayCluster"]["metadata"]["name"]}
+        assert policy["podSelector"]["matchLabels"] == own_pods
+        assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": own_pods}}]}]
+    claim = head["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_kuberay_gpu_workers_and_one_image():
+    spec = cluster_yaml("kuberay.yaml")[0]["spec"]
+    images = {spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]}
+    for group in spec["workerGroupSpecs"]:
+        assert 0 == group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container, = group["template"]["spec"]["containers"]
+        images.add(container["image"])
+        resources = container["resources"]
+        assert resources["requests"] == resources["limits"]
+        assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
+    assert len(images) == 1
+    base = re.search(r"^FROM (\S+)", (CLUSTER_DIR / "Dockerfile").read_text(), re.M).group(1)
+    assert base.startswith(f"rayproject/ray:{spec['rayVersion']}-")
+
+
+def readme_commands(program: str) -> list[list[str]]:
+    """Each ``PROGRAM SUBCOMMAND ...`` in cluster/README.md's code blocks, split into
+    words, up to the end of the line or a shell operator (``|``, ``;``, ``&&``)."""
+    text = (CLUSTER_DIR / "README.md").read_text()
+    code = "\n".join(re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    commands = []
+    for line in code.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for words in re.findall(rf"(?:^|\s){program}\s+([a-z][^|;&#]*)", line):
+            commands.append(shlex.split(words))
+    return commands
+
+
+def test_readme_covid_tune_commands_parse():
+    commands = readme_commands("covid-tune")
+    assert {c[0] for c in commands} >= {"sweep", "resume", "leaderboard", "export"}
+    for command in commands:
+        build_parser().parse_args(command)  # exits (fails the test) on an unknown flag
+    sweeps = [c for c in commands if c[0] == "sweep"]
+    assert all("--address" in c for c in sweeps)
+
+
+# --- storage and resources -------------------------------------------------------------
+
+def test_probe_tells_which_nodes_see_a_path(ray_cluster, tmp_path):
+    nodes = cluster.alive_nodes()
+    assert len(nodes) == 2
+    seen = tmp_path / "marker"
+    seen.write_text("")
+    assert cluster.nodes_without(str(seen), nodes) == []
+    missing = cluster.nodes_without(str(tmp_path / "nowhere"), nodes)
+    assert len(missing) == 2  # both nodes looked, and neither found it
+
+
+def test_local_storage_a_node_cannot_see_is_refused(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv(cluster.SHARED_STORAGE_ENV, raising=False)
+    cluster.check_storage(str(tmp_path))  # both nodes are on this machine: they see it
+    monkeypatch.setattr(cluster, "nodes_without", lambda path, nodes: ["10.0.0.7 (abcd1234)"])
+    with pytest.raises(UserError) as refused:
+        cluster.check_storage(str(tmp_path))
+    message = str(refused.value)
+    for fragment in ("1 of the cluster's 2 nodes", "10.0.0.7", "s3://", "NFS",
+                     cluster.SHARED_STORAGE_ENV):
+        assert fragment in message
+    cluster.check_storage("s3://bucket/runs")  # every node reaches a URI
+    cluster.check_storage(str(tmp_path), shared=True)
+    monkeypatch.setenv(cluster.SHARED_STORAGE_ENV, "1")
+    cluster.check_storage(str(tmp_path))
+
+
+def test_too_big_trial_is_refused_before_it_starts(ray_cluster, binary_data, tmp_path):
+    for cpus, gpus in ((2.0, 0.0), (1.0, 0.25)):
+        opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
+                            name="big", storage_path=str(tmp_path / "runs"),
+                            cpus_per_trial=cpus, gpus_per_trial=gpus)
+        with pytest.raises(UserError, match=r"largest: 1 CPU, 0 GPU"):
+            run_sweep(opts)
+    assert not (tmp_path / "runs" / "big" / SWEEP_FILE).exists()  # the name stays free
+
+
+# --- sweeps on the cluster -------------------------------------------------------------
+
+def test_sweep_spreads_over_nodes_and_writes_to_a_uri(ray_cluster, binary_data, tmp_path):
+    storage = f"file://{tmp_path / 'bucket'}"
+    opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
+                        name="spread", storage_path=storage, max_epochs=1,
+                        max_concurrent=2)
+    results = run_sweep(opts)
+    assert len(results) == 2 and not results.errors
+    nodes = {r.metrics["node_id"] for r in results}
+    assert nodes <= {n["NodeID"] for n in cluster.alive_nodes()}
+    assert len(nodes) == 2, "both trials ran on one node"
+    run_dir = tmp_path / "bucket" / "spread"
+    assert json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"] == storage
+    for trial in run_dir.glob("trial_*"):  # TensorBoard files reach the storage too
+        assert list(trial.glob("events.out.tfevents.*")), trial.name
+    study = optuna.load_study(study_name="spread", storage=f"sqlite:///{run_dir / STUDY_FILE}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def with_crash_at(epoch: int) -> dict:
+    """The environment of a driver whose trials, on their first attempt, exit at
+    ``epoch`` (``CRASH_ENV``), passed to the trials as ``ray job submit`` passes a job's
+    runtime environment."""
+    job = {"runtime_env": {"env_vars": {CRASH_ENV: str(epoch)}}}
+    return {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, tmp_path):
+    args = sweep_args(space_file(tmp_path, 2), binary_data, tmp_path / "runs", "crash",
+                      ray_cluster.address, "--max-concurrent", "2", "--max-failures", "1")
+    run_cli(args, env=with_crash_at(2))
+    trials = final_trials(tmp_path / "runs" / "crash")
+    assert len(trials) == 2
+    for trial in trials:  # each crashed once, in epoch 2 of its first attempt
+        assert trial.status == "TERMINATED" and trial.num_failures == 1
+        assert trial.last_result["epoch"] == EPOCHS
+        assert started_from(trial.last_result) == 1  # epoch 1's checkpoint, none redone
+
+
+def second_checkpoint_on(run_dir: Path, node_id: str) -> str | None:
+    """The id of a trial on ``node_id`` that saved its second checkpoint. Trials report
+    synchronously, so by then the driver holds the first one: if the trial is lost from
+    here on, it must restart from a checkpoint, not from scratch."""
+    for recipe in run_dir.glob("trial_*/checkpoint_000001/recipe.json"):
+        if json.loads(recipe.read_text())["metrics"]["node_id"] == node_id:
+            return recipe.parent.parent.name.removeprefix("trial_")
+    return None
+
+
+def test_sweep_survives_losing_a_worker_node(ray_cluster, binary_data, tmp_path):
+    opts = SweepOptions(space_file=str(space_file(tmp_path, 2, epochs=4)),
+                        data=str(binary_data), name="lost-node",
+                        storage_path=str(tmp_path / "runs"), max_concurrent=2)
+    run_dir = tmp_path / "runs" / "lost-node"
+    outcome = {}
+    sweep = threading.Thread(target=lambda: outcome.update(results=run_sweep(opts)))
+    sweep.start()
+    here = ray.get_runtime_context().get_node_id()
+    worker = next(n for n in ray_cluster.worker_nodes if n.node_id != here)
+    try:
+        lost_id = wait_for(lambda: second_checkpoint_on(run_dir, worker.node_id),
+                           "a trial on the worker node to save its second checkpoint")
+        ray_cluster.remove_node(worker, allow_graceful=False)
+    finally:
+        ray_cluster.add_node(num_cpus=1)  # later tests get their two nodes back
+    wait_for(lambda: not sweep.is_alive(), "the sweep to finish", timeout=300, every=1)
+    wait_for(lambda: len(cluster.alive_nodes()) == 2, "Ray to mark the removed node dead")
+    results = outcome["results"]
+    assert len(results) == 2 and not results.errors
+    assert all(r.metrics["epoch"] == 4 for r in results)
+    lost = next(t for t in final_trials(run_dir) if t.trial_id == lost_id)
+    assert lost.num_failures >= 1  # it was on the removed node
+    assert lost.last_result["node_id"] != worker.node_id  # and ended on another one
+    assert started_from(lost.last_result) >= 1  # from a checkpoint, not from scratch
+
+
+def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen) -> dict | None:
+    """Trial ids by state once the run's last snapshot lists a finished trial and an
+    unfinished one with a checkpoint (Ray lists running trials as PENDING), else None."""
+    if sweep.poll() is not None:
+        pytest.fail(f"the sweep ended (code {sweep.returncode}) before such a snapshot")
+    try:
+        trials = final_trials(run_dir)
+    except Exception:  # no snapshot yet, or one being written
+        return None
+    done = {t.trial_id for t in trials if t.status == "TERMINATED"}
+    mid = {t.trial_id for t in trials if t.status in ("PENDING", "RUNNING") and t.checkpoint}
+    return {"done": done, "mid": mid} if done and mid else None
+
+
+def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, tmp_path):
+    run_dir = tmp_path / "runs" / "killed"
+    args = sweep_args(space_file(tmp_path, 3), binary_data, tmp_path / "runs", "killed",
+                      ray_cluster.address, "--max-concurrent", "2")
+    # Snapshot the run every second (Ray's default: every 10 s or more) so that the
+    # moment with a finished and a half-done trial is sure to be on disk.
+    sweep = start_driver(args, tmp_path / "sweep.log", TUNE_GLOBAL_CHECKPOINT_S="1")
+    try:
+        seen = wait_for(lambda: snapshot_mid_sweep(run_dir, sweep),
+                        "a snapshot with a finished and a half-done trial", every=0.5)
+    finally:
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+    run_cli(["resume", str(run_dir)])
+
+    trials = final_trials(run_dir)
+    ids = [t.trial_id for t in trials]
+    assert len(ids) == len(set(ids)) == 3
+    assert all(t.status == "TERMINATED" and t.last_result["epoch"] == EPOCHS for t in trials)
+    assert trial_folders(run_dir) == {f"trial_{i}" for i in ids}  # lost ones set aside
+    by_id = {t.trial_id: t.last_result for t in trials}
+    for trial_id in seen["done"]:
+        assert started_from(by_id[trial_id]) == 0  # kept as it was, not run again
+        assert by_id[trial_id]["iterations_since_restore"] == EPOCHS
+    for trial_id in seen["mid"]:
+        assert started_from(by_id[trial_id]) >= 1  # went on from its checkpoint
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{run_dir / STUDY_FILE}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert sorted(t.params["lr"] for t in study.trials) == sorted(t.config["lr"] for t in trials)
+
+
+def test_resume_sets_aside_folders_of_trials_the_snapshot_lost(tmp_path):
+    for name in ("trial_a", "trial_b", "trial_c"):
+        (tmp_path / name / "checkpoint_000000").mkdir(parents=True)
+
+    class Result:
+        def __init__(self, name):
+            self.path = str(tmp_path / name)
+
+    lost = set_aside_lost_trials(str(tmp_path), [Result("trial_a"), Result("trial_b")])
+    assert lost == ["trial_c"]
+    assert trial_folders(tmp_path) == {"trial_a", "trial_b"}
+    assert (tmp_path / LOST_DIR / "trial_c" / "checkpoint_000000").is_dir()
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    from covid_tune.config import TrialConfig
+    from covid_tune.models import build_model
+    from covid_tune.train import build_optimizer
+
+    cfg = TrialConfig(task="binary", backbone="resnet18", frozen_layers=0, lr=0.01,
+                      momentum=0.9, batch_size=8, weight_decay=0.0, hidden=8, dropout=0.0,
+                      loss="ce", focal_alpha=0.25, focal_gamma=2.0, max_epochs=3,
+                      image_size=32, augment=None, pretrained="none", metric="val_loss",
+                      mode="min")
+    model = build_model("resnet18", 2, 8, 0.0, 0, "none")
+    optimizer = build_optimizer(model, cfg)
+    for epoch in (1, 2):
+        folder = tmp_path / "trial" / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder, model, optimizer, epoch, cfg, {"val_loss": 1.0 / epoch})
+    newest = tmp_path / "trial" / "checkpoint_000001"
+    data = (newest / CHECKPOINT_FILE).read_bytes()
+    (newest / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])  # a copy cut short
+
+    assert not is_intact(newest) and is_intact(tmp_path / "trial" / "checkpoint_000000")
+    with pytest.raises(DamagedCheckpoint, match="cut short"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="trying an older checkpoint"):
+        epoch = restore(model, optimizer, tune.Checkpoint(str(newest)))
+    assert epoch == 1
