@@ -41,10 +41,8 @@ import yaml
 from covid_tune.augment import MEAN, STD, Augment, to_model_input
 from covid_tune.config import PARAM_DEFAULTS, TrialConfig, load_space
 from covid_tune.data import Split, load_dataset
-from covid_tune.losses import build_loss
-from covid_tune.models import build_model
 from covid_tune.synth import generate
-from covid_tune.train import (Device, batches, build_optimizer, epoch_metrics, evaluate,
+from covid_tune.train import (Device, batches, build_training, epoch_metrics, evaluate,
                               to_device, train_one_epoch)
 from covid_tune.tasks import TASKS
 
@@ -355,14 +353,7 @@ def bare_epochs(cfg: TrialConfig, bundle) -> list[tuple[float, float]]:
     device, threads = Device.pick(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.backbone, TASKS[cfg.task].outputs, cfg.hidden, cfg.dropout,
-                            cfg.frozen_layers, cfg.pretrained).to(device.torch)
-        if device.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, cfg)
-        scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
-        loss_fn = build_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
+        model, optimizer, scaler, loss_fn = build_training(cfg, device)
         timings = []
         for epoch in range(1, cfg.max_epochs + 1):
             started = time.perf_counter()

@@ -452,7 +452,7 @@ def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[
         for backbone in backbones:
             if backbone not in per:
                 problems.add(f"params.frozen_layers.{backbone}",
-                             f"missing; give a range for every backbone in the search")
+                             "missing; give a range for every backbone in the search")
     else:
         param = _param(raw, "frozen_layers", int, problems)
         per = {b: param for b in backbones}

@@ -120,14 +120,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
     task = TASKS[cfg.task]
     device = Device.pick()
     _set_threads()
-    torch.manual_seed(cfg.seed)  # the same config starts from the same weights
-    model = build_model(cfg.backbone, task.outputs, cfg.hidden, cfg.dropout,
-                        cfg.frozen_layers, cfg.pretrained).to(device.torch)
-    if device.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
-    loss_fn = build_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
+    model, optimizer, scaler, loss_fn = build_training(cfg, device)
     start = restore(model, optimizer, tune.get_checkpoint())
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
@@ -156,6 +149,19 @@ def _set_threads() -> None:
     with contextlib.suppress(Exception):
         cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
+
+
+def build_training(cfg: TrialConfig, device: Device):
+    """(model, optimizer, grad scaler, loss) for a trial; the same config starts from
+    the same weights."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.backbone, TASKS[cfg.task].outputs, cfg.hidden, cfg.dropout,
+                        cfg.frozen_layers, cfg.pretrained).to(device.torch)
+    if device.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
+    loss_fn = build_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
+    return model, build_optimizer(model, cfg), scaler, loss_fn
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
