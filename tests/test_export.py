@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,26 @@ def test_predict_refuses_a_folder_as_csv(exported, tmp_path):
     ("@a.png", "'@a.png"), ("a=b.png", "a=b.png")])
 def test_formula_names_are_neutralised(name, safe):
     assert safe_cell(name) == safe
+
+
+def test_predict_with_model_files_missing(exported, tmp_path):
+    _, out, _ = exported
+    image = tmp_path / "x.png"
+    Image.new("L", (40, 40), 100).save(image)
+    with pytest.raises(UserError, match="model.json"):
+        predict(str(tmp_path), str(image), str(tmp_path / "p.csv"))
+    partial = tmp_path / "partial"
+    shutil.copytree(out / "binary", partial)
+    (partial / "model.onnx").unlink()
+    with pytest.raises(UserError, match="model.onnx"):
+        predict(str(partial), str(image), str(tmp_path / "p.csv"))
+
+
+def test_leaderboard_and_export_refuse_a_folder_that_is_not_a_run(tmp_path):
+    from covid_tune.leaderboard import write_leaderboard
+
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(UserError, match="not a covid-tune run"):
+        write_leaderboard([str(tmp_path)], str(tmp_path / "board"))
+    with pytest.raises(UserError, match="not a covid-tune run"):
+        export_best([str(tmp_path)], str(tmp_path / "model"))
