@@ -130,8 +130,9 @@ def train_trial(config: dict, data: DataBundle) -> None:
         train = train_one_epoch(model, data.splits["train"], loss_fn, optimizer, scaler,
                                 cfg, device, epoch)
         val = evaluate(model, data.splits["validation"], loss_fn, cfg, device)
-        metrics = {**epoch_metrics(task, train, val, epoch, lr), "node_id": node_id}
-        writer.log_epoch(epoch, metrics, val_confusion(task, val))
+        metrics, confusion = epoch_metrics(task, train, val, epoch, lr)
+        metrics["node_id"] = node_id
+        writer.log_epoch(epoch, metrics, confusion)
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -245,21 +246,20 @@ def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device) -> 
 
 
 def epoch_metrics(task: Task, train: EpochResult, val: EpochResult, epoch: int,
-                  lr: float) -> dict:
-    """The flat dict reported to Tune: ``train_*`` and ``val_*`` scalars and timings."""
+                  lr: float) -> tuple[dict, object]:
+    """The flat dict reported to Tune (``train_*`` and ``val_*`` scalars and timings),
+    and the validation confusion matrix (or matrices) for TensorBoard."""
     metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": train.seconds + val.seconds,
                "train_images_per_second": train.images / max(train.seconds, 1e-9)}
+    confusion = None
     for prefix, result in (("train", train), ("val", val)):
         metrics[f"{prefix}_loss"] = result.loss
         scores = compute_metrics(task, result.targets, result.outputs)
-        metrics.update({f"{prefix}_{k}": v for k, v in scores.items() if k != "confusion"})
+        confusion = scores.pop("confusion")
+        metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
     if not math.isfinite(metrics["val_loss"]):
         raise TrialDiverged(f"validation loss became {metrics['val_loss']} at epoch {epoch}")
-    return metrics
-
-
-def val_confusion(task: Task, val: EpochResult):
-    return compute_metrics(task, val.targets, val.outputs)["confusion"]
+    return metrics, confusion
 
 
 def save_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
