@@ -17,10 +17,8 @@ from pathlib import Path
 
 from covid_tune.config import TrialConfig, load_space
 from covid_tune.errors import UserError
+from covid_tune.sweep import STUDY_FILE, SWEEP_FILE
 from covid_tune.train import RECIPE_FILE, load_checkpoint
-
-SWEEP_FILE = "sweep.json"
-STUDY_FILE = "optuna.db"
 
 
 @dataclass
@@ -108,6 +106,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
 
 
 def read_options(path: Path) -> dict:
+    """The run's ``sweep.json`` as it was written (older or partial files included)."""
     sweep_file = path / SWEEP_FILE
     if not sweep_file.is_file():
         raise UserError(f"{path}: not a covid-tune run (no {SWEEP_FILE}); pass the run "

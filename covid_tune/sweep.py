@@ -313,7 +313,11 @@ def read_options(run_dir: str) -> SweepOptions:
     if not exists(path):
         raise UserError(f"{run_dir}: not a covid-tune run (no {SWEEP_FILE}); pass the folder "
                         f"`covid-tune sweep` printed")
-    return SweepOptions(**json.loads(read_bytes(path)))
+    try:
+        return SweepOptions(**json.loads(read_bytes(path)))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a sweep record this version can read ({exc}); "
+                        f"start the sweep again with `covid-tune sweep`") from None
 
 
 def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:

@@ -99,3 +99,8 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
 def test_debug_shows_the_traceback(argv):
     result = covid_tune(*argv)
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_resume_of_a_damaged_sweep_record(tmp_path):
+    (tmp_path / "sweep.json").write_text('{"name": "r"}')
+    assert_refused(covid_tune("resume", str(tmp_path)), "sweep.json: not a sweep record")
