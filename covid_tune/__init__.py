@@ -21,7 +21,10 @@ def __getattr__(name):
     if name == "load_dataset":
         from covid_tune.data import load_dataset
         return load_dataset
-    if name in ("SweepOptions", "run_sweep", "resume_sweep"):
+    if name == "SweepOptions":
+        from covid_tune.runs import SweepOptions
+        return SweepOptions
+    if name in ("run_sweep", "resume_sweep"):
         from covid_tune import sweep
         return getattr(sweep, name)
     raise AttributeError(name)

@@ -6,55 +6,19 @@ float tensor a backbone eats, on that same device. With an :class:`Augment` it f
 applies random resized crop, rotation and horizontal flip as one affine warp per
 sample (a single ``grid_sample`` call for the whole batch, no loop over images).
 
-:func:`normalize_numpy` is the evaluation path (no augmentation, no resize) in plain
-numpy, for ONNX prediction without torch.
+Without augmentation it equals ``covid_tune.preprocess.normalize``, the torch-free
+path that export and predict use.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-MEAN = (0.485, 0.456, 0.406)
-"""ImageNet per-channel mean of [0, 1] pixels; gray is repeated to three channels."""
-STD = (0.229, 0.224, 0.225)
-"""ImageNet per-channel standard deviation of [0, 1] pixels."""
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Random geometry for each training image; ``None`` or :meth:`off` means none."""
-
-    rotation: float = 15.0
-    """Largest rotation in degrees; each sample turns uniformly within ±rotation."""
-    scale: tuple[float, float] = (0.7, 1.0)
-    """Range of the fraction of the image area the crop keeps, as in torchvision's
-    ``RandomResizedCrop``; the crop is then stretched to the output size."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """Range of the crop's width / height, sampled log-uniformly. A side that would
-    exceed the image is clipped to it, so extreme ratios keep less area than asked."""
-    flip: bool = True
-    """Mirror left-right with probability 0.5."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.rotation >= 0:
-            problems.append(f"rotation must be >= 0 degrees, got {self.rotation}")
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            problems.append(f"scale must be 0 < low <= high <= 1, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            problems.append(f"ratio must satisfy 0 < low <= high, got {self.ratio}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @classmethod
-    def off(cls) -> Augment:
-        """The identity: no rotation, the whole image, no flip."""
-        return cls(rotation=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+from covid_tune.config import Augment
+from covid_tune.preprocess import MEAN, STD
 
 
 def to_model_input(
@@ -135,16 +99,3 @@ def _random_theta(
         torch.stack([sin * sx, cos * height, centre_y], dim=1),
     ], dim=1)
     return theta.to(torch.float32)
-
-
-def normalize_numpy(images: np.ndarray) -> np.ndarray:
-    """Evaluation path without torch: ``uint8 (B, S, S)`` -> ``float32 (B, 3, S, S)``.
-
-    Equal to ``to_model_input(torch.from_numpy(images), augment=None)``.
-    """
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"expected uint8 (B, S, S), got {images.dtype} {images.shape}")
-    x = images[:, None].astype(np.float32) / np.float32(255)
-    mean = np.asarray(MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(STD, dtype=np.float32).reshape(1, 3, 1, 1)
-    return (x - mean) / std

@@ -38,12 +38,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from covid_tune.augment import MEAN, STD, Augment, to_model_input
-from covid_tune.config import PARAM_DEFAULTS, TrialConfig, load_space
+from covid_tune.augment import to_model_input
+from covid_tune.config import PARAM_DEFAULTS, Augment, TrialConfig, load_space
 from covid_tune.data import Split, load_dataset
+from covid_tune.inference import Device
+from covid_tune.preprocess import MEAN, STD
 from covid_tune.synth import generate
-from covid_tune.train import (Device, batches, build_training, epoch_metrics, evaluate,
-                              to_device, train_one_epoch)
+from covid_tune.train import (batches, build_training, epoch_metrics, evaluate, to_device,
+                              train_one_epoch)
 from covid_tune.tasks import TASKS
 
 AUGMENT = {"rotation": 10.0, "scale": [0.8, 1.0], "ratio": [0.9, 1.1], "flip": True}
@@ -244,7 +246,7 @@ def measure_loader(work: Path, sizes: BenchSizes) -> dict:
 def fast_epoch(split: Split, sizes: BenchSizes, device: Device,
                generator: torch.Generator) -> None:
     """One shuffled pass as a trial makes it: cache slice -> device -> augmented batch."""
-    augment = Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in AUGMENT.items()})
+    augment = Augment.from_dict(AUGMENT)
     order = torch.randperm(len(split), generator=generator)
     for index in batches(len(split), sizes.batch_size, order):
         images, _ = to_device(split, index, device)
@@ -428,7 +430,8 @@ def write_space(path: Path, image_size: int, max_epochs: int, num_samples: int,
 
 def sweep(space_file: Path, data: Path, work: Path, name: str):
     """The real ``run_sweep``: one CPU (and one GPU when there is one) per trial."""
-    from covid_tune.sweep import SweepOptions, run_sweep
+    from covid_tune.runs import SweepOptions
+    from covid_tune.sweep import run_sweep
 
     gpus = 1.0 if torch.cuda.is_available() else 0.0
     return run_sweep(SweepOptions(space_file=str(space_file), data=str(data), name=name,

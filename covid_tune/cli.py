@@ -64,6 +64,10 @@ def cmd_check(args) -> int:
 
     report = check_dataset(args.data, args.task, progress=not args.quiet)
     print("\n".join(report.lines()))
+    if not report.usable:
+        empty = [split for split, classes in report.counts.items() if not sum(classes.values())]
+        raise UserError(f"{report.root}: no image of the {', '.join(empty)} split(s) can be "
+                        f"decoded; replace the files listed above")
     if args.strict and report.unreadable:
         path, why = report.unreadable[0]
         raise UserError(f"{report.root}/{path}: cannot be decoded ({why}); "
@@ -84,7 +88,7 @@ def cmd_synth(args) -> int:
 
 
 def sweep_options(args):
-    from covid_tune.sweep import SweepOptions
+    from covid_tune.runs import SweepOptions
 
     return SweepOptions(
         space_file=args.space, data=args.data, name=args.name or "",
@@ -107,7 +111,8 @@ def cmd_sweep(args) -> int:
 def cmd_resume(args) -> int:
     from covid_tune.sweep import resume_sweep
 
-    resume_sweep(args.run_dir, address=args.address)
+    resume_sweep(args.run_dir, address=args.address, data=args.data,
+                 allow_changed_data=args.allow_changed_data)
     return 0
 
 
@@ -116,7 +121,7 @@ def cmd_leaderboard(args) -> int:
 
     if args.out:
         require_writable(args.out, "--out")
-    print(write_leaderboard(args.run_dirs, args.out))
+    print(write_leaderboard(args.run_dirs, args.out, args.data, args.allow_changed_data))
     return 0
 
 
@@ -124,7 +129,7 @@ def cmd_export(args) -> int:
     from covid_tune.export import export_best
 
     require_writable(args.out, "--out")
-    for folder in export_best(args.run_dirs, args.out):
+    for folder in export_best(args.run_dirs, args.out, args.data, args.allow_changed_data):
         print(f"exported {folder}")
     return 0
 
@@ -146,7 +151,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from covid_tune.sweep import SweepOptions, run_sweep
+    from covid_tune.runs import SweepOptions
+    from covid_tune.sweep import run_sweep
     from covid_tune.synth import PHANTOM_NOTE, generate
 
     require_writable(args.out, "--out")
@@ -166,6 +172,19 @@ def cmd_demo(args) -> int:
     for folder in export_best([run_dir], str(out / "model")):
         print(f"best model exported to {folder}")
     return 0 if results else 1
+
+
+def add_data_flags(parser: argparse.ArgumentParser, many: bool) -> None:
+    """``--data`` (a moved copy of the run's dataset) and ``--allow-changed-data``."""
+    if many:
+        parser.add_argument("--data", action="append", metavar="DIR",
+                            help="the dataset folder, if it moved: once for every run, or "
+                                 "once per run in order (checked against each run's record)")
+    else:
+        parser.add_argument("--data", metavar="DIR",
+                            help="the dataset folder, if it moved (checked against the run)")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="use a dataset that differs from the run's record (noted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,17 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
     p.add_argument("run_dir")
     p.add_argument("--address", help="Ray cluster address (default: the one the sweep used)")
+    add_data_flags(p, many=False)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("leaderboard", help="tables of the best trials, as the assignment's")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="folder for leaderboard.md/.csv/.parquet and charts "
                                  "(default: <first run>/leaderboard)")
+    add_data_flags(p, many=True)
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("export", help="export the best model of each task")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="writes OUT/<task>/model.onnx, ...")
+    add_data_flags(p, many=True)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="run an exported model on an image or a folder")

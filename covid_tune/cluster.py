@@ -7,91 +7,23 @@ checkpoints from the node it runs on, so on more than one machine the run folder
 must be shared (NFS and the like) or be a URI (``s3://``, ``gs://``).
 
 Run folders are reached through pyarrow filesystems, as Ray Tune reaches them, so
-one code path serves local paths and URIs: ``read_bytes``, ``write_bytes``,
-``exists``, ``move_dir``.
+one code path serves local paths and URIs (``covid_tune.storage``).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 
-import pyarrow.fs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from covid_tune.errors import UserError
+from covid_tune.storage import is_uri
 
 SHARED_STORAGE_ENV = "COVID_TUNE_SHARED_STORAGE"
 """Set to 1 to skip ``check_storage``: you vouch that every node sees the path."""
 PROBE_TIMEOUT_S = 120.0
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def join(base: str, *names: str) -> str:
-    """``base/name/...`` for a local path or a URI."""
-    return "/".join([base.rstrip("/"), *names])
-
-
-def open_path(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow filesystem of a local path or URI, and the path inside it."""
-    try:
-        return pyarrow.fs.FileSystem.from_uri(path if is_uri(path) else os.path.abspath(path))
-    except (pyarrow.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path}: cannot open this storage path ({exc})") from None
-
-
-def exists(path: str) -> bool:
-    fs, fs_path = open_path(path)
-    return fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound
-
-
-def read_bytes(path: str) -> bytes:
-    fs, fs_path = open_path(path)
-    with fs.open_input_stream(fs_path) as stream:
-        return stream.readall()
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file so that readers see the old or the new one, never a part.
-
-    A local file is written next to its target and renamed over it; an object store
-    replaces an object in one PUT.
-    """
-    fs, fs_path = open_path(path)
-    fs.create_dir(os.path.dirname(fs_path), recursive=True)
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        partial = f"{fs_path}.{uuid.uuid4().hex[:8]}.partial"
-        with open(partial, "wb") as out:
-            out.write(data)
-        os.replace(partial, fs_path)
-        return
-    with fs.open_output_stream(fs_path) as stream:
-        stream.write(data)
-
-
-def list_dirs(path: str) -> list[str]:
-    """Names of the folders directly inside ``path``."""
-    fs, fs_path = open_path(path)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(fs_path, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
-
-
-def move_dir(source: str, destination: str) -> None:
-    """Move a folder within one storage path (copy then delete on object stores)."""
-    fs, source_path = open_path(source)
-    _, destination_path = open_path(destination)
-    fs.create_dir(os.path.dirname(destination_path), recursive=True)
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        os.replace(source_path, destination_path)
-        return
-    pyarrow.fs.copy_files(source_path, destination_path, source_filesystem=fs,
-                          destination_filesystem=fs)
-    fs.delete_dir(source_path)
 
 
 def start_ray(address: str | None) -> None:

@@ -26,8 +26,11 @@ from typing import Any
 import yaml
 
 from covid_tune.errors import UserError
-from covid_tune.models import BACKBONES, conv_count
-from covid_tune.tasks import TASKS, Task
+from covid_tune.tasks import TASKS
+
+BACKBONE_CONVS: dict[str, int] = {"vgg16": 13, "resnet18": 20}
+"""The backbones a space may name, and each one's conv layers (the largest
+``frozen_layers``). ``covid_tune.models`` builds them; a test counts the convs."""
 
 PARAM_TYPES: dict[str, type] = {
     "backbone": str,
@@ -42,7 +45,10 @@ PARAM_TYPES: dict[str, type] = {
     "focal_alpha": float,
     "focal_gamma": float,
 }
-"""Every hyperparameter a search space may name, in sampling order."""
+"""Every hyperparameter a search space may name, in sampling order: the one list of
+hyperparameter names (TensorBoard's HParams and the leaderboard's columns derive from it)."""
+TABLE_PARAMS = ("backbone", "loss")
+"""Hyperparameters the assignment's tables group by; the others are extra columns."""
 
 FOCAL_PARAMS = ("focal_alpha", "focal_gamma")
 TASK_LOSSES = {"binary": ("ce",), "multilabel": ("bce", "focal")}
@@ -73,6 +79,43 @@ TASK_METRICS = {
     ),
 }
 """What each task's trials report, prefixed ``train_`` and ``val_``."""
+
+
+def conv_count(backbone: str) -> int:
+    """Number of conv layers of ``backbone``: vgg16 13, resnet18 20."""
+    return BACKBONE_CONVS[backbone]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random geometry for each training image (``augment:`` in a space; ``false`` is none)."""
+
+    rotation: float = 15.0
+    """Largest rotation in degrees; each sample turns uniformly within ±rotation."""
+    scale: tuple[float, float] = (0.7, 1.0)
+    """Range of the fraction of the image area the crop keeps, as in torchvision's
+    ``RandomResizedCrop``; the crop is then stretched to the output size."""
+    ratio: tuple[float, float] = (0.75, 1.333)
+    """Range of the crop's width / height, sampled log-uniformly. A side that would
+    exceed the image is clipped to it, so extreme ratios keep less area than asked."""
+    flip: bool = True
+    """Mirror left-right with probability 0.5."""
+
+    @classmethod
+    def off(cls) -> Augment:
+        """The identity: no rotation, the whole image, no flip."""
+        return cls(rotation=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> Augment | None:
+        """From a trial config or a recipe (JSON turns the pairs into lists)."""
+        if raw is None or isinstance(raw, Augment):
+            return raw
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+    def to_raw(self) -> dict:
+        return {"rotation": self.rotation, "scale": list(self.scale),
+                "ratio": list(self.ratio), "flip": self.flip}
 
 
 @dataclass(frozen=True)
@@ -121,27 +164,29 @@ class SearchSpace:
     source: str
     """The file it came from (for messages and the run's record)."""
     task: str
+    """``binary`` (Part 1) or ``multilabel`` (Part 2); see ``covid_tune.tasks``."""
     metric: str
-    """The validation metric trials are ranked by, e.g. ``val_f1``."""
+    """The metric trials are ranked by, e.g. ``val_f1``: ASHA's, TPE's, the best
+    checkpoint's and the best trial's."""
     mode: str
     """``max`` or ``min``."""
     max_epochs: int
+    """Epochs of a trial that ASHA never stops."""
     image_size: int
     """Side of the square images the models see, in pixels."""
-    augment: dict | None
-    """Training augmentation (rotation, scale, ratio, flip) or ``None`` for none."""
+    augment: Augment | None
+    """Training augmentation, or ``None`` for none."""
     pretrained: str
     """``imagenet``, ``none`` or a path to a local state dict."""
     num_samples: int
+    """Trials to run, ``start_with`` rows included."""
     asha: Asha
+    """ASHA's grace period and reduction factor."""
     params: dict[str, Param]
-    """Hyperparameter name -> Fixed/Choice/Range; ``frozen_layers`` may be a dict
+    """Hyperparameter name -> Fixed/Choice/Range; ``frozen_layers`` is a dict
     backbone -> Param."""
     start_with: tuple[dict, ...] = field(default_factory=tuple)
-
-    @property
-    def task_spec(self) -> Task:
-        return TASKS[self.task]
+    """Configurations evaluated first (the assignment's hand-picked rows)."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""
@@ -151,7 +196,7 @@ class SearchSpace:
             "mode": self.mode,
             "max_epochs": self.max_epochs,
             "image_size": self.image_size,
-            "augment": self.augment,
+            "augment": self.augment.to_raw() if self.augment else None,
             "pretrained": self.pretrained,
         }
 
@@ -171,30 +216,51 @@ class TrialConfig:
     """What one trial trains: the resolved config Ray hands the trainable."""
 
     task: str
+    """``binary`` or ``multilabel``."""
     backbone: str
+    """``vgg16`` or ``resnet18`` (torchvision), with a new head."""
     frozen_layers: int
+    """The first N conv layers (and their BatchNorms) are not trained."""
     lr: float
+    """SGD learning rate."""
     momentum: float
+    """SGD momentum."""
     batch_size: int
+    """Training images per step."""
     weight_decay: float
+    """SGD L2 penalty."""
     hidden: int
+    """Width of the head's hidden layer."""
     dropout: float
+    """Dropout before the head's last layer."""
     loss: str
+    """``ce`` (binary), ``bce`` or ``focal`` (multilabel)."""
     focal_alpha: float
+    """Focal loss weight of the positive bits (unused by other losses)."""
     focal_gamma: float
+    """Focal loss focusing exponent (unused by other losses)."""
     max_epochs: int
+    """Epochs unless ASHA stops the trial first."""
     image_size: int
-    augment: dict | None
+    """Side of the square input images, in pixels."""
+    augment: Augment | None
+    """Training augmentation, or ``None``."""
     pretrained: str
+    """``imagenet``, ``none`` or a local state-dict file the backbone starts from."""
     metric: str
+    """The sweep's ranking metric (picks the trial's best checkpoint)."""
     mode: str
+    """``max`` or ``min``."""
     seed: int = 0
+    """Seeds the initial head weights, the batch order and the augmentation."""
 
     @classmethod
     def from_dict(cls, config: dict) -> TrialConfig:
         """Build from a Ray trial config; keys that are Optuna bookkeeping are ignored."""
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        values["augment"] = Augment.from_dict(values.get("augment"))
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,6 +275,11 @@ def load_space(path: str | Path) -> SearchSpace:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the file ({exc})") from None
+    return parse_space_text(text, str(path))
+
+
+def parse_space_text(text: str, path: str) -> SearchSpace:
+    """Parse and validate the YAML text of a search space that came from ``path``."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -217,7 +288,7 @@ def load_space(path: str | Path) -> SearchSpace:
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a search space; see "
                         f"search_spaces/ for the shape") from None
-    return parse_space(raw, str(path))
+    return parse_space(raw, path)
 
 
 def _where(exc: yaml.YAMLError, text: str) -> str:
@@ -332,12 +403,12 @@ def _int(raw: dict, key: str, default: int, minimum: int, problems: Problems) ->
     return value
 
 
-def _augment(value: Any, problems: Problems) -> dict | None:
-    defaults = {"rotation": 15.0, "scale": [0.7, 1.0], "ratio": [0.75, 1.333], "flip": True}
+def _augment(value: Any, problems: Problems) -> Augment | None:
+    defaults = Augment().to_raw()
     if value is False or value is None:
         return None
     if value is True:
-        return defaults
+        return Augment()
     if not isinstance(value, dict):
         problems.add("augment", "expected true, false or a mapping of rotation, scale, ratio, flip")
         return None
@@ -353,7 +424,8 @@ def _augment(value: Any, problems: Problems) -> dict | None:
             problems.add(f"augment.{key}", f"expected [low, high] with 0 < low <= high <= {most:g}")
     if not isinstance(merged["flip"], bool):
         problems.add("augment.flip", "expected true or false")
-    return merged
+        return None
+    return Augment.from_dict(merged)
 
 
 def _pretrained(value: Any, problems: Problems) -> str:
@@ -394,10 +466,10 @@ def _params(raw: Any, task: str | None, problems: Problems) -> dict[str, Param]:
         return params
     backbones = _values(params["backbone"])
     for backbone in backbones:
-        if not isinstance(backbone, str) or backbone not in BACKBONES:
+        if not isinstance(backbone, str) or backbone not in BACKBONE_CONVS:
             problems.add("params.backbone", f"unknown backbone {_show(backbone)}; use one of: "
-                         f"{', '.join(BACKBONES)}")
-    known = [b for b in backbones if isinstance(b, str) and b in BACKBONES]
+                         f"{', '.join(BACKBONE_CONVS)}")
+    known = [b for b in backbones if isinstance(b, str) and b in BACKBONE_CONVS]
     params["frozen_layers"] = _frozen(raw.get("frozen_layers", 0), known, problems)
     _check_loss(params, task, problems)
     return params
@@ -447,7 +519,7 @@ def _range(raw: dict, where: str, kind: type, problems: Problems) -> Range:
 
 
 def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[str, Param]:
-    if isinstance(raw, dict) and raw and set(raw) <= set(BACKBONES):
+    if isinstance(raw, dict) and raw and set(raw) <= set(BACKBONE_CONVS):
         per = {b: _param(v, f"frozen_layers.{b}", int, problems) for b, v in raw.items()}
         for backbone in backbones:
             if backbone not in per:
@@ -543,7 +615,8 @@ def _is_kind(value: Any, kind: type) -> bool:
 
 
 def to_raw(space: SearchSpace) -> dict:
-    """Back to the YAML shape (used to re-validate after overrides)."""
+    """Back to the YAML shape: re-validated after overrides, and what every space file
+    covid-tune writes holds (``dump_space``)."""
     def param_raw(p: Param) -> Any:
         if isinstance(p, Fixed):
             return p.value
@@ -557,9 +630,15 @@ def to_raw(space: SearchSpace) -> dict:
     ) for k, v in space.params.items()}
     return {
         **space.fixed_settings(),
-        "augment": space.augment if space.augment is not None else False,
+        "augment": space.augment.to_raw() if space.augment is not None else False,
         "num_samples": space.num_samples,
         "asha": asdict(space.asha),
         "params": params,
         "start_with": list(space.start_with),
     }
+
+
+def dump_space(space: SearchSpace, header: str = "") -> str:
+    """A space as YAML text that ``load_space`` reads back to the same space."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(to_raw(space), sort_keys=False)

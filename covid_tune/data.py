@@ -19,20 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 from covid_tune.errors import UserError
+from covid_tune.preprocess import try_read
 from covid_tune.tasks import TASKS, Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-IMAGE_FORMATS = ("PNG", "JPEG")
-"""What PIL may decode, whatever the suffix (a .png that is really a JPEG is common);
-never its other plugins (EPS would run Ghostscript)."""
 JUNK_NAMES = ("desktop.ini", ".ds_store", "thumbs.db", "ehthumbs.db", "icon\r")
 CACHE_VERSION = "2"
 """Bumped when decoding changes (2: PNG/JPEG decoders only, bombs refused per image)."""
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @dataclass(frozen=True)
@@ -77,10 +73,6 @@ class DataBundle:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(relative path, reason) of files that could not be decoded."""
     fingerprint: str = ""
-
-    @property
-    def task_spec(self) -> Task:
-        return TASKS[self.task]
 
 
 def is_junk(path: Path) -> bool:
@@ -187,84 +179,6 @@ def _scan_split(folder: Path, split: str, task: Task, junk: list[Path]) -> list[
     return refs
 
 
-def to_gray8(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, P, RGB, RGBA, CMYK, I;16, I, F) as 8-bit grayscale.
-
-    Modes of more than 8 bits are stretched from their own min..max to 0..255.
-    """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-    if image.mode == "CMYK":
-        image = image.convert("RGB")
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")
-    return image.convert("L")
-
-
-def read_gray(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one image: 8-bit grayscale, shorter side resized to ``size``, centre crop.
-
-    Returns the ``(size, size)`` uint8 array and the original (width, height). The same
-    function serves training, evaluation, export and prediction, so they agree.
-    Only PIL's PNG and JPEG decoders are used. Raises ``OSError``/``ValueError``/
-    ``SyntaxError`` or PIL's ``DecompressionBombError`` for a file that cannot be decoded.
-    """
-    with Image.open(path, formats=IMAGE_FORMATS) as image:
-        refuse_bomb(image)
-        original = image.size
-        image.draft("L", (size, size))
-        gray = to_gray8(image)
-    scale = size / min(gray.size)
-    width, height = max(size, round(gray.width * scale)), max(size, round(gray.height * scale))
-    gray = gray.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (width - size) // 2, (height - size) // 2
-    gray = gray.crop((left, top, left + size, top + size))
-    return np.asarray(gray, dtype=np.uint8), original
-
-
-def refuse_bomb(image: Image.Image) -> None:
-    """Refuse more than ``Image.MAX_IMAGE_PIXELS`` pixels: PIL itself only warns up to
-    twice that. Checked per image because warning filters are process-wide and the
-    decode runs in threads."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
-        raise Image.DecompressionBombError(
-            f"{image.width}x{image.height} pixels is more than the limit of {limit}")
-
-
-def try_read(path: Path, size: int) -> tuple[np.ndarray | None, tuple[int, int] | None, str]:
-    """``read_gray`` that reports a failure as a reason instead of raising."""
-    why = not_a_file(path)
-    if why:
-        return None, None, why
-    try:
-        pixels, original = read_gray(path, size)
-        return pixels, original, ""
-    except Image.DecompressionBombError as exc:
-        return None, None, f"decompression bomb: {_first_line(exc)}"
-    except (OSError, ValueError, SyntaxError) as exc:
-        return None, None, _first_line(exc)
-
-
-def not_a_file(path: Path) -> str:
-    """Why ``path`` is not a regular file to open ('' when it is): a symlink loop, a
-    broken link, a pipe (opening one would block) or a device."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        link = "a symlink loop or a broken link: " if path.is_symlink() else ""
-        return f"cannot open ({link}{exc.strerror})"
-    return "" if stat.S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
-
-
 def decode_all(paths: list[Path], size: int, desc: str, progress: bool = True) -> list:
     """``try_read`` over many files on every core, with a progress bar."""
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -272,6 +186,19 @@ def decode_all(paths: list[Path], size: int, desc: str, progress: bool = True) -
         results = pool.map(lambda p: try_read(p, size), paths, chunksize=1)
         return list(tqdm(results, total=len(paths), desc=desc, unit="img",
                          disable=not progress, leave=False))
+
+
+def manifest(layout: Layout) -> dict[str, int]:
+    """Relative path -> bytes of every image: what a run records of its dataset, so a
+    moved copy still matches and a changed one is told apart (``covid_tune.runs``)."""
+    files = {}
+    for refs in layout.files.values():
+        for ref in refs:
+            try:
+                files[_rel(ref.path, layout.root)] = ref.path.stat().st_size
+            except OSError:
+                files[_rel(ref.path, layout.root)] = -1
+    return files
 
 
 def fingerprint(layout: Layout) -> str:
@@ -299,10 +226,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COVID_TUNE_CACHE") or Path.home() / ".cache" / "covid-tune")
 
 
-def load_dataset(root: str | Path, task: str | None = None, image_size: int = 224, *,
-                 strict: bool = False, use_cache: bool = True, progress: bool = True) -> DataBundle:
-    """Decode a dataset folder once into a ``DataBundle`` (from the cache when valid)."""
-    layout = scan(root, task)
+def load_dataset(root: str | Path | Layout, task: str | None = None, image_size: int = 224,
+                 *, strict: bool = False, use_cache: bool = True,
+                 progress: bool = True) -> DataBundle:
+    """Decode a dataset folder (or a ``scan`` of it) once into a ``DataBundle``, from
+    the cache when valid."""
+    layout = root if isinstance(root, Layout) else scan(root, task)
     key = fingerprint(layout)
     cached = cache_dir() / f"{layout.task.name}-{key}-{image_size}.npz"
     if use_cache and cached.is_file():

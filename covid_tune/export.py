@@ -1,20 +1,14 @@
 """The best model of each task, exported so it runs without the training code.
 
 ``export_best`` finds, over the given runs, the trial whose best checkpoint scores best
-on the sweep's validation metric, one per task, and writes ``<out>/<task>/``:
-
-- ``model.onnx``: logits for a batch of images (dynamic batch axis), checked against
-  PyTorch on random input with ONNX Runtime before it is kept;
-- ``model.torchscript.pt``: the same network traced to TorchScript, checked the same way;
-- ``model.safetensors``: the weights (for ``covid_tune.models.build_model``);
-- ``model.json``: everything ``covid-tune predict`` needs (labels, their order,
-  thresholds, preprocessing) plus hyperparameters, validation metrics and the source;
-- ``README.md``: a short model card.
+on the sweep's metric, one per task, and writes the bundle ``<out>/<task>/`` that
+``covid_tune.model_bundle`` describes. The ONNX and TorchScript files are checked
+against PyTorch on random input before they are kept. Nothing here imports Ray or the
+training code.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -22,43 +16,41 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from covid_tune.augment import MEAN, STD
 from covid_tune.data import scan
-from covid_tune.runs import RunInfo, TrialRecord, best_trial, data_root, load_model, read_run
+from covid_tune.inference import load_model
+from covid_tune.model_bundle import (ONNX_FILE, README_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE,
+                                     write_card)
+from covid_tune.preprocess import describe
+from covid_tune.runs import RunInfo, TrialRecord, choose_datasets, read_run
+from covid_tune.selection import best_overall
 from covid_tune.tasks import POSITIVE_CLASS, TASKS
 
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
-README_FILE = "README.md"
 THRESHOLD = 0.5
 RTOL, ATOL = 1e-3, 1e-4
 """How close ONNX Runtime's and TorchScript's logits must be to PyTorch's."""
-PREPROCESSING = (
-    "decode to 8-bit grayscale; resize the shorter side to {size} px (bilinear); "
-    "centre crop {size}x{size}; divide by 255; repeat to 3 channels; subtract mean and "
-    "divide by std per channel"
-)
 
 
-def export_best(run_dirs: list[str], out: str) -> list[Path]:
-    """Export the best trial of each task found in ``run_dirs`` to ``out/<task>/``."""
+def export_best(run_dirs: list[str], out: str, data: list[str] | None = None,
+                allow_changed_data: bool = False) -> list[Path]:
+    """Export the best trial of each task found in ``run_dirs`` to ``out/<task>/``.
+
+    ``data`` (one folder for all runs, or one per run) points at moved copies of the
+    datasets, used for the model card's counts and checked against each run's manifest.
+    """
     runs = [read_run(d) for d in run_dirs]
+    choices = choose_datasets(runs, data or [], allow_changed_data)
     folders = []
     for task in (t for t in TASKS if any(r.task == t for r in runs)):
-        task_runs = [r for r in runs if r.task == task]
-        trials = [t for r in task_runs for t in r.trials]
-        record = best_trial(trials, task_runs[0].metric, task_runs[0].mode)
-        run = next(r for r in task_runs if r.name == record.run)
-        folders.append(export_model(run, record, Path(out) / task))
+        run, record = best_overall([r for r in runs if r.task == task])
+        folders.append(export_model(run, record, Path(out) / task, choices[run.name].root))
     return folders
 
 
-def export_model(run: RunInfo, record: TrialRecord, folder: Path) -> Path:
+def export_model(run: RunInfo, record: TrialRecord, folder: Path,
+                 data_root: Path | None = None) -> Path:
     """Write the five files of one exported model; return the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = load_model(record)
+    model = load_model(record.checkpoint)
     size = int(record.config["image_size"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
     checks = {
@@ -66,8 +58,8 @@ def export_model(run: RunInfo, record: TrialRecord, folder: Path) -> Path:
         "torchscript_max_abs_diff": write_torchscript(model, folder / TORCHSCRIPT_FILE, size),
     }
     card = model_card(run, record, checks)
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=1))
-    (folder / README_FILE).write_text(readme(card, data_counts(run, record.task)))
+    write_card(folder, card)
+    (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task)))
     return folder
 
 
@@ -121,7 +113,6 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
     task = TASKS[record.task]
     size = int(record.config["image_size"])
     return {
-        "format": "covid-tune model 1",
         "task": task.name,
         "backbone": record.config["backbone"],
         "files": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "weights": WEIGHTS_FILE},
@@ -129,18 +120,17 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
         "output": outputs_spec(task),
         "label_names": list(task.label_names),
         "thresholds": {name: THRESHOLD for name in threshold_labels(task)},
-        "preprocessing": {
-            "size": size, "grayscale_to_channels": 3, "resize": "shorter side, bilinear",
-            "crop": "centre", "scale": 1 / 255, "mean": list(MEAN), "std": list(STD),
-            "steps": PREPROCESSING.format(size=size)},
+        "preprocessing": describe(size),
         "hyperparameters": record.config,
         "epoch": record.epoch,
-        "selected_by": {"metric": record.config["metric"], "mode": record.config["mode"]},
+        "selected_by": {"metric": run.metric, "mode": run.mode},
         "validation_metrics": {k.removeprefix("val_"): v for k, v in record.metrics.items()
                                if k.startswith("val_")},
         "checks": checks,
         "source": {"run_dir": str(run.path), "run": run.name, "trial_id": record.trial_id,
-                   "checkpoint": str(record.checkpoint), "data": run.data},
+                   "checkpoint": str(record.checkpoint), "data": run.record.provenance.data,
+                   "data_fingerprint": run.record.provenance.data_fingerprint,
+                   "versions": run.record.provenance.versions},
     }
 
 
@@ -159,9 +149,8 @@ def threshold_labels(task) -> tuple[str, ...]:
     return task.label_names if task.multilabel else (POSITIVE_CLASS,)
 
 
-def data_counts(run: RunInfo, task: str) -> dict[str, dict[str, int]]:
+def data_counts(root: Path | None, task: str) -> dict[str, dict[str, int]]:
     """Images per split and class of the training data, if the folder is still there."""
-    root = data_root(run)
     if root is None:
         return {}
     layout = scan(root, task)

@@ -1,6 +1,6 @@
 """Accuracy, F1 and confusion matrices from model outputs, in plain numpy.
 
-What the tables' "Accuracy/F1" column means here (``HEADLINE`` names the two keys):
+What the tables' "Accuracy/F1" column means here:
 
 - binary (Part 1): ``accuracy`` is the fraction of images classified right;
   ``f1`` is the F1 of the positive class, **infected** (index 1), not of normal.
@@ -20,10 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from covid_tune.preprocess import sigmoid
 from covid_tune.tasks import Task
-
-HEADLINE = ("accuracy", "f1")
-"""Metric keys of the "Accuracy/F1" columns, for both tasks."""
 
 
 def binary_metrics(targets: np.ndarray, prob_infected: np.ndarray, threshold: float = 0.5) -> dict:
@@ -82,22 +80,17 @@ def compute_metrics(task: Task, targets: np.ndarray, outputs: np.ndarray) -> dic
 
 def _score_binary(task: Task, targets: np.ndarray, logits: np.ndarray) -> dict:
     """P(infected) = softmax(logits)[:, 1] = sigmoid(logit_1 - logit_0)."""
-    return binary_metrics(targets, _sigmoid(logits[:, 1] - logits[:, 0]))
+    return binary_metrics(targets, sigmoid(logits[:, 1] - logits[:, 0]))
 
 
 def _score_multilabel(task: Task, targets: np.ndarray, logits: np.ndarray) -> dict:
-    return multilabel_metrics(targets, _sigmoid(logits), task.label_names)
+    return multilabel_metrics(targets, sigmoid(logits), task.label_names)
 
 
 _SCORERS: dict[str, Callable[[Task, np.ndarray, np.ndarray], dict]] = {
     "binary": _score_binary,
     "multilabel": _score_multilabel,
 }
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """Overflow-free logistic function."""
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def _bits(targets: np.ndarray, ndim: int) -> np.ndarray:

@@ -21,10 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from covid_tune.config import BACKBONE_CONVS
 from covid_tune.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _PREFIXES = ("module.", "net.")
 """Key prefixes stripped from a local state dict (DataParallel, a saved Classifier)."""
@@ -41,15 +39,18 @@ class Backbone:
     """Attribute of the torchvision net that the new head replaces."""
     head_in: int
     """Input features of the head."""
-    convs: int
-    """Number of ``nn.Conv2d`` modules: the largest valid ``frozen_layers``."""
+
+    @property
+    def convs(self) -> int:
+        """Number of ``nn.Conv2d`` modules: the largest valid ``frozen_layers``."""
+        return BACKBONE_CONVS[self.name]
 
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier", 512 * 7 * 7, 13),
-        Backbone("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", 512, 20),
+        Backbone("vgg16", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier", 512 * 7 * 7),
+        Backbone("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", 512),
     )
 }
 
@@ -79,11 +80,6 @@ class Classifier(nn.Module):
         for norm in _frozen_norms(self.net):
             norm.eval()
         return self
-
-
-def conv_count(backbone: str) -> int:
-    """Number of conv layers of ``backbone``: vgg16 13, resnet18 20."""
-    return _spec(backbone).convs
 
 
 def build_model(

@@ -1,8 +1,8 @@
 """Run an exported model on images with ONNX Runtime alone: no torch, no Ray.
 
-``predict(model_dir, input, out_csv)`` reads ``model.json`` (written by
-``covid_tune.export``) for the labels, thresholds and preprocessing, decodes each image
-with the same ``read_gray`` the training used, and writes one CSV row per readable
+``predict(model_dir, input, out_csv)`` reads ``model.json`` (``covid_tune.model_bundle``)
+for the labels, thresholds and preprocessing, decodes and normalises each image as
+training did (``covid_tune.preprocess``), and writes one CSV row per readable
 image: the file name, then the label bits in ``model.json``'s order (multilabel), or
 the class and the probability of the positive class (binary). Unreadable images are
 listed on stderr and skipped.
@@ -11,15 +11,16 @@ listed on stderr and skipped.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from covid_tune.data import IMAGE_SUFFIXES, is_junk, try_read
+from covid_tune.data import IMAGE_SUFFIXES, is_junk
 from covid_tune.errors import UserError
+from covid_tune.model_bundle import read_card
+from covid_tune.preprocess import normalize, sigmoid, try_read
 
 BATCH = 64
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -36,8 +37,8 @@ def predict(model_dir: str, input: str, out_csv: str) -> str:
     for start in range(0, len(files), BATCH):
         names, pixels = decode_batch(files[start:start + BATCH], root, card, skipped)
         if names:
-            logits = session.run(None, {card["input"]["name"]: normalize(pixels, card)})[0]
-            rows += prediction_rows(card, names, logits)
+            x = normalize(pixels, card["preprocessing"]["mean"], card["preprocessing"]["std"])
+            rows += prediction_rows(card, names, run_model(session, card, x, model_dir))
     write_csv(out, header(card), rows)
     for name, why in skipped:
         print(f"skipped {name}: {why}", file=sys.stderr)
@@ -45,20 +46,32 @@ def predict(model_dir: str, input: str, out_csv: str) -> str:
             + (f"; {len(skipped)} unreadable, skipped (listed above)" if skipped else ""))
 
 
-def read_card(model_dir: Path) -> dict:
-    path = model_dir / "model.json"
-    if not path.is_file():
-        raise UserError(f"{model_dir}: no model.json here; pass a folder written by "
-                        f"`covid-tune export` (OUT/binary or OUT/multilabel)")
-    return json.loads(path.read_text())
-
-
 def open_session(path: Path):
     import onnxruntime as ort
 
     if not path.is_file():
         raise UserError(f"{path}: missing; export the model again with `covid-tune export`")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own types for a damaged file
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: ONNX Runtime cannot load it ({reason}); export the model "
+                        f"again with `covid-tune export`") from None
+
+
+def run_model(session, card: dict, x: np.ndarray, model_dir: str) -> np.ndarray:
+    """Logits of one batch; UserError when ``model.json`` does not fit ``model.onnx``."""
+    outputs = len(card["output"].get("label_order") or card["output"].get("class_order"))
+    try:
+        logits = session.run(None, {card["input"]["name"]: x})[0]
+    except Exception as exc:  # ONNX Runtime's own error types
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{model_dir}: model.json does not fit model.onnx ({reason}); export "
+                        f"the model again with `covid-tune export`") from None
+    if logits.ndim != 2 or logits.shape[1] != outputs:
+        raise UserError(f"{model_dir}: model.onnx gives {logits.shape[1:]} outputs per image, "
+                        f"model.json names {outputs}; export the model again")
+    return logits
 
 
 def find_images(path: Path) -> tuple[Path, list[Path]]:
@@ -94,15 +107,6 @@ def decode_batch(files: list[Path], root: Path, card: dict,
     return names, np.stack(pixels) if pixels else np.zeros((0, size, size), np.uint8)
 
 
-def normalize(pixels: np.ndarray, card: dict) -> np.ndarray:
-    """uint8 ``(B, S, S)`` -> float32 ``(B, 3, S, S)`` with ``model.json``'s mean/std."""
-    prep = card["preprocessing"]
-    mean = np.asarray(prep["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(prep["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-    x = pixels[:, None].astype(np.float32) / np.float32(255)
-    return (x - mean) / std
-
-
 def header(card: dict) -> list[str]:
     if card["task"] == "multilabel":
         return ["file", *card["output"]["label_order"]]
@@ -124,10 +128,6 @@ def prediction_rows(card: dict, names: list[str], logits: np.ndarray) -> list[li
     probs = sigmoid(logits[:, index] - logits[:, 1 - index])  # softmax of two logits
     return [[n, positive if p > thresholds[positive] else other, f"{p:.6f}"]
             for n, p in zip(names, probs)]
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
 def safe_cell(value: str) -> str:

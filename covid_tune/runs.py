@@ -1,25 +1,403 @@
-"""Reading a sweep's run directory: each trial's best checkpoint, its epoch and time.
+"""The run folder: one home for its file names, its formats, their writers and readers.
 
-A run directory is Ray Tune's layout plus ``sweep.json`` (see ``covid_tune.sweep``).
-``read_run`` walks the ``trial_<id>/`` folders and, for each trial, picks the kept
-checkpoint with the best value of the sweep's metric (the best epoch, never simply
-the last), reading the ``recipe.json`` each checkpoint carries. Nothing here needs
-Ray to be running; the leaderboard and the exporter both start from these records.
+A run folder, ``<storage-path>/<name>/``, is Ray Tune's own layout plus covid-tune's
+record of the run::
+
+    sweep.json      what was asked (SweepOptions) and where it came from (Provenance)
+    space.yaml      the resolved search space, overrides applied (load_space reads it)
+    dataset.json    the dataset's manifest: relative path -> bytes of every image
+    optuna.db       the Optuna study as SQLite (written by covid_tune.search)
+    experiment_state-*.json, searcher-state-*.pkl   Ray Tune's snapshot (for resume)
+    lost_trials/    trials a killed driver's last snapshot did not list (set aside)
+    trial_<id>/     result.json, progress.csv, events.out.tfevents.*, diverged.txt,
+                    checkpoint_<n>/ (checkpoint.pt: weights, optimizer, epoch;
+                                     recipe.json: resolved config, labels, metrics,
+                                     size and SHA-256 of checkpoint.pt)
+
+The training side writes through ``write_record`` and ``save_checkpoint``; ``leaderboard``,
+``export`` and ``resume`` read through ``read_record``, ``read_space``, ``read_run`` and
+``load_checkpoint``. Nothing else parses these files. Every problem with them becomes a
+``UserError`` naming the file, or a skip noted in the output. Importing this module
+imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
-from dataclasses import dataclass, field
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 
-from covid_tune.config import TrialConfig, load_space
+from covid_tune.config import SearchSpace, dump_space, load_space, parse_space_text
 from covid_tune.errors import UserError
-from covid_tune.sweep import STUDY_FILE, SWEEP_FILE
-from covid_tune.train import RECIPE_FILE, load_checkpoint
+from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, write_bytes
 
+SWEEP_FILE = "sweep.json"
+SPACE_FILE = "space.yaml"
+DATASET_FILE = "dataset.json"
+STUDY_FILE = "optuna.db"
+LOST_DIR = "lost_trials"
+"""Where ``resume`` moves the folders of trials the run's last snapshot did not list."""
+RESULT_FILE = "result.json"
+DIVERGED_FILE = "diverged.txt"
+"""Written in a trial folder when the trial diverges: its retries then fail at once."""
+CHECKPOINT_FILE = "checkpoint.pt"
+RECIPE_FILE = "recipe.json"
+RAY_STATE_GLOB = "experiment_state-*.json"
+RECORD_FORMAT = "covid-tune run 2"
+"""``sweep.json``'s ``format``; runs of an older format are refused with a message."""
+VERSIONED = ("covid-tune", "torch", "torchvision", "ray", "optuna")
+
+
+# --- what a sweep was asked, and where it came from ----------------------------------
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What ``covid-tune sweep`` was asked to do."""
+
+    space_file: str
+    """The search-space YAML file as given (the run keeps its own copy, ``space.yaml``)."""
+    data: str
+    """The dataset folder as given (the run records its absolute path too)."""
+    name: str = ""
+    """The run's folder name under ``storage_path`` (default ``<task>-<time>``)."""
+    storage_path: str = "runs"
+    """A folder or an ``s3://`` / ``gs://`` URI holding run folders."""
+    num_samples: int | None = None
+    """Overrides the space's ``num_samples``."""
+    max_epochs: int | None = None
+    """Overrides the space's ``max_epochs``."""
+    image_size: int | None = None
+    """Overrides the space's ``image_size``."""
+    pretrained: str | None = None
+    """Overrides the space's ``pretrained``."""
+    max_concurrent: int | None = None
+    """Most trials at once (default: as many as the cluster fits)."""
+    address: str | None = None
+    """Ray cluster to join; ``None`` starts Ray on this machine."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    seed: int = 0
+    """Seeds TPE."""
+    max_failures: int = 2
+    """Retries of a crashed trial from its last checkpoint."""
+    keep_checkpoints: int = 2
+    """Checkpoints Ray keeps per trial, the best by the sweep's metric."""
+    strict: bool = False
+    """Unreadable images are fatal instead of skipped."""
+    shared_storage: bool = False
+    """Skip the check that every node sees a local ``storage_path``."""
+
+    def space(self) -> SearchSpace:
+        """The space file with this sweep's overrides applied."""
+        return load_space(self.space_file).with_overrides(
+            max_epochs=self.max_epochs, image_size=self.image_size,
+            pretrained=self.pretrained, num_samples=self.num_samples)
+
+    def run_dir(self) -> str:
+        return join(self.storage_path, self.name)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a run came from, recorded when it starts."""
+
+    data: str
+    """Absolute path of the dataset folder."""
+    data_fingerprint: str
+    """Hash of the dataset's relative paths and sizes (``dataset.json`` lists them)."""
+    data_files: int
+    """Images in the dataset."""
+    command: list[str]
+    """The command line that started the run."""
+    versions: dict[str, str]
+    """covid-tune, torch, torchvision, Ray and Optuna versions of the driver."""
+    started: str
+    """UTC time the run started, ISO 8601."""
+    host: str
+    """The driver's host name."""
+    python: str = field(default_factory=platform.python_version)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """``sweep.json``."""
+
+    options: SweepOptions
+    provenance: Provenance
+
+
+def manifest_fingerprint(files: dict[str, int]) -> str:
+    """A hash of relative paths and sizes: a moved copy of a dataset still matches."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of what shapes a run, read without importing the packages."""
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
+                 files: dict[str, int]) -> SweepRecord:
+    """Write ``space.yaml``, ``dataset.json`` and, last, ``sweep.json`` (whose presence
+    marks the folder as a run); UserError if the storage refuses them."""
+    run_dir = opts.run_dir()
+    provenance = Provenance(
+        data=data_root, data_fingerprint=manifest_fingerprint(files), data_files=len(files),
+        command=list(sys.argv), versions=versions(),
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node())
+    record = SweepRecord(opts, provenance)
+    header = f"The resolved search space of run {opts.name} (from {opts.space_file})."
+    _write(join(run_dir, SPACE_FILE), dump_space(space, header).encode())
+    _write(join(run_dir, DATASET_FILE), json.dumps(
+        {"root": data_root, "fingerprint": provenance.data_fingerprint, "files": files},
+        indent=0).encode())
+    _write(join(run_dir, SWEEP_FILE), json.dumps(
+        {"format": RECORD_FORMAT, "options": asdict(opts),
+         "provenance": asdict(provenance)}, indent=1).encode())
+    return record
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        write_bytes(path, data)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write to the storage path ({exc})") from None
+
+
+def _read_json(path: str, what: str) -> object:
+    """A JSON file of the run; UserError naming it if it is missing or damaged."""
+    if not exists(path):
+        raise UserError(f"{path}: missing; {what}")
+    try:
+        return json.loads(read_bytes(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: damaged, not readable JSON ({_short(exc)}); {what}") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:160]
+
+
+def read_record(run_dir: str) -> SweepRecord:
+    """``sweep.json`` of a run folder (local or URI); UserError naming what is wrong."""
+    path = join(run_dir, SWEEP_FILE)
+    if not exists(path):
+        raise UserError(f"{run_dir}: not a covid-tune run (no {SWEEP_FILE}); pass the run "
+                        f"folder `covid-tune sweep` printed")
+    raw = _read_json(path, "the run's record cannot be recovered; start the sweep again")
+    if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
+        found = raw.get("format", "none") if isinstance(raw, dict) else type(raw).__name__
+        raise UserError(f"{path}: not a run record this version reads (format {found!r}, "
+                        f"expected {RECORD_FORMAT!r}); start the sweep again with this "
+                        f"version of covid-tune")
+    try:
+        return SweepRecord(_build(SweepOptions, raw["options"]),
+                           _build(Provenance, raw["provenance"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: damaged run record ({_short(exc)}); start the sweep "
+                        f"again") from None
+
+
+def _build(cls, raw: dict):
+    """A dataclass from a JSON object, refusing unknown or mistyped fields."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"{cls.__name__} is not an object")
+    names = {f.name for f in fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} keys {sorted(unknown)}")
+    value = cls(**raw)
+    for f in fields(cls):
+        wanted = {"str": str, "int": int, "float": (int, float), "bool": bool,
+                  "list[str]": list, "dict[str, str]": dict}.get(str(f.type))
+        if wanted is not None and not isinstance(getattr(value, f.name), wanted):
+            raise TypeError(f"{f.name} should be {f.type}")
+    return value
+
+
+def read_space(run_dir: str) -> SearchSpace:
+    """The run's own resolved search space, never the original YAML file."""
+    path = join(run_dir, SPACE_FILE)
+    if not exists(path):
+        raise UserError(f"{path}: missing; this run's search space is gone, so its "
+                        f"results cannot be read; start the sweep again")
+    try:
+        text = read_bytes(path).decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the file ({_short(exc)})") from None
+    return parse_space_text(text, path)
+
+
+def read_manifest(run_dir: str) -> dict[str, int]:
+    """``dataset.json``'s files: relative path -> bytes."""
+    path = join(run_dir, DATASET_FILE)
+    raw = _read_json(path, "the run's dataset cannot be checked; pass --allow-changed-data "
+                           "to use a dataset folder unchecked")
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+        raise UserError(f"{path}: damaged (no files mapping of path -> bytes); pass "
+                        f"--allow-changed-data to use a dataset folder unchecked")
+    return files
+
+
+# --- which dataset folder a run's results are scored on ------------------------------
+
+@dataclass(frozen=True)
+class DataChoice:
+    """The dataset folder a reader uses for a run, and what the output should say."""
+
+    root: Path | None
+    """``None`` when the dataset is nowhere to be found (scores stay as recorded)."""
+    notes: tuple[str, ...] = ()
+
+
+def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None = None,
+                allow_changed: bool = False, required: bool = False) -> DataChoice:
+    """The run's dataset: ``data`` (a moved copy) or the recorded folder, checked
+    against the run's manifest. A different dataset is refused unless
+    ``allow_changed``, in which case the difference is returned as a note."""
+    from covid_tune.data import manifest, scan
+
+    root = Path(data).expanduser().resolve() if data else Path(record.provenance.data)
+    if not root.is_dir():
+        if data:
+            raise UserError(f"--data {data}: no such folder")
+        if required:
+            raise UserError(f"{root}: the dataset this run was trained on is not there any "
+                            f"more; pass --data DIR pointing at a copy of it")
+        return DataChoice(None, (f"The dataset folder {root} was not found, so the scores "
+                                 f"are the ones recorded during training (train with "
+                                 f"augmentation) and test is not scored; pass --data DIR "
+                                 f"to re-score on a copy.",))
+    current = manifest(scan(root, task))
+    if manifest_fingerprint(current) == record.provenance.data_fingerprint:
+        return DataChoice(root)
+    change = describe_change(read_manifest(run_dir) if not allow_changed else
+                             _manifest_or_empty(run_dir), current)
+    if not allow_changed:
+        raise UserError(f"{root}: not the dataset run {record.options.name} was trained on "
+                        f"({change}); point --data at the right copy, or pass "
+                        f"--allow-changed-data to go on anyway")
+    return DataChoice(root, (f"The dataset at {root} differs from the one the run was "
+                             f"trained on ({change}); scored anyway (--allow-changed-data).",))
+
+
+def _manifest_or_empty(run_dir: str) -> dict[str, int]:
+    try:
+        return read_manifest(run_dir)
+    except UserError:
+        return {}
+
+
+def describe_change(recorded: dict[str, int], current: dict[str, int]) -> str:
+    """``3 files added, 1 removed, 2 changed`` between two manifests."""
+    added = len(current.keys() - recorded.keys())
+    removed = len(recorded.keys() - current.keys())
+    changed = sum(1 for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    return f"{added} file(s) added, {removed} removed, {changed} changed in size"
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint folder whose files are missing, cut short or altered."""
+
+
+def save_checkpoint(folder: Path, state: dict, recipe: dict) -> None:
+    """``state`` (tensors and plain values) as ``checkpoint.pt`` and ``recipe`` (epoch,
+    config, label names, metrics) as ``recipe.json``, with the size and SHA-256 of
+    ``checkpoint.pt``, so a copy cut short is told from a whole one."""
+    import torch
+
+    torch.save(state, folder / CHECKPOINT_FILE)
+    recipe = {**recipe, "files": {CHECKPOINT_FILE: file_digest(folder / CHECKPOINT_FILE)}}
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
+
+
+def file_digest(path: Path) -> dict:
+    """``{"bytes": size, "sha256": hex digest}`` of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+RECIPE_KEYS = {"epoch": int, "config": dict, "metrics": dict}
+
+
+def parse_recipe(folder: Path) -> dict:
+    """A checkpoint's ``recipe.json``, its shape checked, files not checked."""
+    try:
+        recipe = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{folder}: no readable {RECIPE_FILE} ({_short(exc)})") from None
+    if not isinstance(recipe, dict) or not all(
+            isinstance(recipe.get(k), t) for k, t in RECIPE_KEYS.items()):
+        raise DamagedCheckpoint(f"{folder}: {RECIPE_FILE} lacks its epoch, config or metrics")
+    config = recipe["config"]
+    if not all(isinstance(config.get(k), str) for k in ("task", "metric", "mode", "backbone")):
+        raise DamagedCheckpoint(f"{folder}: {RECIPE_FILE} has no usable config")
+    return recipe
+
+
+def read_recipe(folder: str | Path) -> dict:
+    """A checkpoint's recipe, after checking its files against it; DamagedCheckpoint if not."""
+    folder = Path(folder)
+    recipe = parse_recipe(folder)
+    for name, expected in recipe.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or file_digest(path) != expected:
+            raise DamagedCheckpoint(f"{folder}: {name} is missing, cut short or altered "
+                                    f"(its size or SHA-256 differs from {RECIPE_FILE}); "
+                                    f"delete this folder to use the trial's other checkpoint")
+    return recipe
+
+
+def is_intact(folder: str | Path) -> bool:
+    """Whether a checkpoint folder's files match its recipe (a copy cut short does not)."""
+    try:
+        read_recipe(folder)
+    except DamagedCheckpoint:
+        return False
+    return True
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict, dict]:
+    """(state, recipe) of an intact checkpoint folder, read without unpickling code."""
+    import pickle
+
+    import torch
+
+    folder = Path(folder)
+    recipe = read_recipe(folder)
+    try:
+        state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{folder}: {CHECKPOINT_FILE} cannot be loaded as weights "
+                                f"({_short(exc)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise DamagedCheckpoint(f"{folder}: {CHECKPOINT_FILE} holds no model weights")
+    return state, recipe
+
+
+# --- reading a whole run --------------------------------------------------------------
 
 @dataclass
 class TrialRecord:
@@ -36,44 +414,42 @@ class TrialRecord:
     """What the trial reported at that epoch (``train_*``, ``val_*``, timings)."""
     seconds: float | None
     """Wall time of the trial up to the end of that epoch (Ray's ``time_total_s``)."""
-    hand_grid: bool | None = None
-    """Whether the config is a ``start_with`` row of the space; ``None`` if unknown."""
+    hand_grid: bool = False
+    """Whether the config is a ``start_with`` row of the run's space."""
 
     @property
     def task(self) -> str:
         return self.config["task"]
 
     def score(self, metric: str) -> float:
-        return float(self.metrics.get(metric, math.nan))
+        value = self.metrics.get(metric, math.nan)
+        return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 @dataclass
 class RunInfo:
-    """What ``read_run`` found in one run directory."""
+    """What ``read_run`` found in one run folder."""
 
     path: Path
     name: str
-    options: dict
-    """``sweep.json``: what ``covid-tune sweep`` was asked to do."""
+    record: SweepRecord
+    space: SearchSpace
+    """The run's own resolved space (``space.yaml``)."""
     trials: list[TrialRecord]
     notes: list[str] = field(default_factory=list)
-    """Things a reader of the leaderboard should know (missing files, skipped trials)."""
+    """Things a reader of the output should know (damaged files, skipped trials)."""
 
     @property
     def task(self) -> str:
-        return self.trials[0].task
+        return self.space.task
 
     @property
     def metric(self) -> str:
-        return self.trials[0].config["metric"]
+        return self.space.metric
 
     @property
     def mode(self) -> str:
-        return self.trials[0].config["mode"]
-
-    @property
-    def data(self) -> str:
-        return str(self.options.get("data", ""))
+        return self.space.mode
 
     @property
     def study_path(self) -> Path:
@@ -82,45 +458,25 @@ class RunInfo:
 
 def read_run(run_dir: str | Path) -> RunInfo:
     """Every trial of a run at its best checkpoint; UserError if there is none."""
-    if "://" in str(run_dir):
+    if is_uri(str(run_dir)):
         raise UserError(f"{run_dir}: read a local copy of the run; download it first (for "
                         f"instance `aws s3 sync` or `gsutil rsync`) and pass that folder")
     path = Path(run_dir).expanduser().resolve()
-    options = read_options(path)
-    name = options.get("name") or path.name
-    start_with, notes = hand_grid_rows(options)
-    trials = []
+    record = read_record(str(path))
+    space = read_space(str(path))
+    name = record.options.name or path.name
+    trials, notes = [], []
     for folder in sorted(path.glob("trial_*")):
-        record = read_trial(folder, name)
-        if record is None:
-            notes.append(f"{folder.name}: no checkpoint with a recipe (the trial failed "
-                         f"before its first epoch ended); left out")
+        record_, why = read_trial(folder, name, space)
+        if record_ is None:
+            notes.append(f"{folder.name}: {why}; left out")
             continue
-        if start_with is not None:
-            record.hand_grid = any(matches(record.config, row) for row in start_with)
-        trials.append(record)
+        record_.hand_grid = any(matches(record_.config, row) for row in space.start_with)
+        trials.append(record_)
     if not trials:
-        raise UserError(f"{path}: no trial of this run has a checkpoint yet; wait for the "
-                        f"first epoch to end, or check the trials' error.txt files")
-    return RunInfo(path, name, options, trials, notes)
-
-
-def read_options(path: Path) -> dict:
-    """The run's ``sweep.json`` as it was written (older or partial files included)."""
-    sweep_file = path / SWEEP_FILE
-    if not sweep_file.is_file():
-        raise UserError(f"{path}: not a covid-tune run (no {SWEEP_FILE}); pass the run "
-                        f"folder `covid-tune sweep` printed")
-    return json.loads(sweep_file.read_text())
-
-
-def hand_grid_rows(options: dict) -> tuple[list[dict] | None, list[str]]:
-    """The space file's ``start_with`` rows, or ``None`` and a note if it is gone."""
-    space_file = options.get("space_file", "")
-    try:
-        return list(load_space(space_file).start_with), []
-    except UserError as exc:
-        return None, [f"cannot tell hand-grid rows from searched ones: {exc}"]
+        raise UserError(f"{path}: no trial of this run has a usable checkpoint yet; wait "
+                        f"for the first epoch to end, or check the trials' error.txt files")
+    return RunInfo(path, name, record, space, trials, notes)
 
 
 def matches(config: dict, row: dict) -> bool:
@@ -136,71 +492,89 @@ def matches(config: dict, row: dict) -> bool:
     return True
 
 
-def read_trial(folder: Path, run: str) -> TrialRecord | None:
-    """A trial's best kept checkpoint by its own sweep metric, or ``None``."""
-    recipes = [(json.loads(p.read_text()), p.parent)
-               for p in sorted(folder.glob(f"checkpoint_*/{RECIPE_FILE}"))]
+def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord | None, str]:
+    """A trial's best kept checkpoint by the run's metric, or ``None`` and why not.
+
+    Checkpoints whose recipe is damaged are passed over; their weights are checked
+    only when a reader loads them (``load_checkpoint``)."""
+    recipes, damaged = [], 0
+    for recipe_file in sorted(folder.glob(f"checkpoint_*/{RECIPE_FILE}")):
+        try:
+            recipes.append((parse_recipe(recipe_file.parent), recipe_file.parent))
+        except DamagedCheckpoint:
+            damaged += 1
     if not recipes:
-        return None
-    config = recipes[0][0]["config"]
-    recipe, checkpoint = best_recipe(recipes, config["metric"], config["mode"])
+        return None, (f"{damaged} checkpoint(s), none with a readable {RECIPE_FILE}" if damaged
+                      else "no checkpoint (the trial failed before its first epoch ended)")
+    recipe, checkpoint = best_recipe(recipes, space.metric, space.mode)
     epoch = int(recipe["epoch"])
-    trial_id = folder.name.removeprefix("trial_")
-    return TrialRecord(run=run, trial_id=trial_id, config=recipe["config"],
-                       checkpoint=checkpoint, epoch=epoch, metrics=recipe["metrics"],
-                       seconds=training_seconds(folder, epoch))
+    return TrialRecord(run=run, trial_id=folder.name.removeprefix("trial_"),
+                       config=recipe["config"], checkpoint=checkpoint, epoch=epoch,
+                       metrics=recipe["metrics"],
+                       seconds=training_seconds(folder, epoch)), ""
+
+
+def rank_key(value: float, mode: str) -> float:
+    """A value to maximise: NaN ranks last in either mode."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return -math.inf
+    return value if mode == "max" else -value
 
 
 def best_recipe(recipes: list[tuple[dict, Path]], metric: str, mode: str) -> tuple[dict, Path]:
     """The best ``(recipe, folder)`` by ``metric``; on a tie the earlier epoch."""
-    def key(item: tuple[dict, Path]) -> tuple[float, int]:
-        value = float(item[0]["metrics"].get(metric, math.nan))
-        value = -math.inf if math.isnan(value) else (value if mode == "max" else -value)
-        return value, -int(item[0]["epoch"])
-
-    return max(recipes, key=key)
+    return max(recipes, key=lambda item: (rank_key(item[0]["metrics"].get(metric), mode),
+                                          -int(item[0]["epoch"])))
 
 
 def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord:
     """The trial whose best checkpoint scores best on ``metric``; ties to fewer epochs."""
-    def key(record: TrialRecord) -> tuple[float, int]:
-        value = record.score(metric)
-        value = -math.inf if math.isnan(value) else (value if mode == "max" else -value)
-        return value, -record.epoch
-
-    return max(trials, key=key)
+    return max(trials, key=lambda t: (rank_key(t.score(metric), mode), -t.epoch))
 
 
 def training_seconds(folder: Path, epoch: int) -> float | None:
     """``time_total_s`` of the last result reported for ``epoch`` in ``result.json``."""
-    seconds = None
-    results = folder / "result.json"
-    if not results.is_file():
+    try:
+        lines = (folder / RESULT_FILE).read_text(errors="replace").splitlines()
+    except OSError:
         return None
-    for line in results.read_text().splitlines():
+    seconds = None
+    for line in lines:
         try:
             result = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written while we read
-        if result.get("epoch") == epoch:
-            seconds = result.get("time_total_s")
+        except ValueError:
+            continue  # a line being written while we read, or a damaged one
+        if isinstance(result, dict) and result.get("epoch") == epoch:
+            value = result.get("time_total_s")
+            seconds = float(value) if isinstance(value, (int, float)) else seconds
     return seconds
 
 
-def load_model(record: TrialRecord):
-    """The trial's model at its best checkpoint, in eval mode, on the CPU."""
-    from covid_tune.models import build_model
-    from covid_tune.tasks import TASKS
+def choose_datasets(runs: list[RunInfo], data: list[str],
+                    allow_changed: bool = False) -> dict[str, DataChoice]:
+    """Each run's dataset folder: ``--data`` (one for all, or one per run) or the
+    recorded one, checked against the run's manifest."""
+    if len(data) > 1 and len(data) != len(runs):
+        raise UserError(f"--data given {len(data)} times for {len(runs)} runs; give it once "
+                        f"for every run, or once per run in the same order")
+    given = data * len(runs) if len(data) == 1 else data or [None] * len(runs)
+    return {run.name: choose_data(str(run.path), run.record, run.task, folder, allow_changed)
+            for run, folder in zip(runs, given)}
 
-    state, recipe = load_checkpoint(record.checkpoint)
-    cfg = TrialConfig.from_dict(recipe["config"])
-    model = build_model(cfg.backbone, TASKS[cfg.task].outputs, cfg.hidden, cfg.dropout,
-                        cfg.frozen_layers, pretrained="none")
-    model.load_state_dict(state["model"])
-    return model.eval()
 
+# --- Ray's snapshot, for resume -------------------------------------------------------
 
-def data_root(run: RunInfo) -> Path | None:
-    """The run's dataset folder if it is still there (relative paths from the cwd)."""
-    root = Path(os.path.expanduser(run.data)) if run.data else None
-    return root if root is not None and root.is_dir() else None
+def check_ray_state(run_dir: str) -> None:
+    """Refuse a run whose Ray Tune snapshot is missing or damaged, before Ray starts."""
+    states = sorted(name for name in list_files(run_dir)
+                    if Path(name).match(RAY_STATE_GLOB))
+    if not states:
+        raise UserError(f"{run_dir}: the sweep stopped before Ray Tune saved any state, so "
+                        f"there is nothing to resume; start it again with `covid-tune sweep` "
+                        f"(another --name, or remove this folder)")
+    newest = join(run_dir, states[-1])
+    state = _read_json(newest, "Ray Tune's snapshot of the run is damaged, so it cannot be "
+                               "resumed; its finished trials still give a leaderboard")
+    if not isinstance(state, dict) or "trial_data" not in state:
+        raise UserError(f"{newest}: damaged Ray Tune snapshot (no trial list); the run "
+                        f"cannot be resumed; its finished trials still give a leaderboard")

@@ -1,15 +1,16 @@
 """The search: Ray Tune runs the trials, Optuna's TPE picks them, ASHA stops weak ones.
 
 ``run_sweep`` validates everything first (search space, dataset, pretrained weights,
-resources, shared storage), decodes the dataset once, then starts (or joins) Ray and
-runs a ``Tuner``. The run directory ``<storage-path>/<name>`` (a local or shared
-folder, or an ``s3://`` / ``gs://`` URI) is Ray Tune's own layout, readable by
-``ray.tune.ExperimentAnalysis``, plus ``sweep.json`` (what was asked) and ``optuna.db``
-(the Optuna study, for ``optuna.load_study`` or optuna-dashboard).
+resources, shared storage), decodes the dataset once, records the run
+(``covid_tune.runs.write_record``: options, provenance, the resolved space, the
+dataset's manifest), then starts (or joins) Ray and runs a ``Tuner``. The run folder
+``<storage-path>/<name>`` (a local or shared folder, or an ``s3://`` / ``gs://`` URI) is
+Ray Tune's own layout, readable by ``ray.tune.ExperimentAnalysis``, plus the files
+``covid_tune.runs`` describes.
 
-The study lives in the driver's memory and is saved with Ray's searcher state, in the
-same snapshot as the trials, so a resumed sweep's study matches its trials exactly.
-``optuna.db`` is an SQLite copy rewritten each time a trial ends.
+The Optuna study lives in the driver's memory and is saved with Ray's searcher state,
+in the same snapshot as the trials, so a resumed sweep's study matches its trials
+exactly (``covid_tune.search``).
 
 ``resume_sweep`` continues a sweep whose driver died: finished trials are kept, the
 others resume from their last checkpoint, and the study carries on.
@@ -17,178 +18,26 @@ others resume from their last checkpoint, and the study carries on.
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
-import tempfile
+import pickle
 import time
-import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import optuna
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
-from covid_tune.cluster import (check_resources, check_storage, exists, is_uri, join,
-                                list_dirs, move_dir, open_path, read_bytes, start_ray,
-                                write_bytes)
-from covid_tune.config import SearchSpace, load_space
-from covid_tune.data import DataBundle, load_dataset
+from covid_tune.cluster import check_resources, check_storage, start_ray
+from covid_tune.config import SearchSpace
+from covid_tune.data import DataBundle, load_dataset, manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.models import check_pretrained
-from covid_tune.space import define_by_run, start_points
+from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, check_ray_state,
+                             choose_data, read_record, read_space, write_record)
+from covid_tune.search import build_searcher
+from covid_tune.storage import exists, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
-
-SWEEP_FILE = "sweep.json"
-STUDY_FILE = "optuna.db"
-LOST_DIR = "lost_trials"
-"""Where ``resume`` moves the folders of trials the run's last snapshot did not list."""
-
-
-@dataclass(frozen=True)
-class SweepOptions:
-    """What ``covid-tune sweep`` was asked to do (saved as ``sweep.json``)."""
-
-    space_file: str
-    data: str
-    name: str = ""
-    storage_path: str = "runs"
-    num_samples: int | None = None
-    max_epochs: int | None = None
-    image_size: int | None = None
-    pretrained: str | None = None
-    max_concurrent: int | None = None
-    address: str | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    seed: int = 0
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    strict: bool = False
-    task: str | None = None
-    shared_storage: bool = False
-    """Skip the check that every node sees a local ``storage_path``."""
-
-    def space(self) -> SearchSpace:
-        return load_space(self.space_file).with_overrides(
-            max_epochs=self.max_epochs, image_size=self.image_size,
-            pretrained=self.pretrained, num_samples=self.num_samples)
-
-    def run_dir(self) -> str:
-        return join(self.storage_path, self.name)
-
-
-class SweepSearch(OptunaSearch):
-    """Ray's OptunaSearch with two fixes for sweeps that run trials in parallel.
-
-    - A trial ASHA stopped before ``max_epochs`` is told to Optuna as PRUNED (Ray tells
-      it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL.
-    - Until ``n_startup`` trials have finished, no more than ``n_startup`` are started
-      (Ray issue 52535: otherwise every trial started while the first ones run is drawn
-      at random, far more than TPE's start-up count).
-
-    Each time a trial ends, the study is written to ``study_file`` as SQLite.
-    """
-
-    def __init__(self, *args, max_epochs: int, n_startup: int, study_file: str | None = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_epochs = max_epochs
-        self.n_startup = n_startup
-        self.study_file = study_file
-
-    def suggest(self, trial_id: str):
-        if trial_id not in self._ot_trials and self.waiting_for_startup():
-            return None
-        return super().suggest(trial_id)
-
-    def waiting_for_startup(self) -> bool:
-        started, finished = len(self._ot_trials), len(self._completed_trials)
-        return started >= self.n_startup and finished < self.n_startup
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        self.tell_optuna(trial_id, result, error)
-        self.save_study()
-
-    def restore(self, checkpoint_path: str):
-        super().restore(checkpoint_path)
-        self.save_study()  # the file may hold trials the restored snapshot does not
-
-    def save_study(self) -> None:
-        if not self.study_file:
-            return
-        try:
-            write_bytes(self.study_file, study_as_sqlite(self._ot_study))
-        except OSError as exc:  # a storage hiccup must not stop the sweep
-            warnings.warn(f"could not write {self.study_file}: {exc}")
-
-    def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return super().on_trial_complete(trial_id, result, error)
-        state = None
-        if error:
-            state = optuna.trial.TrialState.FAIL
-        elif result and result.get("epoch", self.max_epochs) < self.max_epochs:
-            state = optuna.trial.TrialState.PRUNED
-        if state is None:
-            return super().on_trial_complete(trial_id, result, error)
-        ot_trial = self._ot_trials[trial_id]
-        step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
-        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
-        if state == optuna.trial.TrialState.PRUNED and step is not None and step not in reported:
-            # Ray passes the result that made ASHA stop only here, not to on_trial_result.
-            ot_trial.report(result[self.metric], step)
-        try:
-            self._ot_study.tell(ot_trial, state=state)
-        except (ValueError, RuntimeError) as exc:
-            warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
-        self._completed_trials.add(trial_id)
-
-
-def study_as_sqlite(study: optuna.Study) -> bytes:
-    """An SQLite file holding ``study``, for ``optuna.load_study`` and optuna-dashboard."""
-    memory = optuna.storages.RDBStorage("sqlite:///:memory:")
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
-    try:
-        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
-                          to_storage=memory)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, STUDY_FILE)
-        target = sqlite3.connect(path)
-        memory.engine.raw_connection().driver_connection.backup(target)
-        target.close()
-        return Path(path).read_bytes()
-
-
-def n_startup_trials(space: SearchSpace) -> int:
-    """TPE's random start-up trials: the hand-picked rows, or a third of the budget."""
-    return max(len(space.start_with), min(10, max(2, space.num_samples // 3)))
-
-
-def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
-                   max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
-    """TPE in a ``SweepSearch``; the study is kept in memory and copied to ``study_path``
-    (a local path or a URI) as SQLite each time a trial ends."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, constant_liar=True,
-            n_startup_trials=n_startup_trials(space))
-    searcher = SweepSearch(
-        space=define_by_run(space), metric=space.metric, mode=space.mode,
-        points_to_evaluate=start_points(space) or None, sampler=sampler,
-        study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
-        study_file=study_path)
-    if max_concurrent:
-        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
-    return searcher
 
 
 def build_scheduler(space: SearchSpace) -> ASHAScheduler:
@@ -202,9 +51,10 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_trainable(bundle: DataBundle, opts: SweepOptions):
+def build_trainable(bundle: DataBundle, opts: SweepOptions, trainable=train_trial):
+    """``trainable`` with the decoded data (one object-store copy) and its resources."""
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(train_trial, data=bundle), resources)
+    return tune.with_resources(tune.with_parameters(trainable, data=bundle), resources)
 
 
 def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
@@ -228,26 +78,31 @@ def without_ray_tensorboard() -> None:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
-def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle]:
-    """Everything that can fail on bad input, done before Ray starts."""
+def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle, dict]:
+    """Everything that can fail on bad input, done before Ray starts: the options made
+    absolute, the space, the decoded data and the dataset's manifest."""
     space = opts.space()
     name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path))
+    opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path),
+                   data=_absolute(opts.data))
     open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:
         check_pretrained(backbone, space.pretrained)
-    bundle = load_dataset(opts.data, space.task, space.image_size, strict=opts.strict)
-    return opts, space, bundle
+    layout = scan(opts.data, space.task)
+    bundle = load_dataset(layout, space.task, space.image_size, strict=opts.strict)
+    return opts, space, bundle, manifest(layout)
 
 
 def _absolute(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def run_sweep(opts: SweepOptions) -> tune.ResultGrid:
-    """Validate, decode the data once, then run the search; returns Ray's results."""
-    opts, space, bundle = prepare(opts)
+def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
+    """Validate, decode the data once, record the run, then search; Ray's results.
+
+    ``trainable`` is the trial function (``train_trial``; tests wrap it)."""
+    opts, space, bundle, files = prepare(opts)
     report_data(bundle)
     run_dir = opts.run_dir()
     if exists(join(run_dir, SWEEP_FILE)):
@@ -256,12 +111,12 @@ def run_sweep(opts: SweepOptions) -> tune.ResultGrid:
     start_ray(opts.address)
     check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
     check_storage(opts.storage_path, opts.shared_storage)
-    record_options(opts)
+    write_record(opts, space, opts.data, files)
     searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
                               opts.max_concurrent)
     without_ray_tensorboard()
     tuner = tune.Tuner(
-        build_trainable(bundle, opts),
+        build_trainable(bundle, opts, trainable),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
                                     num_samples=space.num_samples,
                                     trial_dirname_creator=trial_dirname),
@@ -272,52 +127,41 @@ def run_sweep(opts: SweepOptions) -> tune.ResultGrid:
     return results
 
 
-def resume_sweep(run_dir: str | Path, address: str | None = None) -> tune.ResultGrid:
+def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | None = None,
+                 allow_changed_data: bool = False, trainable=train_trial) -> tune.ResultGrid:
     """Continue a sweep whose driver died: finished trials kept, the rest resumed.
 
     Ray restores the trials and the searcher (with the Optuna study) from the run's
     last snapshot; trials it lists as unfinished restart from their last checkpoint.
-    ``address`` overrides the cluster address the sweep was started with.
+    ``address`` overrides the cluster address the sweep was started with; ``data``
+    points at a moved copy of the dataset (checked against the run's manifest).
     """
     run_dir = _absolute(str(run_dir)).rstrip("/")
-    opts = read_options(run_dir)
-    if not tune.Tuner.can_restore(run_dir):
-        raise UserError(f"{run_dir}: the sweep stopped before Ray Tune saved any state, so "
-                        f"there is nothing to resume; start it again with `covid-tune sweep` "
-                        f"(another --name, or remove this folder)")
-    space = opts.space()
-    bundle = load_dataset(opts.data, space.task, space.image_size, strict=opts.strict)
+    record = read_record(run_dir)
+    opts = record.options
+    space = read_space(run_dir)
+    check_ray_state(run_dir)
+    choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
+                         required=True)
+    for note in choice.notes:
+        print(f"note: {note}")
+    bundle = load_dataset(choice.root, space.task, space.image_size, strict=opts.strict)
     start_ray(address or opts.address)
     check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
     check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
     without_ray_tensorboard()
-    tuner = tune.Tuner.restore(run_dir, trainable=build_trainable(bundle, opts),
-                               resume_unfinished=True, resume_errored=True)
+    try:
+        tuner = tune.Tuner.restore(run_dir, trainable=build_trainable(bundle, opts, trainable),
+                                   resume_unfinished=True, resume_errored=True)
+    except (ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UserError(f"{run_dir}: Ray Tune cannot read its snapshot of the run "
+                        f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                        f"; it cannot be resumed, but its finished trials still give a "
+                        f"leaderboard") from None
     results = tuner.fit()
     set_aside_lost_trials(run_dir, results)
     report_best(results, space, run_dir)
     return results
-
-
-def record_options(opts: SweepOptions) -> None:
-    """Write ``sweep.json``, the first file of the run: storage trouble shows here."""
-    path = join(opts.run_dir(), SWEEP_FILE)
-    try:
-        write_bytes(path, json.dumps(asdict(opts), indent=1).encode())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write to the storage path ({exc})") from None
-
-
-def read_options(run_dir: str) -> SweepOptions:
-    path = join(run_dir, SWEEP_FILE)
-    if not exists(path):
-        raise UserError(f"{run_dir}: not a covid-tune run (no {SWEEP_FILE}); pass the folder "
-                        f"`covid-tune sweep` printed")
-    try:
-        return SweepOptions(**json.loads(read_bytes(path)))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path}: not a sweep record this version can read ({exc}); "
-                        f"start the sweep again with `covid-tune sweep`") from None
 
 
 def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:

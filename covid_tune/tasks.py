@@ -29,8 +29,8 @@ class Task:
     """Class folder -> target: a class index (binary) or the label bits (multilabel)."""
     labelled_splits: tuple[str, ...]
     """Splits with class sub-folders; any other split is a flat folder of images."""
-    default_loss: str
     default_metric: str
+    """The metric a space ranks by when it names none."""
 
     @property
     def multilabel(self) -> bool:
@@ -51,7 +51,6 @@ BINARY = Task(
     label_names=("normal", "infected"),
     targets={"normal": (0,), "infected": (1,)},
     labelled_splits=("train", "validation", "test"),
-    default_loss="ce",
     default_metric="val_f1",
 )
 
@@ -62,7 +61,6 @@ MULTILABEL = Task(
     label_names=("covid", "normal", "pneumonia"),
     targets={"covid-19": (1, 0, 1), "normal": (0, 1, 0), "pneumonia": (0, 0, 1)},
     labelled_splits=("train", "validation"),
-    default_loss="bce",
     default_metric="val_macro_f1",
 )
 

@@ -13,14 +13,14 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from covid_tune.config import TrialConfig
+from covid_tune.config import PARAM_TYPES, TrialConfig
+from covid_tune.plots import confusion_image
 
-HPARAM_KEYS = ("backbone", "frozen_layers", "lr", "momentum", "batch_size", "weight_decay",
-               "hidden", "dropout", "loss", "focal_alpha", "focal_gamma")
+HPARAM_KEYS = tuple(PARAM_TYPES)
+"""The sampled hyperparameters the HParams dashboard compares."""
 BEST_KEYS = ("val_loss", "val_accuracy", "val_f1", "epoch")
 """Values logged as ``best/<key>`` at the best epoch so far: the HParams metrics."""
 
@@ -81,35 +81,3 @@ class TrialWriter:
 def best_keys(metric: str) -> tuple[str, ...]:
     """The sweep's metric first, then the other ``BEST_KEYS``."""
     return tuple(dict.fromkeys((metric, *BEST_KEYS)))
-
-
-def confusion_image(confusion) -> np.ndarray:
-    """A small RGB picture of one 2x2 matrix (binary) or one per label (multilabel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = confusion if isinstance(confusion, dict) else {"infected": confusion}
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.4), dpi=80,
-                             squeeze=False)
-    for ax, (label, matrix) in zip(axes[0], panels.items()):
-        draw_confusion(ax, np.asarray(matrix), label)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
-
-
-def draw_confusion(ax, matrix: np.ndarray, label: str) -> None:
-    """One 2x2 confusion matrix on a matplotlib axis (rows true, columns predicted)."""
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), count in np.ndenumerate(matrix):
-        colour = "white" if count > matrix.max() / 2 else "black"
-        ax.text(j, i, str(int(count)), ha="center", va="center", color=colour)
-    ax.set_xticks([0, 1], [f"not {label}", label], fontsize=7)
-    ax.set_yticks([0, 1], [f"not {label}", label], fontsize=7)
-    ax.set_xlabel("predicted", fontsize=7)
-    ax.set_ylabel("true", fontsize=7)
-

@@ -8,16 +8,14 @@ recipe (resolved config, label names), so a retried or restored trial continues 
 its last epoch.
 
 Checkpoints are written whole into a temporary folder that Ray then copies to storage
-and registers only once the copy is complete. The recipe records the size and SHA-256
-of ``checkpoint.pt``, so ``load_checkpoint`` refuses a copy cut short (on shared
-storage, say) and ``restore`` falls back to the trial's newest intact checkpoint.
+and registers only once the copy is complete (their format belongs to
+``covid_tune.runs``); ``restore`` falls back to the trial's newest intact checkpoint
+when the last one was cut short.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import tempfile
@@ -32,29 +30,19 @@ import ray
 import torch
 from ray import tune
 
-from covid_tune.augment import Augment, to_model_input
+from covid_tune.augment import to_model_input
 from covid_tune.config import TrialConfig
 from covid_tune.data import DataBundle, Split
-from covid_tune.errors import UserError
+from covid_tune.inference import Device, build_for, predict_logits
 from covid_tune.losses import build_loss
 from covid_tune.metrics import compute_metrics
-from covid_tune.models import build_model
+from covid_tune.runs import DIVERGED_FILE, DamagedCheckpoint, load_checkpoint, save_checkpoint
 from covid_tune.tasks import TASKS, Task
 from covid_tune.tensorboard import TrialWriter
-
-CHECKPOINT_FILE = "checkpoint.pt"
-RECIPE_FILE = "recipe.json"
-CRASH_ENV = "COVID_TUNE_TEST_CRASH_AT_EPOCH"
-"""Test-only (tests/test_cluster.py): a trial that started from scratch exits its
-process at this epoch, as a crash would, to prove it is retried from its checkpoint."""
 
 
 class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial ends as failed, the sweep goes on."""
-
-
-DIVERGED_FILE = "diverged.txt"
-"""Written in the trial folder when the trial diverges: its retries then fail at once."""
 
 
 @contextlib.contextmanager
@@ -78,32 +66,6 @@ def diverged_marker() -> Path | None:
     return Path(folder) / DIVERGED_FILE if folder and Path(folder).is_dir() else None
 
 
-class DamagedCheckpoint(UserError):
-    """A checkpoint folder whose files are missing, cut short or altered."""
-
-
-@dataclass
-class Device:
-    """Where a trial runs and the GPU-only speed-ups that apply there."""
-
-    torch: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-    @classmethod
-    def pick(cls) -> Device:
-        if not torch.cuda.is_available():
-            return cls(torch.device("cpu"), None, False)
-        torch.backends.cudnn.benchmark = True
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return cls(torch.device("cuda"), amp, True)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.torch.type, dtype=self.amp_dtype)
-
-
 @dataclass
 class EpochResult:
     loss: float
@@ -125,7 +87,6 @@ def train_trial(config: dict, data: DataBundle) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
     for epoch in range(start + 1, cfg.max_epochs + 1):
-        crash_if_asked(epoch, start)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, data.splits["train"], loss_fn, optimizer, scaler,
                                 cfg, device, epoch)
@@ -134,15 +95,9 @@ def train_trial(config: dict, data: DataBundle) -> None:
         metrics["node_id"] = node_id
         writer.log_epoch(epoch, metrics, confusion)
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics)
+            write_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     writer.close()
-
-
-def crash_if_asked(epoch: int, start: int) -> None:
-    """Test-only: see ``CRASH_ENV``. Never set outside the tests."""
-    if start == 0 and os.environ.get(CRASH_ENV) == str(epoch):
-        os._exit(1)
 
 
 def _set_threads() -> None:
@@ -156,8 +111,7 @@ def build_training(cfg: TrialConfig, device: Device):
     """(model, optimizer, grad scaler, loss) for a trial; the same config starts from
     the same weights."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.backbone, TASKS[cfg.task].outputs, cfg.hidden, cfg.dropout,
-                        cfg.frozen_layers, cfg.pretrained).to(device.torch)
+    model = build_for(cfg, cfg.pretrained).to(device.torch)
     if device.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
@@ -193,7 +147,7 @@ def train_one_epoch(model, split: Split, loss_fn, optimizer, scaler, cfg: TrialC
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)
-    augment = Augment(**_augment_args(cfg.augment)) if cfg.augment else None
+    augment = cfg.augment
     started, total, outputs, targets = time.perf_counter(), 0.0, [], []
     order = torch.randperm(len(split), generator=generator)
     for index in batches(len(split), cfg.batch_size, order):
@@ -217,30 +171,11 @@ def train_one_epoch(model, split: Split, loss_fn, optimizer, scaler, cfg: TrialC
                        len(split), time.perf_counter() - started)
 
 
-def _augment_args(augment: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
-
-
-@torch.no_grad()
-def predict_logits(model, images: np.ndarray, batch_size: int, device: Device,
-                   channels_last: bool = False) -> np.ndarray:
-    """Logits for uint8 (N, S, S) images with the deterministic evaluation transform."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size].copy()).to(device.torch)
-        x = to_model_input(x, augment=None, channels_last=channels_last)
-        with device.autocast():
-            outputs.append(model(x).float().cpu())
-    return torch.cat(outputs).numpy()
-
-
 @torch.no_grad()
 def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device) -> EpochResult:
     """Loss and logits on a labelled split, no augmentation."""
     started = time.perf_counter()
-    outputs = predict_logits(model, split.images, max(cfg.batch_size, 64), device,
-                             device.channels_last)
+    outputs = predict_logits(model, split.images, max(cfg.batch_size, 64), device)
     loss = loss_fn(torch.from_numpy(outputs), torch.from_numpy(split.targets)).item()
     return EpochResult(loss, outputs, split.targets, len(split), time.perf_counter() - started)
 
@@ -262,58 +197,14 @@ def epoch_metrics(task: Task, train: EpochResult, val: EpochResult, epoch: int,
     return metrics, confusion
 
 
-def save_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
-                    metrics: dict) -> None:
-    """Weights + optimizer (``checkpoint.pt``) and the recipe (``recipe.json``), which
-    also records the size and SHA-256 of ``checkpoint.pt``."""
-    task = TASKS[cfg.task]
+def write_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
+                     metrics: dict) -> None:
+    """Weights, optimizer and epoch, with the recipe (resolved config, label names,
+    metrics) that lets a reader rebuild the model without the search session."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-    torch.save(state, folder / CHECKPOINT_FILE)
-    recipe = {"epoch": epoch, "config": cfg.to_dict(), "label_names": list(task.label_names),
-              "metrics": metrics,
-              "files": {CHECKPOINT_FILE: file_digest(folder / CHECKPOINT_FILE)}}
-    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
-
-
-def file_digest(path: Path) -> dict:
-    """``{"bytes": size, "sha256": hex digest}`` of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def read_recipe(folder: str | Path) -> dict:
-    """A checkpoint's recipe, after checking its files against it; DamagedCheckpoint if not."""
-    folder = Path(folder)
-    try:
-        recipe = json.loads((folder / RECIPE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise DamagedCheckpoint(f"{folder}: no readable {RECIPE_FILE} ({exc})") from None
-    for name, expected in recipe.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or file_digest(path) != expected:
-            raise DamagedCheckpoint(f"{folder}: {name} is missing, cut short or altered "
-                                    f"(its size or SHA-256 differs from {RECIPE_FILE})")
-    return recipe
-
-
-def is_intact(folder: str | Path) -> bool:
-    """Whether a checkpoint folder's files match its recipe (a copy cut short does not)."""
-    try:
-        read_recipe(folder)
-    except DamagedCheckpoint:
-        return False
-    return True
-
-
-def load_checkpoint(folder: str | Path) -> tuple[dict, dict]:
-    """(state, recipe) of an intact checkpoint folder, read without unpickling code."""
-    folder = Path(folder)
-    recipe = read_recipe(folder)
-    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    return state, recipe
+    recipe = {"epoch": epoch, "config": cfg.to_dict(),
+              "label_names": list(TASKS[cfg.task].label_names), "metrics": metrics}
+    save_checkpoint(folder, state, recipe)
 
 
 def restore(model, optimizer, checkpoint: tune.Checkpoint | None) -> int:

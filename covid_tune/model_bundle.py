@@ -1,0 +1,80 @@
+"""The exported model bundle: ``<out>/<task>/``, written by ``export``, read by ``predict``.
+
+::
+
+    model.onnx            logits for a batch of images (dynamic batch axis)
+    model.torchscript.pt  the same network traced to TorchScript
+    model.safetensors     the weights (for covid_tune.models.build_model)
+    model.json            the card: labels and their order, thresholds, preprocessing,
+                          hyperparameters, metrics, source run
+    README.md             a short model card in words
+
+This module owns the names and ``model.json``'s shape; it imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from covid_tune.errors import UserError
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+README_FILE = "README.md"
+CARD_FORMAT = "covid-tune model 1"
+
+CARD_KEYS = {"format": str, "task": str, "files": dict, "input": dict, "output": dict,
+             "label_names": list, "thresholds": dict, "preprocessing": dict}
+"""What ``predict`` needs of ``model.json``, and the type of each."""
+
+
+def write_card(folder: Path, card: dict) -> None:
+    (folder / CARD_FILE).write_text(json.dumps({"format": CARD_FORMAT, **card}, indent=1))
+
+
+def read_card(folder: Path) -> dict:
+    """``model.json`` of a bundle, its shape checked; UserError naming what is wrong."""
+    path = folder / CARD_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: no {CARD_FILE} here; pass a folder written by "
+                        f"`covid-tune export` (OUT/binary or OUT/multilabel)")
+    again = "export the model again with `covid-tune export`"
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: damaged, not readable JSON ({str(exc)[:120]}); {again}") from None
+    if not isinstance(card, dict):
+        raise UserError(f"{path}: not a model card; {again}")
+    bad = [k for k, kind in CARD_KEYS.items() if not isinstance(card.get(k), kind)]
+    if bad:
+        raise UserError(f"{path}: missing or damaged keys {', '.join(bad)}; {again}")
+    if card["format"] != CARD_FORMAT:
+        raise UserError(f"{path}: format {card['format']!r} is not {CARD_FORMAT!r}; {again}")
+    try:
+        check_card(card)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"{path}: inconsistent model card ({exc}); {again}") from None
+    return card
+
+
+def check_card(card: dict) -> None:
+    """Raise if the parts ``predict`` combines do not fit together."""
+    prep, output = card["preprocessing"], card["output"]
+    size = int(prep["size"])
+    if size < 1 or len(prep["mean"]) != 3 or len(prep["std"]) != 3:
+        raise ValueError("preprocessing needs a size and 3 means and stds")
+    if not isinstance(card["input"]["name"], str) or not isinstance(card["files"]["onnx"], str):
+        raise ValueError("no input name or onnx file")
+    if card["task"] == "multilabel":
+        labels = output["label_order"]
+    elif card["task"] == "binary":
+        labels = [output["positive_class"]]
+        if len(output["class_order"]) != 2 or labels[0] not in output["class_order"]:
+            raise ValueError("binary output needs two classes, one of them positive")
+    else:
+        raise ValueError(f"unknown task {card['task']!r}")
+    for label in labels:
+        float(card["thresholds"][label])

@@ -1,0 +1,84 @@
+"""Pictures: confusion matrices (leaderboard PNGs and TensorBoard images) and the
+leaderboard's comparison chart. matplotlib only, on the Agg backend."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_confusion(ax, matrix: np.ndarray, label: str) -> None:
+    """One 2x2 confusion matrix on a matplotlib axis (rows true, columns predicted)."""
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        colour = "white" if count > matrix.max() / 2 else "black"
+        ax.text(j, i, str(int(count)), ha="center", va="center", color=colour)
+    ax.set_xticks([0, 1], [f"not {label}", label], fontsize=7)
+    ax.set_yticks([0, 1], [f"not {label}", label], fontsize=7)
+    ax.set_xlabel("predicted", fontsize=7)
+    ax.set_ylabel("true", fontsize=7)
+
+
+def confusion_figure(confusion, title: str = "", panel: float = 2.4, dpi: int = 80):
+    """A figure of one 2x2 matrix (binary) or one per label (multilabel, a dict);
+    ``None`` for a matrix that was not scored."""
+    plt = pyplot()
+    panels = confusion if isinstance(confusion, dict) else {"infected": confusion}
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel * len(panels), panel + 0.1),
+                             dpi=dpi, squeeze=False)
+    for ax, (label, matrix) in zip(axes[0], panels.items()):
+        if matrix is None:
+            ax.text(0.5, 0.5, "not scored", ha="center", va="center")
+            ax.set_axis_off()
+        else:
+            draw_confusion(ax, np.asarray(matrix), label)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_image(confusion) -> np.ndarray:
+    """The confusion figure as an RGB array (TensorBoard's image summary)."""
+    fig = confusion_figure(confusion)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    pyplot().close(fig)
+    return image
+
+
+def write_confusion(confusion, title: str, path: Path) -> None:
+    fig = confusion_figure(confusion, title, panel=2.8, dpi=100)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
+def write_chart(labels: list[str], scores: list[dict[str, dict]], splits: list[str],
+                path: Path) -> None:
+    """Accuracy and F1 of every row, one panel per split: the assignment's bar chart."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(splits), 1, squeeze=False,
+                             figsize=(max(5, 1.3 * len(labels)), 2.8 * len(splits)))
+    x = np.arange(len(labels))
+    for ax, split in zip(axes[:, 0], splits):
+        for offset, key in ((-0.2, "accuracy"), (0.2, "f1")):
+            values = [row.get(split, {}).get(key, math.nan) for row in scores]
+            ax.bar(x + offset, values, width=0.4, label=key)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(split)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,137 @@
+"""Optuna's TPE inside Ray Tune, fixed for sweeps that run many trials at once.
+
+``SweepSearch`` is Ray's ``OptunaSearch`` with three changes: a trial ASHA stopped is
+told to Optuna as PRUNED, not COMPLETE at its low early score; new trials wait while
+TPE's start-up trials run (Ray issue 52535); and the study is copied to ``optuna.db``
+(SQLite) whenever a trial ends, for ``optuna.load_study`` and optuna-dashboard.
+
+It reaches into ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``,
+``_completed_trials``), which is why ``pyproject.toml`` caps Ray and Optuna below their
+next major versions; ``tests/test_search.py`` holds the contract.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import warnings
+from pathlib import Path
+
+import optuna
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from covid_tune.config import SearchSpace
+from covid_tune.runs import STUDY_FILE
+from covid_tune.space import define_by_run, start_points
+from covid_tune.storage import write_bytes
+
+
+class SweepSearch(OptunaSearch):
+    """Ray's OptunaSearch with two fixes for sweeps that run trials in parallel.
+
+    - A trial ASHA stopped before ``max_epochs`` is told to Optuna as PRUNED (Ray tells
+      it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL.
+    - Until ``n_startup`` trials have finished, no more than ``n_startup`` are started
+      (Ray issue 52535: otherwise every trial started while the first ones run is drawn
+      at random, far more than TPE's start-up count).
+
+    Each time a trial ends, the study is written to ``study_file`` as SQLite.
+    """
+
+    def __init__(self, *args, max_epochs: int, n_startup: int, study_file: str | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+        self.n_startup = n_startup
+        self.study_file = study_file
+
+    def suggest(self, trial_id: str):
+        if trial_id not in self._ot_trials and self.waiting_for_startup():
+            return None
+        return super().suggest(trial_id)
+
+    def waiting_for_startup(self) -> bool:
+        started, finished = len(self._ot_trials), len(self._completed_trials)
+        return started >= self.n_startup and finished < self.n_startup
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        self.tell_optuna(trial_id, result, error)
+        self.save_study()
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self.save_study()  # the file may hold trials the restored snapshot does not
+
+    def save_study(self) -> None:
+        if not self.study_file:
+            return
+        try:
+            write_bytes(self.study_file, study_as_sqlite(self._ot_study))
+        except OSError as exc:  # a storage hiccup must not stop the sweep
+            warnings.warn(f"could not write {self.study_file}: {exc}")
+
+    def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        state = None
+        if error:
+            state = optuna.trial.TrialState.FAIL
+        elif result and result.get("epoch", self.max_epochs) < self.max_epochs:
+            state = optuna.trial.TrialState.PRUNED
+        if state is None:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
+        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        if state == optuna.trial.TrialState.PRUNED and step is not None and step not in reported:
+            # Ray passes the result that made ASHA stop only here, not to on_trial_result.
+            ot_trial.report(result[self.metric], step)
+        try:
+            self._ot_study.tell(ot_trial, state=state)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
+        self._completed_trials.add(trial_id)
+
+
+def study_as_sqlite(study: optuna.Study) -> bytes:
+    """An SQLite file holding ``study``, for ``optuna.load_study`` and optuna-dashboard."""
+    memory = optuna.storages.RDBStorage("sqlite:///:memory:")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
+    try:
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=memory)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, STUDY_FILE)
+        target = sqlite3.connect(path)
+        memory.engine.raw_connection().driver_connection.backup(target)
+        target.close()
+        return Path(path).read_bytes()
+
+
+def n_startup_trials(space: SearchSpace) -> int:
+    """TPE's random start-up trials: the hand-picked rows, or a third of the budget."""
+    return max(len(space.start_with), min(10, max(2, space.num_samples // 3)))
+
+
+def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
+                   max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
+    """TPE in a ``SweepSearch``; the study is kept in memory and copied to ``study_path``
+    (a local path or a URI) as SQLite each time a trial ends."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=n_startup_trials(space))
+    searcher = SweepSearch(
+        space=define_by_run(space), metric=space.metric, mode=space.mode,
+        points_to_evaluate=start_points(space) or None, sampler=sampler,
+        study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
+        study_file=study_path)
+    if max_concurrent:
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return searcher
