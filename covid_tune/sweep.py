@@ -84,7 +84,7 @@ def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle, 
     space = opts.space()
     name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path),
-                   data=_absolute(opts.data))
+                   data=_absolute(opts.data), space_file=_absolute(opts.space_file))
     open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:

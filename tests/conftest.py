@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray instance per test session, and small generated datasets.
+"""Shared fixtures: one Ray instance per test session, small generated datasets, and the
+one pair of real sweeps (``swept``) that every reader of a run folder is tested on.
 
 The Ray instance is a real two-node cluster on this machine
 (``ray.cluster_utils.Cluster``, on this machine's own address; the sandbox has no
@@ -9,6 +10,8 @@ end-to-end sweeps really spread over nodes and cluster tests can add or remove n
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +61,74 @@ def multilabel_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("multilabel") / "data"
     generate(root, "multilabel", scale=0.01, size=48, seed=2, progress=False)
     return root
+
+
+BINARY_SPACE = {
+    "task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 3,
+    "image_size": 32, "pretrained": "none", "num_samples": 6,
+    "augment": {"rotation": 10, "scale": [0.8, 1.0], "flip": True},
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "params": {"backbone": {"choices": ["vgg16", "resnet18"]},
+               "frozen_layers": {"vgg16": {"low": 0, "high": 13},
+                                 "resnet18": {"low": 0, "high": 20}},
+               "lr": {"low": 1e-3, "high": 5e-2, "log": True}, "momentum": 0.9,
+               "batch_size": 16, "hidden": 32, "dropout": 0.2},
+    "start_with": [{"backbone": "vgg16", "frozen_layers": 13, "lr": 0.01},
+                   {"backbone": "resnet18", "frozen_layers": 20, "lr": 0.01},
+                   {"backbone": "resnet18", "frozen_layers": 0, "lr": 0.01}],
+}
+"""The shared Part 1 sweep: both backbones, three hand-grid rows, ASHA at every epoch."""
+
+MULTILABEL_SPACE = {
+    "task": "multilabel", "metric": "val_f1", "mode": "max", "max_epochs": 2,
+    "image_size": 32, "pretrained": "none", "num_samples": 4, "augment": False,
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "params": {"backbone": "resnet18", "frozen_layers": {"low": 0, "high": 20},
+               "lr": {"low": 1e-3, "high": 5e-2, "log": True}, "momentum": 0.9,
+               "batch_size": 16, "hidden": 32, "dropout": 0.2,
+               "loss": {"choices": ["bce", "focal"]},
+               "focal_gamma": {"low": 0.5, "high": 3.0}},
+    "start_with": [{"frozen_layers": 0, "loss": "bce", "lr": 0.01},
+                   {"frozen_layers": 0, "loss": "focal", "focal_gamma": 2.0, "lr": 0.01}],
+}
+"""The shared Part 2 sweep: BCE and focal loss, two hand-grid rows."""
+
+
+@dataclass
+class Swept:
+    """The session's two real sweeps (Ray Tune + Optuna + ASHA on the two-node cluster)."""
+
+    binary: Path
+    multilabel: Path
+    binary_results: object
+    multilabel_results: object
+    binary_space: Path
+    """The YAML file the binary sweep was started from."""
+
+
+def write_space(folder: Path, doc: dict, name: str = "space.yaml") -> Path:
+    import yaml
+
+    path = folder / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def swept(ray_cluster, binary_data, multilabel_data, tmp_path_factory) -> Swept:
+    """One Part 1 and one Part 2 sweep shared by every test that reads a run folder
+    (runs, leaderboard, export, TensorBoard, predict). Tests must not change them:
+    copy a run folder first (``shutil.copytree``) to damage it."""
+    from covid_tune.runs import SweepOptions
+    from covid_tune.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("swept")
+    results = {}
+    for task, doc, data in (("binary", BINARY_SPACE, binary_data),
+                            ("multilabel", MULTILABEL_SPACE, multilabel_data)):
+        space = write_space(tmp, doc, f"{task}.yaml")
+        results[task] = run_sweep(SweepOptions(space_file=str(space), data=str(data),
+                                               name=task, storage_path=str(tmp / "runs"),
+                                               seed=3))
+    return Swept(tmp / "runs" / "binary", tmp / "runs" / "multilabel", results["binary"],
+                 results["multilabel"], tmp / "binary.yaml")
