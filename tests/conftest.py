@@ -132,3 +132,13 @@ def swept(ray_cluster, binary_data, multilabel_data, tmp_path_factory) -> Swept:
                                                seed=3))
     return Swept(tmp / "runs" / "binary", tmp / "runs" / "multilabel", results["binary"],
                  results["multilabel"], tmp / "binary.yaml")
+
+
+@pytest.fixture(scope="session")
+def exported(swept, tmp_path_factory) -> Path:
+    """The best model of each shared sweep, exported: ``<folder>/binary``, ``/multilabel``."""
+    from covid_tune.export import export_best
+
+    out = tmp_path_factory.mktemp("exported")
+    export_best([str(swept.binary), str(swept.multilabel)], str(out))
+    return out

@@ -1,83 +1,35 @@
-"""The leaderboard: groups, best checkpoints, rendering and files, from small real sweeps
-(a Part 1 and a Part 2 run on the session's two-node Ray cluster); the pieces that need
-no training are tested on hand-written trial folders."""
+"""The leaderboard over the session's two real sweeps (a Part 1 and a Part 2 run): groups,
+each group's best epoch, re-scoring, the files and pictures, and what it imports. The
+pieces that need no training are tested in test_selection.py and test_render.py."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from covid_tune.config import load_space
-from covid_tune.leaderboard import (
-    SPLIT_COLUMNS, duration, frozen_name, param_importances, write_leaderboard)
-from covid_tune.runs import RunInfo, read_run, read_trial
+from covid_tune.errors import UserError
+from covid_tune.leaderboard import param_importances, write_leaderboard
+from covid_tune.render import SPLIT_COLUMNS
+from covid_tune.runs import RunInfo, read_run
+from covid_tune.selection import frozen_name
 from covid_tune.space import define_by_run
-from covid_tune.sweep import SweepOptions, run_sweep
-
-COMMON = """
-mode: max
-max_epochs: 2
-image_size: 32
-pretrained: none
-augment: false
-asha: {grace_period: 1, reduction_factor: 2}
-"""
-BINARY_SPACE = "task: binary\nmetric: val_f1\nnum_samples: 4" + COMMON + """
-params:
-  backbone: {choices: [vgg16, resnet18]}
-  frozen_layers: {vgg16: {low: 0, high: 13}, resnet18: {low: 0, high: 20}}
-  lr: {low: 1.0e-3, high: 5.0e-2, log: true}
-  momentum: 0.9
-  batch_size: 16
-  hidden: 32
-  dropout: 0.2
-start_with:
-  - {backbone: vgg16, frozen_layers: 13, lr: 0.01}
-  - {backbone: resnet18, frozen_layers: 20, lr: 0.01}
-  - {backbone: resnet18, frozen_layers: 0, lr: 0.01}
-"""
-MULTILABEL_SPACE = "task: multilabel\nmetric: val_f1\nnum_samples: 3" + COMMON + """
-params:
-  backbone: resnet18
-  frozen_layers: {low: 0, high: 20}
-  lr: {low: 1.0e-3, high: 5.0e-2, log: true}
-  momentum: 0.9
-  batch_size: 16
-  hidden: 32
-  dropout: 0.2
-  loss: {choices: [bce, focal]}
-  focal_gamma: {low: 0.5, high: 3.0}
-start_with:
-  - {frozen_layers: 0, loss: bce, lr: 0.01}
-  - {frozen_layers: 0, loss: focal, focal_gamma: 2.0, lr: 0.01}
-"""
-
-
-def sweep(tmp: Path, name: str, space: str, data: Path) -> Path:
-    space_file = tmp / f"{name}.yaml"
-    space_file.write_text(space)
-    run_sweep(SweepOptions(space_file=str(space_file), data=str(data), name=name,
-                           storage_path=str(tmp / "runs")))
-    return tmp / "runs" / name
 
 
 @pytest.fixture(scope="module")
-def board(ray_cluster, binary_data, multilabel_data, tmp_path_factory):
-    """Two real sweeps, then one leaderboard over both."""
-    tmp = tmp_path_factory.mktemp("leaderboard")
-    runs = [sweep(tmp, "part1", BINARY_SPACE, binary_data),
-            sweep(tmp, "part2", MULTILABEL_SPACE, multilabel_data)]
-    out = tmp / "board"
-    text = write_leaderboard([str(r) for r in runs], str(out))
-    return runs, out, text
+def board(swept, tmp_path_factory):
+    """One leaderboard over both shared sweeps: (runs, output folder, markdown)."""
+    out = tmp_path_factory.mktemp("board")
+    text = write_leaderboard([str(swept.binary), str(swept.multilabel)], str(out))
+    return (swept.binary, swept.multilabel), out, text
 
 
 def section_rows(text: str, title: str) -> list[dict]:
@@ -106,28 +58,27 @@ def test_part1_groups_and_columns(board):
     expected = {(r["config"]["backbone"].upper(), frozen_name(r["config"]))
                 for r in all_recipes(runs[0])}
     assert {(r["Backbone"], r["Frozen Layers"]) for r in rows} == expected
-    assert ("VGG16", "All Layers except FC") in expected
-    assert ("RESNET18", "All Layers except FC") in expected and ("RESNET18", "None") in expected
+    assert {("VGG16", "All Layers except FC"), ("RESNET18", "All Layers except FC"),
+            ("RESNET18", "None")} <= expected  # the three hand-grid rows
     backbones = [r["Backbone"] for r in rows]
     assert backbones == sorted(backbones, key=["VGG16", "RESNET18"].index)
-    for row in rows:
-        assert row["Source"] in ("hand grid", "searched")
-        assert row["Testing Set Accuracy/F1 Score"] != "n/a"
+    assert {r["Source"] for r in rows} <= {"hand grid", "searched"}
+    assert "hand grid" in {r["Source"] for r in rows}
+    assert all(r["Testing Set Accuracy/F1 Score"] != "n/a" for r in rows)
 
 
 def test_each_row_is_its_groups_best_epoch(board):
-    """The row's trial and epoch are the best checkpoint of its group, not the last epoch."""
+    """The row's trial and epoch are the best checkpoint of its group (val_loss, min)."""
     runs, _, text = board
-    rows = section_rows(text, "## Part 1")
     recipes = all_recipes(runs[0])
-    for row in rows:
+    for row in section_rows(text, "## Part 1"):
         group = [r for r in recipes if (r["config"]["backbone"].upper(),
                                         frozen_name(r["config"])) == (row["Backbone"],
                                                                       row["Frozen Layers"])]
-        best = max(r["metrics"]["val_f1"] for r in group)
+        best = min(r["metrics"]["val_loss"] for r in group)
         chosen = [r for r in group if r["trial"] == row["Trial"].split("/")[1]
                   and r["epoch"] == int(row["Epochs"])]
-        assert chosen and chosen[0]["metrics"]["val_f1"] == best
+        assert chosen and chosen[0]["metrics"]["val_loss"] == best
 
 
 def test_part2_groups_by_loss_and_has_no_test_column(board):
@@ -136,19 +87,17 @@ def test_part2_groups_by_loss_and_has_no_test_column(board):
     assert list(rows[0])[:6] == ["Backbone", "Loss Function", "Epochs", "Training Time",
                                  SPLIT_COLUMNS["train"], SPLIT_COLUMNS["validation"]]
     assert SPLIT_COLUMNS["test"] not in rows[0]
-    losses = {r["config"]["loss"] for r in all_recipes(runs[1])}
-    names = {"bce": "BCE With Logits Loss", "focal": "Focal Loss"}
-    assert [r["Loss Function"] for r in rows] == [names[k] for k in ("bce", "focal") if k in losses]
+    assert [r["Loss Function"] for r in rows] == ["BCE With Logits Loss", "Focal Loss"]
 
 
 def test_hand_grid_and_importances_are_shown(board):
     _, _, text = board
     assert text.count("### Hand grid (start_with) beside the search") == 2
-    assert "### Hyperparameter importances (Optuna, `part1`)" in text
-    assert "### Hyperparameter importances (Optuna, `part2`)" in text
+    assert "### Hyperparameter importances (Optuna, `binary`)" in text
+    assert "### Hyperparameter importances (Optuna, `multilabel`)" in text
     hand = section_rows(text, "### Hand grid")
     vgg = next(r for r in hand if r["Backbone"] == "VGG16")
-    assert vgg["Hand grid `val_f1`"] != "—"  # the hand-grid VGG16 row ran
+    assert vgg["Hand grid `val_loss`"] != "—"  # the hand-grid VGG16 row ran
 
 
 def test_files_parquet_csv_and_pngs(board):
@@ -158,7 +107,7 @@ def test_files_parquet_csv_and_pngs(board):
     assert table.num_rows == md_rows
     records = table.to_pylist()
     assert {r["task"] for r in records} == {"binary", "multilabel"}
-    assert all(r["scores"] == "re-evaluated" for r in records)
+    assert all(r["scores"] == "re-scored" for r in records)
     assert all(r["test_f1"] is None for r in records if r["task"] == "multilabel")
     with open(out / "leaderboard.csv", newline="") as handle:
         assert [r["trial_id"] for r in csv.DictReader(handle)] == [r["trial_id"] for r in records]
@@ -170,7 +119,7 @@ def test_files_parquet_csv_and_pngs(board):
             assert image.format == "PNG"
 
 
-def test_reevaluated_validation_matches_what_training_recorded(board):
+def test_rescored_validation_matches_what_training_recorded(board):
     """Same checkpoint, same deterministic transform: the same validation scores."""
     _, out, _ = board
     for record in pq.read_table(out / "leaderboard.parquet").to_pylist():
@@ -183,97 +132,57 @@ def test_reevaluated_validation_matches_what_training_recorded(board):
 def test_reproduce_spaces_fix_the_rows_config(board):
     _, out, _ = board
     for record in pq.read_table(out / "leaderboard.parquet").to_pylist():
+        assert "--cpus-per-trial 1 " in record["reproduce"] + " "
         space_file = record["reproduce"].split("--space ")[1].split(" ")[0]
         space = load_space(space_file)
         assert space.max_epochs == record["Epochs"] and space.num_samples == 1
         config = define_by_run(space)(optuna.create_study().ask())
-        recipe = json.loads((Path(record["checkpoint"]) / "recipe.json").read_text())
-        wanted = recipe["config"]
-        for key in ("backbone", "frozen_layers", "lr", "hidden", "loss", "focal_gamma"):
+        wanted = json.loads((Path(record["checkpoint"]) / "recipe.json").read_text())["config"]
+        for key in ("backbone", "frozen_layers", "lr", "hidden", "loss", "focal_gamma",
+                    "augment", "image_size"):
             assert config[key] == wanted[key], key
 
 
-def test_every_trial_logs_to_tensorboard(board):
-    """TensorBoard's own reader finds scalars, images and HParams in every trial."""
-    for run in board[0]:
-        trials = sorted(run.glob("trial_*"))
-        assert trials
-        for trial in trials:
-            events = EventAccumulator(str(trial))
-            events.Reload()
-            tags = events.Tags()
-            assert {"loss/train", "loss/val", "accuracy/val", "f1/val", "trial/lr",
-                    "trial/epoch_seconds", "images_per_second/train",
-                    "best/val_f1"} <= set(tags["scalars"])
-            assert "confusion/val" in tags["images"]
-            content = events.PluginTagToContent("hparams")
-            start = hparams_metadata.parse_session_start_info_plugin_data(
-                content[hparams_metadata.SESSION_START_INFO_TAG])
-            assert {"backbone", "lr"} <= set(start.hparams)
-    multilabel_trial = next(board[0][1].glob("trial_*"))
-    events = EventAccumulator(str(multilabel_trial))
-    events.Reload()
-    assert {"f1_covid/val", "f1_normal/val", "f1_pneumonia/val"} <= set(events.Tags()["scalars"])
+def test_leaderboard_imports_no_ray_and_no_training_code(swept, tmp_path):
+    code = (f"import sys; from covid_tune.leaderboard import write_leaderboard; "
+            f"write_leaderboard([{str(swept.multilabel)!r}], {str(tmp_path)!r}); "
+            f"print(sorted(m for m in ('ray', 'covid_tune.train', 'covid_tune.sweep') "
+            f"if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "leaderboard.md").is_file()
 
 
-def test_hparams_dashboard_compares_best_epochs(board):
-    """The HParams dashboard's metrics are the trials' best-epoch scores, not Ray's."""
-    trial = next(board[0][0].glob("trial_*"))
-    events = EventAccumulator(str(trial))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")
-    experiment = hparams_metadata.parse_experiment_plugin_data(
-        content[hparams_metadata.EXPERIMENT_TAG])
-    assert "best/val_f1" in {m.name.tag for m in experiment.metric_infos}
+def test_a_run_without_its_dataset_shows_recorded_scores(swept, tmp_path, monkeypatch):
+    """The recorded folder is gone: recorded scores, a note saying so and how to re-score."""
+    import shutil
+
+    from covid_tune.runs import read_record
+
+    copy = tmp_path / "run"
+    shutil.copytree(swept.multilabel, copy)
+    sweep_json = json.loads((copy / "sweep.json").read_text())
+    sweep_json["provenance"]["data"] = str(tmp_path / "gone")
+    (copy / "sweep.json").write_text(json.dumps(sweep_json))
+    assert read_record(str(copy)).provenance.data.endswith("gone")
+    text = write_leaderboard([str(copy)], str(tmp_path / "board"))
+    assert "was not found" in text and "pass --data DIR" in text
+    table = pq.read_table(tmp_path / "board" / "leaderboard.parquet").to_pylist()
+    assert {r["scores"] for r in table} == {"recorded"}
 
 
-# --- no training needed below -------------------------------------------------------
-
-def fake_checkpoint(trial: Path, index: int, epoch: int, val_f1: float) -> None:
-    folder = trial / f"checkpoint_{index:06d}"
-    folder.mkdir(parents=True)
-    config = {"task": "binary", "backbone": "resnet18", "frozen_layers": 0, "loss": "ce",
-              "metric": "val_f1", "mode": "max", "image_size": 32}
-    (folder / "recipe.json").write_text(json.dumps(
-        {"epoch": epoch, "config": config, "metrics": {"val_f1": val_f1}}))
-
-
-def test_best_epoch_not_last(tmp_path):
-    trial = tmp_path / "trial_abc"
-    for index, (epoch, f1) in enumerate([(2, 0.9), (3, 0.7)]):
-        fake_checkpoint(trial, index, epoch, f1)
-    (trial / "result.json").write_text("\n".join(json.dumps(
-        {"epoch": e, "time_total_s": 10.0 * e}) for e in (1, 2, 3)))
-    record = read_trial(trial, "run")
-    assert (record.epoch, record.seconds, record.trial_id) == (2, 20.0, "abc")
-
-
-def test_run_without_checkpoints_is_refused(tmp_path):
-    from covid_tune.errors import UserError
-
-    (tmp_path / "sweep.json").write_text(json.dumps({"name": "r", "space_file": "gone.yaml"}))
-    (tmp_path / "trial_x").mkdir()
-    with pytest.raises(UserError, match="no trial of this run has a checkpoint"):
-        read_run(tmp_path)
-
-
-def test_too_few_trials_for_importances(tmp_path):
+def test_too_few_trials_for_importances(swept, tmp_path):
     study = optuna.create_study(study_name="r", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                                 direction="maximize")
-    study.enqueue_trial({"lr": 0.01})
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)})
     study.tell(trial, 0.5)
-    run = RunInfo(tmp_path, "r", {}, trials=[])
-    importances, note = param_importances(run)
+    run = read_run(swept.binary)
+    importances, note = param_importances(RunInfo(tmp_path, "r", run.record, run.space, []))
     assert importances == {} and "Too few trials" in note
 
 
-@pytest.mark.parametrize(("backbone", "frozen", "name"), [
-    ("vgg16", 13, "All Layers except FC"), ("vgg16", 7, "First 7 CNN Layers"),
-    ("vgg16", 0, "None"), ("resnet18", 20, "All Layers except FC")])
-def test_frozen_layer_names(backbone, frozen, name):
-    assert frozen_name({"backbone": backbone, "frozen_layers": frozen}) == name
-
-
-def test_duration():
-    assert [duration(s) for s in (12.4, 185, 6000, None)] == ["12s", "3min 5s", "1hr 40min", "?"]
+def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(UserError, match="not a covid-tune run"):
+        write_leaderboard([str(tmp_path)], str(tmp_path / "board"))

@@ -61,3 +61,34 @@ def test_hparams_name_the_sampled_values_and_best_metrics(tmp_path):
         content[hparams_metadata.EXPERIMENT_TAG])
     metrics = {m.name.tag for m in experiment.metric_infos}
     assert {"best/val_f1", "best/val_loss", "best/val_accuracy", "best/epoch"} <= metrics
+
+
+def test_every_trial_of_a_real_sweep_logs_to_tensorboard(swept):
+    """TensorBoard's own reader finds scalars, images and HParams in every trial."""
+    for run in (swept.binary, swept.multilabel):
+        trials = sorted(run.glob("trial_*"))
+        assert trials
+        for trial in trials:
+            events = EventAccumulator(str(trial))
+            events.Reload()
+            tags = events.Tags()
+            assert {"loss/train", "loss/val", "accuracy/val", "f1/val", "trial/lr",
+                    "trial/epoch_seconds", "images_per_second/train",
+                    "best/val_f1", "best/val_loss"} <= set(tags["scalars"])
+            assert "confusion/val" in tags["images"]
+            content = events.PluginTagToContent("hparams")
+            start = hparams_metadata.parse_session_start_info_plugin_data(
+                content[hparams_metadata.SESSION_START_INFO_TAG])
+            assert {"backbone", "lr"} <= set(start.hparams)
+    events = EventAccumulator(str(next(swept.multilabel.glob("trial_*"))))
+    events.Reload()
+    assert {"f1_covid/val", "f1_normal/val", "f1_pneumonia/val"} <= set(events.Tags()["scalars"])
+
+
+def test_hparams_dashboard_compares_best_epochs_by_the_sweeps_metric(swept):
+    events = EventAccumulator(str(next(swept.binary.glob("trial_*"))))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = hparams_metadata.parse_experiment_plugin_data(
+        content[hparams_metadata.EXPERIMENT_TAG])
+    assert "best/val_loss" in {m.name.tag for m in experiment.metric_infos}

@@ -1,0 +1,104 @@
+"""``predict``: ONNX Runtime alone (no torch, no Ray) on an exported model, against the
+training code's own evaluation of the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covid_tune.errors import UserError
+from covid_tune.inference import Device, load_model, predict_logits
+from covid_tune.predict import predict, safe_cell
+from covid_tune.preprocess import read_gray
+
+CPU = Device(torch.device("cpu"), None, False)
+
+
+def source_model(folder: Path):
+    return load_model(json.loads((folder / "model.json").read_text())["source"]["checkpoint"])
+
+
+def test_predict_folder_matches_training_evaluation(exported, multilabel_data, tmp_path,
+                                                    capsys):
+    """Part 2's flat Test/: one row per readable image, bits as the torch model gives."""
+    folder = tmp_path / "Test"
+    folder.mkdir()
+    sources = sorted((multilabel_data / "Test").iterdir())
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "desktop.ini").write_text("[.ShellClassInfo]")
+    (folder / "=cmd.png").write_bytes(sources[0].read_bytes())
+    csv_path = tmp_path / "nested" / "preds.csv"
+    summary = predict(str(exported / "multilabel"), str(folder), str(csv_path))
+    assert "1 unreadable" in summary and "broken.png" in capsys.readouterr().err
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["file", "covid", "normal", "pneumonia"]
+    assert len(rows) - 1 == len(sources) + 1  # the copies and the "=cmd.png" one
+    assert "'=cmd.png" in [r[0] for r in rows]
+    model = source_model(exported / "multilabel")
+    by_name = {r[0]: [int(b) for b in r[1:]] for r in rows[1:]}
+    for source in sources:
+        logits = predict_logits(model, read_gray(source, 32)[0][None], 1, CPU)
+        assert by_name[source.name] == [int(v > 0) for v in logits[0]]
+
+
+def test_predict_one_binary_image(exported, binary_data, tmp_path):
+    image = sorted((binary_data / "test" / "infected").glob("*.png"))[0]
+    predict(str(exported / "binary"), str(image), str(tmp_path / "p.csv"))
+    with open(tmp_path / "p.csv", newline="") as handle:
+        header, row = list(csv.reader(handle))
+    assert header == ["file", "class", "probability_infected"]
+    logits = predict_logits(source_model(exported / "binary"), read_gray(image, 32)[0][None],
+                            1, CPU)[0]
+    probability = 1 / (1 + np.exp(logits[0] - logits[1]))
+    assert row[0] == image.name and float(row[2]) == pytest.approx(probability, abs=1e-4)
+    assert row[1] == ("infected" if probability > 0.5 else "normal")
+
+
+def test_predict_imports_neither_torch_nor_ray(exported, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("L", (40, 50), 128).save(image)
+    code = (f"import sys; from covid_tune.predict import predict; "
+            f"predict({str(exported / 'binary')!r}, {str(image)!r}, {str(tmp_path / 'o.csv')!r}); "
+            f"print(sorted(m for m in ('torch', 'ray', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_predict_refuses_a_folder_as_csv(exported, tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        predict(str(exported / "binary"), str(exported / "binary"), str(tmp_path))
+
+
+@pytest.mark.parametrize(("name", "safe"), [
+    ("=1+1.png", "'=1+1.png"), ("+a.png", "'+a.png"), ("-a.png", "'-a.png"),
+    ("@a.png", "'@a.png"), ("a=b.png", "a=b.png")])
+def test_formula_names_are_neutralised(name, safe):
+    assert safe_cell(name) == safe
+
+
+def test_predict_with_model_files_missing_or_not_fitting(exported, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("L", (40, 40), 100).save(image)
+    with pytest.raises(UserError, match="model.json"):
+        predict(str(tmp_path), str(image), str(tmp_path / "p.csv"))
+    partial = tmp_path / "partial"
+    shutil.copytree(exported / "binary", partial)
+    (partial / "model.onnx").unlink()
+    with pytest.raises(UserError, match="model.onnx"):
+        predict(str(partial), str(image), str(tmp_path / "p.csv"))
+    shutil.copy(exported / "multilabel" / "model.onnx", partial / "model.onnx")
+    with pytest.raises(UserError, match="model.onnx gives"):  # 3 outputs, card says 2
+        predict(str(partial), str(image), str(tmp_path / "p.csv"))

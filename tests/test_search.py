@@ -1,0 +1,93 @@
+"""The searcher's contract, by Optuna's ask/tell with no training: start-up hold, PRUNED
+and FAIL states, the SQLite copy of the study, and a restored study that matches."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from covid_tune.config import parse_space
+from covid_tune.search import SweepSearch, build_searcher, n_startup_trials
+
+SPACE = {
+    "task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 3,
+    "image_size": 32, "pretrained": "none", "num_samples": 6,
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "params": {"backbone": "resnet18", "frozen_layers": {"low": 0, "high": 20},
+               "lr": {"low": 1e-4, "high": 0.1, "log": True}},
+}
+
+
+@pytest.fixture
+def searcher(tmp_path) -> SweepSearch:
+    space = parse_space(SPACE, "space.yaml")
+    return build_searcher(space, str(tmp_path / "s.db"), "s", seed=0, max_concurrent=None)
+
+
+def load(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
+
+
+def finish(searcher: SweepSearch, trial_id: str, value: float, epoch: int,
+           error: bool = False) -> None:
+    searcher.on_trial_result(trial_id, {"val_loss": value + 0.1, "training_iteration": 1,
+                                        "epoch": 1})
+    searcher.on_trial_complete(trial_id, {"val_loss": value, "epoch": epoch}, error=error)
+
+
+def test_startup_count_is_the_hand_rows_or_a_third_of_the_budget():
+    assert n_startup_trials(parse_space(SPACE, "s")) == 2
+    rows = [{"lr": 0.01}, {"lr": 0.02}, {"lr": 0.03}]
+    assert n_startup_trials(parse_space({**SPACE, "start_with": rows}, "s")) == 3
+    assert n_startup_trials(parse_space({**SPACE, "num_samples": 90}, "s")) == 10
+
+
+def test_no_more_trials_start_until_the_startup_trials_finish(searcher):
+    """Ray issue 52535: no more than n_startup random trials while the first ones run."""
+    assert all(searcher.suggest(f"t{i}") is not None for i in range(searcher.n_startup))
+    assert searcher.suggest("late") is None
+    finish(searcher, "t0", 0.5, 3)
+    assert searcher.suggest("late") is None
+    finish(searcher, "t1", 0.7, 3)
+    assert searcher.suggest("late") is not None
+
+
+def test_stopped_trials_are_pruned_and_errors_fail(searcher, tmp_path):
+    for trial_id, epoch, error in (("full", 3, False), ("stopped", 1, False),
+                                   ("crashed", 1, True)):
+        assert searcher.suggest(trial_id) is not None
+        finish(searcher, trial_id, 0.4, epoch, error)
+    study = load(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert study.trials[0].value == 0.4
+    assert study.trials[1].intermediate_values == {1: 0.5}
+
+
+def test_the_result_that_made_asha_stop_reaches_the_study(searcher, tmp_path):
+    """Ray hands the stopping result only to on_trial_complete: it is reported there."""
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"val_loss": 0.9, "training_iteration": 2, "epoch": 2})
+    trial = load(tmp_path).trials[0]
+    assert trial.state.name == "PRUNED" and trial.intermediate_values == {2: 0.9}
+
+
+def test_the_study_file_is_rewritten_when_a_trial_ends(searcher, tmp_path):
+    searcher.suggest("a")
+    assert not (tmp_path / "s.db").exists()  # nothing has ended yet
+    finish(searcher, "a", 0.3, 3)
+    assert len(load(tmp_path).trials) == 1
+    searcher.suggest("b")
+    finish(searcher, "b", 0.2, 3)
+    assert [t.value for t in load(tmp_path).trials] == [0.3, 0.2]
+
+
+def test_a_restored_searcher_brings_its_study_back(searcher, tmp_path):
+    searcher.suggest("a")
+    finish(searcher, "a", 0.3, 3)
+    searcher.save(str(tmp_path / "state.pkl"))
+    (tmp_path / "s.db").unlink()
+    again = build_searcher(parse_space(SPACE, "s"), str(tmp_path / "s.db"), "s", seed=0,
+                           max_concurrent=None)
+    again.restore(str(tmp_path / "state.pkl"))
+    assert [t.value for t in load(tmp_path).trials] == [0.3]
+    assert again.suggest("b") is not None and "b" in again._ot_trials
