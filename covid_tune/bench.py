@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from covid_tune.augment import to_model_input
-from covid_tune.config import PARAM_DEFAULTS, Augment, TrialConfig, load_space
+from covid_tune.config import (PARAM_DEFAULTS, Augment, TrialConfig, dump_space, load_space,
+                               parse_space)
 from covid_tune.data import Split, load_dataset
 from covid_tune.inference import Device
 from covid_tune.preprocess import MEAN, STD
@@ -424,7 +424,7 @@ def write_space(path: Path, image_size: int, max_epochs: int, num_samples: int,
            "augment": AUGMENT,
            "asha": {"grace_period": grace_period, "reduction_factor": 3},
            "params": params, "start_with": start_with or []}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(dump_space(parse_space(doc, str(path))))
     return path
 
 
