@@ -1,8 +1,11 @@
-import numpy as np
+"""Batched augmentation and normalisation on the trial's device (``to_model_input``)."""
+
 import pytest
 import torch
 
-from covid_tune.augment import MEAN, STD, Augment, normalize_numpy, to_model_input
+from covid_tune.augment import to_model_input
+from covid_tune.config import Augment
+from covid_tune.preprocess import MEAN, STD
 
 LOW = (0 - max(MEAN)) / min(STD)
 HIGH = (1 - min(MEAN)) / min(STD)
@@ -50,8 +53,6 @@ def test_no_augmentation_is_exact_normalisation(augment):
     images = random_images()
     out = to_model_input(images, augment=augment)
     assert torch.equal(out, by_hand(images))
-    np.testing.assert_allclose(normalize_numpy(images.numpy()), out.numpy(),
-                               rtol=0, atol=1e-6)
 
 
 def test_augmented_values_stay_in_normalised_range():
@@ -109,8 +110,3 @@ def test_smaller_output_size(augment):
     out = to_model_input(images, augment=augment, generator=seeded(0), out_size=32)
     assert out.shape == (4, 3, 32, 32)
     assert out.min() >= LOW - 1e-5 and out.max() <= HIGH + 1e-5
-
-
-def test_bad_settings_are_reported_together():
-    with pytest.raises(ValueError, match="rotation.*scale"):
-        Augment(rotation=-1.0, scale=(0.9, 0.5))

@@ -1,7 +1,12 @@
-"""The command line: subcommands run, and mistakes exit 2 with one line, no traceback."""
+"""The command line: subcommands run, and mistakes exit 2 with one line, no traceback.
+
+Every command runs in this process through ``covid_tune.cli.main`` (a subprocess costs
+seconds of imports); one test runs the real ``python -m covid_tune`` entry point.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,98 +14,194 @@ from pathlib import Path
 import pytest
 import yaml
 
+from covid_tune.cli import main
+from covid_tune.runs import SweepOptions, write_record
 
-def covid_tune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covid_tune", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
-
-
-def assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("covid-tune: error: ")
-    for fragment in fragments:
-        assert fragment in result.stderr
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_SPACE = ROOT / "search_spaces" / "demo.yaml"
+COMMANDS = ("check", "synth", "sweep", "resume", "leaderboard", "export", "predict", "bench",
+            "demo")
 
 
-def test_help_lists_every_command():
-    result = covid_tune("--help")
-    for command in ("check", "synth", "sweep", "resume", "leaderboard", "export", "predict",
-                    "bench", "demo"):
+def refused(capsys, *argv: str) -> str:
+    """Run the CLI in this process: exit 2, one ``covid-tune: error:`` line; the line."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covid-tune: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def no_ray(monkeypatch) -> None:
+    """Fail the test if the command gets as far as starting or joining Ray."""
+    import covid_tune.sweep
+
+    def start_ray(address):
+        raise AssertionError("Ray was started before the mistake was found")
+
+    monkeypatch.setattr(covid_tune.sweep, "start_ray", start_ray)
+
+
+def test_python_m_covid_tune_help_lists_every_command():
+    """The entry point itself, in a real process."""
+    result = subprocess.run([sys.executable, "-m", "covid_tune", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
         assert command in result.stdout
 
 
-def test_synth_then_check(tmp_path):
+def test_synth_then_check(tmp_path, capsys):
     out = tmp_path / "data"
-    result = covid_tune("synth", str(out), "--task", "multilabel", "--scale", "0.005",
-                        "--size", "40", "--quiet")
-    assert result.returncode == 0, result.stderr
-    assert "synthetic" in result.stdout
-    result = covid_tune("check", str(out), "--quiet")
-    assert result.returncode == 0, result.stderr
-    assert "multilabel layout" in result.stdout and "unreadable files: 0" in result.stdout
+    assert main(["synth", str(out), "--task", "multilabel", "--scale", "0.005", "--size", "40",
+                 "--quiet"]) == 0
+    assert "synthetic" in capsys.readouterr().out
+    assert main(["check", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "multilabel layout" in text and "unreadable files: 0" in text
 
 
-def test_check_missing_folder(tmp_path):
-    assert_refused(covid_tune("check", str(tmp_path / "nowhere")), "no such folder")
+def test_check_missing_folder(tmp_path, capsys):
+    assert "no such folder" in refused(capsys, "check", str(tmp_path / "nowhere"))
 
 
-def test_check_strict_refuses_corrupt_file(tmp_path, binary_data):
-    result = covid_tune("check", str(binary_data), "--strict", "--quiet")
-    assert result.returncode == 0
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(binary_data, copy)
-    (copy / "train" / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    assert_refused(covid_tune("check", str(copy), "--strict", "--quiet"), "broken.png")
-
-
-def test_synth_refuses_non_empty_folder(tmp_path):
+def test_synth_refuses_non_empty_folder(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    assert_refused(covid_tune("synth", str(tmp_path / "x"), "--task", "binary"), "empty folder")
+    assert "empty folder" in refused(capsys, "synth", str(tmp_path / "x"), "--task", "binary")
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
-def test_sweep_with_bad_space_fails_before_ray(tmp_path, binary_data):
+def test_debug_shows_the_traceback(capsys):
+    assert main(["--debug", "check", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError" in err
+    assert err.splitlines()[-1].startswith("covid-tune: error: /nonexistent/x: no such folder")
+
+
+# --- sweep: refused before any work -----------------------------------------------------
+
+def test_sweep_with_bad_space_fails_before_ray(tmp_path, capsys, binary_data, monkeypatch):
+    no_ray(monkeypatch)
     space = tmp_path / "bad.yaml"
     space.write_text(yaml.safe_dump({"task": "binary", "params": {
         "backbone": {"choices": ["vgg16", "alexnet"]}, "lr": {"low": 1, "high": 0.1}}}))
-    result = covid_tune("sweep", "--space", str(space), "--data", str(binary_data),
-                        "--storage-path", str(tmp_path / "runs"))
-    assert_refused(result, "2 problems", "bad.yaml: params.backbone: unknown backbone",
-                   "bad.yaml: params.lr: low (1) must be less than high (0.1)")
+    assert main(["sweep", "--space", str(space), "--data", str(binary_data),
+                 "--storage-path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covid-tune: error: 2 problems:") and "Traceback" not in err
+    assert "bad.yaml: params.backbone: unknown backbone" in err
+    assert "bad.yaml: params.lr: low (1) must be less than high (0.1)" in err
     assert not (tmp_path / "runs").exists()
 
 
-def test_sweep_with_uncached_imagenet_weights_says_what_to_do(tmp_path, binary_data):
-    result = subprocess.run(
-        [sys.executable, "-m", "covid_tune", "sweep", "--space", "search_spaces/demo.yaml",
-         "--data", str(binary_data), "--pretrained", "imagenet",
-         "--storage-path", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "TORCH_HOME": str(tmp_path / "torch")},
-        cwd=Path(__file__).resolve().parent.parent)
-    assert_refused(result, "--pretrained")
+def test_sweep_with_uncached_imagenet_weights_says_what_to_do(tmp_path, capsys, binary_data,
+                                                               monkeypatch):
+    import torch
+
+    no_ray(monkeypatch)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # an empty cache
+    message = refused(capsys, "sweep", "--space", str(DEMO_SPACE), "--data", str(binary_data),
+                      "--pretrained", "imagenet", "--storage-path", str(tmp_path / "runs"))
+    assert "--pretrained PATH" in message and "--pretrained none" in message
+    assert str(tmp_path / "hub") in message
 
 
-def test_sweep_with_wrong_layout(tmp_path, multilabel_data):
-    result = covid_tune("sweep", "--space", "search_spaces/demo.yaml", "--data",
-                        str(multilabel_data), "--storage-path", str(tmp_path / "runs"),
-                        cwd=Path(__file__).resolve().parent.parent)
-    assert_refused(result, "multilabel layout, not binary")
+def test_sweep_with_wrong_layout(tmp_path, capsys, multilabel_data, monkeypatch):
+    no_ray(monkeypatch)
+    assert "multilabel layout, not binary" in refused(
+        capsys, "sweep", "--space", str(DEMO_SPACE), "--data", str(multilabel_data),
+        "--storage-path", str(tmp_path / "runs"))
 
 
-def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
-    assert_refused(covid_tune("resume", str(tmp_path)), "not a covid-tune run")
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--num-samples", "0", "--num-samples 0: out of range; use at least 1"),
+    ("--max-epochs", "-3", "--max-epochs -3: out of range; use at least 1"),
+    ("--image-size", "8", "--image-size 8: out of range; use at least 32"),
+    ("--cpus-per-trial", "0", "--cpus-per-trial 0.0: out of range; use more than 0"),
+    ("--cpus-per-trial", "-1", "--cpus-per-trial -1.0: out of range; use more than 0"),
+    ("--cpus-per-trial", "nan", "--cpus-per-trial nan: out of range"),
+    ("--gpus-per-trial", "-0.5", "--gpus-per-trial -0.5: out of range; use at least 0"),
+    ("--max-concurrent", "0", "--max-concurrent 0: out of range; use at least 1"),
+    ("--max-failures", "-2", "--max-failures -2: out of range; use at least -1"),
+])
+def test_out_of_range_sweep_flags(capsys, flag, value, expected):
+    assert expected in refused(capsys, "sweep", "--space", "x.yaml", "--data", "d", flag, value)
 
 
-@pytest.mark.parametrize("argv", [["--debug", "check", "/nonexistent/x"]])
-def test_debug_shows_the_traceback(argv):
-    result = covid_tune(*argv)
-    assert result.returncode == 2 and "Traceback" in result.stderr
+@pytest.mark.parametrize("argv, expected", [
+    (["synth", "out", "--task", "binary", "--scale", "0"], "--scale 0.0: out of range"),
+    (["synth", "out", "--task", "binary", "--size", "16"], "--size 16: out of range"),
+    (["demo", "--seed", "-1"], "--seed -1: out of range; use at least 0"),
+])
+def test_out_of_range_flags_of_other_commands(capsys, argv, expected):
+    assert expected in refused(capsys, *argv)
 
 
-def test_resume_of_a_damaged_sweep_record(tmp_path):
-    (tmp_path / "sweep.json").write_text('{"name": "r"}')
-    assert_refused(covid_tune("resume", str(tmp_path)), "sweep.json: not a sweep record")
+def test_a_flag_of_the_wrong_type_exits_2_without_traceback(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["sweep", "--space", "x", "--data", "y", "--num-samples", "many"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: covid-tune sweep")
+    assert "argument --num-samples: invalid int value: 'many'" in err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Path:
+    """A folder nobody here may create files in: chmod 555, or /sys when root."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        yield locked
+        locked.chmod(0o755)
+    elif Path("/sys").is_dir():
+        yield Path("/sys")
+    else:
+        pytest.skip("no folder that root may not write to")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["synth", "{out}", "--task", "binary"], "out {out}: "),
+    (["sweep", "--space", "x", "--data", "y", "--storage-path", "{out}"], "--storage-path {out}: "),
+    (["export", "run", "--out", "{out}"], "--out {out}: "),
+    (["leaderboard", "run", "--out", "{out}"], "--out {out}: "),
+    (["predict", "model", "x.png", "--out", "{out}/preds.csv"], "--out {out}/preds.csv: "),
+    (["demo", "--out", "{out}"], "--out {out}: "),
+], ids=["synth", "sweep", "export", "leaderboard", "predict", "demo"])
+def test_output_folder_that_cannot_be_written(capsys, read_only_folder, tmp_path, argv, flag):
+    out = str(read_only_folder / "runs")
+    message = refused(capsys, *[a.format(out=out) for a in argv])
+    assert flag.format(out=out) in message
+    assert f"cannot write in {read_only_folder}" in message
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    message = refused(capsys, *[a.format(out=blocked / "runs") for a in argv])
+    assert f"{blocked} is a file, not a folder" in message
+
+
+# --- resume: refused before Ray ---------------------------------------------------------
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert "not a covid-tune run (no sweep.json)" in refused(capsys, "resume", str(tmp_path))
+
+
+@pytest.mark.parametrize("record, expected", [
+    ('{"name": "r"}', "sweep.json: not a run record this version reads (format 'none'"),
+    ('{"format": "covid-tune run 2", "opt', "sweep.json: damaged, not readable JSON"),
+], ids=["old-format", "cut-short"])
+def test_resume_of_a_damaged_sweep_record(tmp_path, capsys, record, expected):
+    (tmp_path / "sweep.json").write_text(record)
+    message = refused(capsys, "resume", str(tmp_path))
+    assert expected in message and "start the sweep again" in message
+
+
+def test_resume_of_a_run_that_never_started(tmp_path, capsys, monkeypatch):
+    """The driver stopped after recording the run, before Ray Tune saved any state."""
+    no_ray(monkeypatch)
+    opts = SweepOptions(space_file=str(DEMO_SPACE), data=str(tmp_path / "data"), name="r",
+                        storage_path=str(tmp_path / "runs"), image_size=32)
+    write_record(opts, opts.space(), opts.data, {"train/normal/0.png": 10})
+    message = refused(capsys, "resume", opts.run_dir())
+    assert f"{opts.run_dir()}: the sweep stopped before Ray Tune saved any state" in message
+    assert "start it again with `covid-tune sweep`" in message

@@ -1,10 +1,12 @@
-"""Running on a cluster: the configs in cluster/, the storage and resource checks, and
-sweeps that survive a crashed trial, a lost node and a killed driver.
+"""Running on a cluster: the configs in cluster/, the storage and resource checks, the
+local Ray covid-tune starts, and sweeps that survive a crashed trial, a lost node and a
+killed driver.
 
 Everything runs on the session's real two-node Ray cluster (``ray_cluster``, one CPU
-per node, on this machine). Drivers that must die or carry a test-only setting run as
-``python -m covid_tune`` subprocesses joined to it with ``--address``. Nothing sleeps
-for a guessed time: tests poll for a condition with a deadline.
+per node, on this machine). Sweeps run in this process (``run_sweep`` joins the Ray
+already started), except a driver that must be killed: it runs as ``python -m
+covid_tune`` joined to the cluster with ``--address``. Nothing sleeps for a guessed
+time: tests poll for a condition with a deadline.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -26,18 +30,17 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
-from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from covid_tune import cluster
-from covid_tune.cli import build_parser
+from covid_tune.cli import build_parser, main
 from covid_tune.errors import UserError
-from covid_tune.sweep import (LOST_DIR, STUDY_FILE, SWEEP_FILE, SweepOptions, run_sweep,
-                              set_aside_lost_trials)
-from covid_tune.train import (CHECKPOINT_FILE, CRASH_ENV, DamagedCheckpoint, is_intact,
-                              load_checkpoint, restore, save_checkpoint)
+from covid_tune.runs import (LOST_DIR, RAY_STATE_GLOB, STUDY_FILE, SWEEP_FILE, SweepOptions,
+                             read_record)
+from covid_tune.sweep import run_sweep, set_aside_lost_trials
 
-CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_DIR = ROOT / "cluster"
 EPOCHS = 3
 
 
@@ -79,13 +82,6 @@ def sweep_args(space: Path, data: Path, storage: Path, name: str, address: str,
                *extra: str) -> list[str]:
     return ["sweep", "--space", str(space), "--data", str(data), "--storage-path",
             str(storage), "--name", name, "--address", address, "--seed", "1", *extra]
-
-
-def run_cli(args: list[str], env: dict | None = None, timeout: float = 420) -> str:
-    result = subprocess.run([sys.executable, "-m", "covid_tune", *args], env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 def final_trials(run_dir: Path) -> list:
@@ -249,25 +245,43 @@ def test_sweep_spreads_over_nodes_and_writes_to_a_uri(ray_cluster, binary_data, 
     assert nodes <= {n["NodeID"] for n in cluster.alive_nodes()}
     assert len(nodes) == 2, "both trials ran on one node"
     run_dir = tmp_path / "bucket" / "spread"
-    assert json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"] == storage
+    assert read_record(str(run_dir)).options.storage_path == storage
     for trial in run_dir.glob("trial_*"):  # TensorBoard files reach the storage too
         assert list(trial.glob("events.out.tfevents.*")), trial.name
     study = optuna.load_study(study_name="spread", storage=f"sqlite:///{run_dir / STUDY_FILE}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
 
 
-def with_crash_at(epoch: int) -> dict:
-    """The environment of a driver whose trials, on their first attempt, exit at
-    ``epoch`` (``CRASH_ENV``), passed to the trials as ``ray job submit`` passes a job's
-    runtime environment."""
-    job = {"runtime_env": {"env_vars": {CRASH_ENV: str(epoch)}}}
-    return {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
-
-
 def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, tmp_path):
-    args = sweep_args(space_file(tmp_path, 2), binary_data, tmp_path / "runs", "crash",
-                      ray_cluster.address, "--max-concurrent", "2", "--max-failures", "1")
-    run_cli(args, env=with_crash_at(2))
+    crash_at = 2
+
+    def crash_once(config, data):
+        """On a trial's first attempt, kill its worker process (as a crash would) right
+        after it reports epoch ``crash_at - 1`` and its checkpoint; a retry trains as
+        usual. A closure, so cloudpickle ships it to the workers by value."""
+        import ray.tune
+
+        from covid_tune.train import train_trial
+
+        if ray.tune.get_checkpoint() is not None:
+            return train_trial(config, data)
+        report = ray.tune.report
+
+        def report_then_crash(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            if metrics["epoch"] == crash_at - 1:
+                os._exit(1)
+
+        ray.tune.report = report_then_crash
+        try:
+            return train_trial(config, data)
+        finally:
+            ray.tune.report = report
+
+    opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
+                        name="crash", storage_path=str(tmp_path / "runs"), seed=1,
+                        max_concurrent=2, max_failures=1)
+    run_sweep(opts, trainable=crash_once)
     trials = final_trials(tmp_path / "runs" / "crash")
     assert len(trials) == 2
     for trial in trials:  # each crashed once, in epoch 2 of its first attempt
@@ -340,7 +354,7 @@ def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, t
     finally:
         sweep.send_signal(signal.SIGKILL)
         sweep.wait()
-    run_cli(["resume", str(run_dir)])
+    assert main(["resume", str(run_dir)]) == 0
 
     trials = final_trials(run_dir)
     ids = [t.trial_id for t in trials]
@@ -372,31 +386,70 @@ def test_resume_sets_aside_folders_of_trials_the_snapshot_lost(tmp_path):
     assert (tmp_path / LOST_DIR / "trial_c" / "checkpoint_000000").is_dir()
 
 
-# --- checkpoints -----------------------------------------------------------------------
+def test_resume_of_a_run_whose_ray_snapshot_is_damaged(swept, tmp_path, capsys, monkeypatch):
+    """A truncated experiment_state file: one line, exit 2, and no Ray work done."""
+    import covid_tune.sweep
 
-def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
-    from covid_tune.config import TrialConfig
-    from covid_tune.models import build_model
-    from covid_tune.train import build_optimizer
+    def start_ray(address):
+        raise AssertionError("Ray was started before the damaged snapshot was found")
 
-    cfg = TrialConfig(task="binary", backbone="resnet18", frozen_layers=0, lr=0.01,
-                      momentum=0.9, batch_size=8, weight_decay=0.0, hidden=8, dropout=0.0,
-                      loss="ce", focal_alpha=0.25, focal_gamma=2.0, max_epochs=3,
-                      image_size=32, augment=None, pretrained="none", metric="val_loss",
-                      mode="min")
-    model = build_model("resnet18", 2, 8, 0.0, 0, "none")
-    optimizer = build_optimizer(model, cfg)
-    for epoch in (1, 2):
-        folder = tmp_path / "trial" / f"checkpoint_{epoch - 1:06d}"
-        folder.mkdir(parents=True)
-        save_checkpoint(folder, model, optimizer, epoch, cfg, {"val_loss": 1.0 / epoch})
-    newest = tmp_path / "trial" / "checkpoint_000001"
-    data = (newest / CHECKPOINT_FILE).read_bytes()
-    (newest / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])  # a copy cut short
+    monkeypatch.setattr(covid_tune.sweep, "start_ray", start_ray)
+    run_dir = tmp_path / "binary"
+    shutil.copytree(swept.binary, run_dir)
+    newest = sorted(run_dir.glob(RAY_STATE_GLOB))[-1]
+    text = newest.read_text()
+    newest.write_text(text[: len(text) // 2])
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"covid-tune: error: {newest}: damaged, not readable JSON")
+    assert err.count("\n") == 1 and "cannot be resumed" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
 
-    assert not is_intact(newest) and is_intact(tmp_path / "trial" / "checkpoint_000000")
-    with pytest.raises(DamagedCheckpoint, match="cut short"):
-        load_checkpoint(newest)
-    with pytest.warns(UserWarning, match="trying an older checkpoint"):
-        epoch = restore(model, optimizer, tune.Checkpoint(str(newest)))
-    assert epoch == 1
+
+# --- the local Ray covid-tune starts ----------------------------------------------------
+
+RAY_PROBE = textwrap.dedent("""
+    import json, os
+    from covid_tune.cluster import start_ray
+    start_ray(None)
+    import ray
+    def read(pid, name):
+        try:
+            with open(f"/proc/{pid}/{name}") as file:
+                return file.read()
+        except OSError:
+            return ""
+    def descendants(pid):
+        kids = [p for p in os.listdir("/proc") if p.isdigit()
+                and read(p, "stat").rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
+        return kids + [d for k in kids for d in descendants(k)]
+    commands = [read(pid, "cmdline").split("\\0") for pid in descendants(os.getpid())]
+    print(json.dumps({"nodes": len(ray.nodes()),
+                      "own_gcs": any(c[0].endswith("gcs_server") for c in commands),
+                      "dashboards": [c for c in commands if any("dashboard.py" in a for a in c)]}))
+""")
+
+
+def probe_local_ray(**env: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", RAY_PROBE], capture_output=True, text=True,
+                            timeout=180, cwd=ROOT, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_local_ray_dashboard_listens_on_localhost_only():
+    """RAY_ADDRESS=local: a fresh instance, whatever else runs on this machine."""
+    probe = probe_local_ray(RAY_ADDRESS="local")
+    assert probe["own_gcs"] and probe["nodes"] == 1
+    assert probe["dashboards"], "no dashboard process found"
+    for command in probe["dashboards"]:
+        assert "--host=127.0.0.1" in command, command
+
+
+def test_the_local_ray_is_a_new_instance_even_beside_another_cluster(ray_cluster):
+    """The test cluster is running and recorded in /tmp/ray/ray_current_cluster; the
+    Ray that covid-tune starts must still be its own (its GCS a child process)."""
+    probe = probe_local_ray()
+    assert probe["own_gcs"] and probe["nodes"] == 1

@@ -1,16 +1,43 @@
-"""Search-space files: every shipped YAML parses, every kind of mistake is reported."""
+"""Search-space files: every shipped YAML parses, every kind of mistake is reported
+(also those found by fuzzing), and reading a space needs neither torch nor Ray."""
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from covid_tune.config import Choice, Fixed, Range, TrialConfig, load_space
+from covid_tune.config import (
+    ASHA_KEYS,
+    AUGMENT_KEYS,
+    PARAM_TYPES,
+    RANGE_KEYS,
+    TOP_KEYS,
+    Augment,
+    Choice,
+    Fixed,
+    Range,
+    SearchSpace,
+    TrialConfig,
+    dump_space,
+    load_space,
+)
 from covid_tune.errors import UserError
+from covid_tune.space import define_by_run, start_points
 
-SPACES = sorted(Path(__file__).resolve().parent.parent.glob("search_spaces/*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+SPACES = sorted(ROOT.glob("search_spaces/*.yaml"))
+FUZZ = settings(max_examples=150, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 MINIMAL = {
     "task": "multilabel",
@@ -87,6 +114,8 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ({"metric": "val_auc"}, "metric: 'val_auc' is not reported by multilabel trials"),
     ({"asha": {"grace_period": 50}}, "asha.grace_period: 50 is more than max_epochs"),
     ({"augment": {"scale": [0.9, 0.5]}}, "augment.scale"),
+    ({"augment": {"flip": "yes"}}, "augment.flip: expected true or false"),
+    ({"augment": {"rotate": 10}}, "augment.rotate: unknown key; did you mean 'rotation'?"),
 ])
 def test_top_level_mistakes(tmp_path, change, expected):
     assert expected in errors_of(tmp_path, {**MINIMAL, **change})
@@ -145,3 +174,168 @@ def test_trial_config_ignores_optuna_bookkeeping():
               "augment": None, "pretrained": "none", "metric": "val_f1", "mode": "max"}
     cfg = TrialConfig.from_dict(config)
     assert cfg.frozen_layers == 4 and cfg.to_dict()["backbone"] == "vgg16"
+
+
+def test_augment_mistakes_are_reported_together(tmp_path):
+    message = errors_of(tmp_path, {**MINIMAL, "augment": {"rotation": -1, "scale": [0.9, 0.5]}})
+    assert message.startswith("2 problems:")
+    assert "space.yaml: augment.rotation: expected degrees between 0 and 180" in message
+    assert "space.yaml: augment.scale: expected [low, high]" in message
+
+
+# --- typed, torch-free, and written back the same ---------------------------------------
+
+def test_loading_a_space_imports_neither_torch_nor_ray():
+    code = ("import sys; from covid_tune.config import load_space; "
+            "load_space('search_spaces/binary.yaml'); "
+            "print(sorted(m for m in ('torch', 'ray', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_augment_is_typed_from_the_yaml_to_the_trial(tmp_path):
+    space = load_space(write(tmp_path, {**MINIMAL, "augment": {"rotation": 5, "scale": [0.5, 1]}}))
+    assert isinstance(space.augment, Augment)
+    assert space.augment == Augment(rotation=5, scale=(0.5, 1), ratio=Augment().ratio, flip=True)
+    config = {**space.fixed_settings(), "backbone": "vgg16", "frozen_layers": 0, "lr": 0.01,
+              "momentum": 0.9, "batch_size": 8, "weight_decay": 0.0, "hidden": 8,
+              "dropout": 0.0, "loss": "bce", "focal_alpha": 0.25, "focal_gamma": 2.0}
+    assert TrialConfig.from_dict(config).augment == space.augment  # Ray's dict, typed again
+    assert load_space(write(tmp_path, {**MINIMAL, "augment": True})).augment == Augment()
+    assert load_space(write(tmp_path, {**MINIMAL, "augment": False})).augment is None
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_dump_space_reads_back_to_the_same_space(tmp_path, path):
+    """What a run keeps as its space.yaml is the space it was started with."""
+    space = load_space(path)
+    again = load_space(write(tmp_path, dump_space(space, "a header\nof two lines")))
+    assert replace(again, source=space.source) == space
+    unaugmented = replace(space, augment=None)
+    again = load_space(write(tmp_path, dump_space(unaugmented)))
+    assert replace(again, source=space.source) == unaugmented
+
+
+# --- fuzzing: search spaces -------------------------------------------------------------
+
+KNOWN_WORDS = (*TOP_KEYS, *PARAM_TYPES, *ASHA_KEYS, *AUGMENT_KEYS, *RANGE_KEYS, "choices",
+               "binary", "multilabel", "vgg16", "resnet18", "ce", "bce", "focal", "val_f1",
+               "val_macro_f1", "max", "min", "imagenet", "none")
+SCALARS = (st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats()
+           | st.text(max_size=12) | st.sampled_from(KNOWN_WORDS))
+KEYS = st.sampled_from(KNOWN_WORDS) | st.text(max_size=8) | st.integers(-5, 5)
+DOCUMENTS = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(KEYS, inner, max_size=6), max_leaves=30)
+
+
+SHIPPED = [yaml.safe_load(path.read_text()) for path in SPACES]
+
+
+@st.composite
+def mutated_space(draw) -> dict:
+    """A shipped search space with 1 to 3 random changes: a key dropped or renamed, a
+    value replaced by one of another type, somewhere in the tree."""
+    doc = copy.deepcopy(draw(st.sampled_from(SHIPPED)))
+    for _ in range(draw(st.integers(1, 3))):
+        mutate_somewhere(draw, doc)
+    return doc
+
+
+def mutate_somewhere(draw, node) -> None:
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            return
+        key = draw(st.sampled_from(keys))
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and draw(st.booleans()):
+            node = child
+            continue
+        action = draw(st.sampled_from(["drop", "rename", "replace"]))
+        if action == "drop":
+            del node[key]
+        elif action == "rename" and isinstance(node, dict):
+            node[draw(KEYS)] = node.pop(key)
+        else:
+            node[key] = draw(DOCUMENTS)
+        return
+
+
+def load_or_refuse(path: Path) -> None:
+    """``load_space`` gives a SearchSpace (which Optuna can sample) or a UserError."""
+    try:
+        space = load_space(path)
+    except UserError as exc:
+        assert str(exc).startswith(str(path)) or " problems:\n" in str(exc)
+        return
+    assert isinstance(space, SearchSpace)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for point in start_points(space)[:1]:
+        study.enqueue_trial(point)
+    for _ in range(2):
+        TrialConfig.from_dict(define_by_run(space)(study.ask()))
+
+
+@pytest.fixture(scope="module")
+def space_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-space") / "space.yaml"
+
+
+@FUZZ
+@given(doc=DOCUMENTS)
+def test_random_yaml_documents_load_or_are_refused(space_path, doc):
+    space_path.write_text(yaml.safe_dump(doc))
+    load_or_refuse(space_path)
+
+
+@FUZZ
+@given(doc=mutated_space())
+def test_mutated_shipped_spaces_load_or_are_refused(space_path, doc):
+    space_path.write_text(yaml.safe_dump(doc))
+    load_or_refuse(space_path)
+
+
+@FUZZ
+@given(text=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(":-[]{},&*!|>'\"#\n "),
+                    max_size=200))
+def test_random_text_loads_or_is_refused(space_path, text):
+    space_path.write_text(text, encoding="utf-8")
+    load_or_refuse(space_path)
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ("task: [binary]\nparams: {backbone: vgg16}", "task: ['binary'] is not a task"),
+    ("task: binary\nparams: {backbone: [vgg16]}", "params.backbone: expected a str"),
+    ("task: binary\nparams: {backbone: {choices: [[vgg16]]}}", "choice ['vgg16'] is not str"),
+    ("task: binary\nparams: {backbone: vgg16, lr: {low: .nan, high: 1}}",
+     "params.lr.low: expected a float, got nan"),
+    ("task: binary\nparams: {backbone: vgg16, lr: {low: 0.1, high: .inf}}",
+     "params.lr.high: expected a float, got inf"),
+    ("task: binary\nparams: {backbone: vgg16, lr: {low: 0.1, high: 1, choices: [1]}}",
+     "params.lr.low: unknown key; valid keys: choices"),
+    ("task: binary\nparams: {backbone: {choices: [vgg16, resnet18]}}\n"
+     "start_with: [{frozen_layers: 3}]", "start_with[0].frozen_layers: frozen_layers depends "
+                                         "on the backbone; give the row's backbone too"),
+    ("task: binary\nparams: {backbone: vgg16}\n\x07", "line 3: YAML syntax error"),
+    ("task: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
+], ids=["task-list", "backbone-list", "choice-list", "nan", "inf", "choices-and-range",
+        "frozen-row-without-backbone", "control-character", "deep-nesting"])
+def test_mistakes_found_by_fuzzing(tmp_path, doc, expected):
+    path = tmp_path / "space.yaml"
+    path.write_text(doc)
+    with pytest.raises(UserError) as caught:
+        load_space(path)
+    assert expected in str(caught.value)
+
+
+def test_an_alias_bomb_gives_a_short_message(tmp_path):
+    """YAML aliases make a list of 9**6 items from a few lines; the message stays short."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcde", "bcdef")]
+    path = tmp_path / "space.yaml"
+    path.write_text("\n".join(lines) + "\ntask: binary\nparams: {backbone: vgg16, lr: *f}\n")
+    with pytest.raises(UserError) as caught:
+        load_space(path)
+    assert "params.lr: expected a float" in str(caught.value) and len(str(caught.value)) < 5000

@@ -1,17 +1,27 @@
-"""Dataset folders: both layouts, junk, image modes, broken files, labels, the cache."""
+"""Dataset folders: both layouts, junk, broken and hostile files (bombs, symlink loops,
+pipes, folders that cannot be listed, random bytes), labels, the decode cache."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import stat
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from covid_tune.check import check_dataset
-from covid_tune.data import load_dataset, read_gray, scan
+from covid_tune.cli import main
+from covid_tune.data import load_dataset, scan
 from covid_tune.errors import UserError
+from covid_tune.preprocess import read_gray
 
 
 def save(path: Path, mode: str = "L", size=(40, 30), value: int = 100) -> Path:
@@ -72,25 +82,6 @@ def test_multilabel_bits_and_flat_test(tmp_path):
     assert bits == {"covid-19": (1, 0, 1), "normal": (0, 1, 0), "pneumonia": (0, 0, 1)}
     assert bundle.splits["test"].targets.shape == (3, 0)
     assert sorted(bundle.splits["test"].names) == ["Test/0.png", "Test/1.png", "Test/2.JPG"]
-
-
-@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "RGBA", "P", "CMYK", "1", "LA"])
-def test_every_image_mode_becomes_8_bit_gray(tmp_path, mode):
-    suffix = ".jpg" if mode == "CMYK" else ".png"
-    path = save(tmp_path / f"x{suffix}", mode=mode, size=(60, 40))
-    pixels, original = read_gray(path, 32)
-    assert pixels.shape == (32, 32) and pixels.dtype == np.uint8 and original == (60, 40)
-    if mode == "I;16":
-        assert pixels.max() > 200  # 12-bit data stretched to the full 8-bit range
-
-
-def test_resize_is_shorter_side_then_centre_crop(tmp_path):
-    pixels = np.zeros((40, 80), dtype=np.uint8)
-    pixels[:, 20:60] = 255  # a bright centre band, half the width
-    path = tmp_path / "wide.png"
-    Image.fromarray(pixels).save(path)
-    out, _ = read_gray(path, 20)
-    assert out.shape == (20, 20) and out[:, 2:18].min() == 255
 
 
 def test_unreadable_files_are_skipped_and_listed(tmp_path):
@@ -154,18 +145,139 @@ def test_cache_matches_direct_decode_and_is_rebuilt_on_change(tmp_path, monkeypa
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
-def test_check_reports_counts_junk_unreadable_and_leaks(tmp_path):
+# --- hostile data -----------------------------------------------------------------------
+
+def refused(capsys, *argv: str) -> str:
+    """Run the CLI in this process: exit 2, one ``covid-tune: error:`` line; the line."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covid-tune: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims ``width`` x ``height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_listed_skipped_and_fatal_with_strict(tmp_path, capsys):
     root = binary_tree(tmp_path / "d")
-    (root / "test" / "normal" / "desktop.ini").write_text("x")
-    (root / "test" / "normal" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    leak = (root / "Train" / "Infected" / "Infected0.png").read_bytes()
-    (root / "test" / "Infected" / "copy.png").write_bytes(leak)
+    (root / "Train" / "normal" / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    bundle = load_dataset(root, image_size=32, progress=False, use_cache=False)
+    assert [name for name, _ in bundle.skipped] == ["Train/normal/bomb.png"]
+    assert bundle.skipped[0][1].startswith("decompression bomb")
+    assert main(["check", str(root), "--quiet"]) == 0
+    assert "Train/normal/bomb.png: decompression bomb" in capsys.readouterr().out
+    assert "bomb.png: cannot be decoded (decompression bomb" in refused(
+        capsys, "check", str(root), "--strict", "--quiet")
+
+
+@pytest.mark.timeout(60)
+def test_symlink_loops_broken_links_and_pipes_are_listed_not_followed(tmp_path):
+    root = binary_tree(tmp_path / "d")
+    normal = root / "Train" / "normal"
+    os.symlink("loop.png", normal / "loop.png")
+    os.symlink("b.png", normal / "a.png")
+    os.symlink("a.png", normal / "b.png")
+    os.symlink("nowhere.png", normal / "gone.png")
+    os.symlink("..", normal / "up")  # a folder loop: not descended into
+    os.mkfifo(normal / "pipe.png")  # opening it would block for ever
+    bundle = load_dataset(root, image_size=32, progress=False, use_cache=False)
+    skipped = dict(bundle.skipped)
+    assert sorted(skipped) == [f"Train/normal/{n}.png" for n in ("a", "b", "gone", "loop", "pipe")]
+    assert "symlink loop" in skipped["Train/normal/loop.png"]
+    assert "not a regular file" in skipped["Train/normal/pipe.png"]
+    assert len(bundle.splits["train"]) == 6
     report = check_dataset(str(root), progress=False)
-    assert report.counts["train"] == {"infected": 3, "normal": 3}
-    assert report.counts["test"] == {"infected": 4, "normal": 3}
-    assert report.junk == ["test/normal/desktop.ini"]
-    assert [p for p, _ in report.unreadable] == ["test/normal/bad.png"]
-    assert report.duplicates == [["Train/Infected/Infected0.png", "test/Infected/copy.png"]]
-    assert report.sizes == ((40, 30), (40, 30))
-    text = "\n".join(report.lines())
-    assert "duplicate images across splits: 1" in text and "bad.png" in text
+    assert sorted(p for p, _ in report.unreadable) == sorted(skipped)
+
+
+def test_a_folder_that_cannot_be_listed_names_it(tmp_path, monkeypatch):
+    """Simulated (tests run as root here, and root reads everything): listing the
+    class folder fails with EACCES, as it would for an ordinary user."""
+    root = binary_tree(tmp_path / "d")
+    locked = root / "Train" / "normal"
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(UserError, match=r"normal: cannot list the folder \(Permission denied\); "
+                                        r"check that you may read it"):
+        scan(root)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read a chmod 000 folder")
+def test_a_folder_without_permission_names_it(tmp_path, capsys):
+    root = binary_tree(tmp_path / "d")
+    locked = root / "Train" / "normal"
+    locked.chmod(0)
+    try:
+        assert "normal: cannot list the folder (Permission denied)" in refused(
+            capsys, "check", str(root), "--quiet")
+    finally:
+        locked.chmod(stat.S_IRWXU)
+
+
+def test_an_empty_unlabelled_test_split_is_refused(tmp_path):
+    root = multilabel_tree(tmp_path / "d")
+    for path in (root / "Test").iterdir():
+        path.unlink()
+    with pytest.raises(UserError, match="Test: no .png/.jpg images in this split"):
+        scan(root)
+
+
+def test_data_folder_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "data.zip"
+    path.write_bytes(b"PK")
+    assert "data.zip: is a file, not a folder; pass the dataset root" in refused(
+        capsys, "check", str(path))
+
+
+# --- fuzzing: image files in a dataset --------------------------------------------------
+
+def encoded(fmt: str, mode: str) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 255, (12, 16), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+SEED_IMAGES = [encoded("PNG", "L"), encoded("PNG", "RGBA"), encoded("JPEG", "RGB"),
+               encoded("TIFF", "L")]
+
+
+@st.composite
+def image_like_bytes(draw) -> bytes:
+    """Raw noise, or a small valid image with bytes overwritten and its tail cut off."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=600))
+    data = bytearray(draw(st.sampled_from(SEED_IMAGES)))
+    edits = st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255))
+    for position, value in draw(st.lists(edits, max_size=6)):
+        data[position] = value
+    return bytes(data[: draw(st.integers(0, len(data)))])
+
+
+@pytest.fixture(scope="module")
+def fuzz_tree(tmp_path_factory) -> Path:
+    return binary_tree(tmp_path_factory.mktemp("fuzz") / "d", per_class=1)
+
+
+@settings(max_examples=30, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=image_like_bytes())
+def test_random_bytes_in_a_dataset_are_read_or_listed(fuzz_tree, data):
+    (fuzz_tree / "Train" / "normal" / "fuzz.png").write_bytes(data)
+    bundle = load_dataset(fuzz_tree, image_size=16, progress=False, use_cache=False)
+    kept = "Train/normal/fuzz.png" in bundle.splits["train"].names
+    assert kept != ("Train/normal/fuzz.png" in dict(bundle.skipped))

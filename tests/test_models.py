@@ -10,12 +10,12 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+from covid_tune.config import BACKBONE_CONVS, conv_count
 from covid_tune.errors import UserError
 from covid_tune.models import (
     BACKBONES,
     build_model,
     check_pretrained,
-    conv_count,
     imagenet_cache_path,
     trainable_parameters,
 )
@@ -65,10 +65,15 @@ def assert_backbone_equal(model, state):
             assert torch.equal(loaded[key], value), key
 
 
-def test_conv_count_matches_the_built_nets(vgg_free):
-    resnet = build_model("resnet18", outputs=2)
-    assert conv_count("vgg16") == 13 == sum(isinstance(m, nn.Conv2d) for m in vgg_free.modules())
-    assert conv_count("resnet18") == 20 == sum(isinstance(m, nn.Conv2d) for m in resnet.modules())
+def test_config_conv_counts_match_the_built_nets():
+    """The space validator's limits on frozen_layers (config, torch-free) are the
+    Conv2d modules of the nets models.py builds."""
+    assert set(BACKBONE_CONVS) == set(BACKBONES)
+    for backbone, convs in BACKBONE_CONVS.items():
+        net = build_model(backbone, outputs=2)
+        assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == convs, backbone
+        assert BACKBONES[backbone].convs == convs == conv_count(backbone)
+    assert BACKBONE_CONVS == {"vgg16": 13, "resnet18": 20}
 
 
 def test_vgg_head_and_trainable_counts(vgg_free, vgg_first7):

@@ -1,0 +1,176 @@
+"""One trial: its checkpoints (written whole, refused when damaged or hostile, fallen
+back from when cut short) and a diverging trial inside a real sweep."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from ray import tune
+
+from covid_tune.config import TrialConfig
+from covid_tune.errors import UserError
+from covid_tune.models import build_model
+from covid_tune.runs import (CHECKPOINT_FILE, DIVERGED_FILE, RECIPE_FILE, STUDY_FILE,
+                             DamagedCheckpoint, SweepOptions, is_intact, load_checkpoint,
+                             read_recipe)
+from covid_tune.tasks import TASKS
+from covid_tune.train import build_optimizer, restore, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def trial_config(**changes) -> TrialConfig:
+    values = dict(task="binary", backbone="resnet18", frozen_layers=0, lr=0.1, momentum=0.9,
+                  batch_size=8, weight_decay=0.0, hidden=16, dropout=0.0, loss="ce",
+                  focal_alpha=0.25, focal_gamma=2.0, max_epochs=3, image_size=32,
+                  augment=None, pretrained="none", metric="val_f1", mode="max")
+    return TrialConfig(**{**values, **changes})
+
+
+def tiny_checkpoint_args(epoch: int):
+    """(model, optimizer, epoch, cfg, metrics) for ``write_checkpoint``: a Linear whose
+    weights all equal ``epoch``, so a loaded checkpoint tells which epoch it is."""
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, float(epoch))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, optimizer, epoch, trial_config(), {"val_f1": 0.5}
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+def test_a_checkpoint_carries_its_recipe(tmp_path):
+    """What leaderboard and export read back: the resolved config, labels and metrics."""
+    model, optimizer, epoch, cfg, metrics = tiny_checkpoint_args(epoch=2)
+    write_checkpoint(tmp_path, model, optimizer, epoch, cfg, metrics)
+    recipe = read_recipe(tmp_path)
+    assert recipe["epoch"] == 2 and recipe["metrics"] == metrics
+    assert TrialConfig.from_dict(recipe["config"]) == cfg
+    assert recipe["label_names"] == list(TASKS["binary"].label_names)
+    state, _ = load_checkpoint(tmp_path)
+    assert state["epoch"] == 2 and torch.equal(state["model"]["weight"], torch.full((2, 3), 2.0))
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """What this shows: each epoch's checkpoint goes to a fresh folder (train.py writes
+    it in a temporary folder that Ray copies and registers only once complete), so a
+    write that fails half way (simulated: torch.save writes half its bytes, then
+    raises ENOSPC) leaves the previous checkpoint untouched and loadable, and the
+    half-written one is refused rather than loaded. It does not fill a real disk."""
+    good, cut = tmp_path / "checkpoint_000000", tmp_path / "checkpoint_000001"
+    for folder in (good, cut):
+        folder.mkdir()
+    write_checkpoint(good, *tiny_checkpoint_args(epoch=1))
+    real_save = torch.save
+
+    def save_until_full(obj, path, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(cut, *tiny_checkpoint_args(epoch=2))
+    state, recipe = load_checkpoint(good)
+    assert state["epoch"] == 1 and recipe["epoch"] == 1
+    assert torch.equal(state["model"]["weight"], torch.ones(2, 3))
+    with pytest.raises(UserError, match="checkpoint_000001"):
+        load_checkpoint(cut)
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("recipe", ["plain", "with-digests"])
+def test_a_pickle_posing_as_a_checkpoint_is_refused_not_run(tmp_path, recipe):
+    """Plain: a recipe without file digests, so torch.load(weights_only=True) itself
+    refuses the pickle. With digests: a real checkpoint whose checkpoint.pt was swapped
+    afterwards, refused before any unpickling."""
+    marker = tmp_path / "code-ran"
+    if recipe == "plain":
+        config = {"task": "binary", "metric": "val_f1", "mode": "max", "backbone": "resnet18"}
+        (tmp_path / RECIPE_FILE).write_text(json.dumps(
+            {"epoch": 1, "config": config, "metrics": {}}))
+    else:
+        write_checkpoint(tmp_path, *tiny_checkpoint_args(epoch=1))
+    torch.save({"model": Payload(marker), "epoch": 1}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(DamagedCheckpoint, match="(?i)weights only load failed|altered"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    for path in (ROOT / "covid_tune").glob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path.name}:{number}: {line.strip()}"
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    cfg = trial_config(lr=0.01, hidden=8, metric="val_loss", mode="min")
+    model = build_model("resnet18", 2, 8, 0.0, 0, "none")
+    optimizer = build_optimizer(model, cfg)
+    for epoch in (1, 2):
+        folder = tmp_path / "trial" / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir(parents=True)
+        write_checkpoint(folder, model, optimizer, epoch, cfg, {"val_loss": 1.0 / epoch})
+    newest = tmp_path / "trial" / "checkpoint_000001"
+    data = (newest / CHECKPOINT_FILE).read_bytes()
+    (newest / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])  # a copy cut short
+
+    assert not is_intact(newest) and is_intact(tmp_path / "trial" / "checkpoint_000000")
+    with pytest.raises(DamagedCheckpoint, match="cut short"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="trying an older checkpoint"):
+        epoch = restore(model, optimizer, tune.Checkpoint(str(newest)))
+    assert epoch == 1
+
+
+# --- a diverging trial in a real sweep --------------------------------------------------
+
+def diverging_space(tmp_path: Path) -> Path:
+    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 2,
+           "image_size": 32, "pretrained": "none", "augment": False, "num_samples": 2,
+           "asha": {"grace_period": 2, "reduction_factor": 2},
+           "params": {"backbone": "resnet18", "lr": {"low": 1e-4, "high": 1e7, "log": True},
+                      "batch_size": 16, "hidden": 16, "dropout": 0.0},
+           "start_with": [{"lr": 1e6}, {"lr": 0.01}]}
+    path = tmp_path / "diverge.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(
+        ray_cluster, binary_data, tmp_path):
+    from covid_tune.sweep import run_sweep
+
+    opts = SweepOptions(space_file=str(diverging_space(tmp_path)), data=str(binary_data),
+                        name="nan", storage_path=str(tmp_path / "runs"), max_failures=1)
+    results = run_sweep(opts)
+    by_lr = {r.config["lr"]: r for r in results}
+    assert set(by_lr) == {1e6, 0.01}
+    assert by_lr[0.01].error is None and by_lr[0.01].metrics["epoch"] == 2
+    bad = by_lr[1e6]
+    assert "loss became nan" in str(bad.error) or "loss became inf" in str(bad.error)
+    errors = (Path(bad.path) / "error.txt").read_text()
+    assert "Failure # 1" in errors and "lr 1000000.0 is probably too high" in errors
+    assert "Failure # 2" in errors and "diverged before; not trained again" in errors
+    assert (Path(bad.path) / DIVERGED_FILE).is_file()
+    study_file = tmp_path / "runs" / "nan" / STUDY_FILE
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{study_file}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
