@@ -4,38 +4,13 @@ folders; exit 2 when a split has nothing decodable, or with ``--strict``."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from covid_tune.check import check_dataset
 from covid_tune.cli import main
+from helpers import refused, binary_tree, save
 
 BROKEN_PNG = b"\x89PNG\r\n\x1a\n broken"
-
-
-def save(path: Path, value: int, size=(40, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(value).integers(0, 255, size=size[::-1], dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def binary_tree(root: Path, per_class: int = 3) -> Path:
-    for s, split in enumerate(("Train", "VALIDATION", "test")):
-        for c, cls in enumerate(("Infected", "normal")):
-            for i in range(per_class):
-                save(root / split / cls / f"{cls}{i}.png", value=100 * s + 10 * c + i)
-    return root
-
-
-def refused(capsys, *argv: str) -> str:
-    """Run the CLI in this process: exit 2, one ``covid-tune: error:`` line; the line."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("covid-tune: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def test_check_reports_counts_junk_unreadable_and_leaks(tmp_path):

@@ -15,21 +15,13 @@ import pytest
 import yaml
 
 from covid_tune.cli import main
+from helpers import refused
 from covid_tune.runs import SweepOptions, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPACE = ROOT / "search_spaces" / "demo.yaml"
 COMMANDS = ("check", "synth", "sweep", "resume", "leaderboard", "export", "predict", "bench",
             "demo")
-
-
-def refused(capsys, *argv: str) -> str:
-    """Run the CLI in this process: exit 2, one ``covid-tune: error:`` line; the line."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("covid-tune: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    return err
 
 
 def no_ray(monkeypatch) -> None:

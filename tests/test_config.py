@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from covid_tune.config import (
 )
 from covid_tune.errors import UserError
 from covid_tune.space import define_by_run, start_points
+from helpers import loaded_after
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = sorted(ROOT.glob("search_spaces/*.yaml"))
@@ -186,13 +185,8 @@ def test_augment_mistakes_are_reported_together(tmp_path):
 # --- typed, torch-free, and written back the same ---------------------------------------
 
 def test_loading_a_space_imports_neither_torch_nor_ray():
-    code = ("import sys; from covid_tune.config import load_space; "
-            "load_space('search_spaces/binary.yaml'); "
-            "print(sorted(m for m in ('torch', 'ray', 'torchvision') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    code = f"from covid_tune.config import load_space\nload_space({str(ROOT / 'search_spaces' / 'binary.yaml')!r})"
+    assert loaded_after(code, ("torch", "ray", "torchvision")) == []
 
 
 def test_augment_is_typed_from_the_yaml_to_the_trial(tmp_path):

@@ -4,7 +4,6 @@ pipes, folders that cannot be listed, random bytes), labels, the decode cache.""
 from __future__ import annotations
 
 import errno
-import io
 import os
 import stat
 import struct
@@ -14,36 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
 
 from covid_tune.check import check_dataset
 from covid_tune.cli import main
 from covid_tune.data import load_dataset, scan
 from covid_tune.errors import UserError
 from covid_tune.preprocess import read_gray
-
-
-def save(path: Path, mode: str = "L", size=(40, 30), value: int = 100) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(value)
-    if mode == "I;16":
-        pixels = rng.integers(0, 4096, size=size[::-1]).astype(np.uint16)
-        Image.fromarray(pixels).save(path)
-        return path
-    base = Image.fromarray(rng.integers(0, 255, size=size[::-1], dtype=np.uint8), mode="L")
-    image = base.convert(mode) if mode != "L" else base
-    image.save(path, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
-    return path
-
-
-def binary_tree(root: Path, per_class: int = 3) -> Path:
-    """Published spelling is lower case; use odd cases to test the matching."""
-    for s, split in enumerate(("Train", "VALIDATION", "test")):
-        for c, cls in enumerate(("Infected", "normal")):
-            for i in range(per_class):
-                save(root / split / cls / f"{cls}{i}.png", value=100 * s + 10 * c + i)
-    return root
+from helpers import refused, binary_tree, encoded, image_like_bytes, save
 
 
 def multilabel_tree(root: Path) -> Path:
@@ -147,14 +123,6 @@ def test_cache_matches_direct_decode_and_is_rebuilt_on_change(tmp_path, monkeypa
 
 # --- hostile data -----------------------------------------------------------------------
 
-def refused(capsys, *argv: str) -> str:
-    """Run the CLI in this process: exit 2, one ``covid-tune: error:`` line; the line."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("covid-tune: error: ") and err.count("\n") == 1, err
-    return err
-
-
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG of a few dozen bytes whose header claims ``width`` x ``height`` pixels."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -245,27 +213,8 @@ def test_data_folder_that_is_a_file(tmp_path, capsys):
 
 # --- fuzzing: image files in a dataset --------------------------------------------------
 
-def encoded(fmt: str, mode: str) -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 255, (12, 16), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buffer, fmt)
-    return buffer.getvalue()
-
-
 SEED_IMAGES = [encoded("PNG", "L"), encoded("PNG", "RGBA"), encoded("JPEG", "RGB"),
                encoded("TIFF", "L")]
-
-
-@st.composite
-def image_like_bytes(draw) -> bytes:
-    """Raw noise, or a small valid image with bytes overwritten and its tail cut off."""
-    if draw(st.booleans()):
-        return draw(st.binary(max_size=600))
-    data = bytearray(draw(st.sampled_from(SEED_IMAGES)))
-    edits = st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255))
-    for position, value in draw(st.lists(edits, max_size=6)):
-        data[position] = value
-    return bytes(data[: draw(st.integers(0, len(data)))])
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +224,7 @@ def fuzz_tree(tmp_path_factory) -> Path:
 
 @settings(max_examples=30, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(data=image_like_bytes())
+@given(data=image_like_bytes(SEED_IMAGES))
 def test_random_bytes_in_a_dataset_are_read_or_listed(fuzz_tree, data):
     (fuzz_tree / "Train" / "normal" / "fuzz.png").write_bytes(data)
     bundle = load_dataset(fuzz_tree, image_size=16, progress=False, use_cache=False)

@@ -4,8 +4,6 @@ checked against PyTorch, safetensors reloaded, and a model card that carries its
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from covid_tune.models import build_model
 from covid_tune.preprocess import normalize
 from covid_tune.runs import read_run
 from covid_tune.tasks import TASKS
+from helpers import loaded_after
 
 CPU = Device(torch.device("cpu"), None, False)
 
@@ -92,13 +91,9 @@ def test_onnx_torchscript_and_safetensors_agree_with_pytorch(exported):
 
 
 def test_export_imports_no_ray(swept, tmp_path):
-    code = (f"import sys; from covid_tune.export import export_best; "
-            f"export_best([{str(swept.binary)!r}], {str(tmp_path)!r}); "
-            f"print(sorted(m for m in ('ray', 'covid_tune.train', 'covid_tune.sweep') "
-            f"if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    code = (f"from covid_tune.export import export_best\n"
+            f"export_best([{str(swept.binary)!r}], {str(tmp_path)!r})")
+    assert loaded_after(code, ("ray", "covid_tune.train", "covid_tune.sweep")) == []
     assert (tmp_path / "binary" / "model.onnx").is_file()
 
 

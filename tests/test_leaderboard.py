@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -22,6 +20,7 @@ from covid_tune.render import SPLIT_COLUMNS
 from covid_tune.runs import RunInfo, read_run
 from covid_tune.selection import frozen_name
 from covid_tune.space import define_by_run
+from helpers import loaded_after
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +143,9 @@ def test_reproduce_spaces_fix_the_rows_config(board):
 
 
 def test_leaderboard_imports_no_ray_and_no_training_code(swept, tmp_path):
-    code = (f"import sys; from covid_tune.leaderboard import write_leaderboard; "
-            f"write_leaderboard([{str(swept.multilabel)!r}], {str(tmp_path)!r}); "
-            f"print(sorted(m for m in ('ray', 'covid_tune.train', 'covid_tune.sweep') "
-            f"if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    code = (f"from covid_tune.leaderboard import write_leaderboard\n"
+            f"write_leaderboard([{str(swept.multilabel)!r}], {str(tmp_path)!r})")
+    assert loaded_after(code, ("ray", "covid_tune.train", "covid_tune.sweep")) == []
     assert (tmp_path / "leaderboard.md").is_file()
 
 
