@@ -39,6 +39,9 @@ def export_best(run_dirs: list[str], out: str, data: list[str] | None = None,
     """
     runs = [read_run(d) for d in run_dirs]
     choices = choose_datasets(runs, data or [], allow_changed_data)
+    for run in runs:
+        for note in [*run.notes, *choices[run.name].notes]:
+            print(f"note: {run.name}: {note}")
     folders = []
     for task in (t for t in TASKS if any(r.task == t for r in runs)):
         run, record = best_overall([r for r in runs if r.task == task])

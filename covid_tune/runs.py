@@ -3,7 +3,8 @@
 A run folder, ``<storage-path>/<name>/``, is Ray Tune's own layout plus covid-tune's
 record of the run::
 
-    sweep.json      what was asked (SweepOptions) and where it came from (Provenance)
+    sweep.json      what was asked (SweepOptions), where it came from (Provenance),
+                    and the size and SHA-256 of space.yaml
     space.yaml      the resolved search space, overrides applied (load_space reads it)
     dataset.json    the dataset's manifest: relative path -> bytes of every image
     optuna.db       the Optuna study as SQLite (written by covid_tune.search)
@@ -162,13 +163,14 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node())
     record = SweepRecord(opts, provenance)
     header = f"The resolved search space of run {opts.name} (from {opts.space_file})."
-    _write(join(run_dir, SPACE_FILE), dump_space(space, header).encode())
+    space_text = dump_space(space, header).encode()
+    _write(join(run_dir, SPACE_FILE), space_text)
     _write(join(run_dir, DATASET_FILE), json.dumps(
         {"root": data_root, "fingerprint": provenance.data_fingerprint, "files": files},
         indent=0).encode())
     _write(join(run_dir, SWEEP_FILE), json.dumps(
-        {"format": RECORD_FORMAT, "options": asdict(opts),
-         "provenance": asdict(provenance)}, indent=1).encode())
+        {"format": RECORD_FORMAT, "options": asdict(opts), "provenance": asdict(provenance),
+         "files": {SPACE_FILE: bytes_digest(space_text)}}, indent=1).encode())
     return record
 
 
@@ -232,15 +234,26 @@ def _build(cls, raw: dict):
 
 
 def read_space(run_dir: str) -> SearchSpace:
-    """The run's own resolved search space, never the original YAML file."""
+    """The run's own resolved search space, never the original YAML file; refused if it
+    differs from the size and SHA-256 ``sweep.json`` recorded (a YAML file cut short
+    at a line end may still parse, to another space)."""
     path = join(run_dir, SPACE_FILE)
     if not exists(path):
         raise UserError(f"{path}: missing; this run's search space is gone, so its "
                         f"results cannot be read; start the sweep again")
     try:
-        text = read_bytes(path).decode()
+        data = read_bytes(path)
+        text = data.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the file ({_short(exc)})") from None
+    raw = _read_json(join(run_dir, SWEEP_FILE), "the run's record cannot be recovered; "
+                                                "start the sweep again")
+    files = raw.get("files") if isinstance(raw, dict) else None
+    expected = files.get(SPACE_FILE) if isinstance(files, dict) else None
+    if expected is not None and expected != bytes_digest(data):
+        raise UserError(f"{path}: cut short or altered (its size or SHA-256 differs from "
+                        f"{SWEEP_FILE}); this run's search space is lost, so its results "
+                        f"cannot be read; start the sweep again")
     return parse_space_text(text, path)
 
 
@@ -328,6 +341,11 @@ def save_checkpoint(folder: Path, state: dict, recipe: dict) -> None:
     torch.save(state, folder / CHECKPOINT_FILE)
     recipe = {**recipe, "files": {CHECKPOINT_FILE: file_digest(folder / CHECKPOINT_FILE)}}
     (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
+
+
+def bytes_digest(data: bytes) -> dict:
+    """``{"bytes": size, "sha256": hex digest}`` of bytes about to be written."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def file_digest(path: Path) -> dict:
@@ -471,6 +489,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
         if record_ is None:
             notes.append(f"{folder.name}: {why}; left out")
             continue
+        if why:
+            notes.append(f"{folder.name}: {why}")
         record_.hand_grid = any(matches(record_.config, row) for row in space.start_with)
         trials.append(record_)
     if not trials:
@@ -493,14 +513,15 @@ def matches(config: dict, row: dict) -> bool:
 
 
 def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord | None, str]:
-    """A trial's best kept checkpoint by the run's metric, or ``None`` and why not.
+    """A trial's best kept checkpoint by the run's metric, or ``None``; and what a
+    reader should know (why none, or which checkpoints were passed over).
 
     Checkpoints whose recipe is damaged are passed over; their weights are checked
     only when a reader loads them (``load_checkpoint``)."""
     recipes, damaged = [], 0
-    for recipe_file in sorted(folder.glob(f"checkpoint_*/{RECIPE_FILE}")):
+    for checkpoint in sorted(p for p in folder.glob("checkpoint_*") if p.is_dir()):
         try:
-            recipes.append((parse_recipe(recipe_file.parent), recipe_file.parent))
+            recipes.append((parse_recipe(checkpoint), checkpoint))
         except DamagedCheckpoint:
             damaged += 1
     if not recipes:
@@ -508,10 +529,12 @@ def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord 
                       else "no checkpoint (the trial failed before its first epoch ended)")
     recipe, checkpoint = best_recipe(recipes, space.metric, space.mode)
     epoch = int(recipe["epoch"])
+    passed_over = (f"{damaged} checkpoint(s) without a readable {RECIPE_FILE} passed over"
+                   if damaged else "")
     return TrialRecord(run=run, trial_id=folder.name.removeprefix("trial_"),
                        config=recipe["config"], checkpoint=checkpoint, epoch=epoch,
                        metrics=recipe["metrics"],
-                       seconds=training_seconds(folder, epoch)), ""
+                       seconds=training_seconds(folder, epoch)), passed_over
 
 
 def rank_key(value: float, mode: str) -> float:

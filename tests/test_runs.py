@@ -1,0 +1,579 @@
+"""The run folder (``covid_tune.runs``): the record and its provenance, the run's own
+search space, the dataset check, the best checkpoint of a trial, and damaged files,
+which give one ``covid-tune: error:`` line and exit 2 or a note in the output, never a
+traceback.
+
+Record, dataset and best-checkpoint logic is tested on folders written by hand; what
+``leaderboard``, ``export`` and ``resume`` make of a run is tested on copies of the
+session's shared binary sweep (``swept.binary``, never changed in place).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import BINARY_SPACE, write_space
+from covid_tune.cli import main
+from covid_tune.config import load_space, parse_space, parse_space_text
+from covid_tune.data import manifest, scan
+from covid_tune.errors import UserError
+from covid_tune.model_bundle import read_card
+from covid_tune.runs import (CHECKPOINT_FILE, DATASET_FILE, RAY_STATE_GLOB, RECIPE_FILE,
+                             RESULT_FILE, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepOptions,
+                             TrialRecord, best_recipe, best_trial, choose_data,
+                             manifest_fingerprint, read_manifest, read_record, read_run,
+                             read_space, read_trial, write_record)
+
+FILES = {"train/normal/a.png": 1000, "train/infected/b.png": 1200,
+         "validation/normal/c.png": 700, "validation/infected/d.png": 900}
+
+
+def one_line_error(capsys, rc: int) -> str:
+    """Exit 2 and one ``covid-tune: error:`` line on stderr, no traceback; the line."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("covid-tune: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of a run folder to damage or read elsewhere. The large ``checkpoint.pt``
+    files are hard links: the commands only read them and ``damage`` replaces a file
+    instead of writing into it. The rest are copies (SQLite may write to optuna.db)."""
+    def link_or_copy(src: str, dst: str) -> None:
+        if Path(src).name == CHECKPOINT_FILE:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)
+    return target
+
+
+def notes_of(markdown: str) -> list[str]:
+    """The bullet lines under the leaderboard's ``### Notes`` headings."""
+    notes, inside = [], False
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            inside = line == "### Notes"
+        elif inside and line.startswith("- "):
+            notes.append(line[2:])
+    return notes
+
+
+def table_rows(csv_file: Path) -> list[dict]:
+    with open(csv_file, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- the record: sweep.json, space.yaml, dataset.json ---------------------------------
+
+def test_record_round_trip_and_provenance(tmp_path, monkeypatch):
+    space_file = write_space(tmp_path, BINARY_SPACE, "original.yaml")
+    space = load_space(space_file)
+    data = tmp_path / "data"
+    opts = SweepOptions(space_file=str(space_file), data=str(data), name="r",
+                        storage_path=str(tmp_path / "runs"), num_samples=4, seed=7)
+    argv = ["covid-tune", "sweep", "--space", str(space_file), "--data", str(data)]
+    monkeypatch.setattr(sys, "argv", argv)
+    written = write_record(opts, space, str(data), FILES)
+
+    record = read_record(opts.run_dir())
+    assert record == written and record.options == opts
+    provenance = record.provenance
+    assert provenance.data == str(data) and Path(provenance.data).is_absolute()
+    assert provenance.data_fingerprint == manifest_fingerprint(FILES)
+    assert provenance.data_files == len(FILES)
+    assert provenance.command == argv
+    for package in ("covid-tune", "torch", "ray", "optuna"):
+        assert provenance.versions[package] not in ("", "not installed"), package
+    own = read_space(opts.run_dir())
+    assert own.source == str(Path(opts.run_dir()) / SPACE_FILE)
+    assert replace(own, source=space.source) == space
+    assert read_manifest(opts.run_dir()) == FILES
+
+
+def test_fingerprint_is_of_relative_paths_and_sizes():
+    """A moved copy matches (no absolute path, any order); a resized file does not."""
+    reordered = dict(reversed(list(FILES.items())))
+    assert manifest_fingerprint(reordered) == manifest_fingerprint(FILES)
+    assert manifest_fingerprint({**FILES, "train/normal/a.png": 1001}) != \
+        manifest_fingerprint(FILES)
+    assert manifest_fingerprint({"x/" + k: v for k, v in FILES.items()}) != \
+        manifest_fingerprint(FILES)
+
+
+def test_a_space_yaml_cut_at_a_line_end_is_refused(tmp_path):
+    """Cut after a whole ``start_with`` row, the YAML still parses, to another space: a
+    leaderboard would silently lose a hand-grid row. sweep.json's digest catches it."""
+    opts = SweepOptions(space_file="s.yaml", data=str(tmp_path), name="r",
+                        storage_path=str(tmp_path / "runs"))
+    space = parse_space(BINARY_SPACE, "s.yaml")
+    write_record(opts, space, str(tmp_path), FILES)
+    path = Path(opts.run_dir()) / SPACE_FILE
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-3]))  # the last start_with row is 3 lines
+    assert len(parse_space_text(path.read_text(), "cut.yaml").start_with) == 2
+    with pytest.raises(UserError, match="cut short or altered"):
+        read_space(opts.run_dir())
+
+
+def test_the_shared_sweep_records_where_it_came_from(swept, binary_data):
+    record = read_record(str(swept.binary))
+    assert record.provenance.data == str(binary_data.resolve())
+    assert record.options.data == str(binary_data.resolve())
+    assert record.options.space_file == str(swept.binary_space.resolve())
+    files = manifest(scan(binary_data, "binary"))
+    assert record.provenance.data_fingerprint == manifest_fingerprint(files)
+    assert read_manifest(str(swept.binary)) == files
+    assert (swept.binary / SPACE_FILE).is_file()
+
+
+def test_hand_grid_comes_from_the_runs_own_space(swept, tmp_path):
+    """The YAML file the sweep started from may change or go: the run keeps its own."""
+    run = copy_run(swept.binary, tmp_path / "run")
+    record = json.loads((run / SWEEP_FILE).read_text())
+    record["options"]["space_file"] = str(tmp_path / "gone.yaml")
+    (run / SWEEP_FILE).write_text(json.dumps(record))
+
+    info = read_run(run)
+    assert info.space.source == str(run / SPACE_FILE)
+    assert list(info.space.start_with) == BINARY_SPACE["start_with"]
+    hand = [t for t in info.trials if t.hand_grid]
+    assert 0 < len(hand) < len(info.trials)
+    keys = ("backbone", "frozen_layers", "lr")
+    assert sorted(tuple(t.config[k] for k in keys) for t in hand) == \
+        sorted(tuple(row[k] for k in keys) for row in BINARY_SPACE["start_with"])
+
+
+# --- which dataset a run is scored on -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def changed_data(binary_data, tmp_path_factory) -> Path:
+    """A copy of the binary dataset with one file removed, one added, one resized."""
+    root = tmp_path_factory.mktemp("changed") / "data"
+    shutil.copytree(binary_data, root)
+    images = sorted((root / "train").rglob("*.png"))
+    images[0].unlink()
+    shutil.copy(images[1], images[1].with_name("added.png"))
+    Image.new("L", (48, 48), 77).save(images[2])  # a plain image: far fewer bytes
+    return root
+
+
+CHANGE = "1 file(s) added, 1 removed, 1 changed"
+
+
+def test_a_moved_copy_of_the_dataset_matches(swept, binary_data, tmp_path):
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(binary_data, moved)
+    choice = choose_data(str(swept.binary), read_record(str(swept.binary)), "binary",
+                         str(moved))
+    assert choice.root == moved.resolve() and choice.notes == ()
+    recorded = choose_data(str(swept.binary), read_record(str(swept.binary)), "binary")
+    assert recorded.root == binary_data.resolve() and recorded.notes == ()
+
+
+def test_a_changed_dataset_is_refused_or_noted(swept, changed_data):
+    record = read_record(str(swept.binary))
+    with pytest.raises(UserError) as caught:
+        choose_data(str(swept.binary), record, "binary", str(changed_data))
+    message = str(caught.value)
+    assert CHANGE in message and "--allow-changed-data" in message and "\n" not in message
+    choice = choose_data(str(swept.binary), record, "binary", str(changed_data),
+                         allow_changed=True)
+    assert choice.root == changed_data.resolve()
+    assert len(choice.notes) == 1 and CHANGE in choice.notes[0]
+    assert "--allow-changed-data" in choice.notes[0]
+
+
+def test_a_dataset_that_is_gone(swept, tmp_path):
+    record = read_record(str(swept.binary))
+    gone = replace(record, provenance=replace(record.provenance, data=str(tmp_path / "gone")))
+    choice = choose_data(str(swept.binary), gone, "binary")
+    assert choice.root is None and "was not found" in choice.notes[0]
+    with pytest.raises(UserError, match="not there any more; pass --data DIR"):
+        choose_data(str(swept.binary), gone, "binary", required=True)
+    with pytest.raises(UserError, match="--data .*: no such folder"):
+        choose_data(str(swept.binary), record, "binary", str(tmp_path / "gone"))
+
+
+def test_the_cli_refuses_a_changed_dataset_in_one_line(swept, changed_data, tmp_path,
+                                                        capsys):
+    rc = main(["leaderboard", str(swept.binary), "--data", str(changed_data),
+               "--out", str(tmp_path / "board")])
+    assert CHANGE in one_line_error(capsys, rc)
+
+
+def test_the_leaderboard_notes_a_changed_dataset(swept, changed_data, tmp_path,
+                                                 monkeypatch):
+    from covid_tune.leaderboard import write_leaderboard
+
+    stand_in_arithmetic(monkeypatch)
+    text = write_leaderboard([str(swept.binary)], str(tmp_path / "board"),
+                             data=[str(changed_data)], allow_changed_data=True)
+    assert any(CHANGE in note and "--allow-changed-data" in note for note in notes_of(text))
+
+
+def test_the_leaderboard_reads_a_run_from_another_working_directory(swept, tmp_path,
+                                                                     monkeypatch):
+    """Nothing resolves against the working directory: the run's path is resolved at
+    once and the dataset is found at its recorded absolute path (and scored for real)."""
+    from covid_tune.leaderboard import write_leaderboard
+
+    run = copy_run(swept.binary, tmp_path / "runs" / "binary")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = write_leaderboard([os.path.relpath(run)], "board")
+    rows = table_rows(elsewhere / "board" / "leaderboard.csv")
+    assert rows and all(row["scores"] == "re-scored" for row in rows)
+    assert all(row["Testing Set Accuracy/F1 Score"] not in ("", "n/a") for row in rows)
+    assert "was not found" not in text and notes_of(text) == []
+
+
+# --- best checkpoints, on trial folders written by hand -------------------------------
+
+SPACE = parse_space(BINARY_SPACE, "space.yaml")  # val_loss, min
+F1_SPACE = replace(SPACE, metric="val_f1", mode="max")
+CONFIG = {"task": "binary", "backbone": "resnet18", "frozen_layers": 20, "lr": 0.01,
+          "loss": "ce", "metric": "val_loss", "mode": "min", "image_size": 32}
+
+
+def checkpoint(trial: Path, index: int, epoch: int, config: dict | None = None,
+               **metrics: float) -> Path:
+    folder = trial / f"checkpoint_{index:06d}"
+    folder.mkdir(parents=True)
+    (folder / RECIPE_FILE).write_text(json.dumps(
+        {"epoch": epoch, "config": config or CONFIG, "label_names": ["normal", "infected"],
+         "metrics": metrics}))
+    return folder
+
+
+def results(trial: Path, *seconds: float) -> None:
+    (trial / RESULT_FILE).write_text("\n".join(json.dumps(
+        {"epoch": e, "time_total_s": s}) for e, s in enumerate(seconds, 1)) + "\n")
+
+
+def test_the_best_epoch_by_the_runs_metric_and_mode_not_the_last(tmp_path):
+    trial = tmp_path / "trial_abc"
+    for index, (loss, f1) in enumerate([(0.6, 0.7), (0.3, 0.5), (0.45, 0.6)]):
+        checkpoint(trial, index, index + 1, val_loss=loss, val_f1=f1)
+    results(trial, 10.0, 20.0, 30.0)
+    by_loss, why = read_trial(trial, "run", SPACE)
+    assert why == "" and (by_loss.epoch, by_loss.seconds, by_loss.trial_id) == (2, 20.0, "abc")
+    assert by_loss.checkpoint == trial / "checkpoint_000001"
+    by_f1, _ = read_trial(trial, "run", F1_SPACE)
+    assert (by_f1.epoch, by_f1.seconds) == (1, 10.0)
+
+
+def test_nan_and_missing_metrics_rank_last_in_either_mode(tmp_path):
+    folders = [tmp_path / f"c{i}" for i in range(4)]
+    recipes = [({"epoch": 1, "metrics": {"val_loss": math.nan}}, folders[0]),
+               ({"epoch": 2, "metrics": {}}, folders[1]),
+               ({"epoch": 3, "metrics": {"val_loss": 0.9}}, folders[2]),
+               ({"epoch": 4, "metrics": {"val_loss": "n/a"}}, folders[3])]
+    for mode in ("min", "max"):
+        assert best_recipe(recipes, "val_loss", mode)[1] == folders[2]
+    tie = [({"epoch": 3, "metrics": {"val_loss": 0.5}}, folders[0]),
+           ({"epoch": 1, "metrics": {"val_loss": 0.5}}, folders[1])]
+    assert best_recipe(tie, "val_loss", "min")[1] == folders[1]
+
+
+def test_best_trial_ranks_nan_last_and_ties_to_fewer_epochs():
+    def trial(trial_id: str, epoch: int, value: float) -> TrialRecord:
+        return TrialRecord("run", trial_id, CONFIG, Path(trial_id), epoch,
+                           {"val_loss": value}, None)
+
+    trials = [trial("a", 3, 0.5), trial("b", 1, 0.5), trial("c", 1, math.nan),
+              trial("d", 2, 0.2)]
+    assert best_trial(trials, "val_loss", "min").trial_id == "d"
+    assert best_trial(trials, "val_loss", "max").trial_id == "b"
+    assert best_trial([trials[2], trials[0]], "val_loss", "max").trial_id == "a"
+
+
+def test_damaged_recipes_are_passed_over_and_noted(tmp_path):
+    opts = SweepOptions(space_file="s.yaml", data=str(tmp_path), name="r",
+                        storage_path=str(tmp_path))
+    write_record(opts, SPACE, str(tmp_path), FILES)
+    run = Path(opts.run_dir())
+    good = checkpoint(run / "trial_good", 0, 1, val_loss=0.5)
+    results(run / "trial_good", 4.0)
+    mixed = run / "trial_mixed"
+    checkpoint(mixed, 0, 1, val_loss=0.7)
+    (checkpoint(mixed, 1, 2, val_loss=0.1) / RECIPE_FILE).write_text('{"epoch": 2, "con')
+    bad = run / "trial_bad"
+    (checkpoint(bad, 0, 1, val_loss=0.2) / RECIPE_FILE).write_text(
+        json.dumps({"epoch": 1, "config": {"task": "binary"}, "metrics": {}}))
+    (bad / "checkpoint_000001").mkdir()  # its recipe.json never written
+    (run / "trial_empty").mkdir()
+
+    record, why = read_trial(bad, "r", SPACE)
+    assert record is None and why == "2 checkpoint(s), none with a readable recipe.json"
+    record, why = read_trial(mixed, "r", SPACE)
+    assert record.epoch == 1 and why == "1 checkpoint(s) without a readable recipe.json passed over"
+
+    info = read_run(run)
+    assert [t.trial_id for t in info.trials] == ["good", "mixed"]
+    assert info.trials[0].checkpoint == good and info.trials[0].seconds == 4.0
+    assert info.notes == [
+        "trial_bad: 2 checkpoint(s), none with a readable recipe.json; left out",
+        "trial_empty: no checkpoint (the trial failed before its first epoch ended); left out",
+        "trial_mixed: 1 checkpoint(s) without a readable recipe.json passed over"]
+    for folder in ("trial_good", "trial_mixed"):
+        shutil.rmtree(run / folder)
+    with pytest.raises(UserError, match="no trial of this run has a usable checkpoint"):
+        read_run(run)
+
+
+def test_hand_grid_rows_are_matched_on_the_keys_they_give(tmp_path):
+    opts = SweepOptions(space_file="s.yaml", data=str(tmp_path), name="r",
+                        storage_path=str(tmp_path))
+    write_record(opts, SPACE, str(tmp_path), FILES)
+    run = Path(opts.run_dir())
+    checkpoint(run / "trial_row", 0, 1, val_loss=0.5)  # resnet18, 20 frozen, lr 0.01
+    checkpoint(run / "trial_searched", 0, 1, {**CONFIG, "lr": 0.0100001}, val_loss=0.5)
+    info = read_run(run)
+    assert {t.trial_id: t.hand_grid for t in info.trials} == {"row": True, "searched": False}
+
+
+# --- damaged run files: one line and exit 2, or a note; never a traceback -------------
+
+def stand_in_arithmetic(monkeypatch) -> None:
+    """Keep the arithmetic that reads no run file out of the damage tests, so each
+    example takes a second or two: the forward passes (zero logits), the plots, and the
+    ONNX and TorchScript tracing. Every checkpoint a command loads is still read and
+    checked by ``runs.load_checkpoint``; the real paths are tested in
+    test_leaderboard.py and test_export.py."""
+    import torch
+
+    import covid_tune.export
+    import covid_tune.inference
+    import covid_tune.leaderboard
+    from covid_tune.runs import load_checkpoint
+    from covid_tune.tasks import TASKS
+
+    def load_model(folder):
+        _, recipe = load_checkpoint(folder)
+        return torch.nn.Linear(1, TASKS[recipe["config"]["task"]].outputs)
+
+    def predict_logits(model, images, batch_size, device):
+        return np.zeros((len(images), model.out_features), np.float32)
+
+    monkeypatch.setattr(covid_tune.inference, "load_model", load_model)
+    monkeypatch.setattr(covid_tune.inference, "predict_logits", predict_logits)
+    monkeypatch.setattr(covid_tune.export, "load_model", load_model)
+    for name in ("write_chart", "write_confusion"):
+        monkeypatch.setattr(covid_tune.leaderboard, name, lambda *args, **kwargs: None)
+    for name in ("write_onnx", "write_torchscript"):
+        monkeypatch.setattr(covid_tune.export, name, lambda *args, **kwargs: 0.0)
+
+
+DAMAGEABLE = {
+    "sweep.json": SWEEP_FILE, "space.yaml": SPACE_FILE, "dataset.json": DATASET_FILE,
+    "recipe.json": f"trial_*/checkpoint_*/{RECIPE_FILE}",
+    "checkpoint.pt": f"trial_*/checkpoint_*/{CHECKPOINT_FILE}",
+    "result.json": f"trial_*/{RESULT_FILE}", "experiment state": RAY_STATE_GLOB,
+    "optuna.db": STUDY_FILE,
+}
+"""The run files a damage test picks from: what covid-tune writes and reads, and Ray's
+snapshot, which only ``resume`` reads."""
+
+
+def damage(path: Path, how: str, cut: float = 0.5, noise: bytes = b"\x00garbage") -> None:
+    """Cut ``path`` short (at ``cut`` of its length), overwrite it with ``noise``, or
+    delete it. The file is replaced, never written into: it may be a hard link."""
+    data = path.read_bytes()
+    path.unlink()
+    if how == "truncate":
+        path.write_bytes(data[:int(cut * len(data))])
+    elif how == "overwrite":
+        path.write_bytes(noise)
+
+
+class Fuzz:
+    """Where the damage tests work: one run copy and output folders at fixed paths, so
+    the output of a damaged copy compares with that of the whole one."""
+
+    def __init__(self, folder: Path, source: Path):
+        self.folder, self.source = folder, source
+        self.run, self.board, self.model = folder / "run", folder / "board", folder / "model"
+        self.markdown, self.rows, self.card = "", [], {}
+        """The whole run's leaderboard.md, leaderboard.csv rows and model.json."""
+
+    def fresh(self) -> None:
+        """A new copy of the run; no output yet."""
+        for path in (self.run, self.board, self.model):
+            shutil.rmtree(path, ignore_errors=True)
+        copy_run(self.source, self.run)
+
+    def pick(self, kind: str, index: int) -> Path:
+        """The file of ``kind`` (one of ``DAMAGEABLE``) that ``index`` picks."""
+        candidates = sorted(self.run.glob(DAMAGEABLE[kind]))
+        assert candidates, kind
+        return candidates[index % len(candidates)]
+
+
+@pytest.fixture(scope="module")
+def fuzz(swept, tmp_path_factory):
+    """The fuzz area, and the leaderboard and exported card of the whole run there."""
+    area = Fuzz(tmp_path_factory.mktemp("fuzz"), swept.binary)
+    area.fresh()
+    with pytest.MonkeyPatch.context() as patch:
+        stand_in_arithmetic(patch)
+        assert main(["leaderboard", str(area.run), "--out", str(area.board)]) == 0
+        assert main(["export", str(area.run), "--out", str(area.model)]) == 0
+    area.markdown = (area.board / "leaderboard.md").read_text()
+    area.rows = table_rows(area.board / "leaderboard.csv")
+    area.card = read_card(area.model / "binary")
+    assert notes_of(area.markdown) == [] and "cannot be read" not in area.markdown
+    return area
+
+
+DAMAGES = {"kind": st.sampled_from(sorted(DAMAGEABLE)), "index": st.integers(0, 99),
+           "how": st.sampled_from(["truncate", "overwrite", "delete"]),
+           "cut": st.floats(0, 1, exclude_max=True),
+           "noise": st.binary(min_size=1, max_size=512)}
+"""A file to damage (its kind, then which one), how, where to cut, what to write."""
+NO_REFUSAL_OF = {"dataset.json", "experiment state"}
+"""Files the leaderboard and export do not read when the dataset matches its record."""
+
+
+def fuzz_settings(examples: int):
+    return settings(max_examples=examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@fuzz_settings(30)
+@given(**DAMAGES)
+def test_a_damaged_run_gives_a_leaderboard_that_says_so_or_one_line(
+        fuzz, monkeypatch, capsys, kind, index, how, cut, noise):
+    """A damaged sweep.json or space.yaml is refused; any other damaged file leaves the
+    leaderboard as it was, or stops it in one line, or changes it and says why."""
+    stand_in_arithmetic(monkeypatch)
+    fuzz.fresh()
+    target = fuzz.pick(kind, index)
+    damage(target, how, cut, noise)
+    capsys.readouterr()
+    rc = main(["leaderboard", str(fuzz.run), "--out", str(fuzz.board)])
+    if kind in ("sweep.json", "space.yaml"):
+        assert DAMAGEABLE[kind] in one_line_error(capsys, rc)
+        return
+    if rc == 2:
+        assert kind not in NO_REFUSAL_OF
+        one_line_error(capsys, rc)
+        return
+    assert rc == 0 and capsys.readouterr().err == ""
+    markdown = (fuzz.board / "leaderboard.md").read_text()
+    if markdown == fuzz.markdown:
+        return  # the damage is in a part nothing read, or in a file nothing reads
+    rows = table_rows(fuzz.board / "leaderboard.csv")
+    trial = target.relative_to(fuzz.run).parts[0]  # trial_<id>, for the files of a trial
+    if kind == "recipe.json":
+        assert any(note.startswith(f"`binary`: {trial}: ") and
+                   ("left out" in note or "passed over" in note)
+                   for note in notes_of(markdown)), markdown
+    elif kind == "optuna.db":
+        assert ("The Optuna study optuna.db cannot be read" in markdown
+                or "No Optuna study found (optuna.db is missing)" in markdown)
+        assert rows == fuzz.rows
+    elif kind == "result.json":  # the trial's training time is unknown, never wrong
+        assert len(rows) == len(fuzz.rows)
+        for row, whole in zip(rows, fuzz.rows):
+            changed = {k for k in row if row[k] != whole[k]}
+            assert changed <= {"Training Time", "training_seconds"}
+            assert not changed or (row["trial_id"] == trial.removeprefix("trial_")
+                                   and row["Training Time"] == "?")
+    else:
+        pytest.fail(f"a damaged {kind} changed the leaderboard without a note:\n{markdown}")
+
+
+@fuzz_settings(20)
+@given(**DAMAGES)
+def test_a_damaged_run_exports_an_intact_checkpoint_or_one_line(
+        fuzz, monkeypatch, capsys, kind, index, how, cut, noise):
+    """Export stops in one line, or exports the checkpoint the whole run would, or, when
+    that checkpoint's recipe is the damaged file, another one."""
+    stand_in_arithmetic(monkeypatch)
+    fuzz.fresh()
+    target = fuzz.pick(kind, index)
+    damage(target, how, cut, noise)
+    capsys.readouterr()
+    rc = main(["export", str(fuzz.run), "--out", str(fuzz.model)])
+    if kind in ("sweep.json", "space.yaml"):
+        assert DAMAGEABLE[kind] in one_line_error(capsys, rc)
+        return
+    if rc == 2:
+        assert kind not in NO_REFUSAL_OF
+        one_line_error(capsys, rc)
+        return
+    assert rc == 0 and capsys.readouterr().err == ""
+    card = read_card(fuzz.model / "binary")
+    if card != fuzz.card:  # only a damaged recipe may make another checkpoint the best
+        assert kind == "recipe.json"
+        assert card["source"]["checkpoint"] != str(target.parent)
+        assert fuzz.card["source"]["checkpoint"] == str(target.parent)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test, rather than start Ray work, if ``resume`` gets that far."""
+    import covid_tune.sweep
+
+    def start_ray(address):
+        raise AssertionError("resume got as far as starting Ray")
+
+    monkeypatch.setattr(covid_tune.sweep, "start_ray", start_ray)
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite", "delete"])
+@pytest.mark.parametrize("kind", ["sweep.json", "space.yaml", "dataset.json",
+                                  "experiment state"])
+def test_resume_refuses_a_damaged_run_before_ray_starts(swept, changed_data, tmp_path,
+                                                        no_ray, capsys, kind, how):
+    """``dataset.json`` is only read when the dataset differs from the record (here
+    ``--data`` a changed copy): its file counts make the message."""
+    run = copy_run(swept.binary, tmp_path / "run")
+    damage(next(run.glob(DAMAGEABLE[kind])), how)
+    extra = ["--data", str(changed_data)] if kind == "dataset.json" else []
+    message = one_line_error(capsys, main(["resume", str(run), *extra]))
+    assert (DAMAGEABLE[kind] if kind != "experiment state" else "Ray Tune") in message
+
+
+def test_a_space_yaml_cut_at_a_line_end_stops_every_reader(swept, tmp_path, no_ray,
+                                                           capsys):
+    run = copy_run(swept.binary, tmp_path / "run")
+    lines = (run / SPACE_FILE).read_text().splitlines(keepends=True)
+    (run / SPACE_FILE).write_text("".join(lines[:-3]))
+    for argv in (["leaderboard", str(run), "--out", str(tmp_path / "board")],
+                 ["export", str(run), "--out", str(tmp_path / "model")],
+                 ["resume", str(run)]):
+        assert "space.yaml: cut short or altered" in one_line_error(capsys, main(argv))
+
+
+# --- import weight --------------------------------------------------------------------
+
+def test_reading_a_run_imports_neither_torch_nor_ray_nor_optuna():
+    code = ("import sys, covid_tune.runs; "
+            "print(sorted(m for m in ('torch', 'ray', 'optuna') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
