@@ -118,7 +118,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
     tuner = tune.Tuner(
         build_trainable(bundle, opts, trainable),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
-                                    num_samples=space.num_samples,
+                                    num_samples=space.num_samples, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
         run_config=run_config(space, opts),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import optuna
@@ -25,10 +26,17 @@ from helpers import loaded_after
 
 @pytest.fixture(scope="module")
 def board(swept, tmp_path_factory):
-    """One leaderboard over both shared sweeps: (runs, output folder, markdown)."""
+    """One leaderboard over both shared sweeps, written from another working directory
+    with relative paths (nothing may resolve against it): (runs, output folder, markdown)."""
     out = tmp_path_factory.mktemp("board")
-    text = write_leaderboard([str(swept.binary), str(swept.multilabel)], str(out))
-    return (swept.binary, swept.multilabel), out, text
+    here = os.getcwd()
+    os.chdir(out)
+    try:
+        runs = [os.path.relpath(swept.binary), os.path.relpath(swept.multilabel)]
+        text = write_leaderboard(runs, "files")
+    finally:
+        os.chdir(here)
+    return (swept.binary, swept.multilabel), out / "files", text
 
 
 def section_rows(text: str, title: str) -> list[dict]:
@@ -64,6 +72,7 @@ def test_part1_groups_and_columns(board):
     assert {r["Source"] for r in rows} <= {"hand grid", "searched"}
     assert "hand grid" in {r["Source"] for r in rows}
     assert all(r["Testing Set Accuracy/F1 Score"] != "n/a" for r in rows)
+    assert "### Notes" not in text  # the dataset was found at its recorded absolute path
 
 
 def test_each_row_is_its_groups_best_epoch(board):

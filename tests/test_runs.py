@@ -232,23 +232,6 @@ def test_the_leaderboard_notes_a_changed_dataset(swept, changed_data, tmp_path,
     assert any(CHANGE in note and "--allow-changed-data" in note for note in notes_of(text))
 
 
-def test_the_leaderboard_reads_a_run_from_another_working_directory(swept, tmp_path,
-                                                                     monkeypatch):
-    """Nothing resolves against the working directory: the run's path is resolved at
-    once and the dataset is found at its recorded absolute path (and scored for real)."""
-    from covid_tune.leaderboard import write_leaderboard
-
-    run = copy_run(swept.binary, tmp_path / "runs" / "binary")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    text = write_leaderboard([os.path.relpath(run)], "board")
-    rows = table_rows(elsewhere / "board" / "leaderboard.csv")
-    assert rows and all(row["scores"] == "re-scored" for row in rows)
-    assert all(row["Testing Set Accuracy/F1 Score"] not in ("", "n/a") for row in rows)
-    assert "was not found" not in text and notes_of(text) == []
-
-
 # --- best checkpoints, on trial folders written by hand -------------------------------
 
 SPACE = parse_space(BINARY_SPACE, "space.yaml")  # val_loss, min
