@@ -35,7 +35,7 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     of the datasets the runs recorded)."""
     runs = [read_run(d) for d in run_dirs]
     choices = choose_datasets(runs, data or [], allow_changed_data)
-    folder = Path(out) if out else runs[0].path / "leaderboard"
+    folder = Path(out).resolve() if out else runs[0].path / "leaderboard"
     folder.mkdir(parents=True, exist_ok=True)
     sections, table_rows, bundles = [], [], {}
     for task in (t for t in TABLES if any(r.task == t for r in runs)):

@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from covid_tune.bench import GRID_ROWS, TINY, compare_search, epochs_until, run_bench
+from covid_tune.bench import TINY, compare_search, epochs_until, run_bench
 
 FIGURES = ("loader_speedup", "sweep_overhead", "search_epochs_ratio")
 
@@ -28,8 +28,8 @@ def test_tiny_bench_writes_the_three_figures(ray_cluster, tmp_path, capsys):
         assert isinstance(value, float) and math.isfinite(value) and value > 0, key
         assert value == report[key]
     search = written["search"]
-    assert search["grid_trials"] == len(GRID_ROWS)
-    assert search["grid_epochs"] == len(GRID_ROWS) * TINY.search_epochs  # none stopped early
+    assert search["grid_trials"] == TINY.grid_rows
+    assert search["grid_epochs"] == TINY.grid_rows * TINY.search_epochs  # none stopped early
     assert written["machine"]["cpus"] >= 1
     table = capsys.readouterr().out
     assert "loader images/s" in table and "machine:" in table

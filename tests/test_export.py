@@ -20,7 +20,6 @@ from covid_tune.models import build_model
 from covid_tune.preprocess import normalize
 from covid_tune.runs import read_run
 from covid_tune.tasks import TASKS
-from helpers import loaded_after
 
 CPU = Device(torch.device("cpu"), None, False)
 
@@ -88,13 +87,6 @@ def test_onnx_torchscript_and_safetensors_agree_with_pytorch(exported):
         with torch.no_grad():
             got = scripted(torch.from_numpy(normalize(images[:3]))).numpy()
         assert np.allclose(got, expected[:3], rtol=1e-3, atol=1e-4)
-
-
-def test_export_imports_no_ray(swept, tmp_path):
-    code = (f"from covid_tune.export import export_best\n"
-            f"export_best([{str(swept.binary)!r}], {str(tmp_path)!r})")
-    assert loaded_after(code, ("ray", "covid_tune.train", "covid_tune.sweep")) == []
-    assert (tmp_path / "binary" / "model.onnx").is_file()
 
 
 def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):

@@ -151,11 +151,15 @@ def test_reproduce_spaces_fix_the_rows_config(board):
             assert config[key] == wanted[key], key
 
 
-def test_leaderboard_imports_no_ray_and_no_training_code(swept, tmp_path):
+def test_the_read_side_imports_no_ray_and_no_training_code(swept, tmp_path):
+    """leaderboard and export, run for real in a fresh interpreter."""
     code = (f"from covid_tune.leaderboard import write_leaderboard\n"
-            f"write_leaderboard([{str(swept.multilabel)!r}], {str(tmp_path)!r})")
+            f"from covid_tune.export import export_best\n"
+            f"write_leaderboard([{str(swept.multilabel)!r}], {str(tmp_path / 'board')!r})\n"
+            f"export_best([{str(swept.multilabel)!r}], {str(tmp_path / 'model')!r})")
     assert loaded_after(code, ("ray", "covid_tune.train", "covid_tune.sweep")) == []
-    assert (tmp_path / "leaderboard.md").is_file()
+    assert (tmp_path / "board" / "leaderboard.md").is_file()
+    assert (tmp_path / "model" / "multilabel" / "model.onnx").is_file()
 
 
 def test_a_run_without_its_dataset_shows_recorded_scores(swept, tmp_path, monkeypatch):
