@@ -445,26 +445,38 @@ def fuzz_settings(examples: int):
                                            HealthCheck.too_slow])
 
 
+def run_damaged(fuzz, monkeypatch, capsys, how: tuple, argv: list[str]) -> Path | None:
+    """Damage one file of a fresh copy of the run (``how``: kind, index, how, cut,
+    noise) and run the command: the damaged file if it went on (exit 0, nothing on
+    stderr), ``None`` if it refused in one line, as it must for sweep.json/space.yaml."""
+    kind, index, how_, cut, noise = how
+    stand_in_arithmetic(monkeypatch)
+    fuzz.fresh()
+    target = fuzz.pick(kind, index)
+    damage(target, how_, cut, noise)
+    capsys.readouterr()
+    rc = main(argv)
+    if kind in ("sweep.json", "space.yaml"):
+        assert DAMAGEABLE[kind] in one_line_error(capsys, rc)
+        return None
+    if rc == 2:
+        assert kind not in NO_REFUSAL_OF
+        one_line_error(capsys, rc)
+        return None
+    assert rc == 0 and capsys.readouterr().err == ""
+    return target
+
+
 @fuzz_settings(30)
 @given(**DAMAGES)
 def test_a_damaged_run_gives_a_leaderboard_that_says_so_or_one_line(
         fuzz, monkeypatch, capsys, kind, index, how, cut, noise):
     """A damaged sweep.json or space.yaml is refused; any other damaged file leaves the
     leaderboard as it was, or stops it in one line, or changes it and says why."""
-    stand_in_arithmetic(monkeypatch)
-    fuzz.fresh()
-    target = fuzz.pick(kind, index)
-    damage(target, how, cut, noise)
-    capsys.readouterr()
-    rc = main(["leaderboard", str(fuzz.run), "--out", str(fuzz.board)])
-    if kind in ("sweep.json", "space.yaml"):
-        assert DAMAGEABLE[kind] in one_line_error(capsys, rc)
+    target = run_damaged(fuzz, monkeypatch, capsys, (kind, index, how, cut, noise),
+                         ["leaderboard", str(fuzz.run), "--out", str(fuzz.board)])
+    if target is None:
         return
-    if rc == 2:
-        assert kind not in NO_REFUSAL_OF
-        one_line_error(capsys, rc)
-        return
-    assert rc == 0 and capsys.readouterr().err == ""
     markdown = (fuzz.board / "leaderboard.md").read_text()
     if markdown == fuzz.markdown:
         return  # the damage is in a part nothing read, or in a file nothing reads
@@ -495,20 +507,10 @@ def test_a_damaged_run_exports_an_intact_checkpoint_or_one_line(
         fuzz, monkeypatch, capsys, kind, index, how, cut, noise):
     """Export stops in one line, or exports the checkpoint the whole run would, or, when
     that checkpoint's recipe is the damaged file, another one."""
-    stand_in_arithmetic(monkeypatch)
-    fuzz.fresh()
-    target = fuzz.pick(kind, index)
-    damage(target, how, cut, noise)
-    capsys.readouterr()
-    rc = main(["export", str(fuzz.run), "--out", str(fuzz.model)])
-    if kind in ("sweep.json", "space.yaml"):
-        assert DAMAGEABLE[kind] in one_line_error(capsys, rc)
+    target = run_damaged(fuzz, monkeypatch, capsys, (kind, index, how, cut, noise),
+                         ["export", str(fuzz.run), "--out", str(fuzz.model)])
+    if target is None:
         return
-    if rc == 2:
-        assert kind not in NO_REFUSAL_OF
-        one_line_error(capsys, rc)
-        return
-    assert rc == 0 and capsys.readouterr().err == ""
     card = read_card(fuzz.model / "binary")
     if card != fuzz.card:  # only a damaged recipe may make another checkpoint the best
         assert kind == "recipe.json"
