@@ -131,6 +131,8 @@ class SweepRecord:
 
     options: SweepOptions
     provenance: Provenance
+    files: dict[str, dict] = field(default_factory=dict)
+    """Size and SHA-256 of the run's own files (``space.yaml``), checked when read."""
 
 
 def manifest_fingerprint(files: dict[str, int]) -> str:
@@ -161,16 +163,16 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
         data=data_root, data_fingerprint=manifest_fingerprint(files), data_files=len(files),
         command=list(sys.argv), versions=versions(),
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=platform.node())
-    record = SweepRecord(opts, provenance)
     header = f"The resolved search space of run {opts.name} (from {opts.space_file})."
     space_text = dump_space(space, header).encode()
+    record = SweepRecord(opts, provenance, {SPACE_FILE: bytes_digest(space_text)})
     _write(join(run_dir, SPACE_FILE), space_text)
     _write(join(run_dir, DATASET_FILE), json.dumps(
         {"root": data_root, "fingerprint": provenance.data_fingerprint, "files": files},
         indent=0).encode())
     _write(join(run_dir, SWEEP_FILE), json.dumps(
         {"format": RECORD_FORMAT, "options": asdict(opts), "provenance": asdict(provenance),
-         "files": {SPACE_FILE: bytes_digest(space_text)}}, indent=1).encode())
+         "files": record.files}, indent=1).encode())
     return record
 
 
@@ -208,9 +210,12 @@ def read_record(run_dir: str) -> SweepRecord:
         raise UserError(f"{path}: not a run record this version reads (format {found!r}, "
                         f"expected {RECORD_FORMAT!r}); start the sweep again with this "
                         f"version of covid-tune")
+    files = raw.get("files", {})
     try:
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise TypeError("files should map names to sizes and digests")
         return SweepRecord(_build(SweepOptions, raw["options"]),
-                           _build(Provenance, raw["provenance"]))
+                           _build(Provenance, raw["provenance"]), files)
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: damaged run record ({_short(exc)}); start the sweep "
                         f"again") from None
@@ -233,7 +238,7 @@ def _build(cls, raw: dict):
     return value
 
 
-def read_space(run_dir: str) -> SearchSpace:
+def read_space(run_dir: str, record: SweepRecord) -> SearchSpace:
     """The run's own resolved search space, never the original YAML file; refused if it
     differs from the size and SHA-256 ``sweep.json`` recorded (a YAML file cut short
     at a line end may still parse, to another space)."""
@@ -246,10 +251,7 @@ def read_space(run_dir: str) -> SearchSpace:
         text = data.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the file ({_short(exc)})") from None
-    raw = _read_json(join(run_dir, SWEEP_FILE), "the run's record cannot be recovered; "
-                                                "start the sweep again")
-    files = raw.get("files") if isinstance(raw, dict) else None
-    expected = files.get(SPACE_FILE) if isinstance(files, dict) else None
+    expected = record.files.get(SPACE_FILE)
     if expected is not None and expected != bytes_digest(data):
         raise UserError(f"{path}: cut short or altered (its size or SHA-256 differs from "
                         f"{SWEEP_FILE}); this run's search space is lost, so its results "
@@ -481,7 +483,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
                         f"instance `aws s3 sync` or `gsutil rsync`) and pass that folder")
     path = Path(run_dir).expanduser().resolve()
     record = read_record(str(path))
-    space = read_space(str(path))
+    space = read_space(str(path), record)
     name = record.options.name or path.name
     trials, notes = [], []
     for folder in sorted(path.glob("trial_*")):

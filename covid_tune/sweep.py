@@ -139,7 +139,7 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     run_dir = _absolute(str(run_dir)).rstrip("/")
     record = read_record(run_dir)
     opts = record.options
-    space = read_space(run_dir)
+    space = read_space(run_dir, record)
     check_ray_state(run_dir)
     choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
                          required=True)

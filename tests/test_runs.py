@@ -105,7 +105,7 @@ def test_record_round_trip_and_provenance(tmp_path, monkeypatch):
     assert provenance.command == argv
     for package in ("covid-tune", "torch", "ray", "optuna"):
         assert provenance.versions[package] not in ("", "not installed"), package
-    own = read_space(opts.run_dir())
+    own = read_space(opts.run_dir(), record)
     assert own.source == str(Path(opts.run_dir()) / SPACE_FILE)
     assert replace(own, source=space.source) == space
     assert read_manifest(opts.run_dir()) == FILES
@@ -127,13 +127,13 @@ def test_a_space_yaml_cut_at_a_line_end_is_refused(tmp_path):
     opts = SweepOptions(space_file="s.yaml", data=str(tmp_path), name="r",
                         storage_path=str(tmp_path / "runs"))
     space = parse_space(BINARY_SPACE, "s.yaml")
-    write_record(opts, space, str(tmp_path), FILES)
+    record = write_record(opts, space, str(tmp_path), FILES)
     path = Path(opts.run_dir()) / SPACE_FILE
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-3]))  # the last start_with row is 3 lines
     assert len(parse_space_text(path.read_text(), "cut.yaml").start_with) == 2
     with pytest.raises(UserError, match="cut short or altered"):
-        read_space(opts.run_dir())
+        read_space(opts.run_dir(), record)
 
 
 def test_the_shared_sweep_records_where_it_came_from(swept, binary_data):
