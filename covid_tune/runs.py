@@ -82,7 +82,9 @@ class SweepOptions:
     address: str | None = None
     """Ray cluster to join; ``None`` starts Ray on this machine."""
     cpus_per_trial: float = 1.0
+    """CPUs Ray reserves for each trial (also its torch threads)."""
     gpus_per_trial: float = 0.0
+    """GPUs per trial; a fraction packs several trials on one GPU."""
     seed: int = 0
     """Seeds TPE."""
     max_failures: int = 2
