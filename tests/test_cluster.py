@@ -439,17 +439,12 @@ def probe_local_ray(**env: str) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_the_local_ray_dashboard_listens_on_localhost_only():
-    """RAY_ADDRESS=local: a fresh instance, whatever else runs on this machine."""
-    probe = probe_local_ray(RAY_ADDRESS="local")
+def test_the_local_ray_is_new_and_its_dashboard_listens_on_localhost_only(ray_cluster):
+    """The test cluster is running and recorded in /tmp/ray/ray_current_cluster; the
+    Ray that covid-tune starts must still be its own (its GCS a child process), with
+    its dashboard bound to 127.0.0.1."""
+    probe = probe_local_ray()
     assert probe["own_gcs"] and probe["nodes"] == 1
     assert probe["dashboards"], "no dashboard process found"
     for command in probe["dashboards"]:
         assert "--host=127.0.0.1" in command, command
-
-
-def test_the_local_ray_is_a_new_instance_even_beside_another_cluster(ray_cluster):
-    """The test cluster is running and recorded in /tmp/ray/ray_current_cluster; the
-    Ray that covid-tune starts must still be its own (its GCS a child process)."""
-    probe = probe_local_ray()
-    assert probe["own_gcs"] and probe["nodes"] == 1
