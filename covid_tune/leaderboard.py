@@ -43,7 +43,7 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
         rows = select_rows(spec, task_runs)
         for index, row in enumerate(rows):
             choice = choices[row.run.name]
-            bundle = dataset_for(choice.root, row, bundles)
+            bundle = dataset_for(choice, row, bundles)
             row.scores, row.recorded = score_row(spec, row, bundle), bundle is None
             row.reproduce = reproduce_command(row, folder, str(choice.root or
                                                                row.run.record.provenance.data))
@@ -63,14 +63,14 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     return text + f"\nWritten to {folder}/ (leaderboard.md, .csv, .parquet and PNGs)\n"
 
 
-def dataset_for(root: Path | None, row: Row, cache: dict) -> DataBundle | None:
+def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
     """The dataset at the row's image size (decoded once per folder and size)."""
-    if root is None:
+    if choice.layout is None:
         return None
-    key = (str(root), row.record.config["image_size"])
+    key = (str(choice.root), row.record.config["image_size"])
     if key not in cache:
-        cache[key] = load_dataset(root, row.run.task, row.record.config["image_size"],
-                                  progress=False)
+        cache[key] = load_dataset(choice.layout, row.run.task,
+                                  row.record.config["image_size"], progress=False)
     return cache[key]
 
 

@@ -35,6 +35,7 @@ from importlib import metadata
 from pathlib import Path
 
 from covid_tune.config import SearchSpace, dump_space, load_space, parse_space_text
+from covid_tune.data import Layout, manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, write_bytes
 
@@ -282,6 +283,8 @@ class DataChoice:
     root: Path | None
     """``None`` when the dataset is nowhere to be found (scores stay as recorded)."""
     notes: tuple[str, ...] = ()
+    layout: Layout | None = None
+    """The scan of ``root`` the check was made on, for ``load_dataset`` to decode."""
 
 
 def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None = None,
@@ -289,8 +292,6 @@ def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None =
     """The run's dataset: ``data`` (a moved copy) or the recorded folder, checked
     against the run's manifest. A different dataset is refused unless
     ``allow_changed``, in which case the difference is returned as a note."""
-    from covid_tune.data import manifest, scan
-
     root = Path(data).expanduser().resolve() if data else Path(record.provenance.data)
     if not root.is_dir():
         if data:
@@ -302,24 +303,23 @@ def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None =
                                  f"are the ones recorded during training (train with "
                                  f"augmentation) and test is not scored; pass --data DIR "
                                  f"to re-score on a copy.",))
-    current = manifest(scan(root, task))
+    layout = scan(root, task)
+    current = manifest(layout)
     if manifest_fingerprint(current) == record.provenance.data_fingerprint:
-        return DataChoice(root)
-    change = describe_change(read_manifest(run_dir) if not allow_changed else
-                             _manifest_or_empty(run_dir), current)
+        return DataChoice(root, (), layout)
+    try:
+        change = describe_change(read_manifest(run_dir), current)
+    except UserError:
+        if not allow_changed:
+            raise
+        change = f"{DATASET_FILE} cannot be read to count the difference"
     if not allow_changed:
         raise UserError(f"{root}: not the dataset run {record.options.name} was trained on "
                         f"({change}); point --data at the right copy, or pass "
                         f"--allow-changed-data to go on anyway")
     return DataChoice(root, (f"The dataset at {root} differs from the one the run was "
-                             f"trained on ({change}); scored anyway (--allow-changed-data).",))
-
-
-def _manifest_or_empty(run_dir: str) -> dict[str, int]:
-    try:
-        return read_manifest(run_dir)
-    except UserError:
-        return {}
+                             f"trained on ({change}); scored anyway (--allow-changed-data).",),
+                      layout)
 
 
 def describe_change(recorded: dict[str, int], current: dict[str, int]) -> str:

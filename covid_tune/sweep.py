@@ -145,7 +145,7 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
                          required=True)
     for note in choice.notes:
         print(f"note: {note}")
-    bundle = load_dataset(choice.root, space.task, space.image_size, strict=opts.strict)
+    bundle = load_dataset(choice.layout, space.task, space.image_size, strict=opts.strict)
     start_ray(address or opts.address)
     check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
     check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
