@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
-from covid_tune.errors import UserError
+from covid_tune.errors import Stopped, UserError
 
 DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
 FLAG_MINIMUMS = {
@@ -272,8 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def terminate(signum, frame):
+    """SIGTERM outside a sweep's search: stop as Ctrl-C does, with exit code 143."""
+    raise Stopped(signum, "stopped by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         check_flags(args)
         return args.func(args)
@@ -282,9 +291,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"covid-tune: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"covid-tune: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("covid-tune: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

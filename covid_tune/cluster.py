@@ -57,6 +57,24 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
             f"{largest.get('GPU', 0):g} GPU); ask for less")
 
 
+def check_object_store(nbytes: int, image_size: int) -> None:
+    """Refuse a decoded dataset larger than the object store of the driver's node, where
+    ``tune.with_parameters`` puts its one copy for every trial to share."""
+    from covid_tune.data import human_bytes, largest_fitting_size
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in alive_nodes() if n["NodeID"] == here), None)
+    room = int(node["Resources"].get("object_store_memory", 0)) if node else 0
+    if not room or nbytes <= room:
+        return
+    fit = largest_fitting_size(image_size, nbytes, room)
+    raise UserError(f"--image-size {image_size}: the decoded dataset ({human_bytes(nbytes)}) "
+                    f"is larger than Ray's object store on this node "
+                    f"({human_bytes(room)}); the largest image size that fits is {fit} px; "
+                    f"pass --image-size {fit} or less, or give Ray more object-store memory "
+                    f"(ray start --object-store-memory)")
+
+
 def check_storage(storage_path: str, shared: bool = False) -> None:
     """Refuse a local storage path that a node of the cluster cannot see.
 

@@ -11,6 +11,7 @@ receive the bundle through Ray's object store, never by re-reading the folder.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
 import warnings
@@ -221,6 +222,57 @@ def _stamp(path: Path) -> str:
     return f"{info.st_size}|{info.st_mtime_ns}"
 
 
+def decoded_bytes(layout: Layout, size: int) -> int:
+    """What ``load_dataset`` will hold: one uint8 pixel per image per pixel of the
+    ``size`` x ``size`` crop."""
+    return sum(len(refs) for refs in layout.files.values()) * size * size
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux's
+    ``MemAvailable``), else free physical pages; None when neither is known."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def largest_fitting_size(size: int, need: int, room: int) -> int:
+    """The largest image side at which ``need`` bytes (needed at ``size``) shrink to
+    ``room`` bytes: decoded bytes grow with the square of the side."""
+    return int(size * math.sqrt(room / need)) if need else size
+
+
+def check_memory(layout: Layout, size: int, copies: int, fix: str) -> None:
+    """Refuse, before decoding, a dataset whose decoded pixels (held ``copies`` times)
+    do not fit in the memory available now; ``fix`` ends the message."""
+    room = available_memory()
+    need = decoded_bytes(layout, size) * copies
+    if room is None or need <= room:
+        return
+    images = sum(len(refs) for refs in layout.files.values())
+    held = " held twice: by this process and by Ray's object store" if copies == 2 else ""
+    fit = largest_fitting_size(size, need, room)
+    raise UserError(f"{layout.root}: {images} images at {size} px decode to "
+                    f"{human_bytes(need)}{held}, more than the {human_bytes(room)} of memory "
+                    f"available; the largest image size that fits is {fit} px; {fix}")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
 def cache_dir() -> Path:
     """``$COVID_TUNE_CACHE`` or ``~/.cache/covid-tune``."""
     return Path(os.environ.get("COVID_TUNE_CACHE") or Path.home() / ".cache" / "covid-tune")
@@ -287,12 +339,14 @@ def _write_cache(path: Path, bundle: DataBundle) -> None:
         arrays[f"{split}/images"] = data.images
         arrays[f"{split}/targets"] = data.targets
         arrays[f"{split}/names"] = np.array(data.names, dtype=str)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
     except OSError as exc:
+        if tmp.exists():
+            tmp.unlink()  # a full disk leaves no half-written cache behind
         warnings.warn(f"could not write the decode cache {path} ({exc}); continuing without it")
 
 

@@ -14,10 +14,14 @@ Nothing here imports Ray or the training code.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
-from covid_tune.data import DataBundle, load_dataset
+from covid_tune.data import DataBundle, check_memory, load_dataset
+from covid_tune.errors import UserError
 from covid_tune.metrics import compute_metrics
 from covid_tune.plots import write_chart, write_confusion
 from covid_tune.render import (chart_file, confusion_file, table_record, task_section,
@@ -32,11 +36,31 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     """Write the leaderboard files into ``out``; return the markdown (also printed).
 
     ``data`` is one dataset folder for every run, or one per run in order (moved copies
-    of the datasets the runs recorded)."""
+    of the datasets the runs recorded). The files are written into a new folder beside
+    ``out`` and moved into it only when all are written: a full disk leaves the
+    previous leaderboard as it was."""
     runs = [read_run(d) for d in run_dirs]
     choices = choose_datasets(runs, data or [], allow_changed_data)
     folder = Path(out).resolve() if out else runs[0].path / "leaderboard"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    except OSError as exc:
+        raise UserError(cannot_write(folder, exc)) from None
+    try:
+        text = write_files(runs, choices, folder, stage)
+        publish(stage, folder)
+    except OSError as exc:
+        raise UserError(cannot_write(folder, exc)) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return text + f"\nWritten to {folder}/ (leaderboard.md, .csv, .parquet and PNGs)\n"
+
+
+def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Path,
+                stage: Path) -> str:
+    """Every file of the leaderboard, written into ``stage``, naming ``folder`` where
+    a file refers to another; the markdown."""
     sections, table_rows, bundles = [], [], {}
     for task in (t for t in TABLES if any(r.task == t for r in runs)):
         spec, task_runs = TABLES[task], [r for r in runs if r.task == task]
@@ -45,22 +69,38 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
             choice = choices[row.run.name]
             bundle = dataset_for(choice, row, bundles)
             row.scores, row.recorded = score_row(spec, row, bundle), bundle is None
-            row.reproduce = reproduce_command(row, folder, str(choice.root or
-                                                               row.run.record.provenance.data))
+            row.reproduce = reproduce_command(
+                row, folder, str(choice.root or row.run.record.provenance.data), stage)
             write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
                             f"{row.backbone}, {row.group} ({spec.chart_split})",
-                            folder / confusion_file(task, index))
+                            stage / confusion_file(task, index))
         write_chart([f"{r.backbone}\n{r.group}" for r in rows], [r.scores for r in rows],
                     [s for s in spec.splits if any(s in r.scores for r in rows)],
-                    folder / chart_file(task))
+                    stage / chart_file(task))
         importances = {run.name: param_importances(run) for run in task_runs}
         notes = task_notes(task_runs, choices)
         sections.append(task_section(spec, task_runs, rows, importances, notes))
         table_rows += [table_record(spec, row, i) for i, row in enumerate(rows)]
     text = "# Leaderboard\n\n" + "\n".join(sections)
-    (folder / "leaderboard.md").write_text(text)
-    write_tables(table_rows, folder)
-    return text + f"\nWritten to {folder}/ (leaderboard.md, .csv, .parquet and PNGs)\n"
+    (stage / "leaderboard.md").write_text(text)
+    write_tables(table_rows, stage)
+    return text
+
+
+def publish(stage: Path, folder: Path) -> None:
+    """Move every file of ``stage`` to the same place under ``folder`` (renames on one
+    file system: no space needed, each file replaced whole)."""
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        target = folder / path.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def cannot_write(folder: Path, exc: OSError) -> str:
+    where = f" ({Path(exc.filename).name})" if getattr(exc, "filename", None) else ""
+    return (f"{folder}: cannot write the leaderboard{where}: "
+            f"{exc.strerror or str(exc).splitlines()[0]}; the files already there are "
+            f"unchanged; free space (or fix the permissions) and run it again")
 
 
 def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
@@ -69,6 +109,8 @@ def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
         return None
     key = (str(choice.root), row.record.config["image_size"])
     if key not in cache:
+        check_memory(choice.layout, key[1], copies=1,
+                     fix="free memory, or run the leaderboard on a machine with more")
         cache[key] = load_dataset(choice.layout, row.run.task,
                                   row.record.config["image_size"], progress=False)
     return cache[key]

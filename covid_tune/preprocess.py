@@ -107,6 +107,8 @@ def not_a_file(path: Path) -> str:
 
 
 def _first_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return exc.strerror  # the path is already named beside it
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
 

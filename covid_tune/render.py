@@ -177,11 +177,13 @@ def optuna_label(name: str) -> str:
     return f"{head} ({backbone})" if head == "frozen_layers" else name
 
 
-def reproduce_command(row: Row, folder: Path, data: str) -> str:
-    """``covid-tune sweep`` over a one-point space file written for this row."""
+def reproduce_command(row: Row, folder: Path, data: str, stage: Path | None = None) -> str:
+    """``covid-tune sweep`` over a one-point space file written for this row, under
+    ``folder`` (written into ``stage`` if given, a folder that becomes ``folder``)."""
     record = row.record
-    space_file = folder / "reproduce" / f"{record.run}-{record.trial_id}.yaml"
-    write_reproduce_space(row, space_file)
+    name = Path("reproduce") / f"{record.run}-{record.trial_id}.yaml"
+    space_file = folder / name
+    write_reproduce_space(row, (stage or folder) / name)
     opts = row.run.record.options
     return (f"covid-tune sweep --space {shlex.quote(str(space_file))} --data "
             f"{shlex.quote(data)} --name reproduce-{record.trial_id} --seed {opts.seed} "

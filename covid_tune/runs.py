@@ -8,6 +8,7 @@ record of the run::
     space.yaml      the resolved search space, overrides applied (load_space reads it)
     dataset.json    the dataset's manifest: relative path -> bytes of every image
     optuna.db       the Optuna study as SQLite (written by covid_tune.search)
+    sweep.lock      held by the sweep or resume running now (covid_tune.lock)
     experiment_state-*.json, searcher-state-*.pkl   Ray Tune's snapshot (for resume)
     lost_trials/    trials a killed driver's last snapshot did not list (set aside)
     trial_<id>/     result.json, progress.csv, events.out.tfevents.*, diverged.txt,
@@ -37,12 +38,13 @@ from pathlib import Path
 from covid_tune.config import SearchSpace, dump_space, load_space, parse_space_text
 from covid_tune.data import Layout, manifest, scan
 from covid_tune.errors import UserError
-from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, write_bytes
+from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, remove, write_bytes
 
 SWEEP_FILE = "sweep.json"
 SPACE_FILE = "space.yaml"
 DATASET_FILE = "dataset.json"
 STUDY_FILE = "optuna.db"
+LOCK_FILE = "sweep.lock"
 LOST_DIR = "lost_trials"
 """Where ``resume`` moves the folders of trials the run's last snapshot did not list."""
 RESULT_FILE = "result.json"
@@ -169,21 +171,27 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
     header = f"The resolved search space of run {opts.name} (from {opts.space_file})."
     space_text = dump_space(space, header).encode()
     record = SweepRecord(opts, provenance, {SPACE_FILE: bytes_digest(space_text)})
-    _write(join(run_dir, SPACE_FILE), space_text)
-    _write(join(run_dir, DATASET_FILE), json.dumps(
-        {"root": data_root, "fingerprint": provenance.data_fingerprint, "files": files},
-        indent=0).encode())
-    _write(join(run_dir, SWEEP_FILE), json.dumps(
-        {"format": RECORD_FORMAT, "options": asdict(opts), "provenance": asdict(provenance),
-         "files": record.files}, indent=1).encode())
+    contents = {
+        SPACE_FILE: space_text,
+        DATASET_FILE: json.dumps({"root": data_root, "fingerprint": provenance.data_fingerprint,
+                                  "files": files}, indent=0).encode(),
+        SWEEP_FILE: json.dumps({"format": RECORD_FORMAT, "options": asdict(opts),
+                                "provenance": asdict(provenance), "files": record.files},
+                               indent=1).encode(),
+    }
+    written: list[str] = []
+    for name, data in contents.items():
+        path = join(run_dir, name)
+        try:
+            write_bytes(path, data)
+        except OSError as exc:
+            for done in written:  # a run is all of its record or none of it
+                remove(done)
+            raise UserError(f"{path}: cannot write it ({getattr(exc, 'strerror', None) or exc}); "
+                            f"nothing of the run was kept; free space (or fix the storage) "
+                            f"and run the sweep again") from None
+        written.append(path)
     return record
-
-
-def _write(path: str, data: bytes) -> None:
-    try:
-        write_bytes(path, data)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write to the storage path ({exc})") from None
 
 
 def _read_json(path: str, what: str) -> object:

@@ -69,8 +69,15 @@ class SweepSearch(OptunaSearch):
             return
         try:
             write_bytes(self.study_file, study_as_sqlite(self._ot_study))
-        except OSError as exc:  # a storage hiccup must not stop the sweep
-            warnings.warn(f"could not write {self.study_file}: {exc}")
+        except OSError as exc:  # a full disk or a storage hiccup must not stop the sweep
+            if not getattr(self, "study_write_failed", False):
+                print(f"note: could not write {self.study_file} "
+                      f"({getattr(exc, 'strerror', None) or exc}); the previous copy is kept, "
+                      f"the study itself lives in Ray's snapshot of the run, and the copy is "
+                      f"tried again when the next trial ends", flush=True)
+            self.study_write_failed = True
+        else:
+            self.study_write_failed = False
 
     def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

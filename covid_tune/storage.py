@@ -52,12 +52,23 @@ def write_bytes(path: str, data: bytes) -> None:
     fs.create_dir(os.path.dirname(fs_path), recursive=True)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         partial = f"{fs_path}.{uuid.uuid4().hex[:8]}.partial"
-        with open(partial, "wb") as out:
-            out.write(data)
-        os.replace(partial, fs_path)
+        try:
+            with open(partial, "wb") as out:
+                out.write(data)
+            os.replace(partial, fs_path)
+        except BaseException:
+            if os.path.exists(partial):
+                os.unlink(partial)  # a full disk leaves neither a part nor a changed file
+            raise
         return
     with fs.open_output_stream(fs_path) as stream:
         stream.write(data)
+
+
+def remove(path: str) -> None:
+    """Delete one file."""
+    fs, fs_path = open_path(path)
+    fs.delete_file(fs_path)
 
 
 def list_dirs(path: str) -> list[str]:

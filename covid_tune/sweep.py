@@ -1,26 +1,37 @@
 """The search: Ray Tune runs the trials, Optuna's TPE picks them, ASHA stops weak ones.
 
-``run_sweep`` validates everything first (search space, dataset, pretrained weights,
-resources, shared storage), decodes the dataset once, records the run
-(``covid_tune.runs.write_record``: options, provenance, the resolved space, the
-dataset's manifest), then starts (or joins) Ray and runs a ``Tuner``. The run folder
-``<storage-path>/<name>`` (a local or shared folder, or an ``s3://`` / ``gs://`` URI) is
-Ray Tune's own layout, readable by ``ray.tune.ExperimentAnalysis``, plus the files
-``covid_tune.runs`` describes.
+``run_sweep`` holds the run folder (``covid_tune.lock``: one driver at a time),
+validates everything first (search space, dataset, the memory its decoded pixels
+need, pretrained weights, resources, shared storage), decodes the dataset once,
+records the run (``covid_tune.runs.write_record``: options, provenance, the resolved
+space, the dataset's manifest), then starts (or joins) Ray and runs a ``Tuner``. The
+run folder ``<storage-path>/<name>`` (a local or shared folder, or an ``s3://`` /
+``gs://`` URI) is Ray Tune's own layout, readable by ``ray.tune.ExperimentAnalysis``,
+plus the files ``covid_tune.runs`` describes.
+
+Ctrl-C or SIGTERM ends the search the way Ray Tune's own stop does: the run's state
+is saved, every trial keeps its last checkpoint, and ``Stopped`` carries the
+``covid-tune resume`` command (the CLI exits 130 or 143).
 
 The Optuna study lives in the driver's memory and is saved with Ray's searcher state,
 in the same snapshot as the trials, so a resumed sweep's study matches its trials
 exactly (``covid_tune.search``).
 
-``resume_sweep`` continues a sweep whose driver died: finished trials are kept, the
-others resume from their last checkpoint, and the study carries on.
+``resume_sweep`` continues a sweep whose driver died or was stopped: finished trials
+are kept, the others resume from their last checkpoint, and the study carries on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import shlex
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +39,11 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from covid_tune.cluster import check_resources, check_storage, start_ray
+from covid_tune.cluster import check_object_store, check_resources, check_storage, start_ray
 from covid_tune.config import SearchSpace
-from covid_tune.data import DataBundle, load_dataset, manifest, scan
-from covid_tune.errors import UserError
+from covid_tune.data import DataBundle, Layout, check_memory, load_dataset, manifest, scan
+from covid_tune.errors import Stopped, UserError
+from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
 from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, check_ray_state,
                              choose_data, read_record, read_space, write_record)
@@ -78,9 +90,8 @@ def without_ray_tensorboard() -> None:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
-def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle, dict]:
-    """Everything that can fail on bad input, done before Ray starts: the options made
-    absolute, the space, the decoded data and the dataset's manifest."""
+def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
+    """The options made absolute and named, and the space, checked; nothing decoded."""
     space = opts.space()
     name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path),
@@ -89,9 +100,17 @@ def prepare(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace, DataBundle, 
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:
         check_pretrained(backbone, space.pretrained)
-    layout = scan(opts.data, space.task)
-    bundle = load_dataset(layout, space.task, space.image_size, strict=opts.strict)
-    return opts, space, bundle, manifest(layout)
+    return opts, space
+
+
+def decode(layout: Layout, space: SearchSpace, strict: bool) -> DataBundle:
+    """The dataset decoded once for every trial, after checking that it fits in memory
+    twice (this process's copy and the object store's)."""
+    check_memory(layout, space.image_size, copies=2,
+                 fix="pass --image-size with that size or less")
+    bundle = load_dataset(layout, space.task, space.image_size, strict=strict)
+    report_data(bundle)
+    return bundle
 
 
 def _absolute(path: str) -> str:
@@ -101,35 +120,40 @@ def _absolute(path: str) -> str:
 def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
     """Validate, decode the data once, record the run, then search; Ray's results.
 
+    The run folder is held (``covid_tune.lock``) from before decoding to the end.
     ``trainable`` is the trial function (``train_trial``; tests wrap it)."""
-    opts, space, bundle, files = prepare(opts)
-    report_data(bundle)
+    opts, space = resolve(opts)
     run_dir = opts.run_dir()
-    if exists(join(run_dir, SWEEP_FILE)):
-        raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name or "
-                        f"continue it with `covid-tune resume {run_dir}`")
-    start_ray(opts.address)
-    check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
-    check_storage(opts.storage_path, opts.shared_storage)
-    write_record(opts, space, opts.data, files)
-    searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
-                              opts.max_concurrent)
-    without_ray_tensorboard()
-    tuner = tune.Tuner(
-        build_trainable(bundle, opts, trainable),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
-                                    num_samples=space.num_samples, reuse_actors=True,
-                                    trial_dirname_creator=trial_dirname),
-        run_config=run_config(space, opts),
-    )
-    results = tuner.fit()
+    with hold(run_dir):
+        if exists(join(run_dir, SWEEP_FILE)):
+            raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name "
+                            f"or continue it with `covid-tune resume {run_dir}`")
+        layout = scan(opts.data, space.task)
+        bundle = decode(layout, space, opts.strict)
+        start_ray(opts.address)
+        check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+        check_object_store(bundle_bytes(bundle), space.image_size)
+        check_storage(opts.storage_path, opts.shared_storage)
+        write_record(opts, space, opts.data, manifest(layout))
+        searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
+                                  opts.max_concurrent)
+        without_ray_tensorboard()
+        tuner = tune.Tuner(
+            build_trainable(bundle, opts, trainable),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
+                                        num_samples=space.num_samples, reuse_actors=True,
+                                        trial_dirname_creator=trial_dirname),
+            run_config=run_config(space, opts),
+        )
+        results = fit(tuner, run_dir)
     report_best(results, space, run_dir)
     return results
 
 
 def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | None = None,
                  allow_changed_data: bool = False, trainable=train_trial) -> tune.ResultGrid:
-    """Continue a sweep whose driver died: finished trials kept, the rest resumed.
+    """Continue a sweep whose driver died or was stopped: finished trials kept, the rest
+    resumed.
 
     Ray restores the trials and the searcher (with the Optuna study) from the run's
     last snapshot; trials it lists as unfinished restart from their last checkpoint.
@@ -140,28 +164,89 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     record = read_record(run_dir)
     opts = record.options
     space = read_space(run_dir, record)
-    check_ray_state(run_dir)
-    choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
-                         required=True)
-    for note in choice.notes:
-        print(f"note: {note}")
-    bundle = load_dataset(choice.layout, space.task, space.image_size, strict=opts.strict)
-    start_ray(address or opts.address)
-    check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
-    check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
-    without_ray_tensorboard()
-    try:
-        tuner = tune.Tuner.restore(run_dir, trainable=build_trainable(bundle, opts, trainable),
-                                   resume_unfinished=True, resume_errored=True)
-    except (ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
-        raise UserError(f"{run_dir}: Ray Tune cannot read its snapshot of the run "
-                        f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
-                        f"; it cannot be resumed, but its finished trials still give a "
-                        f"leaderboard") from None
-    results = tuner.fit()
-    set_aside_lost_trials(run_dir, results)
+    with hold(run_dir):
+        check_ray_state(run_dir)
+        choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
+                             required=True)
+        for note in choice.notes:
+            print(f"note: {note}")
+        bundle = decode(choice.layout, space, opts.strict)
+        start_ray(address or opts.address)
+        check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+        check_object_store(bundle_bytes(bundle), space.image_size)
+        check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
+        without_ray_tensorboard()
+        try:
+            tuner = tune.Tuner.restore(run_dir,
+                                       trainable=build_trainable(bundle, opts, trainable),
+                                       resume_unfinished=True, resume_errored=True)
+        except (ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+            raise UserError(f"{run_dir}: Ray Tune cannot read its snapshot of the run "
+                            f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                            f"; it cannot be resumed, but its finished trials still give a "
+                            f"leaderboard") from None
+        results = fit(tuner, run_dir)
+        set_aside_lost_trials(run_dir, results)
     report_best(results, space, run_dir)
     return results
+
+
+def bundle_bytes(bundle: DataBundle) -> int:
+    return sum(split.images.nbytes for split in bundle.splits.values())
+
+
+def fit(tuner: tune.Tuner, run_dir: str) -> tune.ResultGrid:
+    """``tuner.fit()``, stopped cleanly by Ctrl-C or SIGTERM: Ray Tune saves the run's
+    state (every trial keeps its last checkpoint), then ``Stopped`` says how to resume.
+    A second signal stops at once."""
+    with signals_stop_tune() as received:
+        results = tuner.fit()
+    if received:
+        name = signal.Signals(received[0]).name
+        raise Stopped(received[0], f"stopped by {name}; finished trials and every other "
+                                   f"trial's last checkpoint are kept; continue with: "
+                                   f"covid-tune resume {shlex.quote(run_dir)}")
+    return results
+
+
+@contextmanager
+def signals_stop_tune():
+    """Turn SIGINT and SIGTERM into Ray Tune's own graceful stop (its SIGUSR1 handler,
+    installed by ``fit``); the list it yields holds the signal received, if any.
+
+    Only the main thread can set handlers; elsewhere (tests run sweeps in threads)
+    signals keep their usual effect.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum, frame):
+        if received or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
+            raise KeyboardInterrupt  # again, or before Ray Tune listens: stop at once
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping the sweep; Ray Tune saves the "
+              f"run's state first (send it again to stop at once)", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ray's would hide which signal came
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(without_tune_restore_hints)
+    try:
+        yield received
+    finally:
+        tune_log.removeFilter(without_tune_restore_hints)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def without_tune_restore_hints(record: logging.LogRecord) -> bool:
+    """Drop Ray Tune's own stop messages, which point at ``Tuner.restore`` in Python:
+    ``Stopped`` names the command that resumes the sweep."""
+    text = record.getMessage()
+    return not text.startswith(("Stop signal received", "Experiment has been interrupted"))
 
 
 def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:

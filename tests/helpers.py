@@ -74,3 +74,66 @@ def loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True)
     return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+
+
+def as_ordinary_user(argv: list[str], home: Path, timeout: float = 120):
+    """``python -m covid_tune ARGV`` with file permissions applying to it: as this user,
+    or, when the tests run as root, as root without every capability (``setpriv``):
+    without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH root obeys a chmod 000 as anyone
+    does. ``home`` holds the decode cache."""
+    import os
+    import subprocess
+    import sys
+
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
+    env = {**os.environ, "HOME": str(home), "COVID_TUNE_CACHE": str(home / "cache")}
+    return subprocess.run([*drop, sys.executable, "-m", "covid_tune", *argv], env=env,
+                          cwd=home, capture_output=True, text=True, timeout=timeout)
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether this machine lets an ordinary process mount a tmpfs in its own user and
+    mount namespaces (what ``on_small_disk`` needs)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+DISK_PREAMBLE = '''
+import json, os, sys
+DISK = sys.argv[1]
+
+def fill_disk(free_pages=0):
+    """Fill DISK, then free ``free_pages`` pages of 4 KiB."""
+    fd = os.open(os.path.join(DISK, ".filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError:
+        pass
+    size = os.fstat(fd).st_size
+    os.ftruncate(fd, max(0, size - size % 4096 - free_pages * 4096))
+    os.close(fd)
+
+def free_disk():
+    os.remove(os.path.join(DISK, ".filler"))
+'''
+
+
+def on_small_disk(code: str, folder: Path, size_kib: int = 4096, timeout: float = 300):
+    """Run Python ``code`` with a ``size_kib`` tmpfs mounted on ``folder`` (``DISK`` in
+    the code), in private user and mount namespaces: a real ENOSPC, seen by nothing
+    else. ``fill_disk(free_pages)`` and ``free_disk()`` are defined for the code."""
+    import subprocess
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = f'mount -t tmpfs -o size={size_kib}k tmpfs "$1" && exec "$0" -c "$2" "$1"'
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", mount, sys.executable, str(folder),
+                           DISK_PREAMBLE + code], capture_output=True, text=True,
+                          timeout=timeout)

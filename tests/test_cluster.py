@@ -35,8 +35,8 @@ from ray.tune import ExperimentAnalysis
 from covid_tune import cluster
 from covid_tune.cli import build_parser, main
 from covid_tune.errors import UserError
-from covid_tune.runs import (LOST_DIR, RAY_STATE_GLOB, STUDY_FILE, SWEEP_FILE, SweepOptions,
-                             read_record)
+from covid_tune.runs import (LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE, SWEEP_FILE,
+                             SweepOptions, read_record)
 from covid_tune.sweep import run_sweep, set_aside_lost_trials
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +141,7 @@ def test_launcher_keeps_ray_private_and_token_authenticated():
 
 def test_kuberay_cluster_is_token_authenticated_and_internal():
     docs = {doc["kind"]: doc for doc in cluster_yaml("kuberay.yaml")}
-    assert set(docs) == {"RayCluster", "NetworkPolicy", "PersistentVolumeClaim"}
+    assert set(docs) == {"ServiceAccount", "RayCluster", "NetworkPolicy", "PersistentVolumeClaim"}
     spec = docs["RayCluster"]["spec"]
     assert docs["RayCluster"]["apiVersion"] == "ray.io/v1"
     assert spec["authOptions"] == {"mode": "token"} and spec["rayVersion"] == ray.__version__
@@ -157,7 +157,7 @@ def test_kuberay_cluster_is_token_authenticated_and_internal():
 
 
 def test_kuberay_gpu_workers_and_one_image():
-    spec = cluster_yaml("kuberay.yaml")[0]["spec"]
+    spec = kuberay_cluster_spec()
     images = {spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]}
     for group in spec["workerGroupSpecs"]:
         assert 0 == group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -167,8 +167,147 @@ def test_kuberay_gpu_workers_and_one_image():
         assert resources["requests"] == resources["limits"]
         assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
     assert len(images) == 1
-    base = re.search(r"^FROM (\S+)", (CLUSTER_DIR / "Dockerfile").read_text(), re.M).group(1)
+    dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
     assert base.startswith(f"rayproject/ray:{spec['rayVersion']}-")
+
+
+def kuberay_cluster_spec() -> dict:
+    return next(d for d in cluster_yaml("kuberay.yaml") if d["kind"] == "RayCluster")["spec"]
+
+
+def kuberay_pods(spec: dict) -> dict[str, tuple[dict, list[dict]]]:
+    """Each pod template ("head", then each worker group's name) with its containers as
+    KubeRay completes them: the head gets the autoscaler container (securityContext and
+    volumeMounts from autoscalerOptions), each worker the wait-gcs-ready init container
+    (the Ray container's securityContext)."""
+    head = spec["headGroupSpec"]["template"]["spec"]
+    pods = {"head": (head, head["containers"] + head.get("initContainers", []))}
+    if spec.get("enableInTreeAutoscaling"):
+        options = spec.get("autoscalerOptions", {})
+        pods["head"][1].append({"name": "autoscaler",
+                                "securityContext": options.get("securityContext"),
+                                "volumeMounts": options.get("volumeMounts", [])})
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        wait = {"name": "wait-gcs-ready",
+                "securityContext": pod["containers"][0].get("securityContext")}
+        pods[group["groupName"]] = (pod, [*pod["containers"], *pod.get("initContainers", []),
+                                          wait])
+    return pods
+
+
+def kuberay_restricted_violations(pod: dict, containers: list[dict]) -> list[str]:
+    """What the restricted Pod Security Standard refuses in a pod, one line each (the
+    checks of kubernetes.io/docs/concepts/security/pod-security-standards)."""
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+    seccomp_ok = ("RuntimeDefault", "Localhost")
+    bad = [f"{key}: true" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    for volume in pod.get("volumes", []):
+        kind, = set(volume) - {"name"}
+        if kind not in allowed_volumes:
+            bad.append(f"volume {volume['name']}: {kind}")
+    pod_context = pod.get("securityContext") or {}
+    if pod_context.get("runAsUser") == 0:
+        bad.append("pod runAsUser: 0")
+    if pod_context.get("runAsNonRoot") is False:
+        bad.append("pod runAsNonRoot: false")
+    pod_seccomp = (pod_context.get("seccompProfile") or {}).get("type")
+    if pod_seccomp not in (None, *seccomp_ok):
+        bad.append(f"pod seccompProfile: {pod_seccomp}")
+    for container in containers:
+        context = container.get("securityContext") or {}
+        where = f"container {container['name']}"
+        capabilities = context.get("capabilities") or {}
+        seccomp = (context.get("seccompProfile") or {}).get("type") or pod_seccomp
+        if context.get("privileged"):
+            bad.append(f"{where}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{where}: allowPrivilegeEscalation not false")
+        if "ALL" not in capabilities.get("drop", []):
+            bad.append(f"{where}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{where}: adds capabilities {capabilities['add']}")
+        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+            bad.append(f"{where}: runAsNonRoot not true")
+        if context.get("runAsUser") == 0:
+            bad.append(f"{where}: runAsUser: 0")
+        if seccomp not in seccomp_ok:
+            bad.append(f"{where}: seccompProfile {seccomp}")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            bad.append(f"{where}: hostPort")
+    return bad
+
+
+def test_kuberay_pods_pass_the_restricted_pod_security_standard():
+    """A namespace labelled pod-security.kubernetes.io/enforce=restricted admits every
+    pod (KubeRay's own emptyDir volumes pass as they are), and the image's user is the
+    one the pods run as."""
+    pods = kuberay_pods(kuberay_cluster_spec())
+    assert len(pods) >= 2
+    for name, (pod, containers) in pods.items():
+        assert kuberay_restricted_violations(pod, containers) == [], name
+    dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)[-1]
+    for pod, _ in pods.values():
+        context = pod["securityContext"]
+        assert user == f"{context['runAsUser']}:{context['runAsGroup']}" != "0:0"
+
+
+def test_kuberay_restricted_check_catches_what_a_namespace_would_refuse():
+    """The check above is not vacuous: each change here gets the head pod refused."""
+    pod, containers = kuberay_pods(kuberay_cluster_spec())["head"]
+    assert kuberay_restricted_violations(pod, containers) == []
+    for change in (lambda p, c: p.update(hostNetwork=True),
+                   lambda p, c: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+                   lambda p, c: p["securityContext"].update(runAsUser=0),
+                   lambda p, c: p["securityContext"].pop("seccompProfile"),
+                   lambda p, c: p["securityContext"].update(runAsNonRoot=False),
+                   lambda p, c: c["securityContext"].update(runAsNonRoot=False),
+                   lambda p, c: c["securityContext"].update(privileged=True),
+                   lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"),
+                   lambda p, c: c["securityContext"]["capabilities"].update(drop=[]),
+                   lambda p, c: c["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+                   lambda p, c: c["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+                   lambda p, c: c.update(securityContext=None)):
+        pod, containers = kuberay_pods(kuberay_cluster_spec())["head"]
+        change(pod, containers[-1])  # the autoscaler KubeRay adds
+        assert kuberay_restricted_violations(pod, containers), change
+
+
+def test_kuberay_pods_run_as_a_service_account_bound_to_the_runs_bucket():
+    """Head and workers both write the run folder (the driver sweep.json and the study,
+    each trial its checkpoints), so every pod runs as a ServiceAccount defined before the
+    RayCluster, ready for an EKS (IRSA) and a GKE (Workload Identity) bucket role. Only
+    the autoscaler container holds a Kubernetes API token; jobs never see one."""
+    docs = cluster_yaml("kuberay.yaml")
+    kinds = [d["kind"] for d in docs]
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert kinds.index("ServiceAccount") < kinds.index("RayCluster")
+    token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
+    for name, (pod, containers) in kuberay_pods(kuberay_cluster_spec()).items():
+        account = accounts.get(pod.get("serviceAccountName"))
+        assert account, f"{name}: no ServiceAccount of kuberay.yaml"
+        notes = account["metadata"].get("annotations", {})
+        assert re.fullmatch(r"arn:aws:iam::\w+:role/[\w+=,.@-]+",
+                            notes.get("eks.amazonaws.com/role-arn", "")), name
+        assert re.fullmatch(r"[\w-]+@[\w-]+\.iam\.gserviceaccount\.com",
+                            notes.get("iam.gke.io/gcp-service-account", "")), name
+        automount = pod.get("automountServiceAccountToken",
+                            account.get("automountServiceAccountToken", True))
+        assert automount is False, name
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in containers:
+            mounts = [m["name"] for m in container.get("volumeMounts", [])
+                      if m["mountPath"].rstrip("/") == token_path]
+            if container["name"] != "autoscaler":
+                assert mounts == [], f"{name}: {container['name']} has the API token"
+                continue
+            mount, = mounts
+            sources = volumes[mount]["projected"]["sources"]
+            assert any("serviceAccountToken" in s for s in sources)
+            assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in sources)
 
 
 def readme_commands(program: str) -> list[list[str]]:
@@ -370,6 +509,80 @@ def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, t
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{run_dir / STUDY_FILE}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert sorted(t.params["lr"] for t in study.trials) == sorted(t.config["lr"] for t in trials)
+
+
+def checkpoints(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.glob("trial_*/checkpoint_*")}
+
+
+def stop_and_wait(driver: subprocess.Popen, signum: int, group: bool) -> tuple[int, float]:
+    """Send ``signum`` (to the driver's whole process group, as a terminal's Ctrl-C
+    does, when ``group``); (exit code, seconds until it exited)."""
+    start = time.monotonic()
+    if group:
+        os.killpg(driver.pid, signum)
+    else:
+        driver.send_signal(signum)
+    code = driver.wait(timeout=120)
+    return code, time.monotonic() - start
+
+
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_finishes_every_trial_once(
+        ray_cluster, binary_data, tmp_path, capsys):
+    """A sweep stopped by Ctrl-C, then its resume stopped by SIGTERM: each exits within
+    60 s (130, then 143) naming the resume command, keeps its checkpoints and frees the
+    run folder; while each runs, a second driver is refused, naming it. A last resume
+    finishes every trial exactly once."""
+    run_dir = tmp_path / "runs" / "stopped"
+    args = sweep_args(space_file(tmp_path, 3), binary_data, tmp_path / "runs", "stopped",
+                      ray_cluster.address, "--max-concurrent", "2")
+    with open(tmp_path / "sweep.log", "w") as out:  # its own process group, as in a shell
+        sweep = subprocess.Popen([sys.executable, "-m", "covid_tune", *args], stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: checkpoints(run_dir), "a first checkpoint")
+        err = refused_line(capsys, *args[:-2])  # the same sweep again, same folder
+        assert f"in use by pid {sweep.pid} on " in err and "covid-tune resume" in err
+        code, seconds = stop_and_wait(sweep, signal.SIGINT, group=True)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    log = (tmp_path / "sweep.log").read_text()
+    print(f"Ctrl-C: exit {code} after {seconds:.1f} s")
+    assert code == 130 and seconds < 60, log[-3000:]
+    assert f"stopped by SIGINT; finished trials and every other trial's last checkpoint " \
+           f"are kept; continue with: covid-tune resume {run_dir}" in log
+    assert not (run_dir / LOCK_FILE).exists()
+    kept = checkpoints(run_dir)
+
+    resume = start_driver(["resume", str(run_dir)], tmp_path / "resume.log")
+    try:
+        wait_for(lambda: checkpoints(run_dir) - kept, "a checkpoint of the resumed sweep")
+        assert f"in use by pid {resume.pid} on " in refused_line(capsys, "resume", str(run_dir))
+        code, seconds = stop_and_wait(resume, signal.SIGTERM, group=False)
+    finally:
+        if resume.poll() is None:
+            resume.kill()
+    log = (tmp_path / "resume.log").read_text()
+    print(f"SIGTERM: exit {code} after {seconds:.1f} s")
+    assert code == 143 and seconds < 60, log[-3000:]
+    assert "stopped by SIGTERM; " in log and f"covid-tune resume {run_dir}" in log
+    assert kept <= checkpoints(run_dir)
+
+    assert main(["resume", str(run_dir)]) == 0
+    trials = final_trials(run_dir)
+    ids = [t.trial_id for t in trials]
+    assert len(ids) == len(set(ids)) == 3
+    assert all(t.status == "TERMINATED" and t.last_result["epoch"] == EPOCHS for t in trials)
+    assert trial_folders(run_dir) == {f"trial_{i}" for i in ids}
+    study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{run_dir / STUDY_FILE}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def refused_line(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    return capsys.readouterr().err
 
 
 def test_resume_sets_aside_folders_of_trials_the_snapshot_lost(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -19,7 +19,7 @@ from covid_tune.cli import main
 from covid_tune.data import load_dataset, scan
 from covid_tune.errors import UserError
 from covid_tune.preprocess import read_gray
-from helpers import refused, binary_tree, encoded, image_like_bytes, save
+from helpers import as_ordinary_user, binary_tree, encoded, image_like_bytes, refused, save
 
 
 def multilabel_tree(root: Path) -> Path:
@@ -184,16 +184,33 @@ def test_a_folder_that_cannot_be_listed_names_it(tmp_path, monkeypatch):
         scan(root)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may read a chmod 000 folder")
-def test_a_folder_without_permission_names_it(tmp_path, capsys):
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"),
+                    reason="running as root, and no setpriv to drop root's capabilities")
+def test_files_and_folders_without_permission_as_an_ordinary_user(tmp_path):
+    """Really denied: the commands run without root's power over permissions. An
+    unreadable image is skipped and named, and refused under --strict before Ray
+    starts; an unreadable class folder stops the scan with one line."""
     root = binary_tree(tmp_path / "d")
-    locked = root / "Train" / "normal"
-    locked.chmod(0)
-    try:
-        assert "normal: cannot list the folder (Permission denied)" in refused(
-            capsys, "check", str(root), "--quiet")
-    finally:
-        locked.chmod(stat.S_IRWXU)
+    secret = root / "Train" / "normal" / "normal0.png"
+    secret.chmod(0)
+    home = tmp_path / "home"
+    home.mkdir()
+    found = as_ordinary_user(["check", str(root), "--quiet"], home)
+    assert found.returncode == 0, found.stderr
+    assert "Train/normal/normal0.png" in found.stdout and "Permission denied" in found.stdout
+    space = tmp_path / "space.yaml"
+    space.write_text("task: binary\npretrained: none\nimage_size: 32\n"
+                     "params: {backbone: resnet18}\n")
+    strict = as_ordinary_user(["sweep", "--space", str(space), "--data", str(root), "--strict",
+                               "--storage-path", str(home / "runs")], home)
+    error = strict.stderr.strip().splitlines()[-1]  # after the progress bars
+    assert strict.returncode == 2 and strict.stderr.count("error") == 1, strict.stderr
+    assert error.startswith("covid-tune: error: ") and "Traceback" not in strict.stderr
+    assert "Train/normal/normal0.png: cannot be decoded (Permission denied)" in error
+    (root / "Train" / "Infected").chmod(0)
+    listing = as_ordinary_user(["check", str(root), "--quiet"], home)
+    assert listing.returncode == 2 and listing.stderr.count("\n") == 1, listing.stderr
+    assert "Infected: cannot list the folder (Permission denied)" in listing.stderr
 
 
 def test_an_empty_unlabelled_test_split_is_refused(tmp_path):
@@ -230,3 +247,32 @@ def test_random_bytes_in_a_dataset_are_read_or_listed(fuzz_tree, data):
     bundle = load_dataset(fuzz_tree, image_size=16, progress=False, use_cache=False)
     kept = "Train/normal/fuzz.png" in bundle.splits["train"].names
     assert kept != ("Train/normal/fuzz.png" in dict(bundle.skipped))
+
+
+# --- memory preflight ---------------------------------------------------------------------
+
+def test_a_dataset_that_cannot_fit_in_memory_is_refused_before_decoding(tmp_path, capsys):
+    """40-odd images at 60000 px would be over 100 GiB: refused at once, naming the need,
+    the memory available and the largest image size that fits."""
+    from covid_tune.data import available_memory, decoded_bytes
+
+    root = binary_tree(tmp_path / "d")
+    space = tmp_path / "space.yaml"
+    space.write_text("task: binary\npretrained: none\nparams: {backbone: resnet18}\n")
+    err = refused(capsys, "sweep", "--space", str(space), "--data", str(root),
+                  "--storage-path", str(tmp_path / "runs"), "--image-size", "60000")
+    images = len([p for p in root.rglob("*.png")])
+    need = decoded_bytes(scan(root), 60000) * 2
+    assert f"{images} images at 60000 px decode to {need / 2**30:.1f} GiB held twice" in err
+    fit = int(err.split("largest image size that fits is ")[1].split(" px")[0])
+    expected = (available_memory() / (2 * images)) ** 0.5  # memory moves a little meanwhile
+    assert abs(fit - expected) <= 0.02 * expected
+    assert "pass --image-size" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+
+
+def test_largest_fitting_size_scales_with_the_square_root():
+    from covid_tune.data import largest_fitting_size
+
+    assert largest_fitting_size(224, need=4 * 10**9, room=10**9) == 112
+    assert largest_fitting_size(224, need=10**9, room=10**9) == 224

@@ -21,7 +21,7 @@ from covid_tune.render import SPLIT_COLUMNS
 from covid_tune.runs import RunInfo, read_run
 from covid_tune.selection import frozen_name
 from covid_tune.space import define_by_run
-from helpers import loaded_after
+from helpers import can_mount_tmpfs, loaded_after, on_small_disk
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,50 @@ def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
     with pytest.raises(UserError, match="not a covid-tune run"):
         write_leaderboard([str(tmp_path)], str(tmp_path / "board"))
+
+
+def test_a_dataset_too_big_for_memory_is_refused_before_re_scoring(swept, tmp_path,
+                                                                   monkeypatch):
+    """The leaderboard decodes the dataset again: with (pretend) 1000 bytes free it
+    refuses before decoding, naming both numbers, and writes nothing."""
+    monkeypatch.setattr("covid_tune.data.available_memory", lambda: 1000)
+    with pytest.raises(UserError, match=r"images at 32 px decode to .* more than the 1000 "
+                                        r"bytes of memory available; the largest image size "
+                                        r"that fits is \d+ px; free memory"):
+        write_leaderboard([str(swept.binary)], str(tmp_path / "board"))
+    assert list(tmp_path.iterdir()) == []
+
+
+BOARD_ON_FULL_DISK = '''
+import hashlib, pathlib, shutil
+from covid_tune.cli import main
+board = pathlib.Path(DISK, "board")
+shutil.copytree(OLD, board)
+def digests():
+    return {str(p.relative_to(board)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(board.rglob("*")) if p.is_file()}
+before = digests()
+fill_disk(0)
+full = main(["leaderboard", RUN, "--out", str(board)])
+same = digests() == before
+stray = [p.name for p in pathlib.Path(DISK).iterdir() if p.name not in ("board", ".filler")]
+free_disk()
+again = main(["leaderboard", RUN, "--out", str(board)])
+print(json.dumps({"full": full, "same": same, "stray": stray, "again": again}))
+'''
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a tmpfs here (unshare -Urm)")
+def test_a_full_disk_leaves_the_previous_leaderboard_as_it_was(board, swept, tmp_path):
+    """--out on a real full tmpfs holding an earlier leaderboard: exit 2 with one line,
+    every earlier file byte for byte the same, no half-written folder left; after space
+    is freed the same command writes it."""
+    code = (f"OLD, RUN = {str(board[1])!r}, {str(swept.binary)!r}\n"
+            f"sys.stderr = sys.stdout\n" + BOARD_ON_FULL_DISK)
+    done = on_small_disk(code, tmp_path / "disk", size_kib=4096)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == {"full": 2, "same": True, "stray": [], "again": 0}
+    errors = [line for line in done.stdout.splitlines() if line.startswith("covid-tune:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert "cannot write the leaderboard" in errors[0] and "unchanged" in errors[0]

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import BINARY_SPACE, write_space
+from helpers import can_mount_tmpfs, on_small_disk
 from covid_tune.cli import main
 from covid_tune.config import load_space, parse_space, parse_space_text
 from covid_tune.data import manifest, scan
@@ -562,3 +563,48 @@ def test_reading_a_run_imports_neither_torch_nor_ray_nor_optuna():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --- a full disk on the driver's side ---------------------------------------------------
+
+RECORD_ON_FULL_DISK = '''
+from covid_tune.cli import main
+results = []
+for free in range(12):  # each page more lets the record get one file further
+    fill_disk(free)
+    rc = main(["sweep", "--space", SPACE, "--data", DATA, "--storage-path", DISK + "/runs",
+               "--name", "full", "--address", ADDRESS, "--shared-storage"])
+    free_disk()
+    left = sorted(str(p) for p in __import__("pathlib").Path(DISK, "runs").rglob("*"))
+    results.append({"free": free, "rc": rc, "left": left})
+    if rc != 2 or results[-1]["left"]:
+        break
+    if "sweep.json" in open(LOG).read():
+        break
+print(json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a tmpfs here (unshare -Urm)")
+def test_a_full_disk_while_recording_the_run_leaves_nothing_behind(ray_cluster, binary_data,
+                                                                   tmp_path):
+    """The run folder on a real full tmpfs, the disk filled a page further each time:
+    the lock, then space.yaml, dataset.json and sweep.json meet ENOSPC in turn. Each
+    time: exit 2, one line naming the file, and no file, part or lock left behind."""
+    space = tmp_path / "space.yaml"
+    space.write_text("task: binary\npretrained: none\nimage_size: 32\nnum_samples: 1\n"
+                     "max_epochs: 1\nasha: {grace_period: 1}\nparams: {backbone: resnet18}\n")
+    log = tmp_path / "errors.log"
+    code = (f"SPACE, DATA, ADDRESS, LOG = {str(space)!r}, {str(binary_data)!r}, "
+            f"{ray_cluster.address!r}, {str(log)!r}\n"
+            f"sys.stderr = open(LOG, 'a', buffering=1)\n" + RECORD_ON_FULL_DISK)
+    done = on_small_disk(code, tmp_path / "disk", size_kib=256)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(r["rc"] == 2 and r["left"] == [] for r in results), results
+    errors = [line for line in log.read_text().splitlines() if line.startswith("covid-tune:")]
+    assert len(errors) == len(results) and all("No space left on device" in e for e in errors)
+    failed_at = [e.split(": ")[2].rsplit("/", 1)[1] for e in errors]
+    assert failed_at[0] == "sweep.lock" and failed_at[-1] == "sweep.json"
+    assert {"space.yaml", "dataset.json"} <= set(failed_at)
+    assert "nothing of the run was kept" in errors[-1]

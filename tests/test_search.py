@@ -3,11 +3,14 @@ and FAIL states, the SQLite copy of the study, and a restored study that matches
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 
 from covid_tune.config import parse_space
 from covid_tune.search import SweepSearch, build_searcher, n_startup_trials
+from helpers import can_mount_tmpfs, on_small_disk
 
 SPACE = {
     "task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 3,
@@ -91,3 +94,42 @@ def test_a_restored_searcher_brings_its_study_back(searcher, tmp_path):
     again.restore(str(tmp_path / "state.pkl"))
     assert [t.value for t in load(tmp_path).trials] == [0.3]
     assert again.suggest("b") is not None and "b" in again._ot_trials
+
+
+STUDY_ON_FULL_DISK = '''
+import optuna
+from covid_tune.config import parse_space
+from covid_tune.search import build_searcher
+space = parse_space(SPACE, "space.yaml")
+study_file = DISK + "/optuna.db"
+searcher = build_searcher(space, study_file, "s", seed=0, max_concurrent=None)
+def finish(trial_id):
+    searcher.suggest(trial_id)
+    searcher.on_trial_complete(trial_id, {"val_loss": 0.5, "epoch": 3})
+def count():
+    return len(optuna.load_study(study_name="s", storage="sqlite:///" + study_file).trials)
+finish("t0"); finish("t1")
+before = open(study_file, "rb").read()
+fill_disk(0)
+finish("t2"); finish("t3")
+kept = open(study_file, "rb").read() == before
+parts = [n for n in os.listdir(DISK) if n.endswith(".partial")]
+on_full = count()
+free_disk()
+finish("t4")
+print(json.dumps({"kept": kept, "parts": parts, "on_full": on_full, "after": count()}))
+'''
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a tmpfs here (unshare -Urm)")
+def test_a_full_disk_keeps_the_last_study_copy_and_the_sweep_goes_on(tmp_path):
+    """optuna.db on a real full tmpfs: the previous copy stays whole, one note is
+    printed (not one per trial), and the next copy after space is freed has every trial."""
+    done = on_small_disk(f"SPACE = {SPACE!r}\n" + STUDY_ON_FULL_DISK, tmp_path / "disk",
+                         size_kib=1024)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == {"kept": True, "parts": [], "on_full": 2, "after": 5}
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note: could not")]
+    assert len(notes) == 1 and "No space left on device" in notes[0]
+    assert "the previous copy is kept" in notes[0]
