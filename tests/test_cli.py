@@ -7,8 +7,10 @@ seconds of imports); one test runs the real ``python -m covid_tune`` entry point
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,23 @@ def test_resume_of_a_run_that_never_started(tmp_path, capsys, monkeypatch):
     message = refused(capsys, "resume", opts.run_dir())
     assert f"{opts.run_dir()}: the sweep stopped before Ray Tune saved any state" in message
     assert "start it again with `covid-tune sweep`" in message
+
+
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGTERM, 143, "covid-tune: stopped by SIGTERM"),
+    (signal.SIGINT, 130, "covid-tune: interrupted"),
+])
+def test_a_signal_outside_the_search_exits_with_the_shells_code(tmp_path, signum, code, said):
+    """SIGTERM or Ctrl-C while a command works (here synth, writing images) ends it
+    with one line and 128 + the signal's number, no traceback (the search's own
+    handling is in test_cluster.py)."""
+    out = tmp_path / "phantoms"
+    command = subprocess.Popen([sys.executable, "-m", "covid_tune", "synth", str(out),
+                                "--task", "binary", "--scale", "1", "--quiet"],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(out.rglob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    command.send_signal(signum)
+    _, err = command.communicate(timeout=60)
+    assert command.returncode == code and err.strip() == said, err

@@ -361,6 +361,20 @@ def test_local_storage_a_node_cannot_see_is_refused(ray_cluster, tmp_path, monke
     cluster.check_storage(str(tmp_path))
 
 
+def test_a_dataset_larger_than_the_object_store_is_refused(ray_cluster):
+    """with_parameters puts the decoded dataset in the driver node's object store once:
+    a bigger one is refused, naming both sizes and the largest image size that fits."""
+    here = ray.get_runtime_context().get_node_id()
+    room = next(n for n in cluster.alive_nodes() if n["NodeID"] == here)["Resources"][
+        "object_store_memory"]
+    cluster.check_object_store(int(room) // 2, 224)
+    with pytest.raises(UserError) as refused:
+        cluster.check_object_store(int(room) * 4, 224)
+    message = str(refused.value)
+    assert "is larger than Ray's object store on this node" in message
+    assert "the largest image size that fits is 112 px; pass --image-size 112" in message
+
+
 def test_too_big_trial_is_refused_before_it_starts(ray_cluster, binary_data, tmp_path):
     for cpus, gpus in ((2.0, 0.0), (1.0, 0.25)):
         opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
@@ -466,6 +480,110 @@ def test_sweep_survives_losing_a_worker_node(ray_cluster, binary_data, tmp_path)
     assert started_from(lost.last_result) >= 1  # from a checkpoint, not from scratch
 
 
+SOAK_TRIALS = 200
+
+
+def soak_space(folder: Path) -> Path:
+    """The soak's tiny study: resnet18 at 32 px, two epochs, ASHA after the first."""
+    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 2,
+           "image_size": 32, "pretrained": "none", "num_samples": SOAK_TRIALS,
+           "augment": False, "asha": {"grace_period": 1, "reduction_factor": 2},
+           "params": {"backbone": "resnet18", "frozen_layers": {"low": 8, "high": 20},
+                      "lr": {"low": 1e-3, "high": 0.1, "log": True},
+                      "batch_size": 16, "hidden": 16, "dropout": 0.0}}
+    path = folder / "soak.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+def test_soak_200_trials_with_random_crashes_and_a_node_killed(ray_cluster, binary_data,
+                                                               tmp_path):
+    """200 trials on four nodes; one trial in seven kills its worker after its first
+    epoch (once), and a node is killed when a third of the trials have ended. Every
+    trial is accounted for exactly once: in Ray's results, in its folder, and in the
+    Optuna study, in agreeing states. Run with ``pytest -m soak -s``; its figures are in
+    docs/benchmarks.md."""
+    crashes = tmp_path / "crashes"
+    crashes.mkdir()
+
+    def crash_sometimes(config, data):
+        """One trial in seven (by its id) kills its worker right after reporting epoch
+        1, on its first attempt only (a marker file remembers)."""
+        import zlib
+
+        import ray.tune
+
+        from covid_tune.train import train_trial
+
+        trial_id = ray.tune.get_context().get_trial_id()
+        marker = crashes / trial_id
+        if zlib.crc32(trial_id.encode()) % 7 or marker.exists():
+            return train_trial(config, data)
+        report = ray.tune.report
+
+        def report_then_crash(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            marker.touch()
+            os._exit(1)
+
+        ray.tune.report = report_then_crash
+        try:
+            return train_trial(config, data)
+        finally:
+            ray.tune.report = report
+
+    extra = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    opts = SweepOptions(space_file=str(soak_space(tmp_path)), data=str(binary_data),
+                        name="soak", storage_path=str(tmp_path / "runs"), seed=3,
+                        max_failures=3)
+    run_dir = tmp_path / "runs" / "soak"
+    outcome: dict = {}
+    started = time.monotonic()
+    cpu_before = time.process_time()
+    sweep = threading.Thread(target=lambda: outcome.update(
+        results=run_sweep(opts, trainable=crash_sometimes)))
+    sweep.start()
+    try:
+        wait_for(lambda: len(list(run_dir.glob("trial_*/checkpoint_000000"))) >= SOAK_TRIALS // 3,
+                 "a third of the trials to checkpoint", timeout=1800, every=1)
+        killed_after = time.monotonic() - started
+        ray_cluster.remove_node(extra[0], allow_graceful=False)
+        wait_for(lambda: not sweep.is_alive(), "the sweep to finish", timeout=3600, every=2)
+    finally:
+        if sweep.is_alive():
+            pytest.fail("the soak sweep did not finish")
+        for node in extra[1:]:
+            ray_cluster.remove_node(node)
+    seconds = time.monotonic() - started
+    driver_cpu = time.process_time() - cpu_before
+
+    results = outcome["results"]
+    trials = final_trials(run_dir)
+    ids = [t.trial_id for t in trials]
+    assert len(ids) == len(set(ids)) == len(results) == SOAK_TRIALS
+    assert trial_folders(run_dir) == {f"trial_{i}" for i in ids}
+    assert all(t.status in ("TERMINATED", "ERROR") for t in trials)
+    crashed = {p.name for p in crashes.iterdir()}
+    by_id = {t.trial_id: t for t in trials}
+    assert crashed and all(by_id[i].num_failures >= 1 for i in crashed)
+    study = optuna.load_study(study_name="soak", storage=f"sqlite:///{run_dir / STUDY_FILE}")
+    assert len(study.trials) == SOAK_TRIALS
+    states = {t.state.name for t in study.trials}
+    errors = sum(t.status == "ERROR" for t in trials)
+    assert sum(t.state.name == "FAIL" for t in study.trials) == errors
+    assert states <= {"COMPLETE", "PRUNED", "FAIL"}
+    retried = sum(t.num_failures > 0 for t in trials)
+    print(f"\nsoak: {SOAK_TRIALS} trials in {seconds:.0f} s ({SOAK_TRIALS / seconds * 60:.1f} "
+          f"trials/min) on {len(extra) + 2} nodes of 1 CPU; node killed at {killed_after:.0f} s; "
+          f"{len(crashed)} trials crashed on purpose, {retried} retried in all, {errors} "
+          f"ended in ERROR; study: "
+          f"{', '.join(f'{s} {sum(t.state.name == s for t in study.trials)}' for s in sorted(states))}; "
+          f"driver CPU {driver_cpu:.0f} s ({driver_cpu / seconds:.0%} of one core)")
+
+
 def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen) -> dict | None:
     """Trial ids by state once the run's last snapshot lists a finished trial and an
     unfinished one with a checkpoint (Ray lists running trials as PENDING), else None."""
@@ -480,7 +598,8 @@ def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen) -> dict | None:
     return {"done": done, "mid": mid} if done and mid else None
 
 
-def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, tmp_path):
+def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, tmp_path,
+                                                    capsys):
     run_dir = tmp_path / "runs" / "killed"
     args = sweep_args(space_file(tmp_path, 3), binary_data, tmp_path / "runs", "killed",
                       ray_cluster.address, "--max-concurrent", "2")
@@ -493,7 +612,10 @@ def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, t
     finally:
         sweep.send_signal(signal.SIGKILL)
         sweep.wait()
+    assert (run_dir / LOCK_FILE).exists()  # left behind, but its flock died with the driver
+    capsys.readouterr()
     assert main(["resume", str(run_dir)]) == 0
+    assert f"taking over the lock of pid {sweep.pid} on " in capsys.readouterr().out
 
     trials = final_trials(run_dir)
     ids = [t.trial_id for t in trials]
