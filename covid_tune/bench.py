@@ -120,8 +120,8 @@ FULL = BenchSizes(loader_scale=0.1, overhead_scale=0.1, overhead_size=224,
 """For a GPU machine: larger images and the assignment's 15 epochs."""
 TINY = BenchSizes(loader_scale=0.004, overhead_scale=0.004, overhead_size=32,
                   overhead_epochs=2, search_scale=0.004, search_size=32, search_epochs=2,
-                  search_samples=3, loader_stored=64, loader_out=32, loader_seconds=0.0,
-                  repeats=1, grid_rows=2)
+                  search_samples=2, loader_stored=64, loader_out=32, loader_seconds=0.0,
+                  repeats=1, grid_rows=1)
 """For the test suite: checks that everything runs, measures nothing useful."""
 
 

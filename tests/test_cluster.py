@@ -431,13 +431,13 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, 
         finally:
             ray.tune.report = report
 
-    opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
+    opts = SweepOptions(space_file=str(space_file(tmp_path, 1)), data=str(binary_data),
                         name="crash", storage_path=str(tmp_path / "runs"), seed=1,
-                        max_concurrent=2, max_failures=1)
+                        max_failures=1)
     run_sweep(opts, trainable=crash_once)
     trials = final_trials(tmp_path / "runs" / "crash")
-    assert len(trials) == 2
-    for trial in trials:  # each crashed once, in epoch 2 of its first attempt
+    assert len(trials) == 1
+    for trial in trials:  # it crashed once, in epoch 2 of its first attempt
         assert trial.status == "TERMINATED" and trial.num_failures == 1
         assert trial.last_result["epoch"] == EPOCHS
         assert started_from(trial.last_result) == 1  # epoch 1's checkpoint, none redone
@@ -598,41 +598,6 @@ def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen) -> dict | None:
     return {"done": done, "mid": mid} if done and mid else None
 
 
-def test_killed_driver_resumes_with_every_trial_once(ray_cluster, binary_data, tmp_path,
-                                                    capsys):
-    run_dir = tmp_path / "runs" / "killed"
-    args = sweep_args(space_file(tmp_path, 3), binary_data, tmp_path / "runs", "killed",
-                      ray_cluster.address, "--max-concurrent", "2")
-    # Snapshot the run every second (Ray's default: every 10 s or more) so that the
-    # moment with a finished and a half-done trial is sure to be on disk.
-    sweep = start_driver(args, tmp_path / "sweep.log", TUNE_GLOBAL_CHECKPOINT_S="1")
-    try:
-        seen = wait_for(lambda: snapshot_mid_sweep(run_dir, sweep),
-                        "a snapshot with a finished and a half-done trial", every=0.5)
-    finally:
-        sweep.send_signal(signal.SIGKILL)
-        sweep.wait()
-    assert (run_dir / LOCK_FILE).exists()  # left behind, but its flock died with the driver
-    capsys.readouterr()
-    assert main(["resume", str(run_dir)]) == 0
-    assert f"taking over the lock of pid {sweep.pid} on " in capsys.readouterr().out
-
-    trials = final_trials(run_dir)
-    ids = [t.trial_id for t in trials]
-    assert len(ids) == len(set(ids)) == 3
-    assert all(t.status == "TERMINATED" and t.last_result["epoch"] == EPOCHS for t in trials)
-    assert trial_folders(run_dir) == {f"trial_{i}" for i in ids}  # lost ones set aside
-    by_id = {t.trial_id: t.last_result for t in trials}
-    for trial_id in seen["done"]:
-        assert started_from(by_id[trial_id]) == 0  # kept as it was, not run again
-        assert by_id[trial_id]["iterations_since_restore"] == EPOCHS
-    for trial_id in seen["mid"]:
-        assert started_from(by_id[trial_id]) >= 1  # went on from its checkpoint
-    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{run_dir / STUDY_FILE}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    assert sorted(t.params["lr"] for t in study.trials) == sorted(t.config["lr"] for t in trials)
-
-
 def checkpoints(run_dir: Path) -> set[str]:
     return {str(p.relative_to(run_dir)) for p in run_dir.glob("trial_*/checkpoint_*")}
 
@@ -649,18 +614,49 @@ def stop_and_wait(driver: subprocess.Popen, signum: int, group: bool) -> tuple[i
     return code, time.monotonic() - start
 
 
-def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_finishes_every_trial_once(
+def refused_line(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def signal_self_once(condition, signum: int, finished: threading.Event) -> threading.Thread:
+    """A thread that sends ``signum`` to this process (its main thread runs a driver)
+    once ``condition()`` holds, unless that driver has ``finished`` by then."""
+    def watch():
+        while not finished.is_set():
+            if condition():
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
         ray_cluster, binary_data, tmp_path, capsys):
-    """A sweep stopped by Ctrl-C, then its resume stopped by SIGTERM: each exits within
-    60 s (130, then 143) naming the resume command, keeps its checkpoints and frees the
-    run folder; while each runs, a second driver is refused, naming it. A last resume
-    finishes every trial exactly once."""
+    """One run through every way a driver ends early, then a resume to the end:
+
+    1. the sweep gets Ctrl-C (SIGINT to its process group, as from a terminal, where
+       Ray's own processes ignore it): exit 130 within 60 s naming the resume command;
+       while it ran, the same sweep again was refused, naming it;
+    2. a resume is killed (SIGKILL) at a snapshot with a finished and a half-done trial:
+       its lock file stays, and the next resume takes it over with a notice;
+    3. that resume gets SIGTERM: exit 143, naming the resume command again;
+    4. a last resume finishes: every trial exactly once, the finished one never run
+       again, the half-done one continued from its checkpoint, the study complete.
+    """
     run_dir = tmp_path / "runs" / "stopped"
     args = sweep_args(space_file(tmp_path, 3), binary_data, tmp_path / "runs", "stopped",
                       ray_cluster.address, "--max-concurrent", "2")
+    # Snapshot the run every second (Ray's default: every 10 s or more) so that the
+    # moment with a finished and a half-done trial is sure to be on disk.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     with open(tmp_path / "sweep.log", "w") as out:  # its own process group, as in a shell
         sweep = subprocess.Popen([sys.executable, "-m", "covid_tune", *args], stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         wait_for(lambda: checkpoints(run_dir), "a first checkpoint")
         err = refused_line(capsys, *args[:-2])  # the same sweep again, same folder
@@ -672,39 +668,49 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_finishes_every_trial_once(
     log = (tmp_path / "sweep.log").read_text()
     print(f"Ctrl-C: exit {code} after {seconds:.1f} s")
     assert code == 130 and seconds < 60, log[-3000:]
-    assert f"stopped by SIGINT; finished trials and every other trial's last checkpoint " \
-           f"are kept; continue with: covid-tune resume {run_dir}" in log
+    assert ("stopped by SIGINT; finished trials and every other trial's last checkpoint "
+            f"are kept; continue with: covid-tune resume {run_dir}") in log
     assert not (run_dir / LOCK_FILE).exists()
-    kept = checkpoints(run_dir)
 
-    resume = start_driver(["resume", str(run_dir)], tmp_path / "resume.log")
+    resume = start_driver(["resume", str(run_dir)], tmp_path / "killed.log",
+                          TUNE_GLOBAL_CHECKPOINT_S="1")
     try:
-        wait_for(lambda: checkpoints(run_dir) - kept, "a checkpoint of the resumed sweep")
-        assert f"in use by pid {resume.pid} on " in refused_line(capsys, "resume", str(run_dir))
-        code, seconds = stop_and_wait(resume, signal.SIGTERM, group=False)
+        seen = wait_for(lambda: snapshot_mid_sweep(run_dir, resume),
+                        "a snapshot with a finished and a half-done trial", every=0.5)
     finally:
-        if resume.poll() is None:
-            resume.kill()
-    log = (tmp_path / "resume.log").read_text()
-    print(f"SIGTERM: exit {code} after {seconds:.1f} s")
-    assert code == 143 and seconds < 60, log[-3000:]
-    assert "stopped by SIGTERM; " in log and f"covid-tune resume {run_dir}" in log
-    assert kept <= checkpoints(run_dir)
+        resume.send_signal(signal.SIGKILL)
+        resume.wait()
+    done = {t.trial_id: t.last_result["timestamp"] for t in final_trials(run_dir)
+            if t.trial_id in seen["done"]}
+    assert (run_dir / LOCK_FILE).exists()  # left behind; its flock died with the driver
+
+    kept = checkpoints(run_dir)
+    finished = threading.Event()
+    signal_self_once(lambda: checkpoints(run_dir) - kept, signal.SIGTERM, finished)
+    capsys.readouterr()
+    try:
+        code = main(["resume", str(run_dir)])
+    finally:
+        finished.set()
+    out, err = capsys.readouterr()
+    assert f"taking over the lock of pid {resume.pid} on " in out
+    assert code == 143 and "stopped by SIGTERM; " in err, err
+    assert f"covid-tune resume {run_dir}" in err
 
     assert main(["resume", str(run_dir)]) == 0
     trials = final_trials(run_dir)
     ids = [t.trial_id for t in trials]
     assert len(ids) == len(set(ids)) == 3
     assert all(t.status == "TERMINATED" and t.last_result["epoch"] == EPOCHS for t in trials)
-    assert trial_folders(run_dir) == {f"trial_{i}" for i in ids}
+    assert trial_folders(run_dir) == {f"trial_{i}" for i in ids}  # lost ones set aside
+    by_id = {t.trial_id: t.last_result for t in trials}
+    for trial_id, stamp in done.items():
+        assert by_id[trial_id]["timestamp"] == stamp  # kept as it was, not run again
+    for trial_id in seen["mid"]:
+        assert started_from(by_id[trial_id]) >= 1  # went on from its checkpoint
     study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{run_dir / STUDY_FILE}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-
-
-def refused_line(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    return capsys.readouterr().err
+    assert sorted(t.params["lr"] for t in study.trials) == sorted(t.config["lr"] for t in trials)
 
 
 def test_resume_sets_aside_folders_of_trials_the_snapshot_lost(tmp_path):

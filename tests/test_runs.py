@@ -468,7 +468,7 @@ def run_damaged(fuzz, monkeypatch, capsys, how: tuple, argv: list[str]) -> Path 
     return target
 
 
-@fuzz_settings(30)
+@fuzz_settings(20)
 @given(**DAMAGES)
 def test_a_damaged_run_gives_a_leaderboard_that_says_so_or_one_line(
         fuzz, monkeypatch, capsys, kind, index, how, cut, noise):
