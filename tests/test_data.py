@@ -188,8 +188,8 @@ def test_a_folder_that_cannot_be_listed_names_it(tmp_path, monkeypatch):
                     reason="running as root, and no setpriv to drop root's capabilities")
 def test_files_and_folders_without_permission_as_an_ordinary_user(tmp_path):
     """Really denied: the commands run without root's power over permissions. An
-    unreadable image is skipped and named, and refused under --strict before Ray
-    starts; an unreadable class folder stops the scan with one line."""
+    unreadable image is skipped and named, and refused under --strict (sweep's --strict
+    takes the same path); an unreadable class folder stops the scan with one line."""
     root = binary_tree(tmp_path / "d")
     secret = root / "Train" / "normal" / "normal0.png"
     secret.chmod(0)
@@ -198,11 +198,7 @@ def test_files_and_folders_without_permission_as_an_ordinary_user(tmp_path):
     found = as_ordinary_user(["check", str(root), "--quiet"], home)
     assert found.returncode == 0, found.stderr
     assert "Train/normal/normal0.png" in found.stdout and "Permission denied" in found.stdout
-    space = tmp_path / "space.yaml"
-    space.write_text("task: binary\npretrained: none\nimage_size: 32\n"
-                     "params: {backbone: resnet18}\n")
-    strict = as_ordinary_user(["sweep", "--space", str(space), "--data", str(root), "--strict",
-                               "--storage-path", str(home / "runs")], home)
+    strict = as_ordinary_user(["check", str(root), "--strict", "--quiet"], home)
     error = strict.stderr.strip().splitlines()[-1]  # after the progress bars
     assert strict.returncode == 2 and strict.stderr.count("error") == 1, strict.stderr
     assert error.startswith("covid-tune: error: ") and "Traceback" not in strict.stderr

@@ -85,25 +85,33 @@ def test_object_store_lock_is_a_marker_checked_then_written(tmp_path, capsys):
 
 
 RACER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
+    from pathlib import Path
     from covid_tune.errors import UserError
     from covid_tune.lock import hold
-    start = float(sys.argv[2])
+    run_dir, start, racers = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    said = Path(sys.argv[4])
     while time.time() < start:
         pass
     try:
-        with hold(sys.argv[1]):
-            print("held", flush=True)
-            time.sleep(3)
+        with hold(run_dir):
+            (said / f"held-{os.getpid()}").touch()
+            deadline = time.time() + 60  # hold on until every racer has tried
+            while len(list(said.iterdir())) < racers and time.time() < deadline:
+                time.sleep(0.05)
     except UserError:
-        print("refused", flush=True)
+        (said / f"refused-{os.getpid()}").touch()
 """)
 
 
 def test_of_drivers_started_at_the_same_moment_exactly_one_holds_the_folder(tmp_path):
-    run_dir = tmp_path / "run"
-    start = time.time() + 3  # every racer has imported covid_tune by then
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(run_dir), str(start)],
-                               stdout=subprocess.PIPE, text=True) for _ in range(6)]
-    outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+    """Six processes released at the same instant; the one that gets the folder holds it
+    until every other has tried."""
+    run_dir, said = tmp_path / "run", tmp_path / "said"
+    said.mkdir()
+    start = time.time() + 2  # most racers have imported covid_tune by then
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(run_dir), str(start), "6",
+                                str(said)]) for _ in range(6)]
+    assert all(r.wait(timeout=120) == 0 for r in racers)
+    outcomes = sorted(p.name.split("-")[0] for p in said.iterdir())
     assert outcomes == ["held"] + ["refused"] * 5
