@@ -106,15 +106,24 @@ def cmd_sweep(args) -> int:
     from covid_tune.sweep import run_sweep
 
     require_writable(args.storage_path, "--storage-path")
-    run_sweep(sweep_options(args))
-    return 0
+    return exit_code(run_sweep(sweep_options(args)))
 
 
 def cmd_resume(args) -> int:
     from covid_tune.sweep import resume_sweep
 
-    resume_sweep(args.run_dir, address=args.address, data=args.data,
-                 allow_changed_data=args.allow_changed_data)
+    return exit_code(resume_sweep(args.run_dir, address=args.address, data=args.data,
+                                  allow_changed_data=args.allow_changed_data))
+
+
+def exit_code(results) -> int:
+    """1, with the first error on one line, when every trial failed; else 0."""
+    from covid_tune.sweep import failure_summary
+
+    summary = failure_summary(results)
+    if summary:
+        print(f"covid-tune: {summary}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -166,6 +175,8 @@ def cmd_demo(args) -> int:
     opts = SweepOptions(space_file=str(DEMO_SPACE), data=str(data), name=args.name,
                         storage_path=str(out / "runs"), seed=args.seed)
     results = run_sweep(opts)
+    if exit_code(results):
+        return 1
     run_dir = str(out / "runs" / args.name)
     from covid_tune.export import export_best
     from covid_tune.leaderboard import write_leaderboard
@@ -173,7 +184,7 @@ def cmd_demo(args) -> int:
     print(write_leaderboard([run_dir], str(out / "leaderboard")))
     for folder in export_best([run_dir], str(out / "model")):
         print(f"best model exported to {folder}")
-    return 0 if results else 1
+    return 0
 
 
 def add_data_flags(parser: argparse.ArgumentParser, many: bool) -> None:

@@ -65,20 +65,25 @@ PARAM_DEFAULTS: dict[str, Any] = {
 }
 TOP_KEYS = (
     "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
-    "num_samples", "asha", "params", "start_with",
+    "num_samples", "asha", "params", "start_with", "allow_train_metric",
 )
 ASHA_KEYS = ("grace_period", "reduction_factor")
 AUGMENT_KEYS = ("rotation", "scale", "ratio", "flip")
 RANGE_KEYS = ("low", "high", "log", "step")
 
 TASK_METRICS = {
-    "binary": ("loss", "accuracy", "f1", "precision", "recall"),
+    "binary": ("loss", "accuracy", "f1", "precision", "recall", "auroc", "ap"),
     "multilabel": (
         "loss", "accuracy", "f1", "macro_f1", "samples_f1", "hamming_loss",
-        "f1_covid", "f1_normal", "f1_pneumonia",
+        "f1_covid", "f1_normal", "f1_pneumonia", "auroc", "ap",
+        "auroc_covid", "auroc_normal", "auroc_pneumonia",
+        "ap_covid", "ap_normal", "ap_pneumonia",
     ),
 }
 """What each task's trials report, prefixed ``train_`` and ``val_``."""
+LOWER_IS_BETTER = ("loss", "hamming_loss")
+"""Metric names (without the split) that ``mode: min`` ranks; every other one is
+ranked by ``mode: max``."""
 
 
 def conv_count(backbone: str) -> int:
@@ -187,6 +192,9 @@ class SearchSpace:
     backbone -> Param."""
     start_with: tuple[dict, ...] = field(default_factory=tuple)
     """Configurations evaluated first (the assignment's hand-picked rows)."""
+    allow_train_metric: bool = False
+    """Whether ``metric`` may be a ``train_`` metric. Off by default: ranking by the
+    split the model was fitted on picks the trial that memorised best."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""
@@ -320,11 +328,13 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     problems.unknown_keys(raw, TOP_KEYS, "")
     task = _task(raw, problems)
     params = _params(raw.get("params"), task, problems)
+    metric = _metric(raw, task, problems)
+    allow_train = _bool(raw, "allow_train_metric", False, problems)
     space = SearchSpace(
         source=source,
         task=task or "binary",
-        metric=_metric(raw, task, problems),
-        mode=_one_of(raw, "mode", ("max", "min"), "max", problems),
+        metric=metric,
+        mode=_mode(raw, metric, allow_train, problems),
         max_epochs=_int(raw, "max_epochs", 10, 1, problems),
         image_size=_int(raw, "image_size", 224, 32, problems),
         augment=_augment(raw.get("augment", True), problems),
@@ -333,6 +343,7 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         asha=_asha(raw.get("asha") or {}, problems),
         params=params,
         start_with=_start_with(raw.get("start_with") or [], params, problems),
+        allow_train_metric=allow_train,
     )
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
@@ -384,6 +395,31 @@ def _metric(raw: dict, task: str | None, problems: Problems) -> str:
                      f"{', '.join(valid[: len(valid) // 2])}")
         return default
     return metric
+
+
+def _mode(raw: dict, metric: str, allow_train: bool, problems: Problems) -> str:
+    """``mode``, checked against the metric's direction; a train-split metric refused
+    unless ``allow_train_metric``."""
+    name = metric.split("_", 1)[-1] if isinstance(metric, str) else ""
+    direction = "min" if name in LOWER_IS_BETTER else "max"
+    mode = _one_of(raw, "mode", ("max", "min"), direction, problems)
+    if mode in ("max", "min") and mode != direction and "mode" in raw:
+        better = "lower" if direction == "min" else "higher"
+        problems.add("mode", f"{mode} contradicts metric {metric} ({better} is better); use "
+                             f"mode: {direction}")
+    if isinstance(metric, str) and metric.startswith("train_") and not allow_train:
+        problems.add("metric", f"{metric} ranks trials by the split they were trained on, "
+                               f"which rewards memorising it; use a val_ metric, or set "
+                               f"allow_train_metric: true if that is really wanted")
+    return mode
+
+
+def _bool(raw: dict, key: str, default: bool, problems: Problems) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        problems.add(key, f"expected true or false, got {_show(value)}")
+        return default
+    return value
 
 
 def _one_of(raw: dict, key: str, valid: tuple, default: Any, problems: Problems) -> Any:
@@ -564,6 +600,11 @@ def _start_with(raw: Any, params: dict[str, Param], problems: Problems) -> tuple
         problems.unknown_keys(row, tuple(PARAM_TYPES), f"{where}.")
         for key, value in row.items():
             param = params.get(key)
+            if key in PARAM_TYPES and key not in params and "backbone" in params:
+                problems.add(f"{where}.{key}", f"not in params, so the row would train with "
+                                               f"the default and be labelled wrongly; add "
+                                               f"params.{key} or drop it from the row")
+                continue
             if key == "frozen_layers" and isinstance(param, dict):
                 param = _row_frozen(row, params, param, where, problems)
             if param is not None and not _allows(param, value):
@@ -635,6 +676,7 @@ def to_raw(space: SearchSpace) -> dict:
         "asha": asdict(space.asha),
         "params": params,
         "start_with": list(space.start_with),
+        **({"allow_train_metric": True} if space.allow_train_metric else {}),
     }
 
 

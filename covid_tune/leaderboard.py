@@ -121,7 +121,7 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
     record = row.record
     if bundle is None:
         return {split: {k: record.metrics.get(f"{prefix}_{k}", math.nan)
-                        for k in ("accuracy", "f1")}
+                        for k in ("accuracy", "f1", "auroc", "ap")}
                 for split, prefix in (("train", "train"), ("validation", "val"))}
     from covid_tune.inference import Device, load_model, predict_logits
 

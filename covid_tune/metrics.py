@@ -8,6 +8,13 @@ What the tables' "Accuracy/F1" column means here:
   right); ``f1`` is the macro F1, the unweighted mean of the per-label F1 of
   covid, normal and pneumonia.
 
+``auroc`` (area under the ROC curve) and ``ap`` (average precision, the area under the
+precision-recall curve) rank the probabilities without a threshold: binary, of the
+infected class; multilabel, the macro mean over the labels, with ``auroc_<label>`` and
+``ap_<label>`` beside it. They are NaN where undefined (a split with one class only).
+They come from scikit-learn, the implementation the papers in this field use, and it
+keeps this module free of torch (the leaderboard re-scores without it).
+
 A prediction is positive when its probability is strictly above the threshold (0.5),
 so a binary tie goes to normal, as ``argmax`` would. Every value returned is a
 python ``float`` or ``int`` (or nested lists/dicts of them), ready for
@@ -16,9 +23,11 @@ python ``float`` or ``int`` (or nested lists/dicts of them), ready for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from covid_tune.preprocess import sigmoid
 from covid_tune.tasks import Task
@@ -35,13 +44,36 @@ def binary_metrics(targets: np.ndarray, prob_infected: np.ndarray, threshold: fl
     predicted = np.asarray(prob_infected, dtype=np.float64).reshape(truth.shape) > threshold
     confusion = _confusion(truth, predicted)
     (tn, fp), (fn, tp) = confusion
+    scores = np.asarray(prob_infected, dtype=np.float64).reshape(truth.shape)
     return {
         "accuracy": float(np.mean(truth == predicted)),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
+        "auroc": auroc(truth, scores),
+        "ap": average_precision(truth, scores),
         "confusion": confusion,
     }
+
+
+def auroc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of one label; NaN when ``truth`` holds one class only."""
+    if truth.all() or not truth.any():
+        return math.nan
+    return float(roc_auc_score(truth, scores))
+
+
+def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision of one label; NaN when ``truth`` has no positive."""
+    if not truth.any():
+        return math.nan
+    return float(average_precision_score(truth, scores))
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the defined values; NaN when none is."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
 
 
 def multilabel_metrics(
@@ -59,6 +91,10 @@ def multilabel_metrics(
     confusions = {name: _confusion(truth[:, k], predicted[:, k]) for k, name in enumerate(label_names)}
     label_f1 = {name: _f1(c) for name, c in confusions.items()}
     macro_f1 = float(np.mean(list(label_f1.values())))
+    scores = np.asarray(probs, dtype=np.float64).reshape(truth.shape)
+    label_auroc = {name: auroc(truth[:, k], scores[:, k]) for k, name in enumerate(label_names)}
+    label_ap = {name: average_precision(truth[:, k], scores[:, k])
+                for k, name in enumerate(label_names)}
     return {
         "accuracy": float(np.mean(np.all(truth == predicted, axis=1))),
         "hamming_loss": float(np.mean(truth != predicted)),
@@ -66,6 +102,10 @@ def multilabel_metrics(
         "samples_f1": _samples_f1(truth, predicted),
         "f1": macro_f1,
         **{f"f1_{name}": value for name, value in label_f1.items()},
+        "auroc": _mean(list(label_auroc.values())),
+        "ap": _mean(list(label_ap.values())),
+        **{f"auroc_{name}": value for name, value in label_auroc.items()},
+        **{f"ap_{name}": value for name, value in label_ap.items()},
         "confusion": confusions,
     }
 

@@ -33,6 +33,12 @@ def cell(spec: TableSpec, scores: dict | None) -> str:
     return f"{accuracy:.0f}/{100 * f1:.0f}" if spec.f1_percent else f"{accuracy:.0f}/{f1:.3f}"
 
 
+def auroc_cell(scores: dict | None) -> str:
+    """``0.912``, or ``n/a`` when the split was not scored or AUROC is undefined."""
+    value = (scores or {}).get("auroc", math.nan)
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
 def duration(seconds: float | None) -> str:
     """``1hr 40min``, ``3min 5s`` or ``12s``."""
     if seconds is None:
@@ -69,6 +75,8 @@ def display_row(spec: TableSpec, row: Row) -> dict:
         "Epochs": record.epoch,
         "Training Time": duration(record.seconds),
         **{SPLIT_COLUMNS[s]: cell(spec, row.scores.get(s)) for s in spec.splits},
+        f"AUROC ({'/'.join(spec.splits)})": " / ".join(
+            auroc_cell(row.scores.get(s)) for s in spec.splits),
     }
     shown.update({k: format_value(v) for k, v in extra_params(record.config).items()})
     shown.update({"Source": source(record), "Trial": f"{record.run}/{record.trial_id}",
@@ -89,6 +97,8 @@ def table_record(spec: TableSpec, row: Row, index: int) -> dict:
         plain[SPLIT_COLUMNS[split]] = cell(spec, scores) if scores else None
         plain[f"{split}_accuracy"] = float(scores["accuracy"]) if scores else None
         plain[f"{split}_f1"] = float(scores["f1"]) if scores else None
+        for name in ("auroc", "ap"):
+            plain[f"{split}_{name}"] = float(scores.get(name, math.nan)) if scores else None
     unused = FOCAL_PARAMS if record.config["loss"] != "focal" else ()
     plain.update({k: None if k in unused else record.config.get(k) for k in EXTRA_PARAMS})
     plain.update({
@@ -128,7 +138,7 @@ def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
     """One task's section: the table, pictures, hand grid vs search, importances, notes."""
     metric = runs[0].metric
     lines = [f"## {spec.title}", "",
-             f"Runs: {', '.join(f'`{r.name}` ({len(r.trials)} trials)' for r in runs)}. "
+             f"Runs: {', '.join(f'`{r.name}` ({r.summary()})' for r in runs)}. "
              f"Each row is its group's best checkpoint by `{metric}` (best epoch), "
              f"re-scored on {', '.join(spec.splits)}. {spec.headline} "
              f"Epochs and Training Time are those of that checkpoint.", ""]

@@ -468,6 +468,15 @@ class RunInfo:
     trials: list[TrialRecord]
     notes: list[str] = field(default_factory=list)
     """Things a reader of the output should know (damaged files, skipped trials)."""
+    states: dict[str, str] = field(default_factory=dict)
+    """Trial id -> Ray Tune's status (TERMINATED, ERROR, ...) from the run's last
+    snapshot; empty when there is none to read."""
+
+    def summary(self) -> str:
+        """``12 trials, 2 failed`` (every trial Ray knows, not only the usable ones)."""
+        total = len(self.states) or len(self.trials)
+        failed = sum(status == "ERROR" for status in self.states.values())
+        return f"{total} trials, {failed} failed" if self.states else f"{total} trials"
 
     @property
     def task(self) -> str:
@@ -508,7 +517,25 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if not trials:
         raise UserError(f"{path}: no trial of this run has a usable checkpoint yet; wait "
                         f"for the first epoch to end, or check the trials' error.txt files")
-    return RunInfo(path, name, record, space, trials, notes)
+    states = trial_states(str(path))
+    if not states:
+        notes.append("Ray Tune's snapshot of the run (experiment_state-*.json) is missing or "
+                     "cannot be read, so failed trials are not counted")
+    return RunInfo(path, name, record, space, trials, notes, states)
+
+
+def trial_states(run_dir: str) -> dict[str, str]:
+    """Trial id -> status from Ray Tune's newest snapshot of the run (plain JSON); empty
+    if there is none or it cannot be read (the leaderboard then counts what it finds)."""
+    states = sorted(name for name in list_files(run_dir) if Path(name).match(RAY_STATE_GLOB))
+    if not states:
+        return {}
+    try:
+        snapshot = json.loads(read_bytes(join(run_dir, states[-1])))
+        trials = [json.loads(entry[0]) for entry in snapshot["trial_data"]]
+        return {str(t["trial_id"]): str(t["status"]) for t in trials}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
 
 
 def matches(config: dict, row: dict) -> bool:

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -33,7 +34,8 @@ class SweepSearch(OptunaSearch):
 
     - A trial ASHA stopped before ``max_epochs`` is told to Optuna as PRUNED (Ray tells
       it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL.
-    - Until ``n_startup`` trials have finished, no more than ``n_startup`` are started
+    - Until ``n_startup`` trials have a result TPE learns from, no more than
+      ``n_startup`` are started
       (Ray issue 52535: otherwise every trial started while the first ones run is drawn
       at random, far more than TPE's start-up count).
 
@@ -53,8 +55,15 @@ class SweepSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def waiting_for_startup(self) -> bool:
-        started, finished = len(self._ot_trials), len(self._completed_trials)
-        return started >= self.n_startup and finished < self.n_startup
+        """Whether TPE is still drawing at random: fewer than ``n_startup`` trials have
+        a result it learns from (COMPLETE or PRUNED; TPE ignores FAIL). A failed trial
+        does not release the hold, but nothing waits once no trial is running."""
+        if len(self._ot_trials) < self.n_startup:
+            return False
+        states = [t.state for t in self._ot_study.get_trials(deepcopy=False)]
+        learned = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+        running = sum(s == TrialState.RUNNING for s in states)
+        return learned < self.n_startup and running > 0
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         self.tell_optuna(trial_id, result, error)

@@ -267,6 +267,18 @@ def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:
     return lost
 
 
+def failure_summary(results) -> str | None:
+    """When every trial failed: one line with how many and the first one's error (its
+    last line, where Ray puts the exception); None otherwise."""
+    if not len(results) or any(result.error is None for result in results):
+        return None
+    first = next(iter(results))
+    lines = [line.strip() for line in str(first.error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(first.error).__name__
+    return (f"every trial failed ({len(results)} of {len(results)}); the first: "
+            f"{reason[:300]} (see {first.path}/error.txt)")
+
+
 def report_data(bundle: DataBundle) -> None:
     counts = ", ".join(f"{split} {len(s)}" for split, s in bundle.splits.items())
     print(f"data: {bundle.root} ({bundle.task}, {bundle.image_size} px): {counts}")

@@ -125,11 +125,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Opt
                            weight_decay=cfg.weight_decay)
 
 
-def batches(n: int, batch_size: int, order: torch.Tensor | None = None):
-    """Index arrays of one pass over ``n`` samples."""
+def batches(n: int, batch_size: int, order: torch.Tensor | None = None,
+            no_single: bool = False):
+    """Index arrays of one pass over ``n`` samples. With ``no_single`` a last batch of
+    one sample joins the batch before it: BatchNorm cannot train on one sample (17
+    images in batches of 8 would crash ResNet-18 in its last step)."""
     indices = order.numpy() if order is not None else np.arange(n)
-    for start in range(0, n, batch_size):
-        yield np.sort(indices[start:start + batch_size])
+    starts = list(range(0, n, batch_size))
+    if no_single and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for start, end in zip(starts, [*starts[1:], n]):
+        yield np.sort(indices[start:end])
 
 
 def to_device(split: Split, index: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +156,7 @@ def train_one_epoch(model, split: Split, loss_fn, optimizer, scaler, cfg: TrialC
     augment = cfg.augment
     started, total, outputs, targets = time.perf_counter(), 0.0, [], []
     order = torch.randperm(len(split), generator=generator)
-    for index in batches(len(split), cfg.batch_size, order):
+    for index in batches(len(split), cfg.batch_size, order, no_single=True):
         images, target = to_device(split, index, device)
         x = to_model_input(images, augment=augment, generator=generator,
                            channels_last=device.channels_last)

@@ -27,6 +27,7 @@ from covid_tune.config import (
     TrialConfig,
     dump_space,
     load_space,
+    parse_space_text,
 )
 from covid_tune.errors import UserError
 from covid_tune.space import define_by_run, start_points
@@ -333,3 +334,29 @@ def test_an_alias_bomb_gives_a_short_message(tmp_path):
     with pytest.raises(UserError) as caught:
         load_space(path)
     assert "params.lr: expected a float" in str(caught.value) and len(str(caught.value)) < 5000
+
+
+def test_spaces_that_would_train_or_rank_something_else_are_refused(tmp_path):
+    """Each of these used to be accepted and silently do something other than it says."""
+    row_default = {**MINIMAL, "start_with": [{"backbone": "vgg16", "momentum": 0.5}]}
+    assert ("start_with[0].momentum: not in params, so the row would train with the "
+            "default" in errors_of(tmp_path, row_default))
+    loss_max = {**MINIMAL, "metric": "val_loss", "mode": "max"}
+    assert "mode: max contradicts metric val_loss (lower is better); use mode: min" in \
+        errors_of(tmp_path, loss_max)
+    f1_min = {**MINIMAL, "metric": "val_f1", "mode": "min"}
+    assert "mode: min contradicts metric val_f1 (higher is better)" in errors_of(tmp_path, f1_min)
+    train = {**MINIMAL, "metric": "train_f1"}
+    assert "metric: train_f1 ranks trials by the split they were trained on" in \
+        errors_of(tmp_path, train)
+
+
+def test_a_train_metric_is_allowed_when_asked_and_mode_follows_the_metric(tmp_path):
+    def load(tmp_path, doc):
+        return load_space(write(tmp_path, doc))
+
+    allowed = load(tmp_path, {**MINIMAL, "metric": "train_f1", "allow_train_metric": True})
+    assert allowed.metric == "train_f1" and allowed.allow_train_metric
+    assert parse_space_text(dump_space(allowed), "again").allow_train_metric
+    assert load(tmp_path, {**MINIMAL, "metric": "val_loss"}).mode == "min"  # no mode given
+    assert load(tmp_path, {**MINIMAL, "metric": "val_hamming_loss"}).mode == "min"

@@ -69,6 +69,8 @@ def test_part1_groups_and_columns(board):
             ("RESNET18", "None")} <= expected  # the three hand-grid rows
     backbones = [r["Backbone"] for r in rows]
     assert backbones == sorted(backbones, key=["VGG16", "RESNET18"].index)
+    assert "Runs: `binary` (6 trials, 0 failed)." in text  # every trial Ray ran is counted
+    assert all(set(r["AUROC (train/validation/test)"].split(" / ")) - {"n/a"} for r in rows)
     assert {r["Source"] for r in rows} <= {"hand grid", "searched"}
     assert "hand grid" in {r["Source"] for r in rows}
     assert all(r["Testing Set Accuracy/F1 Score"] != "n/a" for r in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import numpy as np
@@ -44,14 +45,17 @@ def test_binary_no_positives_is_zero_not_nan():
         warnings.simplefilter("error")
         none_true = binary_metrics(np.zeros(4, int), np.array([0.1, 0.2, 0.3, 0.4]))
         none_predicted = binary_metrics(np.array([1, 1, 0, 0]), np.zeros(4))
+    ranked = {k: none_true.pop(k) for k in ("auroc", "ap")}
     assert none_true == {"accuracy": 1.0, "f1": 0.0, "precision": 0.0, "recall": 0.0,
                          "confusion": [[4, 0], [0, 0]]}
+    assert all(math.isnan(v) for v in ranked.values())  # undefined without a positive
     assert none_predicted["confusion"] == [[2, 0], [2, 0]]
     assert none_predicted["f1"] == 0.0 and none_predicted["accuracy"] == 0.5
 
 
 def test_binary_all_infected_and_right():
     m = binary_metrics(np.ones(3, int), np.array([0.9, 0.8, 0.7]))
+    assert math.isnan(m.pop("auroc")) and m.pop("ap") == 1.0  # no negative to rank against
     assert m == {"accuracy": 1.0, "f1": 1.0, "precision": 1.0, "recall": 1.0, "confusion": [[0, 0], [0, 3]]}
 
 
@@ -114,3 +118,21 @@ def test_bad_targets_raise():
         binary_metrics(np.array([]), np.array([]))
     with pytest.raises(ValueError, match="label names"):
         multilabel_metrics(ML_TRUTH, ML_PRED, NAMES[:2])
+
+
+def test_auroc_and_average_precision_by_hand():
+    """Four images, P(infected) 0.1 0.4 0.35 0.8 for truths 0 0 1 1: of the four
+    (positive, negative) pairs three are ordered right, AUROC 3/4; ranked by score the
+    positives come 1st and 3rd, AP = 1/2 * 1 + 1/2 * 2/3 = 5/6."""
+    scores = binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert scores["auroc"] == pytest.approx(0.75)
+    assert scores["ap"] == pytest.approx(5 / 6)
+
+
+def test_auroc_is_nan_where_undefined_and_left_out_of_the_macro_mean():
+    truth = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])  # no pneumonia at all
+    probs = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.2], [0.6, 0.7, 0.3], [0.1, 0.1, 0.4]])
+    scores = multilabel_metrics(truth, probs, ("covid", "normal", "pneumonia"))
+    assert scores["auroc_covid"] == 1.0 and scores["auroc_normal"] == 1.0
+    assert math.isnan(scores["auroc_pneumonia"]) and math.isnan(scores["ap_pneumonia"])
+    assert scores["auroc"] == 1.0 and scores["ap"] == 1.0

@@ -320,7 +320,9 @@ def test_damaged_recipes_are_passed_over_and_noted(tmp_path):
     assert info.notes == [
         "trial_bad: 2 checkpoint(s), none with a readable recipe.json; left out",
         "trial_empty: no checkpoint (the trial failed before its first epoch ended); left out",
-        "trial_mixed: 1 checkpoint(s) without a readable recipe.json passed over"]
+        "trial_mixed: 1 checkpoint(s) without a readable recipe.json passed over",
+        "Ray Tune's snapshot of the run (experiment_state-*.json) is missing or cannot be "
+        "read, so failed trials are not counted"]  # a hand-made run has none
     for folder in ("trial_good", "trial_mixed"):
         shutil.rmtree(run / folder)
     with pytest.raises(UserError, match="no trial of this run has a usable checkpoint"):
@@ -487,6 +489,9 @@ def test_a_damaged_run_gives_a_leaderboard_that_says_so_or_one_line(
         assert any(note.startswith(f"`binary`: {trial}: ") and
                    ("left out" in note or "passed over" in note)
                    for note in notes_of(markdown)), markdown
+    elif kind == "experiment state":  # read only to count the failed trials
+        assert "so failed trials are not counted" in markdown
+        assert rows == fuzz.rows
     elif kind == "optuna.db":
         assert ("The Optuna study optuna.db cannot be read" in markdown
                 or "No Optuna study found (optuna.db is missing)" in markdown)
@@ -608,3 +613,20 @@ def test_a_full_disk_while_recording_the_run_leaves_nothing_behind(ray_cluster, 
     assert failed_at[0] == "sweep.lock" and failed_at[-1] == "sweep.json"
     assert {"space.yaml", "dataset.json"} <= set(failed_at)
     assert "nothing of the run was kept" in errors[-1]
+
+
+def test_failed_trials_are_counted_from_rays_snapshot(tmp_path):
+    """Ray Tune's snapshot lists every trial with its status: a trial that failed before
+    any checkpoint has no row, but it is counted."""
+    from covid_tune.runs import trial_states
+
+    entries = [[json.dumps({"trial_id": i, "status": status}), "{}"]
+               for i, status in (("a", "TERMINATED"), ("b", "ERROR"), ("c", "TERMINATED"))]
+    (tmp_path / "experiment_state-2026-11-22_07-00-00.json").write_text(
+        json.dumps({"trial_data": entries, "runner_data": {}}))
+    states = trial_states(str(tmp_path))
+    assert states == {"a": "TERMINATED", "b": "ERROR", "c": "TERMINATED"}
+    from covid_tune.runs import RunInfo
+
+    info = RunInfo(tmp_path, "r", None, None, [], states=states)
+    assert info.summary() == "3 trials, 1 failed"

@@ -55,6 +55,16 @@ def test_no_more_trials_start_until_the_startup_trials_finish(searcher):
     assert searcher.suggest("late") is not None
 
 
+def test_failed_trials_do_not_release_the_startup_hold_but_never_stall_it(searcher):
+    """TPE learns nothing from FAIL: a failed start-up trial keeps the hold while another
+    runs; once nothing runs, the next trial may start (or the sweep would wait forever)."""
+    assert all(searcher.suggest(f"t{i}") is not None for i in range(searcher.n_startup))
+    finish(searcher, "t0", 0.5, 3, error=True)
+    assert searcher.suggest("late") is None  # t1 still runs; one failure taught nothing
+    finish(searcher, "t1", 0.5, 3, error=True)
+    assert searcher.suggest("late") is not None  # nothing runs: no deadlock
+
+
 def test_stopped_trials_are_pruned_and_errors_fail(searcher, tmp_path):
     for trial_id, epoch, error in (("full", 3, False), ("stopped", 1, False),
                                    ("crashed", 1, True)):

@@ -24,8 +24,8 @@ def trial(trial_id: str, backbone: str, frozen: int, f1: float, epoch: int = 2,
     config = {"task": "binary", "backbone": backbone, "frozen_layers": frozen, "loss": loss,
               "lr": 0.01, "momentum": 0.9, "batch_size": 8, "weight_decay": 0.0,
               "hidden": 16, "dropout": 0.1, "focal_alpha": 0.25, "focal_gamma": 2.0}
-    return TrialRecord("run", trial_id, config, Path(trial_id), epoch, {"val_f1": f1}, 1.0,
-                       hand_grid)
+    return TrialRecord("run", trial_id, config, Path(trial_id), epoch,
+                       {"val_f1": f1, "val_loss": f1}, 1.0, hand_grid)
 
 
 def run(trials: list[TrialRecord], name: str = "run", **space) -> RunInfo:
@@ -59,7 +59,7 @@ def test_groups_follow_the_assignments_order_and_pick_each_best():
 def test_min_metric_picks_the_lowest_and_ties_go_to_fewer_epochs():
     trials = [trial("a", "vgg16", 0, 0.3, epoch=3), trial("b", "vgg16", 0, 0.3, epoch=1),
               trial("c", "vgg16", 0, 0.9)]
-    rows = select_rows(TABLES["binary"], [run(trials, mode="min")])
+    rows = select_rows(TABLES["binary"], [run(trials, metric="val_loss", mode="min")])
     assert rows[0].record.trial_id == "b"
 
 

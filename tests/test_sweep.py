@@ -89,3 +89,21 @@ def test_sweep_on_a_messy_dataset(ray_cluster, binary_data, tmp_path, capsys):
     assert len(results) == 1 and not results.errors
     out = capsys.readouterr().out
     assert "train 75" in out and "skipped 1 unreadable file(s), e.g. train/normal/corrupt.png" in out
+
+
+def test_a_sweep_whose_every_trial_failed_says_so_and_exits_1(capsys):
+    """Ray's results of three failed trials: exit 1 and one line with the count and the
+    first error's exception line; one good trial among them and it is a normal end."""
+    from types import SimpleNamespace
+
+    from covid_tune.cli import exit_code
+
+    error = RuntimeError("Traceback (most recent call last):\n  File ...\n"
+                         "covid_tune.train.TrialDiverged: loss became nan at epoch 1")
+    failed = [SimpleNamespace(error=error, path=f"/runs/r/trial_{i}") for i in range(3)]
+    assert exit_code(failed) == 1
+    err = capsys.readouterr().err
+    assert err == ("covid-tune: every trial failed (3 of 3); the first: covid_tune.train."
+                   "TrialDiverged: loss became nan at epoch 1 (see /runs/r/trial_0/error.txt)\n")
+    assert exit_code([*failed, SimpleNamespace(error=None, path="/runs/r/trial_3")]) == 0
+    assert exit_code([]) == 0

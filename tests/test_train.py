@@ -174,3 +174,25 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(
     study_file = tmp_path / "runs" / "nan" / STUDY_FILE
     study = optuna.load_study(study_name="nan", storage=f"sqlite:///{study_file}")
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
+
+
+def test_a_last_batch_of_one_never_reaches_batchnorm():
+    """ResNet-18 at 32 px, 17 images in batches of 8: the 17th joins the second batch
+    (BatchNorm raises on a training batch of one), and every image is still seen."""
+    import numpy as np
+
+    from covid_tune.data import Split
+    from covid_tune.inference import Device
+    from covid_tune.train import batches, build_training, train_one_epoch
+
+    assert [len(b) for b in batches(17, 8, no_single=True)] == [8, 9]
+    assert [len(b) for b in batches(17, 8)] == [8, 8, 1]
+    assert [len(b) for b in batches(16, 8, no_single=True)] == [8, 8]
+    cfg = trial_config(backbone="resnet18", frozen_layers=0, batch_size=8)
+    rng = np.random.default_rng(0)
+    split = Split(images=rng.integers(0, 255, (17, 32, 32), dtype=np.uint8),
+                  targets=np.arange(17) % 2, names=[f"{i}.png" for i in range(17)])
+    device = Device.pick()
+    model, optimizer, scaler, loss_fn = build_training(cfg, device)
+    result = train_one_epoch(model, split, loss_fn, optimizer, scaler, cfg, device, 1)
+    assert len(result.targets) == 17
