@@ -12,6 +12,8 @@ next major versions; ``tests/test_search.py`` holds the contract.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import sqlite3
 import tempfile
@@ -33,13 +35,15 @@ class SweepSearch(OptunaSearch):
     """Ray's OptunaSearch with two fixes for sweeps that run trials in parallel.
 
     - A trial ASHA stopped before ``max_epochs`` is told to Optuna as PRUNED (Ray tells
-      it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL.
+      it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL,
+      but a diverged one is PRUNED at the worst value seen, so TPE avoids its region.
     - Until ``n_startup`` trials have a result TPE learns from, no more than
       ``n_startup`` are started
       (Ray issue 52535: otherwise every trial started while the first ones run is drawn
       at random, far more than TPE's start-up count).
 
-    Each time a trial ends, the study is written to ``study_file`` as SQLite.
+    Each time a trial ends, the study is written to ``study_file`` as SQLite. On
+    ``resume``, trials that failed are reopened, to be told their new outcome.
     """
 
     def __init__(self, *args, max_epochs: int, n_startup: int, study_file: str | None = None,
@@ -48,6 +52,8 @@ class SweepSearch(OptunaSearch):
         self.max_epochs = max_epochs
         self.n_startup = n_startup
         self.study_file = study_file
+        self.diverged: set[str] = set()
+        """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
 
     def suggest(self, trial_id: str):
         if trial_id not in self._ot_trials and self.waiting_for_startup():
@@ -71,7 +77,23 @@ class SweepSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
+        self.reopen_failed()
         self.save_study()  # the file may hold trials the restored snapshot does not
+
+    def reopen_failed(self) -> None:
+        """``resume`` runs the failed trials again (``resume_errored``): their FAIL entries
+        go back to RUNNING, so the study hears their new outcome and still lists each
+        trial once. Optuna has no public way to reopen a trial; this sets the in-memory
+        storage's record (pinned versions, held by tests/test_search.py)."""
+        storage = self._ot_study._storage
+        for trial_id, ot_trial in self._ot_trials.items():
+            frozen = storage.get_trial(ot_trial._trial_id)
+            if frozen.state != TrialState.FAIL:
+                continue
+            reopened = copy.copy(frozen)
+            reopened.state, reopened.datetime_complete = TrialState.RUNNING, None
+            storage._set_trial(ot_trial._trial_id, reopened)
+            self._completed_trials.discard(trial_id)
 
     def save_study(self) -> None:
         if not self.study_file:
@@ -92,6 +114,8 @@ class SweepSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
         state = None
+        if error and trial_id in getattr(self, "diverged", ()):
+            return self.tell_diverged(trial_id)
         if error:
             state = optuna.trial.TrialState.FAIL
         elif result and result.get("epoch", self.max_epochs) < self.max_epochs:
@@ -109,6 +133,30 @@ class SweepSearch(OptunaSearch):
         except (ValueError, RuntimeError) as exc:
             warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
         self._completed_trials.add(trial_id)
+
+
+    def tell_diverged(self, trial_id: str) -> None:
+        """PRUNED at the worst value the study has seen (TPE ignores FAIL, so it would
+        never learn that this region of the space blows up)."""
+        ot_trial = self._ot_trials[trial_id]
+        seen = [v for t in self._ot_study.get_trials(deepcopy=False)
+                for v in (*t.intermediate_values.values(), *(t.values or ()))
+                if math.isfinite(v)]
+        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        if seen:
+            worst = max(seen) if self._mode == "min" else min(seen)
+            ot_trial.report(worst, max(reported, default=0) + 1)
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def find_sweep_search(searcher) -> SweepSearch | None:
+    """The ``SweepSearch`` inside Ray's wrappers (SearchGenerator, ConcurrencyLimiter)."""
+    for _ in range(4):
+        if isinstance(searcher, SweepSearch) or searcher is None:
+            return searcher
+        searcher = getattr(searcher, "searcher", None)
+    return None
 
 
 def study_as_sqlite(study: optuna.Study) -> bytes:

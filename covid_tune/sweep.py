@@ -47,15 +47,37 @@ from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
 from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, check_ray_state,
                              choose_data, read_record, read_space, write_record)
-from covid_tune.search import build_searcher
+from covid_tune.search import build_searcher, find_sweep_search
 from covid_tune.storage import exists, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
 
 
+class SweepScheduler(ASHAScheduler):
+    """ASHA, which also hands the searcher the trials that failed by diverging (the
+    scheduler hears of a failed trial, with its error, before the searcher does)."""
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        search = find_sweep_search(getattr(tune_controller, "_search_alg", None))
+        if search is not None and diverged(trial):
+            if not hasattr(search, "diverged"):  # a searcher restored from an older run
+                search.diverged = set()
+            search.diverged.add(trial.trial_id)
+        super().on_trial_error(tune_controller, trial)
+
+
+def diverged(trial) -> bool:
+    """Whether the trial's latest failure, in its error file, is ``TrialDiverged``."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        return False
+    return "TrialDiverged" in text.rsplit("Failure #", 1)[-1]
+
+
 def build_scheduler(space: SearchSpace) -> ASHAScheduler:
-    return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode,
-                         max_t=space.max_epochs, grace_period=space.asha.grace_period,
-                         reduction_factor=space.asha.reduction_factor)
+    return SweepScheduler(time_attr="epoch", metric=space.metric, mode=space.mode,
+                          max_t=space.max_epochs, grace_period=space.asha.grace_period,
+                          reduction_factor=space.asha.reduction_factor)
 
 
 def trial_dirname(trial) -> str:

@@ -65,6 +65,37 @@ def test_failed_trials_do_not_release_the_startup_hold_but_never_stall_it(search
     assert searcher.suggest("late") is not None  # nothing runs: no deadlock
 
 
+def test_a_diverged_trial_is_pruned_at_the_worst_value_seen(searcher, tmp_path):
+    """TPE ignores FAIL: a trial whose loss blew up is told PRUNED at the worst value
+    any trial reported (mode min: the highest loss), so TPE learns to avoid it."""
+    for trial_id, value in (("good", 0.5), ("poor", 0.9)):
+        searcher.suggest(trial_id)
+        finish(searcher, trial_id, value, 3)  # reports value + 0.1 at step 1, then value
+    searcher.suggest("nan")
+    searcher.diverged.add("nan")
+    searcher.on_trial_complete("nan", None, error=True)
+    diverged = load(tmp_path).trials[-1]
+    assert diverged.state.name == "PRUNED" and diverged.intermediate_values == {1: 1.0}
+
+
+def test_a_failed_trial_that_resume_runs_again_is_told_its_new_outcome(searcher, tmp_path):
+    """Ray's snapshot holds the searcher; resume re-runs errored trials. The restored
+    study reopens the FAIL trial, records its new result, and still lists it once."""
+    for trial_id in ("ok", "crashed"):
+        searcher.suggest(trial_id)
+    finish(searcher, "ok", 0.5, 3)
+    finish(searcher, "crashed", 0.5, 1, error=True)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    space = parse_space(SPACE, "space.yaml")
+    resumed = build_searcher(space, str(tmp_path / "s.db"), "s", seed=0, max_concurrent=None)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert [t.state.name for t in load(tmp_path).trials] == ["COMPLETE", "RUNNING"]
+    finish(resumed, "crashed", 0.3, 3)
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[1].value == 0.3
+
+
 def test_stopped_trials_are_pruned_and_errors_fail(searcher, tmp_path):
     for trial_id, epoch, error in (("full", 3, False), ("stopped", 1, False),
                                    ("crashed", 1, True)):
