@@ -65,7 +65,7 @@ PARAM_DEFAULTS: dict[str, Any] = {
 }
 TOP_KEYS = (
     "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
-    "num_samples", "asha", "params", "start_with", "allow_train_metric",
+    "num_samples", "asha", "params", "start_with", "allow_train_metric", "trial_seed",
 )
 ASHA_KEYS = ("grace_period", "reduction_factor")
 AUGMENT_KEYS = ("rotation", "scale", "ratio", "flip")
@@ -195,6 +195,9 @@ class SearchSpace:
     allow_train_metric: bool = False
     """Whether ``metric`` may be a ``train_`` metric. Off by default: ranking by the
     split the model was fitted on picks the trial that memorised best."""
+    trial_seed: int | None = None
+    """The seed of every trial, when set (the leaderboard's reproduce files set it);
+    otherwise each trial's seed comes from the sweep's ``--seed`` and its number."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""
@@ -344,6 +347,7 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         params=params,
         start_with=_start_with(raw.get("start_with") or [], params, problems),
         allow_train_metric=allow_train,
+        trial_seed=_int(raw, "trial_seed", 0, 0, problems) if "trial_seed" in raw else None,
     )
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
@@ -677,6 +681,7 @@ def to_raw(space: SearchSpace) -> dict:
         "params": params,
         "start_with": list(space.start_with),
         **({"allow_train_metric": True} if space.allow_train_metric else {}),
+        **({"trial_seed": space.trial_seed} if space.trial_seed is not None else {}),
     }
 
 

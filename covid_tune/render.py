@@ -209,7 +209,8 @@ def reproduce_space(row: Row) -> SearchSpace:
     params["frozen_layers"] = {config["backbone"]: Fixed(config["frozen_layers"])}
     epochs = row.record.epoch
     return replace(row.run.space, max_epochs=epochs, num_samples=1, params=params,
-                   asha=Asha(grace_period=epochs, reduction_factor=2), start_with=())
+                   asha=Asha(grace_period=epochs, reduction_factor=2), start_with=(),
+                   trial_seed=config.get("seed", 0))
 
 
 def write_reproduce_space(row: Row, path: Path) -> None:

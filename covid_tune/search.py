@@ -192,7 +192,7 @@ def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: 
             seed=seed, multivariate=True, group=True, constant_liar=True,
             n_startup_trials=n_startup_trials(space))
     searcher = SweepSearch(
-        space=define_by_run(space), metric=space.metric, mode=space.mode,
+        space=define_by_run(space, seed), metric=space.metric, mode=space.mode,
         points_to_evaluate=start_points(space) or None, sampler=sampler,
         study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
         study_file=study_path)

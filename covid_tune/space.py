@@ -2,8 +2,9 @@
 
 The function asks Optuna for each hyperparameter in a fixed order (backbone first, so
 ``frozen_layers`` can depend on it; focal alpha/gamma only when the loss is focal) and
-returns the whole trial config: the sampled values plus the study's fixed settings. It
-does no I/O and no computation, as Ray's OptunaSearch expects.
+returns the whole trial config: the sampled values, the study's fixed settings and the
+trial's own seed (from the sweep's seed and the trial's number). It does no I/O and no
+computation, as Ray's OptunaSearch expects.
 
 ``frozen_layers`` is asked under a per-backbone name (``frozen_layers_vgg16``) because
 13 frozen layers of VGG-16 and of ResNet-18 are different things to TPE; the config
@@ -26,6 +27,7 @@ class DefineByRun:
     Ray can save the searcher's state with the run)."""
 
     space: SearchSpace
+    sweep_seed: int = 0
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -40,12 +42,21 @@ class DefineByRun:
                 values[name] = PARAM_DEFAULTS[name]
             else:
                 values[name] = suggest(trial, name, param)
-        return {**values, **self.space.fixed_settings()}
+        seed = self.space.trial_seed
+        if seed is None:
+            seed = trial_seed(self.sweep_seed, trial.number)
+        return {**values, **self.space.fixed_settings(), "seed": seed}
 
 
-def define_by_run(space: SearchSpace) -> DefineByRun:
-    """The Optuna define-by-run function for ``space``."""
-    return DefineByRun(space)
+def define_by_run(space: SearchSpace, sweep_seed: int = 0) -> DefineByRun:
+    """The Optuna define-by-run function for ``space`` in a sweep seeded ``sweep_seed``."""
+    return DefineByRun(space, sweep_seed)
+
+
+def trial_seed(sweep_seed: int, number: int) -> int:
+    """Trial ``number``'s own seed (initial weights, batch order, augmentation, dropout),
+    different for every trial and the same whenever the sweep's seed is."""
+    return (sweep_seed * 1_000_003 + number) % (2**31 - 1)
 
 
 def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:

@@ -149,8 +149,30 @@ def test_reproduce_spaces_fix_the_rows_config(board):
         config = define_by_run(space)(optuna.create_study().ask())
         wanted = json.loads((Path(record["checkpoint"]) / "recipe.json").read_text())["config"]
         for key in ("backbone", "frozen_layers", "lr", "hidden", "loss", "focal_gamma",
-                    "augment", "image_size"):
+                    "augment", "image_size", "seed"):
             assert config[key] == wanted[key], key
+
+
+def test_a_rows_reproduce_command_trains_it_again_bit_for_bit(board, tmp_path):
+    """A Part 1 row's command, run as printed (plus where to keep the run): the same
+    hyperparameters, the trial's own seed and one thread, as the sweep had. Every
+    train and validation figure of every epoch comes out the same, to the last bit."""
+    import shlex
+
+    from covid_tune.cli import main
+
+    row = next(r for r in pq.read_table(board[1] / "leaderboard.parquet").to_pylist()
+               if r["task"] == "binary")
+    assert main([*shlex.split(row["reproduce"])[1:], "--storage-path", str(tmp_path)]) == 0
+    trial = Path(row["checkpoint"]).parent
+    again, = (tmp_path / f"reproduce-{row['trial_id']}").glob("trial_*")
+
+    def figures(folder: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k.startswith(("train_", "val_"))
+                 and "per_second" not in k} for line in lines][:row["Epochs"]]
+
+    assert figures(again) == figures(trial) and len(figures(again)) == row["Epochs"]
 
 
 def test_a_run_without_its_dataset_shows_recorded_scores(swept, tmp_path, monkeypatch):

@@ -4,11 +4,12 @@ start_with rows come out first; driven through Optuna's ask/tell without trainin
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import optuna
 import pytest
 
-from covid_tune.config import load_space
+from covid_tune.config import load_space, parse_space
 from covid_tune.space import define_by_run, start_points
 
 
@@ -84,3 +85,17 @@ def test_tpe_learns_from_tell(multilabel):
         picks.append(config["backbone"])
         study.tell(trial, 1.0 if config["backbone"] == "resnet18" else 0.0)
     assert picks[-15:].count("resnet18") >= 11
+
+
+def test_every_trial_has_its_own_seed_from_the_sweeps_seed():
+    """Seeds differ between trials, repeat with the sweep's --seed, and a space's
+    trial_seed (what reproduce files set) fixes them."""
+    space = parse_space({"task": "binary", "params": {"backbone": "resnet18"}}, "s.yaml")
+
+    def seeds(sweep_seed: int, fixed: int | None = None) -> list[int]:
+        sample = define_by_run(replace(space, trial_seed=fixed), sweep_seed)
+        study = optuna.create_study()
+        return [sample(study.ask())["seed"] for _ in range(4)]
+
+    assert len(set(seeds(0))) == 4 and seeds(7) == seeds(7) != seeds(0)
+    assert seeds(7, fixed=123) == [123] * 4
