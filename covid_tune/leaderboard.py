@@ -22,10 +22,10 @@ from pathlib import Path
 
 from covid_tune.data import DataBundle, check_memory, load_dataset
 from covid_tune.errors import UserError
-from covid_tune.metrics import compute_metrics
-from covid_tune.plots import write_chart, write_confusion
-from covid_tune.render import (chart_file, confusion_file, table_record, task_section,
-                               write_tables, reproduce_command)
+from covid_tune.metrics import bootstrap_intervals, compute_metrics, roc_points
+from covid_tune.plots import write_chart, write_confusion, write_roc
+from covid_tune.render import (ROC_OF, chart_file, confusion_file, reproduce_command, roc_file,
+                               table_record, task_section, write_tables)
 from covid_tune.runs import DataChoice, RunInfo, choose_datasets, read_run
 from covid_tune.selection import TABLES, Row, TableSpec, select_rows
 from covid_tune.tasks import TASKS
@@ -74,9 +74,12 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
             write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
                             f"{row.backbone}, {row.group} ({spec.chart_split})",
                             stage / confusion_file(task, index))
-        write_chart([f"{r.backbone}\n{r.group}" for r in rows], [r.scores for r in rows],
+        labels = [f"{r.backbone}\n{r.group}" for r in rows]
+        write_chart(labels, [r.scores for r in rows],
                     [s for s in spec.splits if any(s in r.scores for r in rows)],
                     stage / chart_file(task))
+        write_roc(labels, [r.scores.get(spec.chart_split, {}).get("roc") for r in rows],
+                  f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
         importances = {run.name: param_importances(run) for run in task_runs}
         notes = task_notes(task_runs, choices)
         sections.append(task_section(spec, task_runs, rows, importances, notes))
@@ -132,7 +135,10 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
         data = bundle.splits.get(split)
         if data is not None and data.targets.size:
             logits = predict_logits(model, data.images, 128, device)
-            scores[split] = compute_metrics(TASKS[record.task], data.targets, logits)
+            task = TASKS[record.task]
+            scores[split] = compute_metrics(task, data.targets, logits)
+            scores[split]["ci"] = bootstrap_intervals(task, data.targets, logits)
+            scores[split]["roc"] = roc_points(task, data.targets, logits)
     return scores
 
 

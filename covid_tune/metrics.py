@@ -27,7 +27,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from covid_tune.preprocess import sigmoid
 from covid_tune.tasks import Task
@@ -166,3 +167,99 @@ def _samples_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     denominator = 2 * tp + wrong
     scores = np.divide(2 * tp, denominator, out=np.ones(len(tp)), where=denominator > 0)
     return float(np.mean(scores))
+
+
+# --- intervals and curves (the leaderboard's re-scoring) ---------------------------------
+
+INTERVAL_METRICS = ("accuracy", "f1", "auroc")
+RESAMPLES = 1000
+
+
+def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
+                        resamples: int = RESAMPLES, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy, F1 and AUROC, from raw logits.
+
+    Resampling is stratified: each resample draws, with replacement, as many images of
+    every label combination (a class for Part 1, a set of label bits for Part 2) as the
+    split has, so a rare class is never left out by chance. Seeded: the same split and
+    outputs give the same interval. Every resample is scored at once, in numpy; AUROC
+    is the Mann-Whitney rank form of the same area scikit-learn computes.
+    """
+    truth, probs = _truth_and_probs(task, targets, outputs)
+    index = _stratified_resamples(truth, resamples, np.random.default_rng(seed))
+    picked, scores = truth[index], probs[index]  # (B, N, K)
+    predicted = scores > 0.5
+    if task.multilabel:
+        accuracy = np.all(picked == predicted, axis=2).mean(axis=1)
+    else:
+        accuracy = (picked == predicted)[:, :, 0].mean(axis=1)
+    tp = np.sum(picked & predicted, axis=1)
+    wrong = np.sum(picked != predicted, axis=1)
+    f1 = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(tp.shape), where=(2 * tp + wrong) > 0)
+    auroc_ = np.stack([_rank_auroc(picked[:, :, k], scores[:, :, k])
+                       for k in range(truth.shape[1])], axis=1)
+    with np.errstate(all="ignore"):
+        figures = {"accuracy": accuracy, "f1": f1.mean(axis=1),
+                   "auroc": _nanmean_rows(auroc_)}
+    tail = 100 * (1 - level) / 2
+    return {name: _percentiles(values, tail) for name, values in figures.items()}
+
+
+def roc_points(task: Task, targets: np.ndarray, outputs: np.ndarray
+               ) -> tuple[list[float], list[float]] | None:
+    """(false positive rates, true positive rates) of the ROC curve: binary, of the
+    infected class; multilabel, every label bit pooled (micro average). None when
+    the split holds one class only."""
+    truth, probs = _truth_and_probs(task, targets, outputs)
+    truth, probs = truth.ravel(), probs.ravel()
+    if truth.all() or not truth.any():
+        return None
+    fpr, tpr, _ = roc_curve(truth, probs)
+    return fpr.tolist(), tpr.tolist()
+
+
+def _truth_and_probs(task: Task, targets: np.ndarray, outputs: np.ndarray):
+    """(N, K) bool truth and (N, K) probabilities, K = 1 for binary (infected)."""
+    logits = np.asarray(outputs, dtype=np.float64)
+    if task.multilabel:
+        return _bits(targets, ndim=2), sigmoid(logits)
+    truth = _bits(targets, ndim=1)[:, None]
+    return truth, sigmoid(logits[:, 1] - logits[:, 0])[:, None]
+
+
+def _stratified_resamples(truth: np.ndarray, resamples: int, rng) -> np.ndarray:
+    """(resamples, N) row indices: each label combination resampled within itself."""
+    _, group = np.unique(truth, axis=0, return_inverse=True)
+    parts = []
+    for g in np.unique(group):
+        members = np.flatnonzero(group.ravel() == g)
+        parts.append(members[rng.integers(0, len(members), (resamples, len(members)))])
+    return np.concatenate(parts, axis=1)
+
+
+def _rank_auroc(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of each row (B, N): (sum of positives' ranks - P(P+1)/2) / (P * Q), ties
+    ranked as their mean; NaN for a row with one class only."""
+    ranks = rankdata(scores, axis=1)
+    positives = truth.sum(axis=1)
+    negatives = truth.shape[1] - positives
+    rank_sum = np.where(truth, ranks, 0).sum(axis=1)
+    with np.errstate(all="ignore"):
+        area = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return np.where((positives > 0) & (negatives > 0), area, np.nan)
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    defined = ~np.isnan(values)
+    total = np.where(defined, values, 0).sum(axis=1)
+    count = defined.sum(axis=1)
+    return np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0)
+
+
+def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:
+    defined = values[~np.isnan(values)]
+    if not len(defined):
+        return math.nan, math.nan
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return float(low), float(high)

@@ -82,3 +82,23 @@ def write_chart(labels: list[str], scores: list[dict[str, dict]], splits: list[s
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_roc(labels: list[str], curves: list[tuple[list, list] | None], title: str,
+              path: Path) -> None:
+    """One ROC curve per row on one chart (rows with no curve are left out)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    for label, curve in zip(labels, curves):
+        if curve is not None:
+            ax.plot(*curve, linewidth=1.2, label=label.replace("\n", ", "))
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -33,10 +33,27 @@ def cell(spec: TableSpec, scores: dict | None) -> str:
     return f"{accuracy:.0f}/{100 * f1:.0f}" if spec.f1_percent else f"{accuracy:.0f}/{f1:.3f}"
 
 
+ROC_OF = {"binary": "infected", "multilabel": "every label bit pooled"}
+"""What each task's ROC chart plots."""
+
+
 def auroc_cell(scores: dict | None) -> str:
-    """``0.912``, or ``n/a`` when the split was not scored or AUROC is undefined."""
+    """``0.912 [0.881, 0.940]`` (with the 95% interval when re-scored), or ``n/a`` when
+    the split was not scored or AUROC is undefined."""
     value = (scores or {}).get("auroc", math.nan)
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}{interval_text(scores, 'auroc')}"
+
+
+def interval_text(scores: dict | None, metric: str) -> str:
+    """`` [low, high]``, or nothing when there is no interval."""
+    low, high = (scores or {}).get("ci", {}).get(metric, (math.nan, math.nan))
+    return "" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+
+
+def roc_file(task: str) -> str:
+    return f"roc-{task}.png"
 
 
 def duration(seconds: float | None) -> str:
@@ -75,6 +92,8 @@ def display_row(spec: TableSpec, row: Row) -> dict:
         "Epochs": record.epoch,
         "Training Time": duration(record.seconds),
         **{SPLIT_COLUMNS[s]: cell(spec, row.scores.get(s)) for s in spec.splits},
+        f"F1 95% CI ({'/'.join(spec.splits)})": " / ".join(
+            interval_text(row.scores.get(s), "f1").strip() or "n/a" for s in spec.splits),
         f"AUROC ({'/'.join(spec.splits)})": " / ".join(
             auroc_cell(row.scores.get(s)) for s in spec.splits),
     }
@@ -99,6 +118,9 @@ def table_record(spec: TableSpec, row: Row, index: int) -> dict:
         plain[f"{split}_f1"] = float(scores["f1"]) if scores else None
         for name in ("auroc", "ap"):
             plain[f"{split}_{name}"] = float(scores.get(name, math.nan)) if scores else None
+        for name in ("accuracy", "f1", "auroc"):
+            low, high = (scores or {}).get("ci", {}).get(name, (None, None))
+            plain[f"{split}_{name}_ci_low"], plain[f"{split}_{name}_ci_high"] = low, high
     unused = FOCAL_PARAMS if record.config["loss"] != "focal" else ()
     plain.update({k: None if k in unused else record.config.get(k) for k in EXTRA_PARAMS})
     plain.update({
@@ -146,7 +168,11 @@ def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
     links = ", ".join(f"[{r.backbone}, {r.group}]({confusion_file(r.record.task, i)})"
                       for i, r in enumerate(rows))
     lines += ["", f"Confusion matrices ({spec.chart_split}): {links}", "",
-              f"![Accuracy and F1 per row]({chart_file(rows[0].record.task)})", ""]
+              f"![Accuracy and F1 per row]({chart_file(rows[0].record.task)})", "",
+              f"![ROC curves, {spec.chart_split}]({roc_file(rows[0].record.task)})", "",
+              "Intervals are 95% percentile bootstrap intervals: 1000 resamples of the "
+              "split, stratified by label combination, seeded (the same files give the "
+              "same intervals).", ""]
     lines += hand_grid_section(spec, rows, metric)
     for run in runs:
         lines += importance_section(run.name, *importances[run.name])

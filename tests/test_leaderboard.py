@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -122,11 +123,28 @@ def test_files_parquet_csv_and_pngs(board):
     with open(out / "leaderboard.csv", newline="") as handle:
         assert [r["trial_id"] for r in csv.DictReader(handle)] == [r["trial_id"] for r in records]
     pictures = [out / r["confusion_png"] for r in records]
-    pictures += [out / "comparison-binary.png", out / "comparison-multilabel.png"]
+    pictures += [out / f"{kind}-{task}.png" for kind in ("comparison", "roc")
+                 for task in ("binary", "multilabel")]
     for path in pictures:
         with Image.open(path) as image:
             image.verify()
             assert image.format == "PNG"
+
+
+def test_every_rescored_split_has_95_percent_intervals(board):
+    """``{split}_{metric}_ci_low``/``_ci_high`` around each re-scored figure (for
+    AUROC where it is defined); none for a split that was not scored."""
+    _, out, text = board
+    for record in pq.read_table(out / "leaderboard.parquet").to_pylist():
+        for split in ("train", "validation", "test"):
+            for metric in ("accuracy", "f1", "auroc"):
+                value = record[f"{split}_{metric}"]
+                low, high = record[f"{split}_{metric}_ci_low"], record[f"{split}_{metric}_ci_high"]
+                if value is None or math.isnan(value):
+                    continue
+                assert low <= value + 1e-9 and value - 1e-9 <= high, (split, metric)
+    assert "95% percentile bootstrap intervals: 1000 resamples" in text
+    assert "![ROC curves, test](roc-binary.png)" in text
 
 
 def test_rescored_validation_matches_what_training_recorded(board):

@@ -136,3 +136,37 @@ def test_auroc_is_nan_where_undefined_and_left_out_of_the_macro_mean():
     assert scores["auroc_covid"] == 1.0 and scores["auroc_normal"] == 1.0
     assert math.isnan(scores["auroc_pneumonia"]) and math.isnan(scores["ap_pneumonia"])
     assert scores["auroc"] == 1.0 and scores["ap"] == 1.0
+
+
+def test_bootstrap_intervals_are_seeded_stratified_and_hold_the_estimate():
+    from sklearn.metrics import roc_auc_score
+
+    from covid_tune.metrics import _rank_auroc, _stratified_resamples, bootstrap_intervals
+
+    rng = np.random.default_rng(3)
+    targets = (rng.random(300) < 0.2).astype(int)  # a rare positive class
+    logits = np.stack([np.zeros(300), 2.0 * targets + rng.normal(0, 1.2, 300)], axis=1)
+    first = bootstrap_intervals(BINARY, targets, logits, seed=0)
+    assert first == bootstrap_intervals(BINARY, targets, logits, seed=0)
+    assert first != bootstrap_intervals(BINARY, targets, logits, seed=1)
+    point = compute_metrics(BINARY, targets, logits)
+    for name in ("accuracy", "f1", "auroc"):
+        low, high = first[name]
+        assert low < point[name] < high, name
+        assert high - low < 0.25, name
+    index = _stratified_resamples(targets[:, None].astype(bool), 50, rng)
+    assert (targets[index].sum(axis=1) == targets.sum()).all()  # class counts kept
+    scores = logits[:, 1][index[:5]]
+    assert np.allclose(_rank_auroc(targets[index[:5]].astype(bool), scores),
+                       [roc_auc_score(targets[i], logits[i, 1]) for i in index[:5]])
+
+
+def test_perfect_predictions_have_a_point_interval_and_an_roc_corner():
+    from covid_tune.metrics import bootstrap_intervals, roc_points
+
+    truth = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1]])
+    logits = np.where(truth == 1, 4.0, -4.0)
+    intervals = bootstrap_intervals(MULTILABEL, truth, logits, resamples=200)
+    assert intervals == {"accuracy": (1.0, 1.0), "f1": (1.0, 1.0), "auroc": (1.0, 1.0)}
+    fpr, tpr = roc_points(MULTILABEL, truth, logits)
+    assert fpr[0] == 0.0 and [f for f, t in zip(fpr, tpr) if t == 1.0][0] == 0.0
