@@ -98,7 +98,10 @@ def write_roc(labels: list[str], curves: list[tuple[list, list] | None], title: 
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    if any(curve is not None for curve in curves):
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "not scored (the dataset was not found)", ha="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -22,3 +22,13 @@ def test_png_files_open(tmp_path):
         with Image.open(tmp_path / name) as image:
             image.verify()
             assert image.format == "PNG"
+
+
+def test_roc_chart_with_curves_and_with_none(tmp_path):
+    from covid_tune.plots import write_roc
+
+    write_roc(["a\nb", "c"], [([0, 0.2, 1], [0, 0.8, 1]), None], "ROC", tmp_path / "roc.png")
+    write_roc(["a"], [None], "ROC", tmp_path / "empty.png")
+    for name in ("roc.png", "empty.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size == (500, 500)
