@@ -125,15 +125,20 @@ def free_disk():
 '''
 
 
-def on_small_disk(code: str, folder: Path, size_kib: int = 4096, timeout: float = 300):
+def on_small_disk(code: str, folder: Path, size_kib: int = 4096,
+                  timeout: float = 300) -> tuple[object, str]:
     """Run Python ``code`` with a ``size_kib`` tmpfs mounted on ``folder`` (``DISK`` in
     the code), in private user and mount namespaces: a real ENOSPC, seen by nothing
-    else. ``fill_disk(free_pages)`` and ``free_disk()`` are defined for the code."""
+    else. ``fill_disk(free_pages)`` and ``free_disk()`` are defined for the code, which
+    prints its outcome as JSON on its last line: (that outcome, everything printed)."""
+    import json
     import subprocess
     import sys
 
     folder.mkdir(parents=True, exist_ok=True)
     mount = f'mount -t tmpfs -o size={size_kib}k tmpfs "$1" && exec "$0" -c "$2" "$1"'
-    return subprocess.run(["unshare", "-Urm", "sh", "-c", mount, sys.executable, str(folder),
+    done = subprocess.run(["unshare", "-Urm", "sh", "-c", mount, sys.executable, str(folder),
                            DISK_PREAMBLE + code], capture_output=True, text=True,
                           timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout

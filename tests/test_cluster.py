@@ -405,24 +405,22 @@ def test_sweep_spreads_over_nodes_and_writes_to_a_uri(ray_cluster, binary_data, 
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
 
 
-def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, tmp_path):
-    crash_at = 2
-
-    def crash_once(config, data):
-        """On a trial's first attempt, kill its worker process (as a crash would) right
-        after it reports epoch ``crash_at - 1`` and its checkpoint; a retry trains as
-        usual. A closure, so cloudpickle ships it to the workers by value."""
+def crashing(should_crash):
+    """The trainable, except that it kills its worker process (as a crash would) right
+    after a report when ``should_crash(trial_id, metrics, restored)`` says so. A
+    closure, so cloudpickle ships it and ``should_crash`` to the workers by value."""
+    def trainable(config, data):
         import ray.tune
 
         from covid_tune.train import train_trial
 
-        if ray.tune.get_checkpoint() is not None:
-            return train_trial(config, data)
+        trial_id = ray.tune.get_context().get_trial_id()
+        restored = ray.tune.get_checkpoint() is not None
         report = ray.tune.report
 
         def report_then_crash(metrics, *args, **kwargs):
             report(metrics, *args, **kwargs)
-            if metrics["epoch"] == crash_at - 1:
+            if should_crash(trial_id, metrics, restored):
                 os._exit(1)
 
         ray.tune.report = report_then_crash
@@ -430,6 +428,14 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, 
             return train_trial(config, data)
         finally:
             ray.tune.report = report
+
+    return trainable
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, tmp_path):
+    # the first attempt dies right after epoch 1's report and checkpoint
+    crash_once = crashing(lambda trial_id, metrics, restored:
+                          not restored and metrics["epoch"] == 1)
 
     opts = SweepOptions(space_file=str(space_file(tmp_path, 1)), data=str(binary_data),
                         name="crash", storage_path=str(tmp_path / "runs"), seed=1,
@@ -508,31 +514,16 @@ def test_soak_200_trials_with_random_crashes_and_a_node_killed(ray_cluster, bina
     crashes = tmp_path / "crashes"
     crashes.mkdir()
 
-    def crash_sometimes(config, data):
-        """One trial in seven (by its id) kills its worker right after reporting epoch
-        1, on its first attempt only (a marker file remembers)."""
+    def once_in_seven(trial_id, metrics, restored):
+        """One trial in seven (by its id) crashes after epoch 1, once (a marker file
+        remembers)."""
         import zlib
 
-        import ray.tune
-
-        from covid_tune.train import train_trial
-
-        trial_id = ray.tune.get_context().get_trial_id()
         marker = crashes / trial_id
         if zlib.crc32(trial_id.encode()) % 7 or marker.exists():
-            return train_trial(config, data)
-        report = ray.tune.report
-
-        def report_then_crash(metrics, *args, **kwargs):
-            report(metrics, *args, **kwargs)
-            marker.touch()
-            os._exit(1)
-
-        ray.tune.report = report_then_crash
-        try:
-            return train_trial(config, data)
-        finally:
-            ray.tune.report = report
+            return False
+        marker.touch()
+        return True
 
     extra = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
     ray_cluster.wait_for_nodes()
@@ -544,7 +535,7 @@ def test_soak_200_trials_with_random_crashes_and_a_node_killed(ray_cluster, bina
     started = time.monotonic()
     cpu_before = time.process_time()
     sweep = threading.Thread(target=lambda: outcome.update(
-        results=run_sweep(opts, trainable=crash_sometimes)))
+        results=run_sweep(opts, trainable=crashing(once_in_seven))))
     sweep.start()
     try:
         wait_for(lambda: len(list(run_dir.glob("trial_*/checkpoint_000000"))) >= SOAK_TRIALS // 3,

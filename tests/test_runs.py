@@ -603,9 +603,7 @@ def test_a_full_disk_while_recording_the_run_leaves_nothing_behind(ray_cluster, 
     code = (f"SPACE, DATA, ADDRESS, LOG = {str(space)!r}, {str(binary_data)!r}, "
             f"{ray_cluster.address!r}, {str(log)!r}\n"
             f"sys.stderr = open(LOG, 'a', buffering=1)\n" + RECORD_ON_FULL_DISK)
-    done = on_small_disk(code, tmp_path / "disk", size_kib=256)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results, _ = on_small_disk(code, tmp_path / "disk", size_kib=256)
     assert all(r["rc"] == 2 and r["left"] == [] for r in results), results
     errors = [line for line in log.read_text().splitlines() if line.startswith("covid-tune:")]
     assert len(errors) == len(results) and all("No space left on device" in e for e in errors)
