@@ -3,8 +3,9 @@
 ``write_leaderboard`` reads the runs (``covid_tune.runs``), picks each group's best
 checkpoint (``covid_tune.selection``), re-scores it with the deterministic evaluation
 transform on the run's own dataset, checked against the run's manifest
-(``covid_tune.inference``), and writes ``leaderboard.md``, ``.csv`` and ``.parquet``
-(``covid_tune.render``), a confusion-matrix PNG per row and a comparison chart per task
+(``covid_tune.inference``) with 95% bootstrap intervals (``covid_tune.metrics``), and
+writes ``leaderboard.md``, ``.csv`` and ``.parquet`` (``covid_tune.render``), a
+confusion-matrix PNG per row, a comparison chart and an ROC chart per task
 (``covid_tune.plots``), Optuna's hyperparameter importances and, under ``reproduce/``,
 a search-space file per row that trains that row again.
 
