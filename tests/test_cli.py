@@ -210,9 +210,12 @@ def test_a_signal_outside_the_search_exits_with_the_shells_code(tmp_path, signum
     with one line and 128 + the signal's number, no traceback (the search's own
     handling is in test_cluster.py)."""
     out = tmp_path / "phantoms"
+    # As a shell starts a command in the foreground: a shell script's background job
+    # (CI's, say) would hand down SIGINT ignored, and Python then keeps ignoring it.
     command = subprocess.Popen([sys.executable, "-m", "covid_tune", "synth", str(out),
                                 "--task", "binary", "--scale", "1", "--quiet"],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(out.rglob("*.png")) and time.monotonic() < deadline:
         time.sleep(0.1)
