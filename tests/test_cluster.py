@@ -387,12 +387,31 @@ def test_too_big_trial_is_refused_before_it_starts(ray_cluster, binary_data, tmp
 
 # --- sweeps on the cluster -------------------------------------------------------------
 
+def together(folder: Path, count: int):
+    """The trainable, once ``count`` trials have started (each waits for the others,
+    up to a minute): without it a one-epoch trial can end before the second trial's
+    actor is up, and Ray then reuses the first actor, on the same node, for it."""
+    def trainable(config, data):
+        import ray.tune
+
+        from covid_tune.train import train_trial
+
+        (folder / ray.tune.get_context().get_trial_id()).touch()
+        deadline = time.monotonic() + 60
+        while len(list(folder.iterdir())) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return train_trial(config, data)
+
+    return trainable
+
+
 def test_sweep_spreads_over_nodes_and_writes_to_a_uri(ray_cluster, binary_data, tmp_path):
     storage = f"file://{tmp_path / 'bucket'}"
     opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
                         name="spread", storage_path=storage, max_epochs=1,
                         max_concurrent=2)
-    results = run_sweep(opts)
+    (tmp_path / "started").mkdir()
+    results = run_sweep(opts, trainable=together(tmp_path / "started", 2))
     assert len(results) == 2 and not results.errors
     nodes = {r.metrics["node_id"] for r in results}
     assert nodes <= {n["NodeID"] for n in cluster.alive_nodes()}
