@@ -64,12 +64,13 @@ class SweepSearch(OptunaSearch):
         """Whether TPE is still drawing at random: fewer than ``n_startup`` trials have
         a result it learns from (COMPLETE or PRUNED; TPE ignores FAIL). A failed trial
         does not release the hold, but nothing waits once no trial is running."""
-        if len(self._ot_trials) < self.n_startup:
+        if len(self._ot_trials) < self.n_startup or getattr(self, "startup_done", False):
             return False
         states = [t.state for t in self._ot_study.get_trials(deepcopy=False)]
         learned = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
         running = sum(s == TrialState.RUNNING for s in states)
-        return learned < self.n_startup and running > 0
+        self.startup_done = learned >= self.n_startup  # for good: no O(trials) scan per ask
+        return not self.startup_done and running > 0
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         self.tell_optuna(trial_id, result, error)
