@@ -527,11 +527,11 @@ def read_run(run_dir: str | Path) -> RunInfo:
 def trial_states(run_dir: str) -> dict[str, str]:
     """Trial id -> status from Ray Tune's newest snapshot of the run (plain JSON); empty
     if there is none or it cannot be read (the leaderboard then counts what it finds)."""
-    states = sorted(name for name in list_files(run_dir) if Path(name).match(RAY_STATE_GLOB))
-    if not states:
+    newest = newest_ray_state(run_dir)
+    if newest is None:
         return {}
     try:
-        snapshot = json.loads(read_bytes(join(run_dir, states[-1])))
+        snapshot = json.loads(read_bytes(newest))
         trials = [json.loads(entry[0]) for entry in snapshot["trial_data"]]
         return {str(t["trial_id"]): str(t["status"]) for t in trials}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
@@ -626,15 +626,19 @@ def choose_datasets(runs: list[RunInfo], data: list[str],
 
 # --- Ray's snapshot, for resume -------------------------------------------------------
 
+def newest_ray_state(run_dir: str) -> str | None:
+    """The path of Ray Tune's newest ``experiment_state-*.json`` in the run, if any."""
+    states = sorted(name for name in list_files(run_dir) if Path(name).match(RAY_STATE_GLOB))
+    return join(run_dir, states[-1]) if states else None
+
+
 def check_ray_state(run_dir: str) -> None:
     """Refuse a run whose Ray Tune snapshot is missing or damaged, before Ray starts."""
-    states = sorted(name for name in list_files(run_dir)
-                    if Path(name).match(RAY_STATE_GLOB))
-    if not states:
+    newest = newest_ray_state(run_dir)
+    if newest is None:
         raise UserError(f"{run_dir}: the sweep stopped before Ray Tune saved any state, so "
                         f"there is nothing to resume; start it again with `covid-tune sweep` "
                         f"(another --name, or remove this folder)")
-    newest = join(run_dir, states[-1])
     state = _read_json(newest, "Ray Tune's snapshot of the run is damaged, so it cannot be "
                                "resumed; its finished trials still give a leaderboard")
     if not isinstance(state, dict) or "trial_data" not in state:
