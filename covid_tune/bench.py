@@ -364,7 +364,8 @@ def bare_epochs(cfg: TrialConfig, bundle) -> list[tuple[float, float]]:
             train = train_one_epoch(model, bundle.splits["train"], loss_fn, optimizer, scaler,
                                     cfg, device, epoch)
             val = evaluate(model, bundle.splits["validation"], loss_fn, cfg, device)
-            epoch_metrics(TASKS[cfg.task], train, val, epoch, optimizer.param_groups[0]["lr"])
+            epoch_metrics(TASKS[cfg.task], {"train": train, "validation": val}, epoch,
+                          optimizer.param_groups[0]["lr"])
             timings.append((train.seconds + val.seconds, time.perf_counter() - started))
         return timings
     finally:

@@ -11,7 +11,11 @@ A search-space file looks like ``search_spaces/binary.yaml``:
 - ``params``: one entry per hyperparameter, either a fixed value, ``{choices: [...]}``
   or ``{low: L, high: H, log: bool, step: S}``. ``frozen_layers`` may instead map each
   backbone to its own range (conditional on the backbone);
-- ``start_with``: configurations evaluated first (the assignment's hand-picked rows).
+- ``start_with``: configurations evaluated first (the assignment's hand-picked rows);
+- ``selection: {holdout: F}``: a seeded, stratified part F of Train held out to choose
+  with (``sel_*`` metrics), so validation only reports;
+- ``threshold: {rule: f1 | youden | sensitivity, target: T}``: how each label's
+  decision threshold is tuned on the selection split.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ PARAM_DEFAULTS: dict[str, Any] = {
 TOP_KEYS = (
     "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
     "num_samples", "asha", "params", "start_with", "allow_train_metric", "trial_seed",
+    "selection", "threshold",
 )
+SELECTION_KEYS = ("holdout",)
+THRESHOLD_KEYS = ("rule", "target")
+THRESHOLD_RULES = ("f1", "youden", "sensitivity")
 ASHA_KEYS = ("grace_period", "reduction_factor")
 AUGMENT_KEYS = ("rotation", "scale", "ratio", "flip")
 RANGE_KEYS = ("low", "high", "log", "step")
@@ -80,7 +88,10 @@ TASK_METRICS = {
         "ap_covid", "ap_normal", "ap_pneumonia",
     ),
 }
-"""What each task's trials report, prefixed ``train_`` and ``val_``."""
+"""What each task's trials report, prefixed ``train_``, ``val_`` and, when the space
+holds out a selection split, ``sel_``."""
+SPLIT_PREFIXES = {"train": "train", "selection": "sel", "validation": "val", "test": "test"}
+"""Split name -> the prefix of its metrics."""
 LOWER_IS_BETTER = ("loss", "hamming_loss")
 """Metric names (without the split) that ``mode: min`` ranks; every other one is
 ranked by ``mode: max``."""
@@ -121,6 +132,47 @@ class Augment:
     def to_raw(self) -> dict:
         return {"rotation": self.rotation, "scale": list(self.scale),
                 "ratio": list(self.ratio), "flip": self.flip}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which split chooses: ASHA's rungs, TPE, a trial's best epoch and the best trial."""
+
+    holdout: float = 0.0
+    """Fraction of Train held out (seeded, stratified by label combination) as the
+    ``selection`` split; 0 means validation chooses."""
+
+    @property
+    def split(self) -> str:
+        """``selection`` when Train is held out from, else ``validation``."""
+        return "selection" if self.holdout else "validation"
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of the choosing split's metrics: ``sel`` or ``val``."""
+        return SPLIT_PREFIXES[self.split]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How each label's decision threshold is tuned on the selection split."""
+
+    rule: str = "f1"
+    """``f1``: the threshold with the best F1; ``youden``: the best sensitivity +
+    specificity - 1; ``sensitivity``: the highest threshold whose sensitivity reaches
+    ``target`` (so the best specificity at that sensitivity)."""
+    target: float | None = None
+    """The sensitivity the ``sensitivity`` rule must reach (0 < target <= 1)."""
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> Threshold:
+        if isinstance(raw, Threshold):
+            return raw
+        return cls(**raw) if raw else cls()
+
+    def to_raw(self) -> dict:
+        return {"rule": self.rule} if self.target is None else \
+            {"rule": self.rule, "target": self.target}
 
 
 @dataclass(frozen=True)
@@ -198,6 +250,10 @@ class SearchSpace:
     trial_seed: int | None = None
     """The seed of every trial, when set (the leaderboard's reproduce files set it);
     otherwise each trial's seed comes from the sweep's ``--seed`` and its number."""
+    selection: Selection = Selection()
+    """The split that chooses (a held-out part of Train, or validation)."""
+    threshold: Threshold = Threshold()
+    """How the labels' decision thresholds are tuned on the choosing split."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""
@@ -209,6 +265,7 @@ class SearchSpace:
             "image_size": self.image_size,
             "augment": self.augment.to_raw() if self.augment else None,
             "pretrained": self.pretrained,
+            "threshold": self.threshold.to_raw(),
         }
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
@@ -264,6 +321,8 @@ class TrialConfig:
     """``max`` or ``min``."""
     seed: int = 0
     """Seeds the initial head weights, the batch order and the augmentation."""
+    threshold: Threshold = Threshold()
+    """How each checkpoint's decision thresholds are tuned on the choosing split."""
 
     @classmethod
     def from_dict(cls, config: dict) -> TrialConfig:
@@ -271,6 +330,7 @@ class TrialConfig:
         names = cls.__dataclass_fields__
         values = {k: v for k, v in config.items() if k in names}
         values["augment"] = Augment.from_dict(values.get("augment"))
+        values["threshold"] = Threshold.from_dict(values.get("threshold"))
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -331,7 +391,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     problems.unknown_keys(raw, TOP_KEYS, "")
     task = _task(raw, problems)
     params = _params(raw.get("params"), task, problems)
-    metric = _metric(raw, task, problems)
+    selection = _selection(raw.get("selection"), problems)
+    metric = _metric(raw, task, selection, problems)
     allow_train = _bool(raw, "allow_train_metric", False, problems)
     space = SearchSpace(
         source=source,
@@ -348,6 +409,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         start_with=_start_with(raw.get("start_with") or [], params, problems),
         allow_train_metric=allow_train,
         trial_seed=_int(raw, "trial_seed", 0, 0, problems) if "trial_seed" in raw else None,
+        selection=selection,
+        threshold=_threshold(raw.get("threshold"), problems),
     )
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
@@ -388,17 +451,74 @@ def _task(raw: dict, problems: Problems) -> str | None:
     return task
 
 
-def _metric(raw: dict, task: str | None, problems: Problems) -> str:
-    default = TASKS[task].default_metric if task else "val_f1"
+def _metric(raw: dict, task: str | None, selection: Selection, problems: Problems) -> str:
+    """The ranking metric: of the choosing split (``sel_`` with a holdout, else ``val_``),
+    or of train when ``allow_train_metric`` says so (checked in ``_mode``)."""
+    chooser = selection.prefix
+    default = (TASKS[task].default_metric if task else "val_f1").replace("val_", f"{chooser}_", 1)
     metric = raw.get("metric", default)
     if task is None:
         return metric if isinstance(metric, str) else default
-    valid = [f"{split}_{name}" for split in ("val", "train") for name in TASK_METRICS[task]]
+    names = TASK_METRICS[task]
+    if isinstance(metric, str) and metric.split("_", 1)[-1] in names:
+        prefix = metric.split("_", 1)[0]
+        if prefix == "val" and selection.holdout:
+            problems.add("metric", f"{metric} would choose on validation although "
+                         f"selection.holdout sets a selection split aside to choose with; "
+                         f"use sel_{metric[4:]} (validation then only reports)")
+            return default
+        if prefix == "sel" and not selection.holdout:
+            problems.add("metric", f"{metric} needs a selection split; add selection: "
+                         f"{{holdout: 0.15}} or use val_{metric[4:]}")
+            return default
+    valid = [f"{split}_{name}" for split in (chooser, "train") for name in names]
     if metric not in valid:
         problems.add("metric", f"{_show(metric)} is not reported by {task} trials; use one of: "
                      f"{', '.join(valid[: len(valid) // 2])}")
         return default
     return metric
+
+
+def _selection(raw: Any, problems: Problems) -> Selection:
+    if raw is None:
+        return Selection()
+    if not isinstance(raw, dict):
+        problems.add("selection", "expected a mapping such as {holdout: 0.15}")
+        return Selection()
+    problems.unknown_keys(raw, SELECTION_KEYS, "selection.")
+    holdout = raw.get("holdout", 0.0)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) \
+            or not 0 <= holdout <= 0.5:
+        problems.add("selection.holdout", f"expected a fraction of Train from 0 to 0.5 "
+                                          f"(0.15 is usual), got {_show(holdout)}")
+        return Selection()
+    return Selection(float(holdout))
+
+
+def _threshold(raw: Any, problems: Problems) -> Threshold:
+    if raw is None:
+        return Threshold()
+    if not isinstance(raw, dict):
+        problems.add("threshold", "expected a mapping such as {rule: f1} or "
+                                  "{rule: sensitivity, target: 0.95}")
+        return Threshold()
+    problems.unknown_keys(raw, THRESHOLD_KEYS, "threshold.")
+    rule, target = raw.get("rule", "f1"), raw.get("target")
+    if rule not in THRESHOLD_RULES:
+        problems.add("threshold.rule", f"{_show(rule)} is not a rule; use one of: "
+                                       f"{', '.join(THRESHOLD_RULES)}")
+        return Threshold()
+    if rule == "sensitivity":
+        if isinstance(target, bool) or not isinstance(target, (int, float)) \
+                or not 0 < target <= 1:
+            problems.add("threshold.target", f"the sensitivity rule needs a target in (0, 1], "
+                                             f"such as 0.95; got {_show(target)}")
+            return Threshold()
+        return Threshold(rule, float(target))
+    if target is not None:
+        problems.add("threshold.target", "only the sensitivity rule takes a target; drop it "
+                                         "or use rule: sensitivity")
+    return Threshold(rule)
 
 
 def _mode(raw: dict, metric: str, allow_train: bool, problems: Problems) -> str:
@@ -413,7 +533,8 @@ def _mode(raw: dict, metric: str, allow_train: bool, problems: Problems) -> str:
                              f"mode: {direction}")
     if isinstance(metric, str) and metric.startswith("train_") and not allow_train:
         problems.add("metric", f"{metric} ranks trials by the split they were trained on, "
-                               f"which rewards memorising it; use a val_ metric, or set "
+                               f"which rewards memorising it; use a val_ metric (sel_ with "
+                               f"selection.holdout), or set "
                                f"allow_train_metric: true if that is really wanted")
     return mode
 
@@ -682,6 +803,7 @@ def to_raw(space: SearchSpace) -> dict:
         "start_with": list(space.start_with),
         **({"allow_train_metric": True} if space.allow_train_metric else {}),
         **({"trial_seed": space.trial_seed} if space.trial_seed is not None else {}),
+        **({"selection": asdict(space.selection)} if space.selection.holdout else {}),
     }
 
 

@@ -273,6 +273,56 @@ def human_bytes(count: float) -> str:
     return ""
 
 
+# --- the selection split: a seeded, stratified part of Train ---------------------------
+
+SELECTION = "selection"
+"""The split held out of Train to choose with (``selection: {holdout: F}``)."""
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> list[str]:
+    """The names of a seeded part ``fraction`` of ``split``, stratified by label
+    combination (a class for Part 1, a set of label bits for Part 2).
+
+    Each combination gives ``round(fraction * n)`` images, at least one and never all
+    of them when it has two or more, so a rare label is on both sides. The draw depends
+    only on the names, their labels, ``fraction`` and ``seed``: the same dataset gives
+    the same split in any order, on any machine.
+    """
+    order = np.argsort(np.asarray(split.names))
+    targets = split.targets.reshape(len(split), -1)[order]
+    _, group = np.unique(targets, axis=0, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for g in range(int(group.max()) + 1 if len(group) else 0):
+        members = order[group.ravel() == g]
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        picked += members[rng.permutation(len(members))[:count]].tolist()
+    return sorted(split.names[i] for i in picked)
+
+
+def with_selection(bundle: DataBundle, names: list[str]) -> DataBundle:
+    """A copy of ``bundle`` whose ``names`` (from ``hold_out``) are moved out of Train
+    into the ``selection`` split; ``bundle`` itself when ``names`` is empty.
+
+    Names no longer in Train (a dataset changed since the run) are passed over; the
+    caller's manifest check has already said so."""
+    if not names:
+        return bundle
+    train = bundle.splits["train"]
+    held = np.isin(np.asarray(train.names), np.asarray(names))
+    if not held.any() or held.all():
+        raise UserError(f"{bundle.root}: the run's selection split matches "
+                        f"{'none' if not held.any() else 'all'} of the training images; "
+                        f"this is not the dataset the run held them out of")
+    part = {name: Split(images=train.images[mask], targets=train.targets[mask],
+                        names=[n for n, m in zip(train.names, mask) if m])
+            for name, mask in (("train", ~held), (SELECTION, held))}
+    splits = {"train": part["train"], SELECTION: part[SELECTION],
+              **{k: v for k, v in bundle.splits.items() if k != "train"}}
+    return DataBundle(task=bundle.task, root=bundle.root, image_size=bundle.image_size,
+                      splits=splits, skipped=bundle.skipped, fingerprint=bundle.fingerprint)
+
+
 def cache_dir() -> Path:
     """``$COVID_TUNE_CACHE`` or ``~/.cache/covid-tune``."""
     return Path(os.environ.get("COVID_TUNE_CACHE") or Path.home() / ".cache" / "covid-tune")

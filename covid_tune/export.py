@@ -18,14 +18,14 @@ from safetensors.torch import save_file
 
 from covid_tune.data import scan
 from covid_tune.inference import load_model
+from covid_tune.metrics import threshold_labels
 from covid_tune.model_bundle import (ONNX_FILE, README_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE,
                                      write_card)
 from covid_tune.preprocess import describe
 from covid_tune.runs import RunInfo, TrialRecord, choose_datasets, read_run
-from covid_tune.selection import best_overall
+from covid_tune.selection import best_overall, chooser
 from covid_tune.tasks import POSITIVE_CLASS, TASKS
 
-THRESHOLD = 0.5
 RTOL, ATOL = 1e-3, 1e-4
 """How close ONNX Runtime's and TorchScript's logits must be to PyTorch's."""
 
@@ -122,11 +122,14 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
         "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
         "output": outputs_spec(task),
         "label_names": list(task.label_names),
-        "thresholds": {name: THRESHOLD for name in threshold_labels(task)},
+        "thresholds": {name: record.thresholds.get(name, 0.5)
+                       for name in threshold_labels(task)},
+        "threshold_rule": record.threshold_rule or {"rule": "none", "target": None,
+                                                    "split": None, "untuned": []},
         "preprocessing": describe(size),
         "hyperparameters": record.config,
         "epoch": record.epoch,
-        "selected_by": {"metric": run.metric, "mode": run.mode},
+        "selected_by": {"metric": run.metric, "mode": run.mode, "split": chooser(run)},
         "validation_metrics": {k.removeprefix("val_"): v for k, v in record.metrics.items()
                                if k.startswith("val_")},
         "checks": checks,
@@ -148,8 +151,16 @@ def outputs_spec(task) -> dict:
             "rule": f"{POSITIVE_CLASS} when P({POSITIVE_CLASS}) is above its threshold"}
 
 
-def threshold_labels(task) -> tuple[str, ...]:
-    return task.label_names if task.multilabel else (POSITIVE_CLASS,)
+def threshold_text(card: dict) -> str:
+    """The card's thresholds and how they were chosen, in words."""
+    values = ", ".join(f"{label} {value:.4f}" for label, value in card["thresholds"].items())
+    rule = card["threshold_rule"]
+    if rule.get("rule") in (None, "none"):
+        return f"{values} (fixed at 0.5; this checkpoint predates tuned thresholds)"
+    target = f" (sensitivity at least {rule['target']:g})" if rule.get("target") else ""
+    untuned = (f"; left at 0.5 for {', '.join(rule['untuned'])} (one class only on that "
+               f"split)" if rule.get("untuned") else "")
+    return f"{values}, tuned by the `{rule['rule']}` rule{target} on {rule['split']}{untuned}"
 
 
 def data_counts(root: Path | None, task: str) -> dict[str, dict[str, int]]:
@@ -182,7 +193,8 @@ def readme(card: dict, counts: dict) -> str:
         f"{card['preprocessing']['steps']} (mean {card['preprocessing']['mean']}, "
         f"std {card['preprocessing']['std']}). Output `logits`: "
         f"{card['output']['activation']} over {', '.join(card['label_names'])}; "
-        f"{card['output']['rule']} (threshold {THRESHOLD}).", "",
+        f"{card['output']['rule']}.", "",
+        f"Thresholds: {threshold_text(card)}.", "",
         f"## Validation metrics (epoch {card['epoch']}, chosen by best "
         f"`{card['selected_by']['metric']}`)", "",
         "| metric | value |", "|---|---|",

@@ -2,8 +2,10 @@
 
 ``write_leaderboard`` reads the runs (``covid_tune.runs``), picks each group's best
 checkpoint (``covid_tune.selection``), re-scores it with the deterministic evaluation
-transform on the run's own dataset, checked against the run's manifest
-(``covid_tune.inference``) with 95% bootstrap intervals (``covid_tune.metrics``), and
+transform on the run's own dataset, checked against the run's manifest, with its
+selection split held out of Train as the sweep held it (``covid_tune.inference``), at
+the checkpoint's tuned thresholds and at 0.5, with 95% bootstrap intervals
+(``covid_tune.metrics``), and
 writes ``leaderboard.md``, ``.csv`` and ``.parquet`` (``covid_tune.render``), a
 confusion-matrix PNG per row, a comparison chart and an ROC chart per task
 (``covid_tune.plots``), Optuna's hyperparameter importances and, under ``reproduce/``,
@@ -21,14 +23,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from covid_tune.data import DataBundle, check_memory, load_dataset
+from covid_tune.config import SPLIT_PREFIXES
+from covid_tune.data import DataBundle, check_memory, load_dataset, with_selection
 from covid_tune.errors import UserError
 from covid_tune.metrics import bootstrap_intervals, compute_metrics, roc_points
 from covid_tune.plots import write_chart, write_confusion, write_roc
 from covid_tune.render import (ROC_OF, chart_file, confusion_file, reproduce_command, roc_file,
                                table_record, task_section, write_tables)
 from covid_tune.runs import DataChoice, RunInfo, choose_datasets, read_run
-from covid_tune.selection import TABLES, Row, TableSpec, select_rows
+from covid_tune.selection import TABLES, Row, TableSpec, select_rows, table_spec
 from covid_tune.tasks import TASKS
 
 
@@ -64,7 +67,8 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
     a file refers to another; the markdown."""
     sections, table_rows, bundles = [], [], {}
     for task in (t for t in TABLES if any(r.task == t for r in runs)):
-        spec, task_runs = TABLES[task], [r for r in runs if r.task == task]
+        task_runs = [r for r in runs if r.task == task]
+        spec = table_spec(task, task_runs)
         rows = select_rows(spec, task_runs)
         for index, row in enumerate(rows):
             choice = choices[row.run.name]
@@ -108,7 +112,8 @@ def cannot_write(folder: Path, exc: OSError) -> str:
 
 
 def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
-    """The dataset at the row's image size (decoded once per folder and size)."""
+    """The dataset at the row's image size, with the run's selection split held out of
+    Train (decoded once per folder and size)."""
     if choice.layout is None:
         return None
     key = (str(choice.root), row.record.config["image_size"])
@@ -117,28 +122,35 @@ def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
                      fix="free memory, or run the leaderboard on a machine with more")
         cache[key] = load_dataset(choice.layout, row.run.task,
                                   row.record.config["image_size"], progress=False)
-    return cache[key]
+    if (*key, row.run.name) not in cache:
+        cache[(*key, row.run.name)] = with_selection(cache[key], row.run.selection)
+    return cache[(*key, row.run.name)]
 
 
 def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str, dict]:
-    """Metrics per split: re-scored when the data is there, else as recorded."""
+    """Metrics per split: re-scored at the checkpoint's tuned thresholds (``at_0.5``
+    beside them) when the data is there, else as the trial recorded them (at 0.5)."""
     record = row.record
     if bundle is None:
-        return {split: {k: record.metrics.get(f"{prefix}_{k}", math.nan)
-                        for k in ("accuracy", "f1", "auroc", "ap")}
-                for split, prefix in (("train", "train"), ("validation", "val"))}
+        recorded = {split: {k: record.metrics.get(f"{SPLIT_PREFIXES[split]}_{k}", math.nan)
+                            for k in ("accuracy", "f1", "auroc", "ap")}
+                    for split in spec.splits if split != "test"}
+        return {split: {**scores, "at_0.5": dict(scores)} for split, scores in recorded.items()
+                if f"{SPLIT_PREFIXES[split]}_f1" in record.metrics}
     from covid_tune.inference import Device, load_model, predict_logits
 
     device = Device.pick()
     model = load_model(record.checkpoint).to(device.torch)
-    scores = {}
+    task, scores = TASKS[record.task], {}
     for split in spec.splits:
         data = bundle.splits.get(split)
         if data is not None and data.targets.size:
             logits = predict_logits(model, data.images, 128, device)
-            task = TASKS[record.task]
-            scores[split] = compute_metrics(task, data.targets, logits)
-            scores[split]["ci"] = bootstrap_intervals(task, data.targets, logits)
+            scores[split] = compute_metrics(task, data.targets, logits, record.thresholds)
+            half = compute_metrics(task, data.targets, logits)
+            scores[split]["at_0.5"] = {k: half[k] for k in ("accuracy", "f1")}
+            scores[split]["ci"] = bootstrap_intervals(task, data.targets, logits,
+                                                      thresholds=record.thresholds)
             scores[split]["roc"] = roc_points(task, data.targets, logits)
     return scores
 

@@ -15,8 +15,9 @@ infected class; multilabel, the macro mean over the labels, with ``auroc_<label>
 They come from scikit-learn, the implementation the papers in this field use, and it
 keeps this module free of torch (the leaderboard re-scores without it).
 
-A prediction is positive when its probability is strictly above the threshold (0.5),
-so a binary tie goes to normal, as ``argmax`` would. Every value returned is a
+A prediction is positive when its probability is strictly above the label's threshold:
+0.5 unless tuned (``tune_thresholds``: per label, on the split that chooses, by the
+space's ``threshold`` rule), so at 0.5 a binary tie goes to normal, as ``argmax`` would. Every value returned is a
 python ``float`` or ``int`` (or nested lists/dicts of them), ready for
 ``ray.tune.report`` and JSON.
 """
@@ -31,7 +32,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from covid_tune.preprocess import sigmoid
-from covid_tune.tasks import Task
+from covid_tune.tasks import POSITIVE_CLASS, Task
 
 
 def binary_metrics(targets: np.ndarray, prob_infected: np.ndarray, threshold: float = 0.5) -> dict:
@@ -78,12 +79,13 @@ def _mean(values: list[float]) -> float:
 
 
 def multilabel_metrics(
-    targets: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold: float = 0.5
+    targets: np.ndarray, probs: np.ndarray, label_names: Sequence[str],
+    threshold: float | np.ndarray = 0.5
 ) -> dict:
     """Exact-match accuracy, Hamming loss, macro and per-sample F1, per-label F1 and confusion.
 
-    ``targets``, ``probs``: (N, K) in the order of ``label_names``. ``f1`` is the
-    macro F1. In ``samples_f1`` a sample with no true and no predicted label scores 1.0.
+    ``targets``, ``probs``: (N, K) in the order of ``label_names``; ``threshold`` one
+    for every label or (K,) in that order. ``f1`` is the macro F1. In ``samples_f1`` a sample with no true and no predicted label scores 1.0.
     """
     truth = _bits(targets, ndim=2)
     predicted = np.asarray(probs, dtype=np.float64).reshape(truth.shape) > threshold
@@ -111,24 +113,41 @@ def multilabel_metrics(
     }
 
 
-def compute_metrics(task: Task, targets: np.ndarray, outputs: np.ndarray) -> dict:
+def compute_metrics(task: Task, targets: np.ndarray, outputs: np.ndarray,
+                    thresholds: dict[str, float] | None = None) -> dict:
     """Metrics of ``task`` from raw logits: binary (N, 2) or multilabel (N, K).
 
     Binary targets are class indices, (N,) or (N, 1); multilabel targets are (N, K) bits.
+    ``thresholds`` maps labels (binary: ``infected``) to their decision threshold; a
+    label it does not name is decided at 0.5.
     """
-    return _SCORERS[task.name](task, targets, np.asarray(outputs, dtype=np.float64))
+    limits = threshold_array(task, thresholds)
+    return _SCORERS[task.name](task, targets, np.asarray(outputs, dtype=np.float64), limits)
 
 
-def _score_binary(task: Task, targets: np.ndarray, logits: np.ndarray) -> dict:
+def threshold_labels(task: Task) -> tuple[str, ...]:
+    """The labels that have a threshold: each label (multilabel), or ``infected``."""
+    return task.label_names if task.multilabel else (POSITIVE_CLASS,)
+
+
+def threshold_array(task: Task, thresholds: dict[str, float] | None) -> np.ndarray:
+    """(K,) thresholds in the order of ``threshold_labels``; 0.5 where not given."""
+    given = thresholds or {}
+    return np.array([float(given.get(label, 0.5)) for label in threshold_labels(task)])
+
+
+def _score_binary(task: Task, targets: np.ndarray, logits: np.ndarray,
+                  limits: np.ndarray) -> dict:
     """P(infected) = softmax(logits)[:, 1] = sigmoid(logit_1 - logit_0)."""
-    return binary_metrics(targets, sigmoid(logits[:, 1] - logits[:, 0]))
+    return binary_metrics(targets, sigmoid(logits[:, 1] - logits[:, 0]), float(limits[0]))
 
 
-def _score_multilabel(task: Task, targets: np.ndarray, logits: np.ndarray) -> dict:
-    return multilabel_metrics(targets, sigmoid(logits), task.label_names)
+def _score_multilabel(task: Task, targets: np.ndarray, logits: np.ndarray,
+                      limits: np.ndarray) -> dict:
+    return multilabel_metrics(targets, sigmoid(logits), task.label_names, limits)
 
 
-_SCORERS: dict[str, Callable[[Task, np.ndarray, np.ndarray], dict]] = {
+_SCORERS: dict[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], dict]] = {
     "binary": _score_binary,
     "multilabel": _score_multilabel,
 }
@@ -176,9 +195,11 @@ RESAMPLES = 1000
 
 
 def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
-                        resamples: int = RESAMPLES, seed: int = 0,
-                        level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of accuracy, F1 and AUROC, from raw logits.
+                        resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95,
+                        thresholds: dict[str, float] | None = None
+                        ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy, F1 (at ``thresholds``, as
+    ``compute_metrics``) and AUROC, from raw logits.
 
     Resampling is stratified: each resample draws, with replacement, as many images of
     every label combination (a class for Part 1, a set of label bits for Part 2) as the
@@ -189,7 +210,7 @@ def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
     truth, probs = _truth_and_probs(task, targets, outputs)
     index = _stratified_resamples(truth, resamples, np.random.default_rng(seed))
     picked, scores = truth[index], probs[index]  # (B, N, K)
-    predicted = scores > 0.5
+    predicted = scores > threshold_array(task, thresholds)
     if task.multilabel:
         accuracy = np.all(picked == predicted, axis=2).mean(axis=1)
     else:
@@ -263,3 +284,53 @@ def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:
         return math.nan, math.nan
     low, high = np.percentile(defined, [tail, 100 - tail])
     return float(low), float(high)
+
+
+# --- tuned thresholds ---------------------------------------------------------------------
+
+def tune_thresholds(task: Task, targets: np.ndarray, outputs: np.ndarray, rule: str = "f1",
+                    target: float | None = None) -> tuple[dict[str, float], list[str]]:
+    """Each label's decision threshold by ``rule`` on these outputs (the split that
+    chooses), and the labels left at 0.5 because the split has no positive or no
+    negative of them.
+
+    ``f1`` maximises the label's F1; ``youden`` maximises sensitivity + specificity - 1;
+    ``sensitivity`` takes the highest threshold whose sensitivity reaches ``target``,
+    which is the best specificity at that sensitivity. Ties go to the higher threshold.
+    """
+    truth, probs = _truth_and_probs(task, targets, outputs)
+    chosen, untuned = {}, []
+    for k, label in enumerate(threshold_labels(task)):
+        value = tuned_threshold(truth[:, k], probs[:, k], rule, target)
+        if value is None:
+            untuned.append(label)
+        chosen[label] = 0.5 if value is None else value
+    return chosen, untuned
+
+
+def tuned_threshold(truth: np.ndarray, scores: np.ndarray, rule: str,
+                    target: float | None = None) -> float | None:
+    """One label's threshold by ``rule``; None when ``truth`` holds one class only.
+
+    scikit-learn's ROC curve lists every distinct cut (positive when score >= cut);
+    since a prediction here is positive when the probability is *above* the threshold,
+    the threshold returned lies halfway between the chosen cut and the next lower
+    score, so exactly the same images are positive.
+    """
+    if truth.all() or not truth.any():
+        return None
+    fpr, tpr, cuts = roc_curve(truth, scores, drop_intermediate=False)
+    positives, negatives = truth.sum(), len(truth) - truth.sum()
+    tp, fp = tpr * positives, fpr * negatives
+    if rule == "f1":
+        merit = 2 * tp / (positives + tp + fp)  # 2TP / (2TP + FP + FN)
+    elif rule == "youden":
+        merit = tpr - fpr
+    elif rule == "sensitivity":
+        merit = np.where(tpr >= target - 1e-12, -fpr, -np.inf)
+    else:
+        raise ValueError(f"unknown threshold rule {rule!r}")
+    best = int(np.argmax(merit))
+    upper = min(float(cuts[best]), 1.0)
+    lower = float(cuts[best + 1]) if best + 1 < len(cuts) else 0.0
+    return (upper + lower) / 2

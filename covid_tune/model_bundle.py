@@ -77,4 +77,5 @@ def check_card(card: dict) -> None:
     else:
         raise ValueError(f"unknown task {card['task']!r}")
     for label in labels:
-        float(card["thresholds"][label])
+        if not 0 <= float(card["thresholds"][label]) <= 1:
+            raise ValueError(f"threshold of {label} is not a probability")

@@ -16,10 +16,12 @@ from pathlib import Path
 from covid_tune.config import (FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace, dump_space,
                                load_space)
 from covid_tune.runs import RunInfo, TrialRecord
-from covid_tune.selection import EXTRA_PARAMS, Row, TableSpec, extra_params, frozen_name, loss_name
+from covid_tune.selection import (EXTRA_PARAMS, Row, TableSpec, chooser, extra_params,
+                                  frozen_name, loss_name)
 
 SPLIT_COLUMNS = {
     "train": "Training Set Accuracy/F1 Score",
+    "selection": "Selection Set Accuracy/F1 Score",
     "validation": "Validation Set Accuracy/F1 Score",
     "test": "Testing Set Accuracy/F1 Score",
 }
@@ -50,6 +52,23 @@ def interval_text(scores: dict | None, metric: str) -> str:
     """`` [low, high]``, or nothing when there is no interval."""
     low, high = (scores or {}).get("ci", {}).get(metric, (math.nan, math.nan))
     return "" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+
+
+def thresholds_text(record: TrialRecord) -> str:
+    """``covid 0.31, normal 0.62`` (tuned), or ``0.5 (not tuned)``."""
+    if not record.thresholds:
+        return "0.5 (not tuned)"
+    untuned = set(record.threshold_rule.get("untuned") or ())
+    return ", ".join(f"{label} {value:.2f}" + (" (untuned)" if label in untuned else "")
+                     for label, value in record.thresholds.items())
+
+
+def rule_text(rule: dict) -> str:
+    """``f1`` or ``sensitivity >= 0.95``, the way a threshold was tuned."""
+    if not rule:
+        return "none (0.5)"
+    name = rule.get("rule", "?")
+    return f"{name} >= {rule['target']:g}" if rule.get("target") is not None else name
 
 
 def roc_file(task: str) -> str:
@@ -96,6 +115,9 @@ def display_row(spec: TableSpec, row: Row) -> dict:
             interval_text(row.scores.get(s), "f1").strip() or "n/a" for s in spec.splits),
         f"AUROC ({'/'.join(spec.splits)})": " / ".join(
             auroc_cell(row.scores.get(s)) for s in spec.splits),
+        "Thresholds": thresholds_text(record),
+        f"At 0.5 ({'/'.join(spec.splits)})": " / ".join(
+            cell(spec, (row.scores.get(s) or {}).get("at_0.5")) for s in spec.splits),
     }
     shown.update({k: format_value(v) for k, v in extra_params(record.config).items()})
     shown.update({"Source": source(record), "Trial": f"{record.run}/{record.trial_id}",
@@ -121,10 +143,15 @@ def table_record(spec: TableSpec, row: Row, index: int) -> dict:
         for name in ("accuracy", "f1", "auroc"):
             low, high = (scores or {}).get("ci", {}).get(name, (None, None))
             plain[f"{split}_{name}_ci_low"], plain[f"{split}_{name}_ci_high"] = low, high
+        half = (scores or {}).get("at_0.5") or {}
+        for name in ("accuracy", "f1"):
+            plain[f"{split}_{name}_at_0_5"] = float(half[name]) if name in half else None
     unused = FOCAL_PARAMS if record.config["loss"] != "focal" else ()
     plain.update({k: None if k in unused else record.config.get(k) for k in EXTRA_PARAMS})
     plain.update({
         "metric": row.run.metric, "metric_value": record.score(row.run.metric),
+        "selected_on": chooser(row.run), "thresholds": thresholds_text(record),
+        "threshold_rule": rule_text(record.threshold_rule),
         "source": source(record), "run": record.run, "trial_id": record.trial_id,
         "checkpoint": str(record.checkpoint), "scores": "recorded" if row.recorded else
         "re-scored", "confusion_png": confusion_file(record.task, index),
@@ -163,7 +190,8 @@ def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
              f"Runs: {', '.join(f'`{r.name}` ({r.summary()})' for r in runs)}. "
              f"Each row is its group's best checkpoint by `{metric}` (best epoch), "
              f"re-scored on {', '.join(spec.splits)}. {spec.headline} "
-             f"Epochs and Training Time are those of that checkpoint.", ""]
+             f"Epochs and Training Time are those of that checkpoint.", "",
+             *[selection_text(spec, run) for run in runs], ""]
     lines += markdown_table([display_row(spec, row) for row in rows])
     links = ", ".join(f"[{r.backbone}, {r.group}]({confusion_file(r.record.task, i)})"
                       for i, r in enumerate(rows))
@@ -179,6 +207,33 @@ def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
     if notes:
         lines += ["### Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines) + "\n"
+
+
+def selection_text(spec: TableSpec, run: RunInfo) -> str:
+    """Which split chose the run's rows, and which splits only report."""
+    chose = chooser(run)
+    space = run.space
+    if run.selection:
+        where = (f"**selection**, {len(run.selection)} images "
+                 f"({space.selection.holdout:.0%} of Train, seeded and stratified by label "
+                 f"combination, never trained on)")
+    else:
+        where = "**validation**"
+    reporting = [s for s in spec.splits if s not in ("train", chose)]
+    report = (f"Reported only: {', '.join(reporting)}; "
+              f"{'it' if len(reporting) == 1 else 'they'} chose nothing, so "
+              f"{'its' if len(reporting) == 1 else 'their'} scores carry no winner's curse."
+              if reporting else "No split only reports: every score below was also used "
+                                "to choose, so it is optimistic.")
+    return (f"- `{run.name}` chose on {where}: ASHA's rungs, TPE, each trial's best epoch, "
+            f"each group's best trial and the thresholds (rule `{rule_text(run_rule(run))}`) "
+            f"all used `{run.metric}` there. {report} Accuracy/F1 cells apply each "
+            f"checkpoint's thresholds (column Thresholds); \"At 0.5\" shows them at 0.5.")
+
+
+def run_rule(run: RunInfo) -> dict:
+    """The run's threshold rule, as its space says."""
+    return {"rule": run.space.threshold.rule, "target": run.space.threshold.target}
 
 
 def hand_grid_section(spec: TableSpec, rows: list[Row], metric: str) -> list[str]:

@@ -160,9 +160,10 @@ def versions() -> dict[str, str]:
 
 
 def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
-                 files: dict[str, int]) -> SweepRecord:
-    """Write ``space.yaml``, ``dataset.json`` and, last, ``sweep.json`` (whose presence
-    marks the folder as a run); UserError if the storage refuses them."""
+                 files: dict[str, int], selection: list[str] = ()) -> SweepRecord:
+    """Write ``space.yaml``, ``dataset.json`` (with the names held out of Train as the
+    selection split, if any) and, last, ``sweep.json`` (whose presence marks the folder
+    as a run); UserError if the storage refuses them."""
     run_dir = opts.run_dir()
     provenance = Provenance(
         data=data_root, data_fingerprint=manifest_fingerprint(files), data_files=len(files),
@@ -174,7 +175,8 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
     contents = {
         SPACE_FILE: space_text,
         DATASET_FILE: json.dumps({"root": data_root, "fingerprint": provenance.data_fingerprint,
-                                  "files": files}, indent=0).encode(),
+                                  "files": files, "selection": list(selection)},
+                                 indent=0).encode(),
         SWEEP_FILE: json.dumps({"format": RECORD_FORMAT, "options": asdict(opts),
                                 "provenance": asdict(provenance), "files": record.files},
                                indent=1).encode(),
@@ -280,6 +282,21 @@ def read_manifest(run_dir: str) -> dict[str, int]:
         raise UserError(f"{path}: damaged (no files mapping of path -> bytes); pass "
                         f"--allow-changed-data to use a dataset folder unchecked")
     return files
+
+
+def read_selection(run_dir: str, space: SearchSpace) -> list[str]:
+    """The Train images the run held out as its selection split (``dataset.json``);
+    empty when the space holds none out."""
+    if not space.selection.holdout:
+        return []
+    path = join(run_dir, DATASET_FILE)
+    raw = _read_json(path, "the run's selection split is recorded there and cannot be "
+                           "rebuilt without it; start the sweep again")
+    names = raw.get("selection") if isinstance(raw, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: damaged (no list of the images held out for selection); "
+                        f"the run's selection split cannot be rebuilt; start the sweep again")
+    return names
 
 
 # --- which dataset folder a run's results are scored on ------------------------------
@@ -446,6 +463,11 @@ class TrialRecord:
     """Wall time of the trial up to the end of that epoch (Ray's ``time_total_s``)."""
     hand_grid: bool = False
     """Whether the config is a ``start_with`` row of the run's space."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Label -> the decision threshold tuned at that epoch (empty: 0.5 for every label)."""
+    threshold_rule: dict = field(default_factory=dict)
+    """How they were tuned: ``rule``, ``target``, ``split`` and the ``untuned`` labels
+    (no positive or no negative on that split, so left at 0.5)."""
 
     @property
     def task(self) -> str:
@@ -471,6 +493,8 @@ class RunInfo:
     states: dict[str, str] = field(default_factory=dict)
     """Trial id -> Ray Tune's status (TERMINATED, ERROR, ...) from the run's last
     snapshot; empty when there is none to read."""
+    selection: list[str] = field(default_factory=list)
+    """The Train images held out as the selection split (empty: validation chose)."""
 
     def summary(self) -> str:
         """``12 trials, 2 failed`` (every trial Ray knows, not only the usable ones)."""
@@ -521,7 +545,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if not states:
         notes.append("Ray Tune's snapshot of the run (experiment_state-*.json) is missing or "
                      "cannot be read, so failed trials are not counted")
-    return RunInfo(path, name, record, space, trials, notes, states)
+    return RunInfo(path, name, record, space, trials, notes, states,
+                   read_selection(str(path), space))
 
 
 def trial_states(run_dir: str) -> dict[str, str]:
@@ -572,8 +597,18 @@ def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord 
                    if damaged else "")
     return TrialRecord(run=run, trial_id=folder.name.removeprefix("trial_"),
                        config=recipe["config"], checkpoint=checkpoint, epoch=epoch,
-                       metrics=recipe["metrics"],
-                       seconds=training_seconds(folder, epoch)), passed_over
+                       metrics=recipe["metrics"], seconds=training_seconds(folder, epoch),
+                       thresholds=_thresholds(recipe),
+                       threshold_rule=recipe.get("threshold_rule") or {}), passed_over
+
+
+def _thresholds(recipe: dict) -> dict[str, float]:
+    """A recipe's tuned thresholds, when they are label -> number in (0, 1)."""
+    raw = recipe.get("thresholds")
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, (int, float)) and 0 <= v <= 1 for v in raw.values()):
+        return {}
+    return {str(k): float(v) for k, v in raw.items()}
 
 
 def rank_key(value: float, mode: str) -> float:

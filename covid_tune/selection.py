@@ -3,8 +3,10 @@
 Trials are grouped as the assignment's tables group them (Part 1 by backbone and frozen
 layers, Part 2 by backbone and loss). A group's row is its best checkpoint by the
 sweep's metric, at the trial's best epoch, never simply the last. ``TABLES`` also says
-which splits each task's table scores: test for Part 1 only, because its rows were
-chosen on validation and Part 2's test set is unlabelled.
+which splits each task's table scores: test for Part 1 only, because Part 2's test set
+is unlabelled; ``table_spec`` adds the selection split of runs that hold one out of
+Train. ``chooser`` says which split chose a run's rows (and tuned their thresholds);
+every other split only reports.
 
 Nothing here imports torch or Ray; it works on ``covid_tune.runs`` records.
 """
@@ -12,9 +14,10 @@ Nothing here imports torch or Ray; it works on ``covid_tune.runs`` records.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from covid_tune.config import BACKBONE_CONVS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS
+from covid_tune.data import SELECTION
 from covid_tune.runs import RunInfo, TrialRecord, best_trial
 
 LOSS_NAMES = {"ce": "Cross Entropy Loss", "bce": "BCE With Logits Loss", "focal": "Focal Loss"}
@@ -71,6 +74,20 @@ TABLES = {
         headline="Exact-match accuracy in %, macro F1 (over covid, normal, pneumonia) in %; "
                  "Test is unlabelled, so not scored."),
 }
+
+
+def table_spec(task: str, runs: list[RunInfo]) -> TableSpec:
+    """The task's table, scoring also the selection split when a run holds one out."""
+    spec = TABLES[task]
+    if any(run.selection for run in runs):
+        spec = replace(spec, splits=(spec.splits[0], SELECTION, *spec.splits[1:]))
+    return spec
+
+
+def chooser(run: RunInfo) -> str:
+    """The split that chose the run's trials, epochs and thresholds: ``selection`` or
+    ``validation``."""
+    return run.space.selection.split
 
 
 @dataclass

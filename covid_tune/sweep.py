@@ -41,12 +41,14 @@ from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.cluster import check_object_store, check_resources, check_storage, start_ray
 from covid_tune.config import SearchSpace
-from covid_tune.data import DataBundle, Layout, check_memory, load_dataset, manifest, scan
+from covid_tune.data import (SELECTION, DataBundle, Layout, check_memory, hold_out, load_dataset,
+                             manifest, scan, with_selection)
 from covid_tune.errors import Stopped, UserError
 from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
 from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, check_ray_state,
-                             choose_data, read_record, read_space, write_record)
+                             choose_data, read_record, read_selection, read_space,
+                             write_record)
 from covid_tune.search import build_searcher, find_sweep_search
 from covid_tune.storage import exists, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
@@ -125,14 +127,24 @@ def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
     return opts, space
 
 
-def decode(layout: Layout, space: SearchSpace, strict: bool) -> DataBundle:
+def decode(layout: Layout, space: SearchSpace, strict: bool,
+           held: list[str] | None = None, seed: int = 0) -> tuple[DataBundle, list[str]]:
     """The dataset decoded once for every trial, after checking that it fits in memory
-    twice (this process's copy and the object store's)."""
+    twice (this process's copy and the object store's), with the space's selection
+    split moved out of Train: the ``held`` names a run recorded, or a new seeded draw.
+    Also the held-out names."""
     check_memory(layout, space.image_size, copies=2,
                  fix="pass --image-size with that size or less")
     bundle = load_dataset(layout, space.task, space.image_size, strict=strict)
+    if held is None and space.selection.holdout:
+        held = hold_out(bundle.splits["train"], space.selection.holdout, seed)
+        if not held:
+            raise UserError(f"{space.source}: selection.holdout: the training split of "
+                            f"{bundle.root} has too few images per class to hold any out; "
+                            f"add images or drop the selection key")
+    bundle = with_selection(bundle, held or [])
     report_data(bundle)
-    return bundle
+    return bundle, held or []
 
 
 def _absolute(path: str) -> str:
@@ -151,12 +163,12 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
             raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name "
                             f"or continue it with `covid-tune resume {run_dir}`")
         layout = scan(opts.data, space.task)
-        bundle = decode(layout, space, opts.strict)
+        bundle, held = decode(layout, space, opts.strict, seed=opts.seed)
         start_ray(opts.address)
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         check_object_store(bundle_bytes(bundle), space.image_size)
         check_storage(opts.storage_path, opts.shared_storage)
-        write_record(opts, space, opts.data, manifest(layout))
+        write_record(opts, space, opts.data, manifest(layout), held)
         searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
                                   opts.max_concurrent)
         without_ray_tensorboard()
@@ -192,7 +204,7 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
                              required=True)
         for note in choice.notes:
             print(f"note: {note}")
-        bundle = decode(choice.layout, space, opts.strict)
+        bundle, _ = decode(choice.layout, space, opts.strict, read_selection(run_dir, space))
         start_ray(address or opts.address)
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         check_object_store(bundle_bytes(bundle), space.image_size)
@@ -304,6 +316,9 @@ def failure_summary(results) -> str | None:
 def report_data(bundle: DataBundle) -> None:
     counts = ", ".join(f"{split} {len(s)}" for split, s in bundle.splits.items())
     print(f"data: {bundle.root} ({bundle.task}, {bundle.image_size} px): {counts}")
+    if SELECTION in bundle.splits:
+        print(f"  {SELECTION}: held out of train; it chooses (ASHA, TPE, best epoch, best "
+              f"trial, thresholds), validation only reports")
     if bundle.skipped:
         print(f"  skipped {len(bundle.skipped)} unreadable file(s), e.g. "
               f"{bundle.skipped[0][0]}: {bundle.skipped[0][1]}")

@@ -21,7 +21,7 @@ from covid_tune.plots import confusion_image
 
 HPARAM_KEYS = tuple(PARAM_TYPES)
 """The sampled hyperparameters the HParams dashboard compares."""
-BEST_KEYS = ("val_loss", "val_accuracy", "val_f1", "epoch")
+BEST_KEYS = ("val_loss", "val_accuracy", "val_f1", "val_auroc", "epoch")
 """Values logged as ``best/<key>`` at the best epoch so far: the HParams metrics."""
 
 
@@ -58,7 +58,7 @@ class TrialWriter:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "epoch":
                 split, _, name = key.partition("_")
-                tag = f"{name}/{split}" if split in ("train", "val") else f"trial/{key}"
+                tag = f"{name}/{split}" if split in ("train", "sel", "val") else f"trial/{key}"
                 self.writer.add_scalar(tag, value, epoch)
         if self.improves(metrics[self.metric]):
             self.best = {k: metrics[k] for k in best_keys(self.metric) if k in metrics}

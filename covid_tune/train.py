@@ -2,10 +2,11 @@
 
 ``train_trial(config, data)`` is the Ray Tune trainable. Its data arrives through
 ``tune.with_parameters`` (one copy in the object store, shared by the trials of a
-node). Each epoch it reports the train and validation metrics (and the id of the Ray
-node it ran on) and a checkpoint holding the weights, the optimizer, the epoch and the
-recipe (resolved config, label names), so a retried or restored trial continues from
-its last epoch.
+node). Each epoch it reports the metrics of every split it sees (``train_*``, ``sel_*``
+when the sweep holds a selection split out of Train, ``val_*``) and the id of the Ray
+node it ran on, and a checkpoint holding the weights, the optimizer, the epoch and the
+recipe (resolved config, label names, the decision thresholds tuned on the split that
+chooses), so a retried or restored trial continues from its last epoch.
 
 Checkpoints are written whole into a temporary folder that Ray then copies to storage
 and registers only once the copy is complete (their format belongs to
@@ -31,11 +32,11 @@ import torch
 from ray import tune
 
 from covid_tune.augment import to_model_input
-from covid_tune.config import TrialConfig
-from covid_tune.data import DataBundle, Split
+from covid_tune.config import SPLIT_PREFIXES, TrialConfig
+from covid_tune.data import SELECTION, DataBundle, Split
 from covid_tune.inference import Device, build_for, predict_logits
 from covid_tune.losses import build_loss
-from covid_tune.metrics import compute_metrics
+from covid_tune.metrics import compute_metrics, tune_thresholds
 from covid_tune.runs import DIVERGED_FILE, DamagedCheckpoint, load_checkpoint, save_checkpoint
 from covid_tune.tasks import TASKS, Task
 from covid_tune.tensorboard import TrialWriter
@@ -86,16 +87,19 @@ def train_trial(config: dict, data: DataBundle) -> None:
     start = restore(model, optimizer, tune.get_checkpoint())
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
+    scored = [s for s in (SELECTION, "validation") if s in data.splits]
     for epoch in range(start + 1, cfg.max_epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, data.splits["train"], loss_fn, optimizer, scaler,
-                                cfg, device, epoch)
-        val = evaluate(model, data.splits["validation"], loss_fn, cfg, device)
-        metrics, confusion = epoch_metrics(task, train, val, epoch, lr)
+        results = {"train": train_one_epoch(model, data.splits["train"], loss_fn, optimizer,
+                                            scaler, cfg, device, epoch)}
+        results.update({s: evaluate(model, data.splits[s], loss_fn, cfg, device)
+                        for s in scored})
+        metrics, confusion = epoch_metrics(task, results, epoch, lr)
         metrics["node_id"] = node_id
         writer.log_epoch(epoch, metrics, confusion)
+        thresholds = choose_thresholds(task, results, cfg)
         with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics)
+            write_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics, thresholds)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     writer.close()
 
@@ -186,30 +190,48 @@ def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device) -> 
     return EpochResult(loss, outputs, split.targets, len(split), time.perf_counter() - started)
 
 
-def epoch_metrics(task: Task, train: EpochResult, val: EpochResult, epoch: int,
+def epoch_metrics(task: Task, results: dict[str, EpochResult], epoch: int,
                   lr: float) -> tuple[dict, object]:
-    """The flat dict reported to Tune (``train_*`` and ``val_*`` scalars and timings),
-    and the validation confusion matrix (or matrices) for TensorBoard."""
-    metrics = {"epoch": epoch, "lr": lr, "epoch_seconds": train.seconds + val.seconds,
+    """The flat dict reported to Tune (``train_*``, ``sel_*``, ``val_*`` scalars and
+    timings, at the 0.5 threshold), and the validation confusion matrix (or matrices)
+    for TensorBoard."""
+    train = results["train"]
+    metrics = {"epoch": epoch, "lr": lr,
+               "epoch_seconds": sum(r.seconds for r in results.values()),
                "train_images_per_second": train.images / max(train.seconds, 1e-9)}
-    confusion = None
-    for prefix, result in (("train", train), ("val", val)):
+    confusion = {}
+    for split, result in results.items():
+        prefix = SPLIT_PREFIXES[split]
         metrics[f"{prefix}_loss"] = result.loss
         scores = compute_metrics(task, result.targets, result.outputs)
-        confusion = scores.pop("confusion")
+        confusion[split] = scores.pop("confusion")
         metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
     if not math.isfinite(metrics["val_loss"]):
         raise TrialDiverged(f"validation loss became {metrics['val_loss']} at epoch {epoch}")
-    return metrics, confusion
+    return metrics, confusion["validation"]
+
+
+def choose_thresholds(task: Task, results: dict[str, EpochResult], cfg: TrialConfig) -> dict:
+    """Each label's decision threshold, tuned by the space's rule on the split that
+    chooses (the selection split, else validation), for the checkpoint's recipe."""
+    split = SELECTION if SELECTION in results else "validation"
+    result = results[split]
+    chosen, untuned = tune_thresholds(task, result.targets, result.outputs,
+                                      cfg.threshold.rule, cfg.threshold.target)
+    return {"thresholds": chosen,
+            "threshold_rule": {"rule": cfg.threshold.rule, "target": cfg.threshold.target,
+                               "split": split, "untuned": untuned}}
 
 
 def write_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
-                     metrics: dict) -> None:
+                     metrics: dict, thresholds: dict | None = None) -> None:
     """Weights, optimizer and epoch, with the recipe (resolved config, label names,
-    metrics) that lets a reader rebuild the model without the search session."""
+    metrics, tuned thresholds) that lets a reader rebuild and use the model without the
+    search session."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
     recipe = {"epoch": epoch, "config": cfg.to_dict(),
-              "label_names": list(TASKS[cfg.task].label_names), "metrics": metrics}
+              "label_names": list(TASKS[cfg.task].label_names), "metrics": metrics,
+              **(thresholds or {})}
     save_checkpoint(folder, state, recipe)
 
 

@@ -24,9 +24,12 @@ from covid_tune.config import (
     Fixed,
     Range,
     SearchSpace,
+    Selection,
+    Threshold,
     TrialConfig,
     dump_space,
     load_space,
+    parse_space,
     parse_space_text,
 )
 from covid_tune.errors import UserError
@@ -70,7 +73,7 @@ def with_params(**changes) -> dict:
 def test_every_shipped_space_is_valid(path):
     space = load_space(path)
     assert space.task in ("binary", "multilabel")
-    assert space.metric.startswith("val_")
+    assert space.metric.startswith(f"{space.selection.prefix}_")
     assert isinstance(space.params["backbone"], (Choice, Fixed))
     assert set(space.params["frozen_layers"]) >= {"vgg16", "resnet18"} & set(
         getattr(space.params["backbone"], "choices", ()))
@@ -85,6 +88,45 @@ def test_shipped_spaces_start_with_the_assignment_grid():
     rows = {(r["backbone"], r["loss"]) for r in multilabel.start_with}
     assert rows == {("vgg16", "bce"), ("vgg16", "focal"), ("resnet18", "bce"),
                     ("resnet18", "focal")}
+
+
+def test_part_2_chooses_on_a_held_out_selection_split_and_part_1_on_validation():
+    multilabel = load_space("search_spaces/multilabel.yaml")
+    assert (multilabel.metric, multilabel.selection.holdout) == ("sel_f1", 0.15)
+    assert multilabel.selection.split == "selection"
+    binary = load_space("search_spaces/binary.yaml")
+    assert (binary.metric, binary.selection.split) == ("val_f1", "validation")
+    assert binary.threshold == multilabel.threshold == Threshold("f1")
+
+
+@pytest.mark.parametrize("changes, key, words", [
+    ({"metric": "sel_f1"}, "metric", "needs a selection split"),
+    ({"selection": {"holdout": 0.15}, "metric": "val_f1"}, "metric", "use sel_f1"),
+    ({"selection": {"holdout": 0.9}}, "selection.holdout", "from 0 to 0.5"),
+    ({"selection": {"holdout": True}}, "selection.holdout", "from 0 to 0.5"),
+    ({"selection": {"hold_out": 0.1}}, "selection.hold_out", "did you mean 'holdout'"),
+    ({"selection": 0.15}, "selection", "{holdout: 0.15}"),
+    ({"threshold": {"rule": "max"}}, "threshold.rule", "f1, youden, sensitivity"),
+    ({"threshold": {"rule": "sensitivity"}}, "threshold.target", "such as 0.95"),
+    ({"threshold": {"rule": "sensitivity", "target": 1.5}}, "threshold.target", "(0, 1]"),
+    ({"threshold": {"rule": "f1", "target": 0.9}}, "threshold.target", "only the sensitivity"),
+])
+def test_selection_and_threshold_mistakes_name_the_key(tmp_path, changes, key, words):
+    message = errors_of(tmp_path, {**MINIMAL, **changes})
+    assert f": {key}: " in message and words in message
+
+
+def test_selection_and_threshold_settings_survive_the_round_trip(tmp_path):
+    doc = {**MINIMAL, "metric": "sel_auroc", "selection": {"holdout": 0.2},
+           "threshold": {"rule": "sensitivity", "target": 0.95}}
+    space = load_space(write(tmp_path, doc))
+    assert space.metric == "sel_auroc" and space.mode == "max"
+    assert space.threshold == Threshold("sensitivity", 0.95)
+    again = parse_space(yaml.safe_load(dump_space(space)), "again.yaml")
+    assert (again.selection, again.threshold) == (Selection(0.2), space.threshold)
+    assert space.fixed_settings()["threshold"] == {"rule": "sensitivity", "target": 0.95}
+    assert load_space(write(tmp_path, {**MINIMAL, "selection": {"holdout": 0.1}})).metric \
+        .startswith("sel_")
 
 
 def test_minimal_file_gets_defaults(tmp_path):
@@ -360,3 +402,13 @@ def test_a_train_metric_is_allowed_when_asked_and_mode_follows_the_metric(tmp_pa
     assert parse_space_text(dump_space(allowed), "again").allow_train_metric
     assert load(tmp_path, {**MINIMAL, "metric": "val_loss"}).mode == "min"  # no mode given
     assert load(tmp_path, {**MINIMAL, "metric": "val_hamming_loss"}).mode == "min"
+
+
+def test_the_readmes_example_space_is_valid():
+    """The search-space example in README.md parses to what its comments say."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Search spaces"):]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    space = parse_space_text(block, "README.md")
+    assert (space.metric, space.selection.holdout, space.threshold) == (
+        "sel_f1", 0.15, Threshold("f1"))

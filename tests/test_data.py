@@ -272,3 +272,56 @@ def test_largest_fitting_size_scales_with_the_square_root():
 
     assert largest_fitting_size(224, need=4 * 10**9, room=10**9) == 112
     assert largest_fitting_size(224, need=10**9, room=10**9) == 224
+
+
+def selection_fixture(n_covid=4, n_normal=40, n_pneumonia=20):
+    """A decoded Part 2 bundle with tiny images whose pixel value is their index."""
+    from covid_tune.data import DataBundle, Split
+
+    rows = [(1, 0, 1)] * n_covid + [(0, 1, 0)] * n_normal + [(0, 0, 1)] * n_pneumonia
+    n = len(rows)
+    train = Split(images=np.arange(n, dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(2, 2),
+                  targets=np.array(rows, dtype=np.float32),
+                  names=[f"Train/x/{i:03d}.png" for i in range(n)])
+    val = Split(images=np.zeros((2, 2, 2), np.uint8),
+                targets=np.array([(0, 1, 0), (0, 0, 1)], dtype=np.float32),
+                names=["Validation/a.png", "Validation/b.png"])
+    return DataBundle(task="multilabel", root="/data", image_size=2,
+                      splits={"train": train, "validation": val})
+
+
+def test_the_selection_split_is_seeded_stratified_and_independent_of_order():
+    from covid_tune.data import Split, hold_out
+
+    bundle = selection_fixture()
+    train = bundle.splits["train"]
+    held = hold_out(train, 0.15, seed=7)
+    labels = {name: tuple(t) for name, t in zip(train.names, train.targets)}
+    counts = {combo: sum(labels[n] == combo for n in held) for combo in set(labels.values())}
+    # round(0.15 * n) of every label combination: covid 4 -> 1, normal 40 -> 6, pneumonia 20 -> 3
+    assert counts == {(1, 0, 1): 1, (0, 1, 0): 6, (0, 0, 1): 3}
+    assert held == hold_out(train, 0.15, seed=7)
+    assert held != hold_out(train, 0.15, seed=8)
+    reverse = Split(train.images[::-1], train.targets[::-1], train.names[::-1])
+    assert hold_out(reverse, 0.15, seed=7) == held
+    # a combination of two keeps one on each side; of one, it stays in Train
+    tiny = selection_fixture(n_covid=2, n_normal=1, n_pneumonia=3).splits["train"]
+    picked = hold_out(tiny, 0.01, seed=0)
+    assert len(picked) == 2 and not any(n.endswith("002.png") for n in picked)
+
+
+def test_with_selection_moves_the_held_out_images_out_of_train():
+    from covid_tune.data import SELECTION, with_selection
+
+    bundle = selection_fixture()
+    names = ["Train/x/000.png", "Train/x/010.png", "Train/x/050.png"]
+    moved = with_selection(bundle, names)
+    assert list(moved.splits) == ["train", SELECTION, "validation"]
+    assert moved.splits[SELECTION].names == names
+    assert moved.splits[SELECTION].images[:, 0, 0].tolist() == [0, 10, 50]
+    assert moved.splits[SELECTION].targets.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
+    assert len(moved.splits["train"]) == 61 and not set(names) & set(moved.splits["train"].names)
+    assert moved.splits["validation"] is bundle.splits["validation"]
+    assert with_selection(bundle, []) is bundle
+    with pytest.raises(UserError, match="matches none of the training images"):
+        with_selection(bundle, ["Train/x/elsewhere.png"])

@@ -37,11 +37,13 @@ def test_one_folder_per_task_with_every_file(exported):
 
 def test_exports_the_best_checkpoint_of_all_trials(swept, exported):
     for run_dir, task, metric, best in ((swept.binary, "binary", "val_loss", min),
-                                        (swept.multilabel, "multilabel", "val_f1", max)):
+                                        (swept.multilabel, "multilabel", "sel_f1", max)):
         scores = [json.loads(p.read_text())["metrics"][metric]
                   for p in run_dir.glob("trial_*/checkpoint_*/recipe.json")]
         info = card(exported / task)
-        assert info["validation_metrics"][metric.removeprefix("val_")] == best(scores)
+        recipe = json.loads((Path(info["source"]["checkpoint"]) / "recipe.json").read_text())
+        assert recipe["metrics"][metric] == best(scores)
+        assert info["validation_metrics"]["f1"] == recipe["metrics"]["val_f1"]
         assert info["selected_by"]["metric"] == metric
 
 
@@ -49,7 +51,15 @@ def test_model_json_documents_labels_preprocessing_and_provenance(swept, exporte
     binary, multilabel = card(exported / "binary"), card(exported / "multilabel")
     assert binary["label_names"] == ["normal", "infected"]
     assert binary["output"]["positive_class"] == "infected"
-    assert binary["thresholds"] == {"infected": 0.5}
+    for info in (binary, multilabel):  # the checkpoint's own tuned thresholds
+        recipe = json.loads((Path(info["source"]["checkpoint"]) / "recipe.json").read_text())
+        assert info["thresholds"] == recipe["thresholds"] != {}
+        assert info["threshold_rule"] == recipe["threshold_rule"]
+    assert list(binary["thresholds"]) == ["infected"]
+    assert binary["threshold_rule"]["split"] == binary["selected_by"]["split"] == "validation"
+    assert multilabel["threshold_rule"]["split"] == "selection"
+    assert "tuned by the `f1` rule on selection" in (exported / "multilabel" /
+                                                      "README.md").read_text()
     assert multilabel["output"]["label_order"] == ["covid", "normal", "pneumonia"]
     assert multilabel["output"]["label_encoding"]["covid-19"] == [1, 0, 1]
     prep = multilabel["preprocessing"]

@@ -170,3 +170,75 @@ def test_perfect_predictions_have_a_point_interval_and_an_roc_corner():
     assert intervals == {"accuracy": (1.0, 1.0), "f1": (1.0, 1.0), "auroc": (1.0, 1.0)}
     fpr, tpr = roc_points(MULTILABEL, truth, logits)
     assert fpr[0] == 0.0 and [f for f, t in zip(fpr, tpr) if t == 1.0][0] == 0.0
+
+
+def logits_of(prob: np.ndarray) -> np.ndarray:
+    """Binary logits (normal 0, infected log-odds) whose P(infected) is ``prob``."""
+    clipped = np.clip(prob, 1e-9, 1 - 1e-9)
+    return np.stack([np.zeros(len(prob)), np.log(clipped / (1 - clipped))], axis=1)
+
+
+def test_tuned_thresholds_by_hand():
+    """TRUTH/PROB ranked: 0.9+ 0.8+ 0.7- 0.6+ 0.5- 0.4+ 0.3- ... F1 is best (0.8) and
+    Youden's J is best (1 - 2/6) predicting infected down to 0.4, so the threshold is
+    halfway to the next score, 0.35; sensitivity 0.75 is first reached at 0.6 (0.55)
+    and 0.5 at 0.8 (0.75)."""
+    from covid_tune.metrics import tuned_threshold
+
+    truth = TRUTH.astype(bool)
+    assert tuned_threshold(truth, PROB, "f1") == pytest.approx(0.35)
+    assert tuned_threshold(truth, PROB, "youden") == pytest.approx(0.35)
+    assert tuned_threshold(truth, PROB, "sensitivity", 0.75) == pytest.approx(0.55)
+    assert tuned_threshold(truth, PROB, "sensitivity", 0.5) == pytest.approx(0.75)
+    assert tuned_threshold(truth, PROB, "sensitivity", 1.0) == pytest.approx(0.35)
+    assert binary_metrics(TRUTH, PROB, 0.35)["f1"] == pytest.approx(0.8)
+    assert tuned_threshold(np.zeros(4, bool), PROB[:4], "f1") is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tuned_thresholds_are_the_best_of_every_cut(seed):
+    """Against brute force: no threshold between two scores does better by the rule."""
+    from covid_tune.metrics import tuned_threshold
+
+    rng = np.random.default_rng(seed)
+    truth = rng.random(60) < 0.3
+    prob = np.round(np.clip(0.35 * truth + rng.normal(0.35, 0.2, 60), 0, 1), 2)  # ties too
+    cuts = np.unique(np.concatenate([[0.0, 1.0], prob]))
+    candidates = (cuts[:-1] + cuts[1:]) / 2
+
+    def rates(t):
+        m = binary_metrics(truth.astype(int), prob, t)
+        (tn, fp), (fn, tp) = m["confusion"]
+        return m["f1"], tp / (tp + fn), tn / (tn + fp)
+
+    best_f1 = max(rates(t)[0] for t in candidates)
+    assert rates(tuned_threshold(truth, prob, "f1"))[0] == pytest.approx(best_f1)
+    best_j = max(r[1] + r[2] - 1 for r in map(rates, candidates))
+    _, sens, spec = rates(tuned_threshold(truth, prob, "youden"))
+    assert sens + spec - 1 == pytest.approx(best_j)
+    _, sens, spec = rates(tuned_threshold(truth, prob, "sensitivity", 0.9))
+    assert sens >= 0.9
+    assert spec == pytest.approx(max(r[2] for r in map(rates, candidates) if r[1] >= 0.9))
+
+
+def test_thresholds_per_label_change_the_scores_and_the_intervals():
+    from covid_tune.metrics import bootstrap_intervals, tune_thresholds
+
+    chosen, untuned = tune_thresholds(BINARY, TRUTH, logits_of(PROB))
+    assert list(chosen) == ["infected"] and chosen["infected"] == pytest.approx(0.35)
+    assert untuned == []
+    tuned = compute_metrics(BINARY, TRUTH, logits_of(PROB), chosen)
+    assert tuned["f1"] == pytest.approx(0.8) and tuned["confusion"] == [[4, 2], [0, 4]]
+    assert compute_metrics(BINARY, TRUTH, logits_of(PROB))["f1"] == pytest.approx(0.75)
+    half = bootstrap_intervals(BINARY, TRUTH, logits_of(PROB), resamples=300)
+    moved = bootstrap_intervals(BINARY, TRUTH, logits_of(PROB), resamples=300,
+                                thresholds=chosen)
+    assert half["auroc"] == moved["auroc"] and half["f1"] != moved["f1"]
+
+    # Part 2: covid has one class only here, so it keeps 0.5 and says so
+    truth = np.array([[0, 1, 0], [0, 0, 1], [0, 1, 0], [0, 0, 1]])
+    logits = np.array([[-3, 0.2, -1], [-3, 0.1, 0.1], [-3, 0.4, -2], [-3, -1.0, -0.2]])
+    chosen, untuned = tune_thresholds(MULTILABEL, truth, logits)
+    assert untuned == ["covid"] and chosen["covid"] == 0.5
+    assert compute_metrics(MULTILABEL, truth, logits, chosen)["accuracy"] == 1.0
+    assert compute_metrics(MULTILABEL, truth, logits)["accuracy"] == 0.5

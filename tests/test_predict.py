@@ -47,9 +47,11 @@ def test_predict_folder_matches_training_evaluation(exported, multilabel_data, t
     assert "'=cmd.png" in [r[0] for r in rows]
     model = source_model(exported / "multilabel")
     by_name = {r[0]: [int(b) for b in r[1:]] for r in rows[1:]}
+    thresholds = json.loads((exported / "multilabel" / "model.json").read_text())["thresholds"]
+    limits = np.array([thresholds[label] for label in ("covid", "normal", "pneumonia")])
     for source in sources:
         logits = predict_logits(model, read_gray(source, 32)[0][None], 1, CPU)
-        assert by_name[source.name] == [int(v > 0) for v in logits[0]]
+        assert by_name[source.name] == [int(p) for p in 1 / (1 + np.exp(-logits[0])) > limits]
 
 
 def test_predict_one_binary_image(exported, binary_data, tmp_path):
@@ -62,7 +64,29 @@ def test_predict_one_binary_image(exported, binary_data, tmp_path):
                             1, CPU)[0]
     probability = 1 / (1 + np.exp(logits[0] - logits[1]))
     assert row[0] == image.name and float(row[2]) == pytest.approx(probability, abs=1e-4)
-    assert row[1] == ("infected" if probability > 0.5 else "normal")
+    threshold = json.loads((exported / "binary" / "model.json").read_text())["thresholds"]
+    assert row[1] == ("infected" if probability > threshold["infected"] else "normal")
+
+
+def test_predict_applies_the_cards_thresholds(exported, binary_data, tmp_path):
+    """The same image and model, with infected's threshold set below and above its
+    probability: the class follows the threshold."""
+    image = sorted((binary_data / "test" / "normal").glob("*.png"))[0]
+    model = tmp_path / "model"
+    shutil.copytree(exported / "binary", model)
+    classes = []
+    for threshold in (0.0, 1.0):
+        info = json.loads((model / "model.json").read_text())
+        info["thresholds"] = {"infected": threshold}
+        (model / "model.json").write_text(json.dumps(info))
+        predict(str(model), str(image), str(tmp_path / "p.csv"))
+        with open(tmp_path / "p.csv", newline="") as handle:
+            classes.append(list(csv.reader(handle))[1][1])
+    assert classes == ["infected", "normal"]
+    info["thresholds"] = {"infected": 1.5}
+    (model / "model.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="threshold of infected is not a probability"):
+        predict(str(model), str(image), str(tmp_path / "p.csv"))
 
 
 def test_predict_imports_neither_torch_nor_ray(exported, tmp_path):

@@ -69,6 +69,34 @@ def test_multilabel_sweep_end_to_end(swept):
     assert len(study(swept.multilabel).trials) == 4
 
 
+def test_a_held_out_selection_split_chooses_and_validation_only_reports(swept,
+                                                                        multilabel_data):
+    """``selection: {holdout: 0.15}``: the run records which Train images it held out;
+    every trial reports ``sel_*`` beside ``val_*``; TPE was told ``sel_f1``; each
+    trial's kept best checkpoint and its thresholds come from the selection split."""
+    from covid_tune.data import hold_out, load_dataset
+
+    held = json.loads((swept.multilabel / "dataset.json").read_text())["selection"]
+    train = load_dataset(multilabel_data, "multilabel", 32, progress=False).splits["train"]
+    assert held == hold_out(train, 0.15, seed=3)  # the sweep's --seed
+    assert 0 < len(held) < 0.25 * len(train)
+    for result in swept.multilabel_results:
+        history = result.metrics_dataframe
+        assert {"sel_f1", "sel_auroc", "sel_loss", "val_f1", "train_f1"} <= set(history.columns)
+        best = result.get_best_checkpoint("sel_f1", "max")
+        recipe = json.loads((Path(best.path) / "recipe.json").read_text())
+        assert recipe["metrics"]["sel_f1"] == history["sel_f1"].max()
+        assert recipe["threshold_rule"]["split"] == "selection"
+    frames = [r.metrics_dataframe for r in swept.multilabel_results]
+    assert any(not f["sel_loss"].equals(f["val_loss"]) for f in frames)  # two splits
+    trials = study(swept.multilabel).trials
+    told = {(step, value) for t in trials for step, value in t.intermediate_values.items()}
+    told |= {(len(t.intermediate_values) + 1, t.value) for t in trials
+             if t.state.name == "COMPLETE"}  # Ray tells the last epoch as the final value
+    reported = {(e, v) for f in frames for e, v in zip(f["epoch"], f["sel_f1"])}
+    assert told and told <= reported
+
+
 def test_sweep_on_a_messy_dataset(ray_cluster, binary_data, tmp_path, capsys):
     """Other sizes and modes, junk and a corrupt file: the sweep runs and says what it skipped."""
     root = tmp_path / "messy"

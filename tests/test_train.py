@@ -197,3 +197,36 @@ def test_a_last_batch_of_one_never_reaches_batchnorm():
     model, optimizer, scaler, loss_fn = build_training(cfg, device)
     result = train_one_epoch(model, split, loss_fn, optimizer, scaler, cfg, device, 1)
     assert len(result.targets) == 17
+
+
+def test_each_split_a_trial_sees_is_reported_and_the_choosing_one_tunes_thresholds():
+    """With a selection split the epoch reports ``train_*``, ``sel_*`` and ``val_*``;
+    the thresholds come from the selection split's outputs by the space's rule, and
+    without one from validation's."""
+    import numpy as np
+
+    from covid_tune.config import Threshold
+    from covid_tune.tasks import BINARY
+    from covid_tune.train import EpochResult, choose_thresholds, epoch_metrics
+
+    def result(targets, prob):
+        logits = np.stack([np.zeros(len(prob)), np.log(prob / (1 - prob))], axis=1)
+        return EpochResult(0.5, logits, np.asarray(targets), len(prob), 1.0)
+
+    results = {"train": result([0, 1, 0, 1], np.array([0.2, 0.7, 0.4, 0.9])),
+               "selection": result([0, 1, 0, 1], np.array([0.3, 0.35, 0.1, 0.8])),
+               "validation": result([1, 0, 1, 0], np.array([0.6, 0.2, 0.9, 0.55]))}
+    metrics, confusion = epoch_metrics(BINARY, results, 3, 0.01)
+    assert {"train_f1", "sel_f1", "sel_auroc", "val_f1", "val_auroc"} <= set(metrics)
+    assert metrics["sel_f1"] == pytest.approx(2 / 3) and metrics["val_accuracy"] == 0.75
+    assert confusion == [[1, 1], [0, 2]]  # validation's, for TensorBoard
+    cfg = trial_config(threshold=Threshold("f1"))
+    chosen = choose_thresholds(BINARY, results, cfg)
+    assert chosen["thresholds"]["infected"] == pytest.approx(0.325)  # between 0.3 and 0.35
+    assert chosen["threshold_rule"] == {"rule": "f1", "target": None, "split": "selection",
+                                        "untuned": []}
+    del results["selection"]
+    chosen = choose_thresholds(BINARY, results, trial_config(
+        threshold=Threshold("sensitivity", 1.0)))
+    assert chosen["threshold_rule"]["split"] == "validation"
+    assert chosen["thresholds"]["infected"] == pytest.approx(0.575)  # between 0.6 and 0.55
