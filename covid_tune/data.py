@@ -181,12 +181,12 @@ def _scan_split(folder: Path, split: str, task: Task, junk: list[Path]) -> list[
 
 
 def decode_all(paths: list[Path], size: int, desc: str, progress: bool = True) -> list:
-    """``try_read`` over many files on every core, with a progress bar."""
+    """``try_read`` over many files on every core, with a progress bar on a terminal."""
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(lambda p: try_read(p, size), paths, chunksize=1)
         return list(tqdm(results, total=len(paths), desc=desc, unit="img",
-                         disable=not progress, leave=False))
+                         disable=None if progress else True, leave=False))
 
 
 def manifest(layout: Layout) -> dict[str, int]:

@@ -97,6 +97,20 @@ def test_a_held_out_selection_split_chooses_and_validation_only_reports(swept,
     assert told and told <= reported
 
 
+def test_a_training_split_too_small_to_hold_out_is_refused(tmp_path, capsys):
+    """One image per class: nothing can be held out without emptying a class of Train,
+    so the sweep stops with the space's key before Ray starts."""
+    from helpers import binary_tree, refused
+
+    data = binary_tree(tmp_path / "data", per_class=1)
+    space = write_space(tmp_path, {**BINARY_SPACE, "metric": "sel_f1", "mode": "max",
+                                   "selection": {"holdout": 0.2}})
+    err = refused(capsys, "sweep", "--space", str(space), "--data", str(data),
+                  "--storage-path", str(tmp_path / "runs"))
+    assert "selection.holdout: the training split" in err and "too few images" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("sweep.json"))
+
+
 def test_sweep_on_a_messy_dataset(ray_cluster, binary_data, tmp_path, capsys):
     """Other sizes and modes, junk and a corrupt file: the sweep runs and says what it skipped."""
     root = tmp_path / "messy"
