@@ -35,7 +35,8 @@ from ray.tune import ExperimentAnalysis
 from covid_tune import cluster
 from covid_tune.cli import build_parser, main
 from covid_tune.errors import UserError
-from covid_tune.runs import (LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE, SWEEP_FILE,
+from covid_tune.runs import (DIVERGED_FILE, LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE,
+                             SWEEP_FILE,
                              SweepOptions, read_record)
 from covid_tune.sweep import run_sweep, set_aside_lost_trials
 
@@ -451,21 +452,42 @@ def crashing(should_crash):
     return trainable
 
 
-def test_crashed_trial_is_retried_from_its_checkpoint(ray_cluster, binary_data, tmp_path):
-    # the first attempt dies right after epoch 1's report and checkpoint
+def test_a_crashed_trial_goes_on_from_its_checkpoint_and_a_diverged_one_fails_with_why(
+        ray_cluster, binary_data, tmp_path):
+    """Two trials that go wrong in one sweep, each in its own way:
+
+    - lr 0.01 dies right after epoch 1's report and checkpoint (its worker exits): it
+      is retried from that checkpoint, no epoch redone, and ends normally;
+    - lr 1e6 makes the loss NaN: it fails with the reason and the fix in error.txt, its
+      retry fails at once ("diverged before"), and TPE is told PRUNED, not FAIL, so it
+      learns the region is bad.
+    """
+    doc = yaml.safe_load(space_file(tmp_path, 2, epochs=2).read_text())
+    doc["params"]["lr"] = {"low": 1e-4, "high": 1e7, "log": True}
+    doc["start_with"] = [{"lr": 0.01}, {"lr": 1e6}]
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(doc))
     crash_once = crashing(lambda trial_id, metrics, restored:
                           not restored and metrics["epoch"] == 1)
-
-    opts = SweepOptions(space_file=str(space_file(tmp_path, 1)), data=str(binary_data),
+    opts = SweepOptions(space_file=str(tmp_path / "space.yaml"), data=str(binary_data),
                         name="crash", storage_path=str(tmp_path / "runs"), seed=1,
                         max_failures=1)
-    run_sweep(opts, trainable=crash_once)
-    trials = final_trials(tmp_path / "runs" / "crash")
-    assert len(trials) == 1
-    for trial in trials:  # it crashed once, in epoch 2 of its first attempt
-        assert trial.status == "TERMINATED" and trial.num_failures == 1
-        assert trial.last_result["epoch"] == EPOCHS
-        assert started_from(trial.last_result) == 1  # epoch 1's checkpoint, none redone
+    results = run_sweep(opts, trainable=crash_once)
+    by_lr = {t.config["lr"]: t for t in final_trials(tmp_path / "runs" / "crash")}
+    assert set(by_lr) == {0.01, 1e6}
+    crashed = by_lr[0.01]
+    assert crashed.status == "TERMINATED" and crashed.num_failures == 1
+    assert crashed.last_result["epoch"] == 2
+    assert started_from(crashed.last_result) == 1  # epoch 1's checkpoint, none redone
+
+    bad = next(r for r in results if r.config["lr"] == 1e6)
+    assert "loss became nan" in str(bad.error) or "loss became inf" in str(bad.error)
+    errors = (Path(bad.path) / "error.txt").read_text()
+    assert "Failure # 1" in errors and "lr 1000000.0 is probably too high" in errors
+    assert "Failure # 2" in errors and "diverged before; not trained again" in errors
+    assert (Path(bad.path) / DIVERGED_FILE).is_file()
+    study = optuna.load_study(study_name="crash",
+                              storage=f"sqlite:///{tmp_path / 'runs' / 'crash' / STUDY_FILE}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "PRUNED"]
 
 
 def second_checkpoint_on(run_dir: Path, node_id: str) -> str | None:

@@ -111,8 +111,15 @@ def test_a_training_split_too_small_to_hold_out_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("sweep.json"))
 
 
-def test_sweep_on_a_messy_dataset(ray_cluster, binary_data, tmp_path, capsys):
-    """Other sizes and modes, junk and a corrupt file: the sweep runs and says what it skipped."""
+def test_a_messy_dataset_is_decoded_for_the_sweep_and_the_skips_are_said(binary_data,
+                                                                         tmp_path, capsys):
+    """Other sizes and modes, junk and a corrupt file: the sweep's decoding step gives
+    every trial the same uniform uint8 images and says what it skipped (what follows,
+    training on uint8 arrays, is the shared sweeps' path)."""
+    from covid_tune.config import load_space
+    from covid_tune.data import scan
+    from covid_tune.sweep import decode
+
     root = tmp_path / "messy"
     shutil.copytree(binary_data, root)
     rng = np.random.default_rng(0)
@@ -122,13 +129,12 @@ def test_sweep_on_a_messy_dataset(ray_cluster, binary_data, tmp_path, capsys):
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(normal / "c.JPEG")
     (normal / "desktop.ini").write_text("[.ShellClassInfo]")
     (normal / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))
-    doc = {**BINARY_SPACE, "params": {**BINARY_SPACE["params"], "backbone": "resnet18",
-                                      "frozen_layers": 10}, "start_with": []}
-    opts = SweepOptions(space_file=str(write_space(tmp_path, doc)), data=str(root),
-                        name="messy", storage_path=str(tmp_path / "runs"), num_samples=1,
-                        max_epochs=1)
-    results = run_sweep(opts)
-    assert len(results) == 1 and not results.errors
+    space = load_space(write_space(tmp_path, BINARY_SPACE))
+    bundle, held = decode(scan(root, "binary"), space, strict=False)
+    train = bundle.splits["train"]
+    assert train.images.dtype == np.uint8 and train.images.shape[1:] == (32, 32)
+    assert {"train/normal/deep.png", "train/normal/a.PNG", "train/normal/c.JPEG"} <= set(
+        train.names) and held == []
     out = capsys.readouterr().out
     assert "train 75" in out and "skipped 1 unreadable file(s), e.g. train/normal/corrupt.png" in out
 

@@ -8,17 +8,14 @@ import io
 import json
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
-import yaml
 from ray import tune
 
 from covid_tune.config import TrialConfig
 from covid_tune.errors import UserError
 from covid_tune.models import build_model
-from covid_tune.runs import (CHECKPOINT_FILE, DIVERGED_FILE, RECIPE_FILE, STUDY_FILE,
-                             DamagedCheckpoint, SweepOptions, is_intact, load_checkpoint,
+from covid_tune.runs import (CHECKPOINT_FILE, RECIPE_FILE, DamagedCheckpoint, is_intact, load_checkpoint,
                              read_recipe)
 from covid_tune.tasks import TASKS
 from covid_tune.train import build_optimizer, restore, write_checkpoint
@@ -142,40 +139,6 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
 
 
 # --- a diverging trial in a real sweep --------------------------------------------------
-
-def diverging_space(tmp_path: Path) -> Path:
-    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 2,
-           "image_size": 32, "pretrained": "none", "augment": False, "num_samples": 2,
-           "asha": {"grace_period": 2, "reduction_factor": 2},
-           "params": {"backbone": "resnet18", "lr": {"low": 1e-4, "high": 1e7, "log": True},
-                      "batch_size": 16, "hidden": 16, "dropout": 0.0},
-           "start_with": [{"lr": 1e6}, {"lr": 0.01}]}
-    path = tmp_path / "diverge.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(
-        ray_cluster, binary_data, tmp_path):
-    from covid_tune.sweep import run_sweep
-
-    opts = SweepOptions(space_file=str(diverging_space(tmp_path)), data=str(binary_data),
-                        name="nan", storage_path=str(tmp_path / "runs"), max_failures=1)
-    results = run_sweep(opts)
-    by_lr = {r.config["lr"]: r for r in results}
-    assert set(by_lr) == {1e6, 0.01}
-    assert by_lr[0.01].error is None and by_lr[0.01].metrics["epoch"] == 2
-    bad = by_lr[1e6]
-    assert "loss became nan" in str(bad.error) or "loss became inf" in str(bad.error)
-    errors = (Path(bad.path) / "error.txt").read_text()
-    assert "Failure # 1" in errors and "lr 1000000.0 is probably too high" in errors
-    assert "Failure # 2" in errors and "diverged before; not trained again" in errors
-    assert (Path(bad.path) / DIVERGED_FILE).is_file()
-    study_file = tmp_path / "runs" / "nan" / STUDY_FILE
-    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{study_file}")
-    # diverged: PRUNED at the worst value seen, so TPE learns the region is bad
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "PRUNED"]
-
 
 def test_a_last_batch_of_one_never_reaches_batchnorm():
     """ResNet-18 at 32 px, 17 images in batches of 8: the 17th joins the second batch
