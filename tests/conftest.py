@@ -33,8 +33,12 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # A removed node is declared dead after 2 missed health checks 0.5 s apart (Ray's
+    # default waits 5 x 3 s), so the node-loss tests do not sit out a quarter minute.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False})
+        "num_cpus": 1, "include_dashboard": False, "_system_config": {
+            "health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+            "health_check_failure_threshold": 2}})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)

@@ -406,25 +406,6 @@ def together(folder: Path, count: int):
     return trainable
 
 
-def test_sweep_spreads_over_nodes_and_writes_to_a_uri(ray_cluster, binary_data, tmp_path):
-    storage = f"file://{tmp_path / 'bucket'}"
-    opts = SweepOptions(space_file=str(space_file(tmp_path, 2)), data=str(binary_data),
-                        name="spread", storage_path=storage, max_epochs=1,
-                        max_concurrent=2)
-    (tmp_path / "started").mkdir()
-    results = run_sweep(opts, trainable=together(tmp_path / "started", 2))
-    assert len(results) == 2 and not results.errors
-    nodes = {r.metrics["node_id"] for r in results}
-    assert nodes <= {n["NodeID"] for n in cluster.alive_nodes()}
-    assert len(nodes) == 2, "both trials ran on one node"
-    run_dir = tmp_path / "bucket" / "spread"
-    assert read_record(str(run_dir)).options.storage_path == storage
-    for trial in run_dir.glob("trial_*"):  # TensorBoard files reach the storage too
-        assert list(trial.glob("events.out.tfevents.*")), trial.name
-    study = optuna.load_study(study_name="spread", storage=f"sqlite:///{run_dir / STUDY_FILE}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
-
-
 def crashing(should_crash):
     """The trainable, except that it kills its worker process (as a crash would) right
     after a report when ``should_crash(trial_id, metrics, restored)`` says so. A
@@ -500,13 +481,21 @@ def second_checkpoint_on(run_dir: Path, node_id: str) -> str | None:
     return None
 
 
-def test_sweep_survives_losing_a_worker_node(ray_cluster, binary_data, tmp_path):
+def test_a_sweep_spreads_over_nodes_writes_to_a_uri_and_survives_losing_a_node(
+        ray_cluster, binary_data, tmp_path):
+    """Two trials started together run on the two nodes and write to a ``file://``
+    bucket; the worker node is then killed after a trial on it saved its second
+    checkpoint: that trial goes on from the checkpoint, on the other node, and the sweep
+    ends with both trials, their TensorBoard files and a complete study in the bucket."""
+    storage = f"file://{tmp_path / 'bucket'}"
     opts = SweepOptions(space_file=str(space_file(tmp_path, 2, epochs=4)),
-                        data=str(binary_data), name="lost-node",
-                        storage_path=str(tmp_path / "runs"), max_concurrent=2)
-    run_dir = tmp_path / "runs" / "lost-node"
+                        data=str(binary_data), name="lost-node", storage_path=storage,
+                        max_concurrent=2)
+    run_dir = tmp_path / "bucket" / "lost-node"
+    (tmp_path / "started").mkdir()
     outcome = {}
-    sweep = threading.Thread(target=lambda: outcome.update(results=run_sweep(opts)))
+    sweep = threading.Thread(target=lambda: outcome.update(
+        results=run_sweep(opts, trainable=together(tmp_path / "started", 2))))
     sweep.start()
     here = ray.get_runtime_context().get_node_id()
     worker = next(n for n in ray_cluster.worker_nodes if n.node_id != here)
@@ -521,10 +510,19 @@ def test_sweep_survives_losing_a_worker_node(ray_cluster, binary_data, tmp_path)
     results = outcome["results"]
     assert len(results) == 2 and not results.errors
     assert all(r.metrics["epoch"] == 4 for r in results)
+    first_nodes = {json.loads(p.read_text().splitlines()[0])["node_id"]
+                   for p in run_dir.glob("trial_*/result.json")}  # each one's epoch 1
+    assert first_nodes == {here, worker.node_id}, "both trials started on one node"
     lost = next(t for t in final_trials(run_dir) if t.trial_id == lost_id)
     assert lost.num_failures >= 1  # it was on the removed node
     assert lost.last_result["node_id"] != worker.node_id  # and ended on another one
     assert started_from(lost.last_result) >= 1  # from a checkpoint, not from scratch
+    assert read_record(str(run_dir)).options.storage_path == storage
+    for trial in run_dir.glob("trial_*"):  # TensorBoard files reach the storage too
+        assert list(trial.glob("events.out.tfevents.*")), trial.name
+    study = optuna.load_study(study_name="lost-node",
+                              storage=f"sqlite:///{run_dir / STUDY_FILE}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
 
 
 SOAK_TRIALS = 200

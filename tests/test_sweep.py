@@ -14,8 +14,7 @@ from PIL import Image
 from ray.tune import ExperimentAnalysis
 
 from conftest import BINARY_SPACE, write_space
-from covid_tune.runs import STUDY_FILE, SweepOptions
-from covid_tune.sweep import run_sweep
+from covid_tune.runs import STUDY_FILE
 
 
 def study(run_dir: Path) -> optuna.Study:
