@@ -82,7 +82,8 @@ def test_every_trial_of_a_real_sweep_logs_to_tensorboard(swept):
             assert {"backbone", "lr"} <= set(start.hparams)
     events = EventAccumulator(str(next(swept.multilabel.glob("trial_*"))))
     events.Reload()
-    assert {"f1_covid/val", "f1_normal/val", "f1_pneumonia/val"} <= set(events.Tags()["scalars"])
+    assert {"f1_covid/val", "f1_normal/val", "f1_pneumonia/val", "f1/sel", "auroc/sel",
+            "best/sel_f1", "best/val_auroc"} <= set(events.Tags()["scalars"])
 
 
 def test_hparams_dashboard_compares_best_epochs_by_the_sweeps_metric(swept):
