@@ -304,8 +304,8 @@ def with_selection(bundle: DataBundle, names: list[str]) -> DataBundle:
     """A copy of ``bundle`` whose ``names`` (from ``hold_out``) are moved out of Train
     into the ``selection`` split; ``bundle`` itself when ``names`` is empty.
 
-    Names no longer in Train (a dataset changed since the run) are passed over; the
-    caller's manifest check has already said so."""
+    Names no longer in Train (a dataset changed since the run) are passed over, as the
+    caller's manifest check has said; none or all of Train matching is refused."""
     if not names:
         return bundle
     train = bundle.splits["train"]

@@ -17,8 +17,9 @@ keeps this module free of torch (the leaderboard re-scores without it).
 
 A prediction is positive when its probability is strictly above the label's threshold:
 0.5 unless tuned (``tune_thresholds``: per label, on the split that chooses, by the
-space's ``threshold`` rule), so at 0.5 a binary tie goes to normal, as ``argmax`` would. Every value returned is a
-python ``float`` or ``int`` (or nested lists/dicts of them), ready for
+space's ``threshold`` rule); at 0.5 a binary tie goes to normal, as ``argmax`` would.
+Every value returned is a python ``float`` or ``int`` (or nested lists/dicts of them),
+ready for
 ``ray.tune.report`` and JSON.
 """
 
@@ -85,7 +86,8 @@ def multilabel_metrics(
     """Exact-match accuracy, Hamming loss, macro and per-sample F1, per-label F1 and confusion.
 
     ``targets``, ``probs``: (N, K) in the order of ``label_names``; ``threshold`` one
-    for every label or (K,) in that order. ``f1`` is the macro F1. In ``samples_f1`` a sample with no true and no predicted label scores 1.0.
+    for every label or (K,) in that order. ``f1`` is the macro F1. In ``samples_f1`` a
+    sample with no true and no predicted label scores 1.0.
     """
     truth = _bits(targets, ndim=2)
     predicted = np.asarray(probs, dtype=np.float64).reshape(truth.shape) > threshold
