@@ -19,8 +19,7 @@ A prediction is positive when its probability is strictly above the label's thre
 0.5 unless tuned (``tune_thresholds``: per label, on the split that chooses, by the
 space's ``threshold`` rule); at 0.5 a binary tie goes to normal, as ``argmax`` would.
 Every value returned is a python ``float`` or ``int`` (or nested lists/dicts of them),
-ready for
-``ray.tune.report`` and JSON.
+ready for ``ray.tune.report`` and JSON.
 """
 
 from __future__ import annotations
