@@ -18,7 +18,6 @@ from pathlib import Path
 
 from covid_tune.errors import Stopped, UserError
 
-DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
 FLAG_MINIMUMS = {
     "num_samples": (1, True), "max_epochs": (1, True), "image_size": (32, True),
     "max_concurrent": (1, True), "max_failures": (-1, True), "seed": (0, True),
@@ -172,7 +171,7 @@ def cmd_demo(args) -> int:
     if not data.exists():
         generate(data, "binary", scale=args.scale, size=96, seed=args.seed)
     print(f"demo data: {data} ({PHANTOM_NOTE})")
-    opts = SweepOptions(space_file=str(DEMO_SPACE), data=str(data), name=args.name,
+    opts = SweepOptions(space_file="demo", data=str(data), name=args.name,
                         storage_path=str(out / "runs"), seed=args.seed)
     results = run_sweep(opts)
     if exit_code(results):
@@ -224,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("sweep", help="run a hyperparameter search")
-    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--space", required=True,
+                   help="search-space YAML file, or a shipped space: binary, multilabel, demo")
     p.add_argument("--data", required=True, help="dataset root folder")
     p.add_argument("--name", help="run name (default: <task>-<time>)")
     p.add_argument("--storage-path", default="runs",

@@ -337,11 +337,30 @@ class TrialConfig:
         return asdict(self)
 
 
+SHIPPED_SPACES = ("binary", "multilabel", "demo")
+"""The search spaces that ship with covid-tune (``search_spaces/`` in the source, the
+package ``covid_tune.search_spaces`` once installed), named by ``--space NAME``."""
+
+
+def find_space(given: str | Path) -> Path:
+    """The file ``--space`` means: an existing file as given, else a shipped space by
+    name (``binary``, ``multilabel``, ``demo``); else the path, for ``load_space`` to
+    refuse."""
+    path = Path(given)
+    if path.is_file() or str(given) not in SHIPPED_SPACES:
+        return path
+    from importlib.resources import files
+
+    return Path(str(files("covid_tune.search_spaces") / f"{given}.yaml"))
+
+
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space YAML file; UserError lists every problem."""
-    path = Path(path)
+    """Read and validate a search-space YAML file (or a shipped space by name);
+    UserError lists every problem."""
+    path = find_space(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such search-space file (see search_spaces/ for examples)")
+        raise UserError(f"{path}: no such search-space file; give a YAML file or a "
+                        f"shipped space: {', '.join(SHIPPED_SPACES)}")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:

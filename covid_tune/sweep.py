@@ -40,7 +40,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.cluster import check_object_store, check_resources, check_storage, start_ray
-from covid_tune.config import SearchSpace
+from covid_tune.config import SearchSpace, find_space
 from covid_tune.data import (SELECTION, DataBundle, Layout, check_memory, hold_out, load_dataset,
                              manifest, scan, with_selection)
 from covid_tune.errors import Stopped, UserError
@@ -119,7 +119,8 @@ def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
     space = opts.space()
     name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path),
-                   data=_absolute(opts.data), space_file=_absolute(opts.space_file))
+                   data=_absolute(opts.data),
+                   space_file=_absolute(str(find_space(opts.space_file))))
     open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:

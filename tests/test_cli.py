@@ -102,9 +102,11 @@ def test_sweep_with_uncached_imagenet_weights_says_what_to_do(tmp_path, capsys, 
 
 
 def test_sweep_with_wrong_layout(tmp_path, capsys, multilabel_data, monkeypatch):
+    """``--space demo`` names the shipped space, from any folder."""
     no_ray(monkeypatch)
+    monkeypatch.chdir(tmp_path)
     assert "multilabel layout, not binary" in refused(
-        capsys, "sweep", "--space", str(DEMO_SPACE), "--data", str(multilabel_data),
+        capsys, "sweep", "--space", "demo", "--data", str(multilabel_data),
         "--storage-path", str(tmp_path / "runs"))
 
 

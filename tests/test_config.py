@@ -412,3 +412,23 @@ def test_the_readmes_example_space_is_valid():
     space = parse_space_text(block, "README.md")
     assert (space.metric, space.selection.holdout, space.threshold) == (
         "sel_f1", 0.15, Threshold("f1"))
+
+
+def test_shipped_spaces_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    """``--space binary`` is the shipped file (the package's copy once installed); a
+    file of that name in the working folder wins; anything else is refused with the
+    names."""
+    from covid_tune.config import SHIPPED_SPACES, find_space
+
+    monkeypatch.chdir(tmp_path)
+    for name in SHIPPED_SPACES:
+        path = find_space(name)
+        assert path.is_absolute() and path.name == f"{name}.yaml"
+        assert path.read_text() == (ROOT / "search_spaces" / f"{name}.yaml").read_text()
+        assert load_space(name).source == str(path)
+    write(tmp_path, MINIMAL, "binary")
+    assert find_space("binary") == Path("binary")
+    assert load_space("binary").source == "binary"  # the local file, not the shipped one
+    with pytest.raises(UserError, match="give a YAML file or a shipped space: binary, "
+                                        "multilabel, demo"):
+        load_space("resnet")
