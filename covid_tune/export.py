@@ -2,8 +2,10 @@
 
 ``export_best`` finds, over the given runs, the trial whose best checkpoint scores best
 on the sweep's metric, one per task, and writes the bundle ``<out>/<task>/`` that
-``covid_tune.model_bundle`` describes. The ONNX and TorchScript files are checked
-against PyTorch on random input before they are kept. Nothing here imports Ray or the
+``covid_tune.model_bundle`` describes. The network is captured once with
+``torch.export`` (kept as ``model.pt2``, the program PyTorch users load without the
+training code) and converted from that program to ONNX; both are checked against
+PyTorch on random input before they are kept. Nothing here imports Ray or the
 training code.
 """
 
@@ -19,7 +21,7 @@ from safetensors.torch import save_file
 from covid_tune.data import scan
 from covid_tune.inference import load_model
 from covid_tune.metrics import threshold_labels
-from covid_tune.model_bundle import (ONNX_FILE, README_FILE, TORCHSCRIPT_FILE, WEIGHTS_FILE,
+from covid_tune.model_bundle import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,
                                      write_card)
 from covid_tune.preprocess import describe
 from covid_tune.runs import RunInfo, TrialRecord, choose_datasets, read_run
@@ -27,7 +29,7 @@ from covid_tune.selection import best_overall, chooser
 from covid_tune.tasks import POSITIVE_CLASS, TASKS
 
 RTOL, ATOL = 1e-3, 1e-4
-"""How close ONNX Runtime's and TorchScript's logits must be to PyTorch's."""
+"""How close ONNX Runtime's and the saved program's logits must be to PyTorch's."""
 
 
 def export_best(run_dirs: list[str], out: str, data: list[str] | None = None,
@@ -56,10 +58,8 @@ def export_model(run: RunInfo, record: TrialRecord, folder: Path,
     model = load_model(record.checkpoint)
     size = int(record.config["image_size"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
-    checks = {
-        "onnx_max_abs_diff": write_onnx(model, folder / ONNX_FILE, size),
-        "torchscript_max_abs_diff": write_torchscript(model, folder / TORCHSCRIPT_FILE, size),
-    }
+    program, checks = write_program(model, folder / PROGRAM_FILE, size)
+    checks.update(write_onnx(program, model, folder / ONNX_FILE, size))
     card = model_card(run, record, checks)
     write_card(folder, card)
     (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task)))
@@ -70,34 +70,39 @@ def random_images(batch: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def write_onnx(model: torch.nn.Module, path: Path, size: int) -> float:
-    """Export with the dynamo exporter (batch axis dynamic); check it with ONNX Runtime."""
-    import onnx
-    import onnxruntime as ort
-
+def write_program(model: torch.nn.Module, path: Path, size: int):
+    """Capture the network with ``torch.export`` (batch axis dynamic), save it, load it
+    back and check it against the eager model; (the program, its check)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (random_images(2, size, 0),), str(path), dynamo=True,
-                          external_data=False, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes=({0: batch},),
-                          verbose=False)
-    onnx.checker.check_model(str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = random_images(3, size, 1)
-    return check_close("ONNX", session.run(None, {"images": x.numpy()})[0], model, x)
-
-
-def write_torchscript(model: torch.nn.Module, path: Path, size: int) -> float:
-    """Trace to TorchScript, save, load back and check it against the eager model."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, random_images(2, size, 0))
-        traced.save(str(path))
-        loaded = torch.jit.load(str(path))
+        program = torch.export.export(model, (random_images(2, size, 0),),
+                                      dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(path))
+        loaded = torch.export.load(str(path)).module()
     x = random_images(3, size, 2)
     with torch.no_grad():
-        return check_close("TorchScript", loaded(x).numpy(), model, x)
+        diff = check_close("torch.export", loaded(x).numpy(), model, x)
+    return program, {"program_max_abs_diff": diff}
+
+
+def write_onnx(program, model: torch.nn.Module, path: Path, size: int) -> dict:
+    """Convert the exported program to ONNX; check it with ONNX Runtime. The check
+    and the opset the file uses."""
+    import onnx
+    import onnxruntime as ort
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, (random_images(2, size, 0),), str(path), dynamo=True,
+                          external_data=False, input_names=["images"],
+                          output_names=["logits"], verbose=False)
+    onnx.checker.check_model(str(path))
+    opset = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = random_images(3, size, 1)
+    diff = check_close("ONNX", session.run(None, {"images": x.numpy()})[0], model, x)
+    return {"onnx_max_abs_diff": diff, "onnx_opset": int(opset)}
 
 
 @torch.no_grad()
@@ -118,7 +123,8 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
     return {
         "task": task.name,
         "backbone": record.config["backbone"],
-        "files": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "weights": WEIGHTS_FILE},
+        "files": {"onnx": ONNX_FILE, "program": PROGRAM_FILE, "weights": WEIGHTS_FILE},
+        "onnx_opset": checks["onnx_opset"],
         "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
         "output": outputs_spec(task),
         "label_names": list(task.label_names),

@@ -2,12 +2,18 @@
 
 ::
 
-    model.onnx            logits for a batch of images (dynamic batch axis)
-    model.torchscript.pt  the same network traced to TorchScript
+    model.onnx            logits for a batch of images (dynamic batch axis); its opset
+                          is in model.json (onnx_opset)
+    model.pt2             the same network as a torch.export program
+                          (torch.export.load(...).module())
     model.safetensors     the weights (for covid_tune.models.build_model)
-    model.json            the card: labels and their order, thresholds, preprocessing,
-                          hyperparameters, metrics, source run
+    model.json            the card: labels and their order, thresholds and how they were
+                          tuned, preprocessing, hyperparameters, metrics, source run
     README.md             a short model card in words
+
+Format 2 (``covid-tune model 2``): ``model.pt2`` replaced the deprecated TorchScript
+file, and the card gained ``onnx_opset`` and ``threshold_rule``. A bundle of format 1
+is refused with how to export it again.
 
 This module owns the names and ``model.json``'s shape; it imports neither torch nor Ray.
 """
@@ -20,11 +26,11 @@ from pathlib import Path
 from covid_tune.errors import UserError
 
 ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
+PROGRAM_FILE = "model.pt2"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 README_FILE = "README.md"
-CARD_FORMAT = "covid-tune model 1"
+CARD_FORMAT = "covid-tune model 2"
 
 CARD_KEYS = {"format": str, "task": str, "files": dict, "input": dict, "output": dict,
              "label_names": list, "thresholds": dict, "preprocessing": dict}

@@ -3,9 +3,9 @@
 ``predict(model_dir, input, out_csv)`` reads ``model.json`` (``covid_tune.model_bundle``)
 for the labels, thresholds and preprocessing, decodes and normalises each image as
 training did (``covid_tune.preprocess``), and writes one CSV row per readable
-image: the file name, then the label bits in ``model.json``'s order (multilabel), or
-the class and the probability of the positive class (binary). Unreadable images are
-listed on stderr and skipped.
+image: the file name, then the label bits in ``model.json``'s order and each label's
+probability (multilabel), or the class and the probability of the positive class
+(binary). Unreadable images are listed on stderr and skipped.
 """
 
 from __future__ import annotations
@@ -108,9 +108,11 @@ def decode_batch(files: list[Path], root: Path, card: dict,
 
 
 def header(card: dict) -> list[str]:
+    """``file``, the decisions, then ``p_<label>`` probabilities."""
     if card["task"] == "multilabel":
-        return ["file", *card["output"]["label_order"]]
-    return ["file", "class", f"probability_{card['output']['positive_class']}"]
+        order = card["output"]["label_order"]
+        return ["file", *order, *(f"p_{label}" for label in order)]
+    return ["file", "class", f"p_{card['output']['positive_class']}"]
 
 
 def prediction_rows(card: dict, names: list[str], logits: np.ndarray) -> list[list]:
@@ -120,7 +122,8 @@ def prediction_rows(card: dict, names: list[str], logits: np.ndarray) -> list[li
         order = card["output"]["label_order"]
         probs = sigmoid(logits)
         limits = np.asarray([thresholds[label] for label in order])
-        return [[n, *(int(b) for b in p > limits)] for n, p in zip(names, probs)]
+        return [[n, *(int(b) for b in p > limits), *(f"{v:.6f}" for v in p)]
+                for n, p in zip(names, probs)]
     classes = card["output"]["class_order"]
     positive = card["output"]["positive_class"]
     index = classes.index(positive)

@@ -1,4 +1,4 @@
-"""Export from the shared real sweeps: the best trial of each task, ONNX and TorchScript
+"""Export from the shared real sweeps: the best trial of each task, ONNX and torch.export
 checked against PyTorch, safetensors reloaded, and a model card that carries its recipe."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -31,7 +32,7 @@ def card(folder: Path) -> dict:
 def test_one_folder_per_task_with_every_file(exported):
     for task in ("binary", "multilabel"):
         names = {p.name for p in (exported / task).iterdir()}
-        assert {"model.onnx", "model.torchscript.pt", "model.safetensors", "model.json",
+        assert {"model.onnx", "model.pt2", "model.safetensors", "model.json",
                 "README.md"} <= names
 
 
@@ -75,8 +76,7 @@ def test_model_json_documents_labels_preprocessing_and_provenance(swept, exporte
     assert "- train: " in (exported / "binary" / "README.md").read_text()  # data counts
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
-def test_onnx_torchscript_and_safetensors_agree_with_pytorch(exported):
+def test_onnx_program_and_safetensors_agree_with_pytorch(exported):
     for task in ("binary", "multilabel"):
         folder = exported / task
         info = card(folder)
@@ -93,10 +93,14 @@ def test_onnx_torchscript_and_safetensors_agree_with_pytorch(exported):
         for batch in (1, 5):  # the batch axis is dynamic
             got = session.run(None, {"images": normalize(images[:batch])})[0]
             assert np.allclose(got, expected[:batch], rtol=1e-3, atol=1e-4)
-        scripted = torch.jit.load(str(folder / "model.torchscript.pt"))
-        with torch.no_grad():
-            got = scripted(torch.from_numpy(normalize(images[:3]))).numpy()
-        assert np.allclose(got, expected[:3], rtol=1e-3, atol=1e-4)
+        program = torch.export.load(str(folder / "model.pt2")).module()
+        for batch in (1, 3):
+            with torch.no_grad():
+                got = program(torch.from_numpy(normalize(images[:batch]))).numpy()
+            assert np.allclose(got, expected[:batch], rtol=1e-3, atol=1e-4)
+        opsets = {o.domain: o.version for o in onnx.load(str(folder / "model.onnx")).opset_import}
+        assert info["onnx_opset"] == opsets.get("", opsets.get("ai.onnx")) >= 17
+        assert info["format"] == "covid-tune model 2" and info["files"]["program"] == "model.pt2"
 
 
 def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):

@@ -136,9 +136,9 @@ def test_missing_and_mistyped_keys_are_named(tmp_path):
 
 
 def test_another_format_is_refused(tmp_path):
-    (tmp_path / CARD_FILE).write_text(json.dumps({**binary_card(), "format": "covid-tune model 0"}))
+    (tmp_path / CARD_FILE).write_text(json.dumps({**binary_card(), "format": "covid-tune model 1"}))
     message = refusal(tmp_path)
-    assert f"format 'covid-tune model 0' is not '{CARD_FORMAT}'" in message
+    assert f"format 'covid-tune model 1' is not '{CARD_FORMAT}'" in message
 
 
 @pytest.mark.parametrize(("change", "why"), [
@@ -172,7 +172,7 @@ def test_predict_on_a_whole_bundle(bundle, images, tmp_path, capsys):
     out = tmp_path / "preds.csv"
     assert main(["predict", str(bundle), str(images), "--out", str(out)]) == 0
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["file", "class", "probability_infected"]
+    assert rows[0] == ["file", "class", "p_infected"]
     assert [r[0] for r in rows[1:]] == ["0.png", "1.png"]
     assert all(r[1] in ("normal", "infected") and 0 <= float(r[2]) <= 1 for r in rows[1:])
 

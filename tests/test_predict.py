@@ -42,16 +42,20 @@ def test_predict_folder_matches_training_evaluation(exported, multilabel_data, t
     assert "1 unreadable" in summary and "broken.png" in capsys.readouterr().err
     with open(csv_path, newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["file", "covid", "normal", "pneumonia"]
+    assert rows[0] == ["file", "covid", "normal", "pneumonia", "p_covid", "p_normal",
+                       "p_pneumonia"]
     assert len(rows) - 1 == len(sources) + 1  # the copies and the "=cmd.png" one
     assert "'=cmd.png" in [r[0] for r in rows]
     model = source_model(exported / "multilabel")
-    by_name = {r[0]: [int(b) for b in r[1:]] for r in rows[1:]}
+    by_name = {r[0]: [int(b) for b in r[1:4]] for r in rows[1:]}
     thresholds = json.loads((exported / "multilabel" / "model.json").read_text())["thresholds"]
     limits = np.array([thresholds[label] for label in ("covid", "normal", "pneumonia")])
     for source in sources:
         logits = predict_logits(model, read_gray(source, 32)[0][None], 1, CPU)
-        assert by_name[source.name] == [int(p) for p in 1 / (1 + np.exp(-logits[0])) > limits]
+        probs = 1 / (1 + np.exp(-logits[0]))
+        assert by_name[source.name][:3] == [int(p) for p in probs > limits]
+        row = next(r for r in rows if r[0] == source.name)
+        assert np.allclose([float(v) for v in row[4:]], probs, atol=1e-4)
 
 
 def test_predict_one_binary_image(exported, binary_data, tmp_path):
@@ -59,7 +63,7 @@ def test_predict_one_binary_image(exported, binary_data, tmp_path):
     predict(str(exported / "binary"), str(image), str(tmp_path / "p.csv"))
     with open(tmp_path / "p.csv", newline="") as handle:
         header, row = list(csv.reader(handle))
-    assert header == ["file", "class", "probability_infected"]
+    assert header == ["file", "class", "p_infected"]
     logits = predict_logits(source_model(exported / "binary"), read_gray(image, 32)[0][None],
                             1, CPU)[0]
     probability = 1 / (1 + np.exp(logits[0] - logits[1]))

@@ -345,7 +345,7 @@ def test_hand_grid_rows_are_matched_on_the_keys_they_give(tmp_path):
 def stand_in_arithmetic(monkeypatch) -> None:
     """Keep the arithmetic that reads no run file out of the damage tests, so each
     example takes a second or two: the forward passes (zero logits), the plots, and the
-    ONNX and TorchScript tracing. Every checkpoint a command loads is still read and
+    ONNX and torch.export captures. Every checkpoint a command loads is still read and
     checked by ``runs.load_checkpoint``; the real paths are tested in
     test_leaderboard.py and test_export.py."""
     import torch
@@ -368,8 +368,10 @@ def stand_in_arithmetic(monkeypatch) -> None:
     monkeypatch.setattr(covid_tune.export, "load_model", load_model)
     for name in ("write_chart", "write_confusion"):
         monkeypatch.setattr(covid_tune.leaderboard, name, lambda *args, **kwargs: None)
-    for name in ("write_onnx", "write_torchscript"):
-        monkeypatch.setattr(covid_tune.export, name, lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(covid_tune.export, "write_program",
+                        lambda *args, **kwargs: (None, {"program_max_abs_diff": 0.0}))
+    monkeypatch.setattr(covid_tune.export, "write_onnx", lambda *args, **kwargs: {
+        "onnx_max_abs_diff": 0.0, "onnx_opset": 18})
 
 
 DAMAGEABLE = {
