@@ -98,7 +98,8 @@ def write_onnx(program, model: torch.nn.Module, path: Path, size: int) -> dict:
                           external_data=False, input_names=["images"],
                           output_names=["logits"], verbose=False)
     onnx.checker.check_model(str(path))
-    opset = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    opset = next(o.version for o in onnx.load(str(path)).opset_import
+                 if o.domain in ("", "ai.onnx"))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = random_images(3, size, 1)
     diff = check_close("ONNX", session.run(None, {"images": x.numpy()})[0], model, x)
