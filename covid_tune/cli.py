@@ -98,7 +98,7 @@ def sweep_options(args):
         max_concurrent=args.max_concurrent, address=args.address,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         seed=args.seed, max_failures=args.max_failures, strict=args.strict,
-        shared_storage=args.shared_storage)
+        shared_storage=args.shared_storage, verbose=args.verbose)
 
 
 def cmd_sweep(args) -> int:
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
     p.add_argument("--shared-storage", action="store_true",
                    help="trust that --storage-path is shared by every node (skip the probe)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's per-trial tables instead of one status line per change")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")

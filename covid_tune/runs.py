@@ -98,6 +98,8 @@ class SweepOptions:
     """Unreadable images are fatal instead of skipped."""
     shared_storage: bool = False
     """Skip the check that every node sees a local ``storage_path``."""
+    verbose: bool = False
+    """Ray Tune's own per-trial tables instead of covid-tune's one status line."""
 
     def space(self) -> SearchSpace:
         """The space file with this sweep's overrides applied."""

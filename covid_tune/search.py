@@ -186,7 +186,9 @@ def n_startup_trials(space: SearchSpace) -> int:
 def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
                    max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
     """TPE in a ``SweepSearch``; the study is kept in memory and copied to ``study_path``
-    (a local path or a URI) as SQLite each time a trial ends."""
+    (a local path or a URI) as SQLite each time a trial ends. Optuna's own INFO lines
+    are turned off: the sweep's status line says what they would."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(

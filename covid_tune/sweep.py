@@ -50,6 +50,7 @@ from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, che
                              choose_data, read_record, read_selection, read_space,
                              write_record)
 from covid_tune.search import build_searcher, find_sweep_search
+from covid_tune.status import SweepStatus
 from covid_tune.storage import exists, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
 
@@ -97,21 +98,24 @@ def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
     return tune.RunConfig(
         name=opts.name,
         storage_path=opts.storage_path,
-        callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                   SweepStatus(space.metric, space.mode, space.max_epochs)],
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=space.metric,
             checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        verbose=1,
+        verbose=1 if opts.verbose else 0,
     )
 
 
 def without_ray_tensorboard() -> None:
     """Keep Ray's TensorBoard logger out of the trial folders: each trial writes its own
     event files, whose HParams summary Ray's would replace (``run_config`` adds Ray's
-    CSV and JSON loggers back)."""
+    CSV and JSON loggers back). Also quiet Ray's warning that the run's state is saved
+    often: with ``keep_checkpoints`` and short epochs that is by design."""
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:

@@ -17,6 +17,7 @@ when the last one was cut short.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -83,6 +84,8 @@ def train_trial(config: dict, data: DataBundle) -> None:
     task = TASKS[cfg.task]
     device = Device.pick()
     _set_threads()
+    # Ray logs a line for every checkpoint saved; the run folder says as much.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     model, optimizer, scaler, loss_fn = build_training(cfg, device)
     start = restore(model, optimizer, tune.get_checkpoint())
     node_id = ray.get_runtime_context().get_node_id()
@@ -186,7 +189,8 @@ def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device) -> 
     """Loss and logits on a labelled split, no augmentation."""
     started = time.perf_counter()
     outputs = predict_logits(model, split.images, max(cfg.batch_size, 64), device)
-    loss = loss_fn(torch.from_numpy(outputs), torch.from_numpy(split.targets)).item()
+    targets = torch.tensor(split.targets)  # a copy: the object store's arrays are read-only
+    loss = loss_fn(torch.from_numpy(outputs), targets).item()
     return EpochResult(loss, outputs, split.targets, len(split), time.perf_counter() - started)
 
 

@@ -193,3 +193,26 @@ def test_each_split_a_trial_sees_is_reported_and_the_choosing_one_tunes_threshol
         threshold=Threshold("sensitivity", 1.0)))
     assert chosen["threshold_rule"]["split"] == "validation"
     assert chosen["thresholds"]["infected"] == pytest.approx(0.575)  # between 0.6 and 0.55
+
+
+def test_evaluating_the_object_stores_read_only_arrays_warns_of_nothing():
+    """Ray hands trials read-only arrays; torch warned once per trial about them."""
+    import warnings
+
+    import numpy as np
+
+    from covid_tune.data import Split
+    from covid_tune.inference import Device
+    from covid_tune.train import build_training, evaluate
+
+    rng = np.random.default_rng(0)
+    split = Split(images=rng.integers(0, 255, (6, 32, 32), dtype=np.uint8),
+                  targets=np.arange(6) % 2, names=[f"{i}.png" for i in range(6)])
+    split.images.setflags(write=False)
+    split.targets.setflags(write=False)
+    cfg = trial_config()
+    model, _, _, loss_fn = build_training(cfg, Device.pick())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(model, split, loss_fn, cfg, Device.pick())
+    assert result.outputs.shape == (6, 2)

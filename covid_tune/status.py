@@ -1,0 +1,120 @@
+"""The sweep's console: one compact status line whenever something changes.
+
+``SweepStatus`` is a Ray Tune callback. It replaces Ray's per-trial tables (which
+``covid-tune sweep --verbose`` brings back) with lines such as::
+
+    [1min 5s] 2 running, 1 stopped early, 3 finished, 0 failed, 2 to start (of 8) | best
+    val_f1 0.9600: resnet18, frozen 11, lr 0.0496 (trial 4fceb224, epoch 4) | about 1min
+    10s left
+
+A line is printed when a trial starts or ends, when the best so far improves, and at
+least once a minute while nothing changes. The time left is the time per ended trial
+so far times the trials still to end: rough, and said to be.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from ray import tune
+
+from covid_tune.render import duration
+
+HEARTBEAT_SECONDS = 60.0
+
+
+class SweepStatus(tune.Callback):
+    """Counts of trials by state, the best result so far and an estimate of the rest."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int, stream=None):
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.stream = stream
+        self.started = time.monotonic()
+        self.total: int | None = None
+        self.best: tuple[float, str, int, dict] | None = None
+        self.last_line, self.last_time = "", 0.0
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        self.started = time.monotonic()  # a resumed sweep counts from its own start
+        self.total = total_num_samples or num_samples
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and not math.isnan(value) and self.improves(value):
+            self.best = (float(value), trial.trial_id, int(result.get("epoch", 0)),
+                         trial.config)
+            self.show(trials)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.show(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.show(trials)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self.last_time >= HEARTBEAT_SECONDS:
+            self.show(trials, always=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.show(trials, always=True)
+
+    def improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best[0] if self.mode == "max" else value < self.best[0]
+
+    def show(self, trials, always: bool = False) -> None:
+        """Print the line if more than its clock changed (or ``always``)."""
+        line = self.line(trials)
+        news = line.split("] ", 1)[1]
+        if always or news != self.last_line:
+            print(line, file=self.stream or sys.stdout, flush=True)
+            self.last_line, self.last_time = news, time.monotonic()
+
+    def line(self, trials) -> str:
+        """The status line for these trials, now."""
+        counts = self.counts(trials)
+        total = max(self.total or 0, len(trials))
+        waiting = total - len(trials) + counts["pending"]
+        elapsed = time.monotonic() - self.started
+        parts = [f"[{duration(elapsed)}] {counts['running']} running, {counts['stopped']} stopped "
+                 f"early, {counts['finished']} finished, {counts['failed']} failed, "
+                 f"{waiting} to start (of {total})"]
+        if self.best is not None:
+            value, trial_id, epoch, config = self.best
+            parts.append(f"best {self.metric} {value:.4f}: {key_params(config)} "
+                         f"(trial {trial_id}, epoch {epoch})")
+        ended = counts["stopped"] + counts["finished"] + counts["failed"]
+        if 0 < ended < total:
+            parts.append(f"about {duration(elapsed / ended * (total - ended))} left")
+        return " | ".join(parts)
+
+    def counts(self, trials) -> dict[str, int]:
+        counts = dict.fromkeys(("running", "pending", "stopped", "finished", "failed"), 0)
+        for trial in trials:
+            if trial.status == "RUNNING":
+                counts["running"] += 1
+            elif trial.status == "ERROR":
+                counts["failed"] += 1
+            elif trial.status == "TERMINATED":
+                epoch = (trial.last_result or {}).get("epoch", self.max_epochs)
+                counts["finished" if epoch >= self.max_epochs else "stopped"] += 1
+            else:
+                counts["pending"] += 1
+        return counts
+
+
+def key_params(config: dict) -> str:
+    """``resnet18, frozen 11, lr 0.0496`` (and the loss where there is a choice)."""
+    words = [str(config.get("backbone", "?")), f"frozen {config.get('frozen_layers', '?')}"]
+    if isinstance(config.get("lr"), float):
+        words.append(f"lr {config['lr']:.3g}")
+    if config.get("loss") in ("bce", "focal"):
+        words.append(config["loss"])
+    return ", ".join(words)
+

@@ -1,0 +1,62 @@
+"""The sweep's status line, from trials in every state (no Ray needed to make them)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from covid_tune.config import parse_space
+from covid_tune.runs import SweepOptions
+from covid_tune.status import SweepStatus, key_params
+from covid_tune.sweep import run_config
+
+CONFIG = {"backbone": "resnet18", "frozen_layers": 11, "lr": 0.0496, "loss": "ce"}
+
+
+def trial(trial_id: str, status: str, epoch: int | None = None, **config):
+    return SimpleNamespace(trial_id=trial_id, status=status, config={**CONFIG, **config},
+                           last_result={"epoch": epoch} if epoch else {})
+
+
+def test_one_line_per_change_with_counts_the_best_so_far_and_the_time_left():
+    out = io.StringIO()
+    status = SweepStatus("val_f1", "max", max_epochs=4, stream=out)
+    status.setup(num_samples=8, total_num_samples=8)
+    trials = [trial("a", "RUNNING"), trial("b", "PENDING")]
+    status.on_trial_start(0, trials, trials[0])
+    status.on_trial_start(0, trials, trials[0])  # nothing new: no second line
+    status.on_trial_result(0, trials, trials[0], {"val_f1": 0.5, "epoch": 1})
+    status.on_trial_result(0, trials, trials[0], {"val_f1": 0.4, "epoch": 2})  # not better
+    trials = [trial("a", "TERMINATED", 4), trial("b", "TERMINATED", 1),
+              trial("c", "ERROR"), trial("d", "RUNNING", 2, backbone="vgg16")]
+    status.on_trial_result(0, trials, trials[3], {"val_f1": 0.9, "epoch": 2})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith("] 1 running, 0 stopped early, 0 finished, 0 failed, "
+                             "7 to start (of 8)")
+    assert "best val_f1 0.5000: resnet18, frozen 11, lr 0.0496 (trial a, epoch 1)" in lines[1]
+    last = lines[2]
+    assert "1 running, 1 stopped early, 1 finished, 1 failed, 4 to start (of 8)" in last
+    assert "best val_f1 0.9000: vgg16, frozen 11, lr 0.0496 (trial d, epoch 2)" in last
+    assert last.endswith(" left") and "about " in last
+    status.on_experiment_end(trials)  # the last state is always printed
+    assert len(out.getvalue().splitlines()) == 4
+
+
+def test_lower_is_better_and_the_loss_shown_where_chosen():
+    status = SweepStatus("val_loss", "min", max_epochs=2, stream=io.StringIO())
+    status.setup(num_samples=2)
+    one = [trial("a", "RUNNING")]
+    status.on_trial_result(0, one, one[0], {"val_loss": 0.7, "epoch": 1})
+    status.on_trial_result(0, one, one[0], {"val_loss": 0.9, "epoch": 2})
+    assert status.best[0] == 0.7
+    assert key_params({**CONFIG, "loss": "focal"}) == "resnet18, frozen 11, lr 0.0496, focal"
+
+
+def test_rays_own_tables_only_with_verbose():
+    space = parse_space({"task": "binary", "params": {"backbone": "resnet18"}}, "s.yaml")
+    quiet = run_config(space, SweepOptions(space_file="s.yaml", data="d", name="n"))
+    loud = run_config(space, SweepOptions(space_file="s.yaml", data="d", name="n",
+                                          verbose=True))
+    assert (quiet.verbose, loud.verbose) == (0, 1)
+    assert any(isinstance(c, SweepStatus) for c in quiet.callbacks)
