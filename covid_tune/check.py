@@ -28,13 +28,15 @@ class CheckReport:
     """(smallest (width, height), largest (width, height)) by pixel count."""
     duplicates: list[list[str]] = field(default_factory=list)
     """Groups of byte-identical files found in more than one split."""
+    layout: str = ""
+    """Which published layout was found, with its folders and class mapping."""
 
     @property
     def usable(self) -> bool:
         return all(sum(c.values()) > 0 for c in self.counts.values())
 
     def lines(self) -> list[str]:
-        out = [f"{self.root}: {self.task} layout"]
+        out = [f"{self.root}: {self.task} task, {self.layout}"]
         for split, classes in self.counts.items():
             detail = ", ".join(f"{name} {n}" for name, n in classes.items())
             out.append(f"  {split}: {sum(classes.values())} readable ({detail})")
@@ -74,4 +76,22 @@ def check_dataset(root: str, task: str | None = None, progress: bool = True) -> 
         root=str(layout.root), task=layout.task.name, counts=counts,
         junk=[p.relative_to(layout.root).as_posix() for p in layout.junk],
         unreadable=unreadable, sizes=(by_area[0], by_area[-1]) if by_area else None,
-        duplicates=duplicates)
+        duplicates=duplicates, layout=describe_layout(layout))
+
+
+SMALL_VALIDATION = 100
+"""Fewer validation images than this make a choosing split that moves with every image."""
+
+
+def describe_layout(layout) -> str:
+    """``Kaggle "..." (splits train, val, test; classes NORMAL -> normal, ...)``, and a
+    warning when the validation split is tiny."""
+    kind = layout.kind
+    splits = ", ".join(kind.split_dirs[s] for s in layout.files)
+    text = f"{kind.title} (splits {splits}; classes {kind.mapping()})"
+    size = len(layout.files.get("validation", []))
+    if size < SMALL_VALIDATION:
+        text += (f"\n  warning: the validation split holds only {size} images; a score on so "
+                 f"few moves by whole points per image (consider selection: {{holdout: "
+                 f"0.15}} in the space, to choose on a part of train instead)")
+    return text

@@ -81,9 +81,9 @@ def cmd_synth(args) -> int:
 
     require_writable(args.out, "out")
     counts = generate(Path(args.out), args.task, scale=args.scale, size=args.size,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, progress=not args.quiet, layout=args.layout)
     total = sum(sum(c.values()) for c in counts.values())
-    print(f"wrote {total} images to {args.out} ({args.task} layout)")
+    print(f"wrote {total} images to {args.out} ({args.layout or args.task} layout)")
     print(PHANTOM_NOTE)
     return 0
 
@@ -148,7 +148,9 @@ def cmd_predict(args) -> int:
     from covid_tune.predict import predict
 
     require_writable(args.out, "--out", file=True)
-    summary = predict(args.model_dir, args.input, args.out)
+    if args.cam:
+        require_writable(args.cam, "--cam")
+    summary = predict(args.model_dir, args.input, args.out, args.cam)
     print(summary)
     return 0
 
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=0.05, help="fraction of the real counts")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", help="a published layout to write instead of the "
+                                    "assignment's, e.g. kaggle-pneumonia")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -271,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("input", help="an image file or a folder of images")
     p.add_argument("--out", default="preds.csv", help="CSV to write (default: preds.csv)")
+    p.add_argument("--cam", metavar="DIR",
+                   help="also write a Grad-CAM overlay PNG per image into DIR")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="measure the fast paths against the plain ones")

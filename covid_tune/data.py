@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from covid_tune.errors import UserError
 from covid_tune.preprocess import try_read
-from covid_tune.tasks import TASKS, Task
+from covid_tune.tasks import LAYOUTS, TASKS, FolderLayout, Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 JUNK_NAMES = ("desktop.ini", ".ds_store", "thumbs.db", "ehthumbs.db", "icon\r")
@@ -36,7 +36,8 @@ CACHE_VERSION = "2"
 class ImageFileRef:
     path: Path
     class_dir: str | None
-    """The class folder (lower case) or ``None`` for an unlabelled split."""
+    """The task's class its folder maps to (``FolderLayout.class_dirs``), or ``None``
+    for an unlabelled split."""
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Layout:
     root: Path
     task: Task
     files: dict[str, list[ImageFileRef]]
+    kind: FolderLayout = LAYOUTS["assignment-binary"]
+    """Which published layout the folder is in (``covid_tune.tasks.LAYOUTS``)."""
     junk: list[Path] = field(default_factory=list)
 
 
@@ -118,16 +121,37 @@ def _files(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, junk
 
 
-def detect_task(root: Path) -> Task:
-    """Tell the layout from the class folders under the training split."""
+def detect_layout(root: Path, task: str | None = None) -> FolderLayout:
+    """Tell the layout from the folders (``covid_tune.tasks.LAYOUTS``): the class
+    folders under its train folder and, where several layouts fit, its validation
+    folder too. With ``task``, only that task's layouts are accepted."""
     splits = _children(root)
-    for task in TASKS.values():
-        train = splits.get(task.split_dirs["train"].lower())
-        if train is not None and set(_children(train)) >= set(task.class_dirs):
-            return task
-    raise UserError(
-        f"{root}: neither layout found; expected train/{{infected,normal}} (binary) or "
-        f"Train/{{covid-19,normal,pneumonia}} (multilabel), see ASSIGNMENT.md")
+    found = []
+    for layout in LAYOUTS.values():
+        train = splits.get(layout.split_dirs["train"].lower())
+        if train is not None and set(_children(train)) >= set(layout.class_dirs):
+            found.append(layout)
+    if len(found) > 1:
+        found = [layout for layout in found
+                 if layout.split_dirs["validation"].lower() in splits] or found
+    wanted = [layout for layout in found if task is None or layout.task == task]
+    if len(wanted) == 1:
+        return wanted[0]
+    if len(wanted) > 1:
+        raise UserError(f"{root}: matches {len(wanted)} layouts at once "
+                        f"({', '.join(layout.title for layout in wanted)}); keep one set of "
+                        f"class folders under the training split")
+    if found:
+        raise UserError(f"{root}: this is the {found[0].task} layout, not {task}; pass "
+                        f"--task {found[0].task} or point at the right folder")
+    expected = "; ".join(f"{layout.split_dirs['train']}/{{{','.join(layout.class_dirs)}}} "
+                         f"({layout.title})" for layout in LAYOUTS.values())
+    raise UserError(f"{root}: no known layout found; expected one of: {expected}")
+
+
+def detect_task(root: Path) -> Task:
+    """The task of the folder's layout."""
+    return TASKS[detect_layout(root).task]
 
 
 def scan(root: str | Path, task: str | None = None) -> Layout:
@@ -137,44 +161,38 @@ def scan(root: str | Path, task: str | None = None) -> Layout:
         what = "is a file, not a folder" if root.exists() else "no such folder"
         raise UserError(f"{root}: {what}; pass the dataset root (holding train/ and "
                         f"validation/)")
-    spec = detect_task(root) if task is None else _expect_layout(root, TASKS[task])
+    kind = detect_layout(root, task)
+    spec = TASKS[kind.task]
     splits = _children(root)
-    layout = Layout(root=root, task=spec, files={})
-    for split, dirname in spec.split_dirs.items():
+    layout = Layout(root=root, task=spec, files={}, kind=kind)
+    for split, dirname in kind.split_dirs.items():
         folder = splits.get(dirname.lower())
         if folder is None:
             if split == "test":
                 continue
-            raise UserError(f"{root}: missing the {dirname}/ folder of the {spec.name} layout")
-        layout.files[split] = _scan_split(folder, split, spec, layout.junk)
+            raise UserError(f"{root}: missing the {dirname}/ folder of {kind.title}")
+        layout.files[split] = _scan_split(folder, split, kind, layout.junk)
     return layout
 
 
-def _expect_layout(root: Path, task: Task) -> Task:
-    detected = detect_task(root)
-    if detected.name != task.name:
-        raise UserError(f"{root}: this is the {detected.name} layout, not {task.name}; pass "
-                        f"--task {detected.name} or point at the right folder")
-    return task
-
-
-def _scan_split(folder: Path, split: str, task: Task, junk: list[Path]) -> list[ImageFileRef]:
+def _scan_split(folder: Path, split: str, kind: FolderLayout,
+                junk: list[Path]) -> list[ImageFileRef]:
     refs: list[ImageFileRef] = []
-    if split not in task.labelled_splits:
+    if split not in kind.labelled_splits:
         images, skipped = _files(folder)
         junk += skipped
         refs = [ImageFileRef(p, None) for p in images]
     else:
         classes = _children(folder)
-        for class_dir in task.class_dirs:
+        for class_dir, target in kind.class_dirs.items():
             if class_dir not in classes:
                 raise UserError(f"{folder}: missing the class folder {class_dir}/")
             images, skipped = _files(classes[class_dir])
             junk += skipped
             if not images:
                 raise UserError(f"{classes[class_dir]}: no .png/.jpg images in this class "
-                                f"folder; a {task.name} dataset needs every class")
-            refs += [ImageFileRef(p, class_dir) for p in images]
+                                f"folder; a {kind.task} dataset needs every class")
+            refs += [ImageFileRef(p, target) for p in images]
     if not refs:
         raise UserError(f"{folder}: no .png/.jpg images in this split")
     return refs

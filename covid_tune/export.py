@@ -2,10 +2,10 @@
 
 ``export_best`` finds, over the given runs, the trial whose best checkpoint scores best
 on the sweep's metric, one per task, and writes the bundle ``<out>/<task>/`` that
-``covid_tune.model_bundle`` describes. The network is captured once with
-``torch.export`` (kept as ``model.pt2``, the program PyTorch users load without the
-training code) and converted from that program to ONNX; both are checked against
-PyTorch on random input before they are kept. Nothing here imports Ray or the
+``covid_tune.model_bundle`` describes: the network captured with ``torch.export``
+(``model.pt2``, the program PyTorch users load without the training code) and in ONNX,
+which also gives the last feature maps for Grad-CAM (``covid_tune.cam``). Both are
+checked against PyTorch on random input before they are kept. Nothing here imports Ray or the
 training code.
 """
 
@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from covid_tune.data import scan
 from covid_tune.inference import load_model
 from covid_tune.metrics import threshold_labels
+from covid_tune.models import WithFeatures, cam_spec
 from covid_tune.model_bundle import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,
                                      write_card)
 from covid_tune.preprocess import describe
@@ -58,9 +59,9 @@ def export_model(run: RunInfo, record: TrialRecord, folder: Path,
     model = load_model(record.checkpoint)
     size = int(record.config["image_size"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
-    program, checks = write_program(model, folder / PROGRAM_FILE, size)
-    checks.update(write_onnx(program, model, folder / ONNX_FILE, size))
-    card = model_card(run, record, checks)
+    _, checks = write_program(model, folder / PROGRAM_FILE, size)
+    checks.update(write_onnx(model, folder / ONNX_FILE, size))
+    card = {**model_card(run, record, checks), "cam": cam_spec(model)}
     write_card(folder, card)
     (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task)))
     return folder
@@ -86,23 +87,26 @@ def write_program(model: torch.nn.Module, path: Path, size: int):
     return program, {"program_max_abs_diff": diff}
 
 
-def write_onnx(program, model: torch.nn.Module, path: Path, size: int) -> dict:
-    """Convert the exported program to ONNX; check it with ONNX Runtime. The check
+def write_onnx(model: torch.nn.Module, path: Path, size: int) -> dict:
+    """Export to ONNX with the dynamo exporter (batch axis dynamic), giving the logits
+    and, for Grad-CAM, the last feature maps; check it with ONNX Runtime. The check
     and the opset the file uses."""
     import onnx
     import onnxruntime as ort
 
+    batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(program, (random_images(2, size, 0),), str(path), dynamo=True,
-                          external_data=False, input_names=["images"],
-                          output_names=["logits"], verbose=False)
+        torch.onnx.export(WithFeatures(model), (random_images(2, size, 0),), str(path),
+                          dynamo=True, external_data=False, input_names=["images"],
+                          output_names=["logits", "features"],
+                          dynamic_shapes=({0: batch},), verbose=False)
     onnx.checker.check_model(str(path))
     opset = next(o.version for o in onnx.load(str(path)).opset_import
                  if o.domain in ("", "ai.onnx"))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = random_images(3, size, 1)
-    diff = check_close("ONNX", session.run(None, {"images": x.numpy()})[0], model, x)
+    diff = check_close("ONNX", session.run(["logits"], {"images": x.numpy()})[0], model, x)
     return {"onnx_max_abs_diff": diff, "onnx_opset": int(opset)}
 
 

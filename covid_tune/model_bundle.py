@@ -12,7 +12,8 @@
     README.md             a short model card in words
 
 Format 2 (``covid-tune model 2``): ``model.pt2`` replaced the deprecated TorchScript
-file, and the card gained ``onnx_opset`` and ``threshold_rule``. A bundle of format 1
+file, ``model.onnx`` gained a second output (``features``, the last feature maps, for
+Grad-CAM), and the card gained ``onnx_opset``, ``threshold_rule`` and ``cam``. A bundle of format 1
 is refused with how to export it again.
 
 This module owns the names and ``model.json``'s shape; it imports neither torch nor Ray.
@@ -33,7 +34,7 @@ README_FILE = "README.md"
 CARD_FORMAT = "covid-tune model 2"
 
 CARD_KEYS = {"format": str, "task": str, "files": dict, "input": dict, "output": dict,
-             "label_names": list, "thresholds": dict, "preprocessing": dict}
+             "label_names": list, "thresholds": dict, "preprocessing": dict, "cam": dict}
 """What ``predict`` needs of ``model.json``, and the type of each."""
 
 

@@ -82,6 +82,30 @@ class Classifier(nn.Module):
         return self
 
 
+class WithFeatures(nn.Module):
+    """A classifier that also gives its last convolutional feature maps (for Grad-CAM,
+    ``covid_tune.cam``): torchvision's VGG and ResNet both end in feature layers, an
+    adaptive average pool and the classifier, which is our head."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        *body, self.pool, self.head = model.net.children()
+        self.body = nn.Sequential(*body)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.head(torch.flatten(self.pool(features), 1)), features
+
+
+def cam_spec(model: Classifier) -> dict:
+    """What ``covid_tune.cam`` needs to know of the network after its feature maps: the
+    pool's cells and the state-dict names of the head's two linear layers."""
+    cells = WithFeatures(model).pool.output_size
+    cells = [cells, cells] if isinstance(cells, int) else list(cells)
+    head = f"net.{BACKBONES[model.backbone].head_attr}"
+    return {"output": "features", "pool": cells, "head": [f"{head}.0", f"{head}.3"]}
+
+
 def build_model(
     backbone: str,
     outputs: int,

@@ -27,23 +27,75 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 """A spreadsheet reads a cell starting with one of these as a formula."""
 
 
-def predict(model_dir: str, input: str, out_csv: str) -> str:
-    """Predict every image of ``input`` (a file or a folder); return a one-line summary."""
+def predict(model_dir: str, input: str, out_csv: str, cam_dir: str | None = None) -> str:
+    """Predict every image of ``input`` (a file or a folder); with ``cam_dir``, also one
+    Grad-CAM overlay PNG per image there. A one-line summary."""
     out = check_out(Path(out_csv))
     card = read_card(Path(model_dir))
     session = open_session(Path(model_dir) / card["files"]["onnx"])
+    head = head_weights(Path(model_dir), card) if cam_dir else None
     root, files = find_images(Path(input))
     rows, skipped = [], []
     for start in range(0, len(files), BATCH):
         names, pixels = decode_batch(files[start:start + BATCH], root, card, skipped)
         if names:
             x = normalize(pixels, card["preprocessing"]["mean"], card["preprocessing"]["std"])
-            rows += prediction_rows(card, names, run_model(session, card, x, model_dir))
+            logits, features = run_model(session, card, x, model_dir)
+            rows += prediction_rows(card, names, logits)
+            if head is not None:
+                write_cams(Path(cam_dir), card, head, names, pixels, logits, features)
     write_csv(out, header(card), rows)
     for name, why in skipped:
         print(f"skipped {name}: {why}", file=sys.stderr)
     return (f"{len(rows)} image(s) predicted -> {out_csv}"
+            + (f"; Grad-CAM overlays in {cam_dir}" if cam_dir and rows else "")
             + (f"; {len(skipped)} unreadable, skipped (listed above)" if skipped else ""))
+
+
+def head_weights(model_dir: Path, card: dict) -> dict[str, np.ndarray]:
+    """The head's weights from ``model.safetensors`` (as numpy, no torch), for Grad-CAM."""
+    from safetensors import safe_open
+
+    path = model_dir / card["files"]["weights"]
+    names = [f"{layer}.{kind}" for layer in card["cam"]["head"] for kind in ("weight", "bias")]
+    try:
+        with safe_open(str(path), framework="np") as weights:
+            return {name: weights.get_tensor(name) for name in names}
+    except Exception as exc:  # safetensors' own error types, or a missing file
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot read the head's weights for Grad-CAM ({reason}); "
+                        f"export the model again with `covid-tune export`") from None
+
+
+def write_cams(folder: Path, card: dict, head: dict, names: list[str], pixels: np.ndarray,
+               logits: np.ndarray, features: np.ndarray) -> None:
+    """One overlay per image: the heat map of its top label (Part 2) or of its
+    predicted class (Part 1), the labels and probabilities in the title."""
+    from covid_tune.cam import grad_cam, write_overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image, row, maps in zip(names, pixels, logits, features):
+        direction, title = cam_target(card, row)
+        heat = grad_cam(maps, head, card["cam"], direction)
+        write_overlay(image, heat, title, folder / (name.replace("/", "__") + ".cam.png"))
+
+
+def cam_target(card: dict, logits: np.ndarray) -> tuple[np.ndarray, str]:
+    """(which score the map explains, the title) for one image's logits."""
+    if card["task"] == "multilabel":
+        order = card["output"]["label_order"]
+        probs = sigmoid(logits)
+        top = int(np.argmax(probs))
+        words = ", ".join(f"{label} {p:.2f}" for label, p in zip(order, probs))
+        return np.eye(len(order))[top], f"{words}; map: {order[top]}"
+    classes = card["output"]["class_order"]
+    positive = card["output"]["positive_class"]
+    index = classes.index(positive)
+    p = float(sigmoid(logits[index] - logits[1 - index]))
+    chosen = positive if p > card["thresholds"][positive] else classes[1 - index]
+    direction = np.zeros(2)
+    direction[index], direction[1 - index] = (1, -1) if chosen == positive else (-1, 1)
+    return direction, f"{chosen} (P({positive}) {p:.2f}); map: {chosen}"
 
 
 def open_session(path: Path):
@@ -59,11 +111,12 @@ def open_session(path: Path):
                         f"again with `covid-tune export`") from None
 
 
-def run_model(session, card: dict, x: np.ndarray, model_dir: str) -> np.ndarray:
-    """Logits of one batch; UserError when ``model.json`` does not fit ``model.onnx``."""
+def run_model(session, card: dict, x: np.ndarray, model_dir: str):
+    """(logits, last feature maps) of one batch; UserError when ``model.json`` does not
+    fit ``model.onnx``."""
     outputs = len(card["output"].get("label_order") or card["output"].get("class_order"))
     try:
-        logits = session.run(None, {card["input"]["name"]: x})[0]
+        logits, *rest = session.run(None, {card["input"]["name"]: x})
     except Exception as exc:  # ONNX Runtime's own error types
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UserError(f"{model_dir}: model.json does not fit model.onnx ({reason}); export "
@@ -71,7 +124,7 @@ def run_model(session, card: dict, x: np.ndarray, model_dir: str) -> np.ndarray:
     if logits.ndim != 2 or logits.shape[1] != outputs:
         raise UserError(f"{model_dir}: model.onnx gives {logits.shape[1:]} outputs per image, "
                         f"model.json names {outputs}; export the model again")
-    return logits
+    return logits, (rest[0] if rest else None)
 
 
 def find_images(path: Path) -> tuple[Path, list[Path]]:

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from covid_tune.errors import UserError
-from covid_tune.tasks import TASKS
+from covid_tune.tasks import LAYOUTS, FolderLayout
 
 PHANTOM_NOTE = (
     "This data is synthetic: drawn chest-radiograph phantoms, not patient images, "
@@ -57,8 +57,10 @@ def generate(
     size: int = 128,
     seed: int = 0,
     progress: bool = True,
+    layout: str | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Write a synthetic data set for ``task`` under the empty folder ``out``.
+    """Write a synthetic data set for ``task`` under the empty folder ``out``, in the
+    task's assignment layout or in ``layout`` (a name in ``covid_tune.tasks.LAYOUTS``).
 
     Returns ``{split folder: {class folder: images}}``, split folders as on disk
     (``train`` or ``Train``). For the flat multilabel ``Test`` folder the counts
@@ -66,14 +68,27 @@ def generate(
     """
     out = Path(out)
     check_args(out, task, scale, size, seed)
+    kind = folder_layout(task, layout)
     counts = scaled_counts(task, scale)
-    jobs = plan_images(out, task, counts, seed)
+    jobs = plan_images(out, kind, counts, seed)
     for path, split, cls, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, SPLIT_IDS.index(split), CLASS_IDS.index(cls), index])
         Image.fromarray(draw_phantom(rng, size, phantom_kind(cls, index))).save(path)
-    split_dirs = TASKS[task].split_dirs
-    return {split_dirs[split]: dict(classes) for split, classes in counts.items()}
+    folders = {cls: folder for folder, cls in kind.class_dirs.items()}
+    return {kind.split_dirs[split]: {folders[c]: n for c, n in classes.items()}
+            for split, classes in counts.items()}
+
+
+def folder_layout(task: str, layout: str | None) -> FolderLayout:
+    """The layout to write: ``layout`` by name, or the task's assignment layout."""
+    name = layout or f"assignment-{task}"
+    kind = LAYOUTS.get(name)
+    if kind is None or kind.task != task:
+        names = [n for n, k in LAYOUTS.items() if k.task == task]
+        raise UserError(f"layout: {name!r} is not a {task} layout; use one of: "
+                        f"{', '.join(names)}")
+    return kind
 
 
 def check_args(out: Path, task: str, scale: float, size: int, seed: int) -> None:
@@ -101,17 +116,18 @@ def scaled_counts(task: str, scale: float) -> dict[str, dict[str, int]]:
 
 
 def plan_images(
-    out: Path, task: str, counts: dict[str, dict[str, int]], seed: int
+    out: Path, kind: FolderLayout, counts: dict[str, dict[str, int]], seed: int
 ) -> list[tuple[Path, str, str, int]]:
     """One ``(path, split, class, index within class)`` per image to write."""
-    spec = TASKS[task]
+    folders = {cls: folder for folder, cls in kind.class_dirs.items()}
     jobs = []
     for split, classes in counts.items():
-        folder = out / spec.split_dirs[split]
-        if split in spec.labelled_splits:
+        folder = out / kind.split_dirs[split]
+        if split in kind.labelled_splits:
             for cls, n in classes.items():
                 names = random.Random(f"{seed}/{split}/{cls}")
-                jobs += [(folder / cls / hex_name(names), split, cls, i) for i in range(n)]
+                jobs += [(folder / folders[cls] / hex_name(names), split, cls, i)
+                         for i in range(n)]
         else:
             mixed = [(cls, i) for cls, n in classes.items() for i in range(n)]
             random.Random(f"{seed}/{split}/order").shuffle(mixed)

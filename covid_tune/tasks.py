@@ -66,3 +66,41 @@ MULTILABEL = Task(
 
 TASKS = {t.name: t for t in (BINARY, MULTILABEL)}
 POSITIVE_CLASS = "infected"
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """A published folder layout: where one task's splits and classes are on disk."""
+
+    name: str
+    task: str
+    """The task it is read as: ``binary`` or ``multilabel``."""
+    title: str
+    """Where the layout comes from, for messages and ``check``."""
+    split_dirs: dict[str, str]
+    """Split (train, validation, test) -> folder name as published."""
+    class_dirs: dict[str, str]
+    """Class folder as published -> the task's class (a key of ``Task.targets``)."""
+    labelled_splits: tuple[str, ...]
+    """Splits with class sub-folders; any other split is a flat folder of images."""
+
+    def mapping(self) -> str:
+        """``NORMAL -> normal, PNEUMONIA -> infected`` (identity shown as the name)."""
+        return ", ".join(f"{folder} -> {cls}" if folder != cls else folder
+                         for folder, cls in self.class_dirs.items())
+
+
+LAYOUTS = {layout.name: layout for layout in (
+    FolderLayout("assignment-binary", "binary", "the assignment's Part 1 layout",
+                 BINARY.split_dirs, {c: c for c in BINARY.class_dirs},
+                 BINARY.labelled_splits),
+    FolderLayout("assignment-multilabel", "multilabel", "the assignment's Part 2 layout",
+                 MULTILABEL.split_dirs, {c: c for c in MULTILABEL.class_dirs},
+                 MULTILABEL.labelled_splits),
+    FolderLayout("kaggle-pneumonia", "binary",
+                 'Kaggle "Chest X-Ray Images (Pneumonia)" (chest_xray/)',
+                 {"train": "train", "validation": "val", "test": "test"},
+                 {"normal": "normal", "pneumonia": "infected"},
+                 ("train", "validation", "test")),
+)}
+"""Every folder layout ``covid_tune.data.scan`` recognises, matched case-insensitively."""

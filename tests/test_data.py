@@ -78,7 +78,8 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path):
     (lambda r: None, "no such folder"),
     (lambda r: binary_tree(r) and os.rename(r / "VALIDATION", r / "val"), "missing the validation/"),
     (lambda r: multilabel_tree(r), "this is the multilabel layout, not binary; pass --task multilabel"),
-    (lambda r: (r / "train" / "infected").mkdir(parents=True), "neither layout found"),
+    (lambda r: (r / "train" / "infected").mkdir(parents=True), "no known layout found; "
+     r"expected one of: train/\{infected,normal\} \(the assignment's Part 1 layout\)"),
 ])
 def test_layout_mistakes(tmp_path, make, expected):
     root = tmp_path / "d"
@@ -325,3 +326,41 @@ def test_with_selection_moves_the_held_out_images_out_of_train():
     assert with_selection(bundle, []) is bundle
     with pytest.raises(UserError, match="matches none of the training images"):
         with_selection(bundle, ["Train/x/elsewhere.png"])
+
+
+def kaggle_tree(root: Path, per_class: int = 3) -> Path:
+    """The Kaggle "Chest X-Ray Images (Pneumonia)" layout: chest_xray/{train,val,test}
+    with NORMAL and PNEUMONIA in capitals, as published."""
+    for s, split in enumerate(("train", "val", "test")):
+        for c, cls in enumerate(("NORMAL", "PNEUMONIA")):
+            for i in range(per_class):
+                save(root / split / cls / f"person{i}_{cls.lower()}.jpeg",
+                     value=100 * s + 10 * c + i)
+    return root
+
+
+def test_the_kaggle_pneumonia_layout_is_found_and_mapped(tmp_path):
+    """PNEUMONIA is infected, val is validation; check says which layout it found, the
+    mapping, and that a validation split of 3 images is too small to choose on."""
+    root = kaggle_tree(tmp_path / "chest_xray")
+    layout = scan(root)
+    assert (layout.kind.name, layout.task.name) == ("kaggle-pneumonia", "binary")
+    assert {split: len(refs) for split, refs in layout.files.items()} == {
+        "train": 6, "validation": 6, "test": 6}
+    bundle = load_dataset(root, image_size=32, use_cache=False, progress=False)
+    val = bundle.splits["validation"]
+    assert {(n.split("/")[1], int(t)) for n, t in zip(val.names, val.targets)} == {
+        ("NORMAL", 0), ("PNEUMONIA", 1)}
+    text = "\n".join(check_dataset(str(root), progress=False).lines())
+    assert 'binary task, Kaggle "Chest X-Ray Images (Pneumonia)"' in text
+    assert "classes normal, pneumonia -> infected" in text
+    assert "warning: the validation split holds only 6 images" in text
+
+
+def test_class_folders_of_two_layouts_at_once_are_refused(tmp_path):
+    root = binary_tree(tmp_path / "d")
+    for split in ("Train", "VALIDATION", "test"):
+        save(root / split / "pneumonia" / "p.png")
+    (root / "val").mkdir()
+    with pytest.raises(UserError, match="matches 2 layouts at once .*keep one set of class"):
+        scan(root)

@@ -137,3 +137,25 @@ def test_non_empty_output_folder_is_refused(tmp_path):
 
 def test_note_says_synthetic():
     assert "synthetic" in PHANTOM_NOTE and "clinical" in PHANTOM_NOTE
+
+
+def test_phantoms_in_the_kaggle_pneumonia_layout_are_read_back_as_written(tmp_path):
+    """The same phantoms as the assignment layout (same names, same pixels), in
+    chest_xray's folders: scan finds the layout and every class where synth put it."""
+    from covid_tune.data import scan
+
+    kaggle = generate(tmp_path / "k", "binary", scale=0.002, size=32, seed=0,
+                      progress=False, layout="kaggle-pneumonia")
+    plain = generate(tmp_path / "a", "binary", scale=0.002, size=32, seed=0, progress=False)
+    assert kaggle == {"train": {"pneumonia": 10, "normal": 14},
+                      "val": {"pneumonia": 2, "normal": 2},
+                      "test": {"pneumonia": 2, "normal": 2}}
+    layout = scan(tmp_path / "k")
+    assert layout.kind.name == "kaggle-pneumonia"
+    assert sum(len(refs) for refs in layout.files.values()) == sum(
+        sum(c.values()) for c in plain.values())
+    same = (tmp_path / "k" / "train" / "pneumonia").iterdir()
+    first = next(same)
+    assert first.read_bytes() == (tmp_path / "a" / "train" / "infected" / first.name).read_bytes()
+    with pytest.raises(UserError, match="'kaggle-pneumonia' is not a multilabel layout"):
+        generate(tmp_path / "m", "multilabel", layout="kaggle-pneumonia", progress=False)
