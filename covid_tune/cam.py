@@ -26,7 +26,8 @@ def pool_windows(size: int, cells: int) -> list[tuple[int, int]]:
 
 def adaptive_pool(features: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
     """``(C, h, w)`` -> ``(C, cells[0], cells[1])`` averages."""
-    rows, cols = pool_windows(features.shape[1], cells[0]), pool_windows(features.shape[2], cells[1])
+    rows = pool_windows(features.shape[1], cells[0])
+    cols = pool_windows(features.shape[2], cells[1])
     return np.array([[[features[c, r0:r1, c0:c1].mean() for c0, c1 in cols] for r0, r1 in rows]
                      for c in range(features.shape[0])])
 

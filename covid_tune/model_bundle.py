@@ -86,3 +86,8 @@ def check_card(card: dict) -> None:
     for label in labels:
         if not 0 <= float(card["thresholds"][label]) <= 1:
             raise ValueError(f"threshold of {label} is not a probability")
+    cam = card["cam"]
+    if not (isinstance(cam.get("output"), str) and len(cam["pool"]) == 2
+            and all(int(n) >= 1 for n in cam["pool"]) and len(cam["head"]) == 2
+            and all(isinstance(name, str) for name in cam["head"])):
+        raise ValueError("cam needs an output name, two pool cells and two head layers")

@@ -82,8 +82,8 @@ class SweepStatus(tune.Callback):
         total = max(self.total or 0, len(trials))
         waiting = total - len(trials) + counts["pending"]
         elapsed = time.monotonic() - self.started
-        parts = [f"[{duration(elapsed)}] {counts['running']} running, {counts['stopped']} stopped "
-                 f"early, {counts['finished']} finished, {counts['failed']} failed, "
+        parts = [f"[{duration(elapsed)}] {counts['running']} running, "
+                 f"{counts['stopped']} stopped early, {counts['finished']} finished, {counts['failed']} failed, "
                  f"{waiting} to start (of {total})"]
         if self.best is not None:
             value, trial_id, epoch, config = self.best

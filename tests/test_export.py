@@ -17,7 +17,7 @@ from covid_tune.data import load_dataset
 from covid_tune.errors import UserError
 from covid_tune.export import export_best
 from covid_tune.inference import Device, load_model, predict_logits
-from covid_tune.models import build_model
+from covid_tune.models import WithFeatures, build_model, cam_spec
 from covid_tune.preprocess import normalize
 from covid_tune.runs import read_run
 from covid_tune.tasks import TASKS
@@ -91,8 +91,12 @@ def test_onnx_program_and_safetensors_agree_with_pytorch(exported):
         assert np.allclose(predict_logits(reloaded, images, 64, CPU), expected)
         session = ort.InferenceSession(str(folder / "model.onnx"))
         for batch in (1, 5):  # the batch axis is dynamic
-            got = session.run(None, {"images": normalize(images[:batch])})[0]
+            got, features = session.run(None, {"images": normalize(images[:batch])})
             assert np.allclose(got, expected[:batch], rtol=1e-3, atol=1e-4)
+        with torch.no_grad():  # the second output: the last feature maps, for Grad-CAM
+            _, want = WithFeatures(model)(torch.from_numpy(normalize(images[:5])))
+        assert np.allclose(features, want.numpy(), rtol=1e-3, atol=1e-4)
+        assert info["cam"] == cam_spec(model)
         program = torch.export.load(str(folder / "model.pt2")).module()
         for batch in (1, 3):
             with torch.no_grad():

@@ -33,6 +33,7 @@ def binary_card() -> dict:
         "label_names": ["normal", "infected"],
         "thresholds": {"infected": 0.5},
         "preprocessing": describe(SIZE),
+        "cam": {"output": "features", "pool": [1, 1], "head": ["net.fc.0", "net.fc.3"]},
     }
 
 
@@ -150,8 +151,9 @@ def test_another_format_is_refused(tmp_path):
     ({"thresholds": {"infected": "high"}}, "could not convert"),
     ({"task": "segmentation"}, "unknown task 'segmentation'"),
     ({"preprocessing": {**describe(SIZE), "mean": [0.5]}}, "3 means and stds"),
+    ({"cam": {"output": "features", "pool": [7], "head": ["a", "b"]}}, "two pool cells"),
 ], ids=["positive-not-a-class", "one-class", "no-positive-threshold", "threshold-not-a-number",
-        "unknown-task", "one-mean"])
+        "unknown-task", "one-mean", "one-pool-cell"])
 def test_inconsistent_binary_cards(tmp_path, change, why):
     write_card(tmp_path, {**binary_card(), **change})
     message = refusal(tmp_path)

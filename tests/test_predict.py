@@ -127,3 +127,30 @@ def test_predict_with_model_files_missing_or_not_fitting(exported, tmp_path):
     shutil.copy(exported / "multilabel" / "model.onnx", partial / "model.onnx")
     with pytest.raises(UserError, match="model.onnx gives"):  # 3 outputs, card says 2
         predict(str(partial), str(image), str(tmp_path / "p.csv"))
+
+
+def test_predict_writes_a_grad_cam_overlay_per_image(exported, multilabel_data, tmp_path,
+                                                     capsys):
+    """``--cam DIR``: one PNG per readable image, named after it, from ONNX Runtime and
+    numpy alone (no torch, no Ray in the process that made them)."""
+    from covid_tune.cli import main
+
+    folder = tmp_path / "in"
+    sources = sorted((multilabel_data / "Test").iterdir())[:3]
+    for source in sources:
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        (folder / "sub" / source.name).write_bytes(source.read_bytes())
+    code = (f"from covid_tune.cli import main\n"
+            f"rc = main(['predict', {str(exported / 'multilabel')!r}, {str(folder)!r}, "
+            f"'--out', {str(tmp_path / 'p.csv')!r}, '--cam', {str(tmp_path / 'cams')!r}])\n"
+            f"assert rc == 0")
+    assert loaded_after(code, ("torch", "ray")) == []
+    pngs = sorted(p.name for p in (tmp_path / "cams").iterdir())
+    assert pngs == sorted(f"sub__{s.name}.cam.png" for s in sources)
+    for name in pngs:
+        with Image.open(tmp_path / "cams" / name) as image:
+            image.verify()
+    assert main(["predict", str(exported / "binary"), str(folder), "--out",
+                 str(tmp_path / "b.csv"), "--cam", str(tmp_path / "bcams")]) == 0
+    assert "Grad-CAM overlays in" in capsys.readouterr().out
+    assert len(list((tmp_path / "bcams").iterdir())) == 3
