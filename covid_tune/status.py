@@ -83,8 +83,8 @@ class SweepStatus(tune.Callback):
         waiting = total - len(trials) + counts["pending"]
         elapsed = time.monotonic() - self.started
         parts = [f"[{duration(elapsed)}] {counts['running']} running, "
-                 f"{counts['stopped']} stopped early, {counts['finished']} finished, {counts['failed']} failed, "
-                 f"{waiting} to start (of {total})"]
+                 f"{counts['stopped']} stopped early, {counts['finished']} finished, "
+                 f"{counts['failed']} failed, {waiting} to start (of {total})"]
         if self.best is not None:
             value, trial_id, epoch, config = self.best
             parts.append(f"best {self.metric} {value:.4f}: {key_params(config)} "
