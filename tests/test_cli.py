@@ -52,7 +52,8 @@ def test_synth_then_check(tmp_path, capsys):
     assert "synthetic" in capsys.readouterr().out
     assert main(["check", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "multilabel layout" in text and "unreadable files: 0" in text
+    assert "multilabel task, the assignment's Part 2 layout" in text
+    assert "unreadable files: 0" in text
 
 
 def test_check_missing_folder(tmp_path, capsys):

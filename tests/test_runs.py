@@ -372,6 +372,8 @@ def stand_in_arithmetic(monkeypatch) -> None:
                         lambda *args, **kwargs: (None, {"program_max_abs_diff": 0.0}))
     monkeypatch.setattr(covid_tune.export, "write_onnx", lambda *args, **kwargs: {
         "onnx_max_abs_diff": 0.0, "onnx_opset": 18})
+    monkeypatch.setattr(covid_tune.export, "cam_spec", lambda model: {
+        "output": "features", "pool": [1, 1], "head": ["net.fc.0", "net.fc.3"]})
 
 
 DAMAGEABLE = {
