@@ -69,6 +69,25 @@ def grad_cam(features: np.ndarray, weights: dict[str, np.ndarray], cam: dict,
     return heat / top if top > 0 else heat
 
 
+def explain(logits: np.ndarray, labels: list[str], positive: str | None = None,
+            threshold: float = 0.5) -> tuple[np.ndarray, str]:
+    """(the score a map explains, as a direction over the logits; a title) for one
+    image. Part 2 (``positive`` None): the most probable label. Part 1: the predicted
+    class, by ``positive``'s threshold, as the log-odds of that class."""
+    if positive is None:
+        probs = 1 / (1 + np.exp(-logits))
+        top = int(np.argmax(probs))
+        words = ", ".join(f"{label} {p:.2f}" for label, p in zip(labels, probs))
+        return np.eye(len(labels))[top], f"{words}; map: {labels[top]}"
+    index = labels.index(positive)
+    p = float(1 / (1 + np.exp(logits[1 - index] - logits[index])))
+    chosen = positive if p > threshold else labels[1 - index]
+    direction = np.zeros(2)
+    direction[index] = 1.0 if chosen == positive else -1.0
+    direction[1 - index] = -direction[index]
+    return direction, f"{chosen} (P({positive}) {p:.2f}); map: {chosen}"
+
+
 def upsample(heat: np.ndarray, size: int) -> np.ndarray:
     """A ``(h, w)`` map stretched to ``size x size`` by bilinear interpolation."""
     from PIL import Image
@@ -79,16 +98,29 @@ def upsample(heat: np.ndarray, size: int) -> np.ndarray:
 
 def write_overlay(pixels: np.ndarray, heat: np.ndarray, title: str, path) -> None:
     """The grayscale image with the heat map over it, and ``title`` above, as a PNG."""
+    write_overlays([(pixels, heat, title)], path)
+
+
+def write_overlays(items: list[tuple[np.ndarray, np.ndarray, str]], path,
+                   heading: str = "") -> None:
+    """Overlays side by side in one PNG (up to four in a row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(4, 4.3), dpi=100)
-    axes.imshow(pixels, cmap="gray", vmin=0, vmax=255)
-    axes.imshow(upsample(heat, pixels.shape[0]), cmap="jet", alpha=0.4, vmin=0, vmax=1)
-    axes.set_title(title, fontsize=9)
-    axes.axis("off")
+    columns = min(len(items), 4)
+    rows = -(-len(items) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.3 * rows), dpi=100,
+                                squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (pixels, heat, title) in zip(axes.ravel(), items):
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(upsample(heat, pixels.shape[0]), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+    if heading:
+        figure.suptitle(heading, fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -17,7 +17,7 @@ import torch
 
 from covid_tune.augment import to_model_input
 from covid_tune.config import TrialConfig
-from covid_tune.models import Classifier, build_model
+from covid_tune.models import Classifier, WithFeatures, build_model
 from covid_tune.runs import load_checkpoint
 from covid_tune.tasks import TASKS
 
@@ -56,6 +56,16 @@ def predict_logits(model, images: np.ndarray, batch_size: int, device: Device) -
         with device.autocast():
             outputs.append(model(x).float().cpu())
     return torch.cat(outputs).numpy()
+
+
+@torch.no_grad()
+def logits_and_features(model: Classifier, images: np.ndarray,
+                        device: Device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and last feature maps (for Grad-CAM) of a few uint8 images."""
+    wrapped = WithFeatures(model).eval()
+    x = torch.from_numpy(images.copy()).to(device.torch)
+    logits, features = wrapped(to_model_input(x, augment=None))
+    return logits.float().cpu().numpy(), features.float().cpu().numpy().astype(np.float64)
 
 
 def build_for(cfg: TrialConfig, pretrained: str = "none") -> Classifier:

@@ -8,7 +8,8 @@ the checkpoint's tuned thresholds and at 0.5, with 95% bootstrap intervals
 (``covid_tune.metrics``), and
 writes ``leaderboard.md``, ``.csv`` and ``.parquet`` (``covid_tune.render``), a
 confusion-matrix PNG per row, a comparison chart and an ROC chart per task
-(``covid_tune.plots``), Optuna's hyperparameter importances and, under ``reproduce/``,
+(``covid_tune.plots``), Grad-CAM overlays of a few images for each task's best row
+(``covid_tune.cam``), Optuna's hyperparameter importances and, under ``reproduce/``,
 a search-space file per row that trains that row again.
 
 Nothing here imports Ray or the training code.
@@ -28,11 +29,12 @@ from covid_tune.data import DataBundle, check_memory, load_dataset, with_selecti
 from covid_tune.errors import UserError
 from covid_tune.metrics import bootstrap_intervals, compute_metrics, roc_points
 from covid_tune.plots import write_chart, write_confusion, write_roc
-from covid_tune.render import (ROC_OF, chart_file, confusion_file, reproduce_command, roc_file,
-                               table_record, task_section, write_tables)
+from covid_tune.cam import explain, grad_cam, write_overlays
+from covid_tune.render import (ROC_OF, cam_file, chart_file, confusion_file, reproduce_command,
+                               roc_file, table_record, task_section, write_tables)
 from covid_tune.runs import DataChoice, RunInfo, choose_datasets, read_run
-from covid_tune.selection import TABLES, Row, TableSpec, select_rows, table_spec
-from covid_tune.tasks import TASKS
+from covid_tune.selection import TABLES, Row, TableSpec, best_overall, select_rows, table_spec
+from covid_tune.tasks import POSITIVE_CLASS, TASKS
 
 
 def write_leaderboard(run_dirs: list[str], out: str | None = None,
@@ -87,12 +89,62 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
                   f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
         importances = {run.name: param_importances(run) for run in task_runs}
         notes = task_notes(task_runs, choices)
-        sections.append(task_section(spec, task_runs, rows, importances, notes))
+        best = best_row(rows, task_runs)
+        bundle = dataset_for(choices[best.run.name], best, bundles)
+        drawn = write_cams(spec, best, bundle, stage / cam_file(task))
+        sections.append(task_section(spec, task_runs, rows, importances, notes,
+                                     best if drawn else None))
         table_rows += [table_record(spec, row, i) for i, row in enumerate(rows)]
     text = "# Leaderboard\n\n" + "\n".join(sections)
     (stage / "leaderboard.md").write_text(text)
     write_tables(table_rows, stage)
     return text
+
+
+def best_row(rows: list[Row], runs: list[RunInfo]) -> Row:
+    """The row holding the task's best trial (by the first run's metric)."""
+    _, record = best_overall(runs)
+    return next(row for row in rows if row.record is record)
+
+
+CAM_IMAGES = 4
+
+
+def write_cams(spec: TableSpec, row: Row, bundle: DataBundle | None, path: Path) -> bool:
+    """Grad-CAM overlays of a few images of the chart split (one of each label
+    combination first) for the row's model, in one PNG; False when there is no data."""
+    data = bundle.splits.get(spec.chart_split) if bundle is not None else None
+    if data is None or not data.targets.size:
+        return False
+    from covid_tune.inference import Device, load_model, logits_and_features
+    from covid_tune.models import cam_spec
+
+    model = load_model(row.record.checkpoint)
+    picks = cam_picks(data.targets, CAM_IMAGES)
+    logits, features = logits_and_features(model, data.images[picks], Device.pick())
+    cam = cam_spec(model)
+    weights = {k: v.numpy() for k, v in model.state_dict().items()
+               if k.rsplit(".", 1)[0] in cam["head"]}
+    task = TASKS[row.record.task]
+    positive = None if task.multilabel else POSITIVE_CLASS
+    threshold = row.record.thresholds.get(POSITIVE_CLASS, 0.5)
+    items = []
+    for k, index in enumerate(picks):
+        direction, title = explain(logits[k], list(task.label_names), positive, threshold)
+        heat = grad_cam(features[k], weights, cam, direction)
+        items.append((data.images[index], heat, f"{data.names[index]}\n{title}"))
+    write_overlays(items, path, f"Grad-CAM of the best row: {row.backbone}, {row.group} "
+                                f"({spec.chart_split})")
+    return True
+
+
+def cam_picks(targets, count: int) -> list[int]:
+    """Up to ``count`` image indices: the first of each label combination, then the
+    next ones in order."""
+    rows = targets.reshape(len(targets), -1)
+    firsts = sorted({tuple(r): i for i, r in reversed(list(enumerate(rows.tolist())))}.values())
+    rest = [i for i in range(len(rows)) if i not in firsts]
+    return (firsts + rest)[:count]
 
 
 def publish(stage: Path, folder: Path) -> None:

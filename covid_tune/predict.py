@@ -82,20 +82,13 @@ def write_cams(folder: Path, card: dict, head: dict, names: list[str], pixels: n
 
 def cam_target(card: dict, logits: np.ndarray) -> tuple[np.ndarray, str]:
     """(which score the map explains, the title) for one image's logits."""
+    from covid_tune.cam import explain
+
+    output = card["output"]
     if card["task"] == "multilabel":
-        order = card["output"]["label_order"]
-        probs = sigmoid(logits)
-        top = int(np.argmax(probs))
-        words = ", ".join(f"{label} {p:.2f}" for label, p in zip(order, probs))
-        return np.eye(len(order))[top], f"{words}; map: {order[top]}"
-    classes = card["output"]["class_order"]
-    positive = card["output"]["positive_class"]
-    index = classes.index(positive)
-    p = float(sigmoid(logits[index] - logits[1 - index]))
-    chosen = positive if p > card["thresholds"][positive] else classes[1 - index]
-    direction = np.zeros(2)
-    direction[index], direction[1 - index] = (1, -1) if chosen == positive else (-1, 1)
-    return direction, f"{chosen} (P({positive}) {p:.2f}); map: {chosen}"
+        return explain(logits, output["label_order"])
+    positive = output["positive_class"]
+    return explain(logits, output["class_order"], positive, card["thresholds"][positive])
 
 
 def open_session(path: Path):

@@ -71,6 +71,10 @@ def rule_text(rule: dict) -> str:
     return f"{name} >= {rule['target']:g}" if rule.get("target") is not None else name
 
 
+def cam_file(task: str) -> str:
+    return f"cam-{task}.png"
+
+
 def roc_file(task: str) -> str:
     return f"roc-{task}.png"
 
@@ -183,8 +187,11 @@ def markdown_table(rows: list[dict]) -> list[str]:
 
 
 def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
-                 importances: dict[str, tuple[dict, str]], notes: list[str]) -> str:
-    """One task's section: the table, pictures, hand grid vs search, importances, notes."""
+                 importances: dict[str, tuple[dict, str]], notes: list[str],
+                 cam_row: Row | None = None) -> str:
+    """One task's section: the table, pictures (with the Grad-CAM overlays of
+    ``cam_row``, the best row, when they were drawn), hand grid vs search,
+    importances, notes."""
     metric = runs[0].metric
     lines = [f"## {spec.title}", "",
              f"Runs: {', '.join(f'`{r.name}` ({r.summary()})' for r in runs)}. "
@@ -198,6 +205,8 @@ def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
     lines += ["", f"Confusion matrices ({spec.chart_split}): {links}", "",
               f"![Accuracy and F1 per row]({chart_file(rows[0].record.task)})", "",
               f"![ROC curves, {spec.chart_split}]({roc_file(rows[0].record.task)})", "",
+              *([f"![Grad-CAM of the best row, {cam_row.backbone}, {cam_row.group}]"
+                 f"({cam_file(cam_row.record.task)})", ""] if cam_row else []),
               "Intervals are 95% percentile bootstrap intervals: 1000 resamples of the "
               "split, stratified by label combination, seeded (the same files give the "
               "same intervals).", ""]

@@ -176,7 +176,7 @@ def test_files_parquet_csv_and_pngs(board):
     with open(out / "leaderboard.csv", newline="") as handle:
         assert [r["trial_id"] for r in csv.DictReader(handle)] == [r["trial_id"] for r in records]
     pictures = [out / r["confusion_png"] for r in records]
-    pictures += [out / f"{kind}-{task}.png" for kind in ("comparison", "roc")
+    pictures += [out / f"{kind}-{task}.png" for kind in ("comparison", "roc", "cam")
                  for task in ("binary", "multilabel")]
     for path in pictures:
         with Image.open(path) as image:
@@ -198,6 +198,7 @@ def test_every_rescored_split_has_95_percent_intervals(board):
                 assert low <= value + 1e-9 and value - 1e-9 <= high, (split, metric)
     assert "95% percentile bootstrap intervals: 1000 resamples" in text
     assert "![ROC curves, test](roc-binary.png)" in text
+    assert "](cam-binary.png)" in text and "](cam-multilabel.png)" in text
 
 
 def test_reproduce_spaces_fix_the_rows_config(board):
@@ -320,3 +321,13 @@ def test_the_read_side_on_a_full_disk_then_with_space_and_without_ray(board, swe
     errors = [line for line in printed.splitlines() if line.startswith("covid-tune:")]
     assert len(errors) == 1 and "No space left on device" in errors[0]
     assert "cannot write the leaderboard" in errors[0] and "unchanged" in errors[0]
+
+
+def test_cam_images_show_each_label_combination_first():
+    import numpy as np
+
+    from covid_tune.leaderboard import cam_picks
+
+    assert cam_picks(np.array([0, 0, 1, 1, 0]), 4) == [0, 2, 1, 3]
+    bits = np.array([[0, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1]])
+    assert cam_picks(bits, 3) == [0, 2, 3]

@@ -366,7 +366,7 @@ def stand_in_arithmetic(monkeypatch) -> None:
     monkeypatch.setattr(covid_tune.inference, "load_model", load_model)
     monkeypatch.setattr(covid_tune.inference, "predict_logits", predict_logits)
     monkeypatch.setattr(covid_tune.export, "load_model", load_model)
-    for name in ("write_chart", "write_confusion"):
+    for name in ("write_chart", "write_confusion", "write_cams"):
         monkeypatch.setattr(covid_tune.leaderboard, name, lambda *args, **kwargs: None)
     monkeypatch.setattr(covid_tune.export, "write_program",
                         lambda *args, **kwargs: (None, {"program_max_abs_diff": 0.0}))
