@@ -87,8 +87,13 @@ def describe_layout(layout) -> str:
     """``Kaggle "..." (splits train, val, test; classes NORMAL -> normal, ...)``, and a
     warning when the validation split is tiny."""
     kind = layout.kind
-    splits = ", ".join(kind.split_dirs[s] for s in layout.files)
-    text = f"{kind.title} (splits {splits}; classes {kind.mapping()})"
+    if kind.made_splits:
+        made = ", ".join(f"{split} {fraction:.0%}" for split, fraction in kind.made_splits)
+        splits = (f"no split folders: {made} of each class drawn with a fixed seed, the rest "
+                  f"train; a run records the split")
+    else:
+        splits = "splits " + ", ".join(kind.split_dirs[s] for s in layout.files)
+    text = f"{kind.title} ({splits}; classes {kind.mapping()})"
     size = len(layout.files.get("validation", []))
     if size < SMALL_VALIDATION:
         text += (f"\n  warning: the validation split holds only {size} images; a score on so "

@@ -126,14 +126,10 @@ def detect_layout(root: Path, task: str | None = None) -> FolderLayout:
     folders under its train folder and, where several layouts fit, its validation
     folder too. With ``task``, only that task's layouts are accepted."""
     splits = _children(root)
-    found = []
-    for layout in LAYOUTS.values():
-        train = splits.get(layout.split_dirs["train"].lower())
-        if train is not None and set(_children(train)) >= set(layout.class_dirs):
-            found.append(layout)
+    found = [layout for layout in LAYOUTS.values() if _fits(layout, splits)]
     if len(found) > 1:
         found = [layout for layout in found
-                 if layout.split_dirs["validation"].lower() in splits] or found
+                 if layout.split_dirs.get("validation", "").lower() in splits] or found
     wanted = [layout for layout in found if task is None or layout.task == task]
     if len(wanted) == 1:
         return wanted[0]
@@ -144,9 +140,28 @@ def detect_layout(root: Path, task: str | None = None) -> FolderLayout:
     if found:
         raise UserError(f"{root}: this is the {found[0].task} layout, not {task}; pass "
                         f"--task {found[0].task} or point at the right folder")
-    expected = "; ".join(f"{layout.split_dirs['train']}/{{{','.join(layout.class_dirs)}}} "
-                         f"({layout.title})" for layout in LAYOUTS.values())
+    expected = "; ".join(f"{_where_classes(layout)} ({layout.title})"
+                         for layout in LAYOUTS.values())
     raise UserError(f"{root}: no known layout found; expected one of: {expected}")
+
+
+def _where_classes(layout: FolderLayout) -> str:
+    """``train/{infected,normal}`` or ``{covid,normal}/images``: where its classes are."""
+    classes = "{" + ",".join(layout.class_dirs) + "}"
+    if layout.made_splits:
+        return f"{classes}/{layout.images_dir}"
+    return f"{layout.split_dirs['train']}/{classes}"
+
+
+def _fits(layout: FolderLayout, folders: dict[str, Path]) -> bool:
+    """Whether the class folders of ``layout`` are where it keeps them: under its train
+    folder, or (a collection without splits) in ``folders`` themselves, each with its
+    images sub-folder."""
+    if layout.made_splits:
+        return set(folders) >= set(layout.class_dirs) and all(
+            layout.images_dir in _children(folders[c]) for c in layout.class_dirs)
+    train = folders.get(layout.split_dirs["train"].lower())
+    return train is not None and set(_children(train)) >= set(layout.class_dirs)
 
 
 def detect_task(root: Path) -> Task:
@@ -154,8 +169,12 @@ def detect_task(root: Path) -> Task:
     return TASKS[detect_layout(root).task]
 
 
-def scan(root: str | Path, task: str | None = None) -> Layout:
-    """Find every image of a dataset folder; UserError when the layout is wrong."""
+def scan(root: str | Path, task: str | None = None,
+         assigned: dict[str, str] | None = None) -> Layout:
+    """Find every image of a dataset folder; UserError when the layout is wrong.
+
+    A collection without split folders is split here (``split_collection``);
+    ``assigned`` (relative path -> split, as a run recorded it) keeps the run's split."""
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
@@ -165,6 +184,10 @@ def scan(root: str | Path, task: str | None = None) -> Layout:
     spec = TASKS[kind.task]
     splits = _children(root)
     layout = Layout(root=root, task=spec, files={}, kind=kind)
+    if kind.made_splits:
+        refs = _class_refs(root, kind, layout.junk, "the collection")
+        layout.files = split_collection(refs, root, kind, assigned or {})
+        return layout
     for split, dirname in kind.split_dirs.items():
         folder = splits.get(dirname.lower())
         if folder is None:
@@ -183,19 +206,69 @@ def _scan_split(folder: Path, split: str, kind: FolderLayout,
         junk += skipped
         refs = [ImageFileRef(p, None) for p in images]
     else:
-        classes = _children(folder)
-        for class_dir, target in kind.class_dirs.items():
-            if class_dir not in classes:
-                raise UserError(f"{folder}: missing the class folder {class_dir}/")
-            images, skipped = _files(classes[class_dir])
-            junk += skipped
-            if not images:
-                raise UserError(f"{classes[class_dir]}: no .png/.jpg images in this class "
-                                f"folder; a {kind.task} dataset needs every class")
-            refs += [ImageFileRef(p, target) for p in images]
+        refs = _class_refs(folder, kind, junk, split)
     if not refs:
         raise UserError(f"{folder}: no .png/.jpg images in this split")
     return refs
+
+
+def _class_refs(folder: Path, kind: FolderLayout, junk: list[Path],
+                where: str) -> list[ImageFileRef]:
+    """The images of every class folder of ``kind`` under ``folder`` (in its images
+    sub-folder, if the layout has one), each with the task's class."""
+    classes = _children(folder)
+    refs = []
+    for class_dir, target in kind.class_dirs.items():
+        if class_dir not in classes:
+            raise UserError(f"{folder}: missing the class folder {class_dir}/ of {where}")
+        images_folder = classes[class_dir]
+        if kind.images_dir:
+            images_folder = _children(images_folder).get(kind.images_dir, images_folder)
+        images, skipped = _files(images_folder)
+        junk += skipped
+        if not images:
+            raise UserError(f"{images_folder}: no .png/.jpg images in this class folder; a "
+                            f"{kind.task} dataset needs every class")
+        refs += [ImageFileRef(p, target) for p in images]
+    return refs
+
+
+SPLIT_SEED = 0
+"""Seeds the split of a collection without split folders; the run records the result."""
+
+
+def split_collection(refs: list[ImageFileRef], root: Path, kind: FolderLayout,
+                     assigned: dict[str, str]) -> dict[str, list[ImageFileRef]]:
+    """Split a collection into train and ``kind.made_splits``: each class on its own,
+    in name order, shuffled with ``SPLIT_SEED``; each made split takes its fraction
+    (at least one image of every class that has two or more). Files ``assigned`` a
+    split (a run's record) keep it."""
+    files: dict[str, list[ImageFileRef]] = {"train": [], **{s: [] for s, _ in kind.made_splits}}
+    pending = []
+    for ref in refs:
+        split = assigned.get(_rel(ref.path, root))
+        (files[split] if split in files else pending).append(ref)
+    rng = np.random.default_rng(SPLIT_SEED)
+    for cls in sorted({ref.class_dir for ref in pending}):
+        members = sorted((r for r in pending if r.class_dir == cls),
+                         key=lambda r: _rel(r.path, root))
+        order = [members[i] for i in rng.permutation(len(members))]
+        for split, fraction in kind.made_splits:
+            count = min(max(round(fraction * len(members)), 1), len(order) - 1)
+            files[split] += order[:max(count, 0)]
+            order = order[max(count, 0):]
+        files["train"] += order
+    return {split: sorted(refs_, key=lambda r: _rel(r.path, root))
+            for split, refs_ in files.items()}
+
+
+def assignment(layout: Layout) -> dict[str, str]:
+    """Relative path -> split of a collection split here (empty for split folders):
+    what a run records so that readers split it the same way."""
+    if not layout.kind.made_splits:
+        return {}
+    return {_rel(ref.path, layout.root): split for split, refs in layout.files.items()
+            for ref in refs}
 
 
 def decode_all(paths: list[Path], size: int, desc: str, progress: bool = True) -> list:

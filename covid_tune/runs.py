@@ -162,10 +162,12 @@ def versions() -> dict[str, str]:
 
 
 def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
-                 files: dict[str, int], selection: list[str] = ()) -> SweepRecord:
+                 files: dict[str, int], selection: list[str] = (),
+                 splits: dict[str, str] | None = None) -> SweepRecord:
     """Write ``space.yaml``, ``dataset.json`` (with the names held out of Train as the
-    selection split, if any) and, last, ``sweep.json`` (whose presence marks the folder
-    as a run); UserError if the storage refuses them."""
+    selection split, if any, and the split of each image of a collection split here,
+    ``data.assignment``) and, last, ``sweep.json`` (whose presence marks the folder as
+    a run); UserError if the storage refuses them."""
     run_dir = opts.run_dir()
     provenance = Provenance(
         data=data_root, data_fingerprint=manifest_fingerprint(files), data_files=len(files),
@@ -177,7 +179,8 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
     contents = {
         SPACE_FILE: space_text,
         DATASET_FILE: json.dumps({"root": data_root, "fingerprint": provenance.data_fingerprint,
-                                  "files": files, "selection": list(selection)},
+                                  "files": files, "selection": list(selection),
+                                  "splits": splits or {}},
                                  indent=0).encode(),
         SWEEP_FILE: json.dumps({"format": RECORD_FORMAT, "options": asdict(opts),
                                 "provenance": asdict(provenance), "files": record.files},
@@ -286,6 +289,18 @@ def read_manifest(run_dir: str) -> dict[str, int]:
     return files
 
 
+def read_splits(run_dir: str) -> dict[str, str]:
+    """The split of each image of a collection the run split itself (``dataset.json``);
+    empty when the dataset has split folders, or the record cannot be read (the
+    manifest check then says so)."""
+    try:
+        raw = json.loads(read_bytes(join(run_dir, DATASET_FILE)))
+    except (OSError, ValueError):
+        return {}
+    splits = raw.get("splits") if isinstance(raw, dict) else None
+    return splits if isinstance(splits, dict) else {}
+
+
 def read_selection(run_dir: str, space: SearchSpace) -> list[str]:
     """The Train images the run held out as its selection split (``dataset.json``);
     empty when the space holds none out."""
@@ -330,7 +345,7 @@ def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None =
                                  f"are the ones recorded during training (train with "
                                  f"augmentation) and test is not scored; pass --data DIR "
                                  f"to re-score on a copy.",))
-    layout = scan(root, task)
+    layout = scan(root, task, read_splits(run_dir))
     current = manifest(layout)
     if manifest_fingerprint(current) == record.provenance.data_fingerprint:
         return DataChoice(root, (), layout)

@@ -41,8 +41,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.cluster import check_object_store, check_resources, check_storage, start_ray
 from covid_tune.config import SearchSpace, find_space
-from covid_tune.data import (SELECTION, DataBundle, Layout, check_memory, hold_out, load_dataset,
-                             manifest, scan, with_selection)
+from covid_tune.data import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
+                             load_dataset, manifest, scan, with_selection)
 from covid_tune.errors import Stopped, UserError
 from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
@@ -173,7 +173,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         check_object_store(bundle_bytes(bundle), space.image_size)
         check_storage(opts.storage_path, opts.shared_storage)
-        write_record(opts, space, opts.data, manifest(layout), held)
+        write_record(opts, space, opts.data, manifest(layout), held, assignment(layout))
         searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
                                   opts.max_concurrent)
         without_ray_tensorboard()

@@ -76,6 +76,15 @@ def generate(
         rng = np.random.default_rng([seed, SPLIT_IDS.index(split), CLASS_IDS.index(cls), index])
         Image.fromarray(draw_phantom(rng, size, phantom_kind(cls, index))).save(path)
     folders = {cls: folder for folder, cls in kind.class_dirs.items()}
+    if kind.made_splits:  # one pool, as the collection is published
+        for folder in (*folders.values(), *kind.left_out):
+            (out / folder / "masks").mkdir(parents=True, exist_ok=True)
+        (out / "README.md.txt").write_text("Synthetic phantoms in this collection's layout.\n")
+        pooled: dict[str, int] = {}
+        for classes in counts.values():
+            for cls, n in classes.items():
+                pooled[folders[cls]] = pooled.get(folders[cls], 0) + n
+        return {"": pooled}
     return {kind.split_dirs[split]: {folders[c]: n for c, n in classes.items()}
             for split, classes in counts.items()}
 
@@ -122,6 +131,12 @@ def plan_images(
     folders = {cls: folder for folder, cls in kind.class_dirs.items()}
     jobs = []
     for split, classes in counts.items():
+        if kind.made_splits:  # no split folders: every class folder holds all its images
+            for cls, n in classes.items():
+                names = random.Random(f"{seed}/{split}/{cls}")
+                jobs += [(out / folders[cls] / kind.images_dir / hex_name(names), split, cls, i)
+                         for i in range(n)]
+            continue
         folder = out / kind.split_dirs[split]
         if split in kind.labelled_splits:
             for cls, n in classes.items():

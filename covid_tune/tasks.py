@@ -83,11 +83,21 @@ class FolderLayout:
     """Class folder as published -> the task's class (a key of ``Task.targets``)."""
     labelled_splits: tuple[str, ...]
     """Splits with class sub-folders; any other split is a flat folder of images."""
+    images_dir: str = ""
+    """A sub-folder of each class folder that holds its images (``images``, beside
+    ``masks``), or empty: the images are in the class folder itself."""
+    made_splits: tuple[tuple[str, float], ...] = ()
+    """For a collection without split folders (empty ``split_dirs``): the splits made
+    from it, as (split, fraction); the rest is train. Drawn seeded and stratified by
+    class, and recorded in the run."""
+    left_out: tuple[str, ...] = ()
+    """Class folders of the collection that are not read (named by ``check``)."""
 
     def mapping(self) -> str:
         """``NORMAL -> normal, PNEUMONIA -> infected`` (identity shown as the name)."""
-        return ", ".join(f"{folder} -> {cls}" if folder != cls else folder
-                         for folder, cls in self.class_dirs.items())
+        words = [f"{folder} -> {cls}" if folder != cls else folder
+                 for folder, cls in self.class_dirs.items()]
+        return ", ".join(words + [f"{folder} left out" for folder in self.left_out])
 
 
 LAYOUTS = {layout.name: layout for layout in (
@@ -102,5 +112,10 @@ LAYOUTS = {layout.name: layout for layout in (
                  {"train": "train", "validation": "val", "test": "test"},
                  {"normal": "normal", "pneumonia": "infected"},
                  ("train", "validation", "test")),
+    FolderLayout("covid-radiography", "multilabel",
+                 'the "COVID-19 Radiography Database" (COVID-19_Radiography_Dataset/)',
+                 {}, {"covid": "covid-19", "normal": "normal", "viral pneumonia": "pneumonia"},
+                 ("train", "validation"), images_dir="images",
+                 made_splits=(("validation", 0.15),), left_out=("lung_opacity",)),
 )}
 """Every folder layout ``covid_tune.data.scan`` recognises, matched case-insensitively."""

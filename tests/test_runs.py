@@ -632,3 +632,25 @@ def test_failed_trials_are_counted_from_rays_snapshot(tmp_path):
 
     info = RunInfo(tmp_path, "r", None, None, [], states=states)
     assert info.summary() == "3 trials, 1 failed"
+
+
+def test_a_collection_the_sweep_split_is_split_the_same_way_by_every_reader(tmp_path):
+    """A collection without split folders: the run records each image's split, and the
+    readers (leaderboard, export, resume all go through ``choose_data``) use the
+    record, not a new draw."""
+    from covid_tune.data import assignment, manifest, scan
+    from covid_tune.runs import choose_data, read_splits, write_record
+    from covid_tune.synth import generate
+
+    root = tmp_path / "COVID-19_Radiography_Dataset"
+    generate(root, "multilabel", scale=0.005, size=32, progress=False, layout="covid-radiography")
+    layout = scan(root)
+    split = assignment(layout)
+    moved = next(name for name, s in split.items() if s == "validation")
+    recorded = {**split, moved: "train"}  # as if the run had drawn otherwise
+    opts = SweepOptions(space_file="multilabel", data=str(root), name="r",
+                        storage_path=str(tmp_path / "runs"))
+    record = write_record(opts, opts.space(), str(root), manifest(layout), splits=recorded)
+    assert read_splits(opts.run_dir()) == recorded
+    choice = choose_data(opts.run_dir(), record, "multilabel")
+    assert assignment(choice.layout) == recorded

@@ -159,3 +159,34 @@ def test_phantoms_in_the_kaggle_pneumonia_layout_are_read_back_as_written(tmp_pa
     assert first.read_bytes() == (tmp_path / "a" / "train" / "infected" / first.name).read_bytes()
     with pytest.raises(UserError, match="'kaggle-pneumonia' is not a multilabel layout"):
         generate(tmp_path / "m", "multilabel", layout="kaggle-pneumonia", progress=False)
+
+
+def test_phantoms_in_the_covid_radiography_layout_are_split_and_the_split_kept(tmp_path):
+    """One folder per class with images/ and masks/ and no split folders: scan reads the
+    three classes it maps (Lung_Opacity left out), makes a seeded, stratified 15%
+    validation split, and keeps a recorded split when given one."""
+    from covid_tune.check import check_dataset
+    from covid_tune.data import assignment, scan
+
+    root = tmp_path / "COVID-19_Radiography_Dataset"
+    written = generate(root, "multilabel", scale=0.01, size=32, seed=0, progress=False,
+                       layout="covid-radiography")
+    assert written == {"": {"covid": 6, "normal": 48, "viral pneumonia": 24}}
+    (root / "lung_opacity" / "images").mkdir()
+    (root / "lung_opacity" / "images" / "x.png").write_bytes(
+        (next((root / "normal" / "images").iterdir())).read_bytes())
+    layout = scan(root)
+    assert (layout.kind.name, layout.task.name) == ("covid-radiography", "multilabel")
+    by_class = {split: sorted({r.class_dir for r in refs}) for split, refs in layout.files.items()}
+    assert by_class == {"train": ["covid-19", "normal", "pneumonia"],
+                        "validation": ["covid-19", "normal", "pneumonia"]}
+    sizes = {split: len(refs) for split, refs in layout.files.items()}
+    assert sizes == {"train": 66, "validation": 12}  # 15%: covid 1 of 6, 7 of 48, 4 of 24
+    split = assignment(layout)
+    assert split == assignment(scan(root))  # seeded: the same every time
+    moved = next(name for name, s in split.items() if s == "validation")
+    again = scan(root, assigned={**split, moved: "train"})
+    assert assignment(again)[moved] == "train"
+    text = "\n".join(check_dataset(str(root), progress=False).lines())
+    assert "COVID-19 Radiography Database" in text and "lung_opacity left out" in text
+    assert "covid -> covid-19" in text and "viral pneumonia -> pneumonia" in text
