@@ -49,11 +49,14 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def binary_data(tmp_path_factory):
-    """A tiny Part 1 dataset of phantoms (48 px)."""
+    """A tiny Part 1 dataset of phantoms (48 px), in the layout of the public Kaggle
+    "Chest X-Ray Images (Pneumonia)" collection (``train/val/test``, ``normal`` and
+    ``pneumonia``), so every real sweep of Part 1 reads a public layout."""
     from covid_tune.synth import generate
 
-    root = tmp_path_factory.mktemp("binary") / "data"
-    generate(root, "binary", scale=0.006, size=48, seed=1, progress=False)
+    root = tmp_path_factory.mktemp("binary") / "chest_xray"
+    generate(root, "binary", scale=0.006, size=48, seed=1, progress=False,
+             layout="kaggle-pneumonia")
     return root
 
 

@@ -59,7 +59,7 @@ def test_predict_folder_matches_training_evaluation(exported, multilabel_data, t
 
 
 def test_predict_one_binary_image(exported, binary_data, tmp_path):
-    image = sorted((binary_data / "test" / "infected").glob("*.png"))[0]
+    image = sorted((binary_data / "test" / "pneumonia").glob("*.png"))[0]
     predict(str(exported / "binary"), str(image), str(tmp_path / "p.csv"))
     with open(tmp_path / "p.csv", newline="") as handle:
         header, row = list(csv.reader(handle))

@@ -48,6 +48,16 @@ def test_binary_run_dir_is_readable_by_ray_and_optuna(swept):
     assert all(max(t.intermediate_values) < 3 for t in trials if t.state.name == "PRUNED")
 
 
+def test_the_shared_part_1_sweep_read_the_public_kaggle_layout(swept):
+    """Its dataset is in chest_xray's folders: PNEUMONIA as infected, val as validation,
+    found without any flag."""
+    files = json.loads((swept.binary / "dataset.json").read_text())["files"]
+    assert {name.split("/")[0] for name in files} == {"train", "val", "test"}
+    assert any(name.startswith("train/pneumonia/") for name in files)
+    frames = ExperimentAnalysis(str(swept.binary)).trial_dataframes.values()
+    assert all(0 < f["val_auroc"].iloc[-1] <= 1 for f in frames)  # both classes in val
+
+
 def test_start_with_rows_ran_first(swept):
     first = sorted(study(swept.binary).trials, key=lambda t: t.number)[:3]
     rows = BINARY_SPACE["start_with"]
