@@ -87,12 +87,14 @@ def describe_layout(layout) -> str:
     """``Kaggle "..." (splits train, val, test; classes NORMAL -> normal, ...)``, and a
     warning when the validation split is tiny."""
     kind = layout.kind
-    if kind.made_splits:
-        made = ", ".join(f"{split} {fraction:.0%}" for split, fraction in kind.made_splits)
-        splits = (f"no split folders: {made} of each class drawn with a fixed seed, the rest "
-                  f"train; a run records the split")
-    else:
-        splits = "splits " + ", ".join(kind.split_dirs[s] for s in layout.files)
+    drawn = dict(kind.made_splits)
+    folders = [kind.split_dirs[s] for s in layout.files if s in kind.split_dirs
+               and s not in drawn]
+    splits = f"splits {', '.join(folders)}" if folders else "no split folders"
+    if drawn:
+        made = ", ".join(f"{split} {fraction:.0%}" for split, fraction in drawn.items())
+        splits += (f"; {made} of each class drawn from train with a fixed seed (a run "
+                   f"records the split)")
     text = f"{kind.title} ({splits}; classes {kind.mapping()})"
     size = len(layout.files.get("validation", []))
     if size < SMALL_VALIDATION:

@@ -70,8 +70,10 @@ PARAM_DEFAULTS: dict[str, Any] = {
 TOP_KEYS = (
     "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
     "num_samples", "asha", "params", "start_with", "allow_train_metric", "trial_seed",
-    "selection", "threshold",
+    "selection", "threshold", "data",
 )
+DATA_KEYS = ("classes", "split")
+SPLIT_KEYS = ("validation", "test")
 SELECTION_KEYS = ("holdout",)
 THRESHOLD_KEYS = ("rule", "target")
 THRESHOLD_RULES = ("f1", "youden", "sensitivity")
@@ -151,6 +153,26 @@ class Selection:
     def prefix(self) -> str:
         """The prefix of the choosing split's metrics: ``sel`` or ``val``."""
         return SPLIT_PREFIXES[self.split]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How a dataset folder is read when its layout's defaults do not fit (``data:``)."""
+
+    classes: tuple[tuple[str, str | None], ...] = ()
+    """Class folder -> the task's class (``null``: leave the folder out), on top of
+    the detected layout's own mapping; e.g. ``{lung_opacity: pneumonia}``."""
+    split: tuple[tuple[str, float], ...] = ()
+    """Splits drawn from train (seeded, stratified by class) instead of read from
+    folders, as (split, fraction); e.g. ``{validation: 0.15}`` for a tiny ``val/``."""
+
+    def to_raw(self) -> dict:
+        raw = {}
+        if self.classes:
+            raw["classes"] = dict(self.classes)
+        if self.split:
+            raw["split"] = dict(self.split)
+        return raw
 
 
 @dataclass(frozen=True)
@@ -254,6 +276,8 @@ class SearchSpace:
     """The split that chooses (a held-out part of Train, or validation)."""
     threshold: Threshold = Threshold()
     """How the labels' decision thresholds are tuned on the choosing split."""
+    data: DataSpec = DataSpec()
+    """Class map and drawn splits that override the detected layout's."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""
@@ -430,6 +454,7 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         trial_seed=_int(raw, "trial_seed", 0, 0, problems) if "trial_seed" in raw else None,
         selection=selection,
         threshold=_threshold(raw.get("threshold"), problems),
+        data=_data(raw.get("data"), task, problems),
     )
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
@@ -512,6 +537,43 @@ def _selection(raw: Any, problems: Problems) -> Selection:
                                           f"(0.15 is usual), got {_show(holdout)}")
         return Selection()
     return Selection(float(holdout))
+
+
+def _data(raw: Any, task: str | None, problems: Problems) -> DataSpec:
+    if raw is None:
+        return DataSpec()
+    if not isinstance(raw, dict):
+        problems.add("data", "expected a mapping such as {classes: {lung_opacity: pneumonia}}"
+                             " or {split: {validation: 0.15}}")
+        return DataSpec()
+    problems.unknown_keys(raw, DATA_KEYS, "data.")
+    classes, split = raw.get("classes") or {}, raw.get("split") or {}
+    if not isinstance(classes, dict) or not isinstance(split, dict):
+        problems.add("data", "classes and split are mappings")
+        return DataSpec()
+    valid = tuple(TASKS[task].targets) if task else ()
+    seen: dict[str, str] = {}
+    for folder, cls in classes.items():
+        key = str(folder).lower()
+        if key in seen:
+            problems.add(f"data.classes.{folder}", f"the class folder {folder} is mapped twice "
+                                                   f"(also as {seen[key]}); keep one entry")
+        seen[key] = str(folder)
+        if cls is not None and cls not in valid:
+            problems.add(f"data.classes.{folder}", f"{_show(cls)} is not a {task} class; use "
+                                                   f"one of: {', '.join(valid)}, or null to "
+                                                   f"leave the folder out")
+    problems.unknown_keys(split, SPLIT_KEYS, "data.split.")
+    for name, fraction in split.items():
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0 < fraction < 0.5:
+            problems.add(f"data.split.{name}", f"expected a fraction of train between 0 and "
+                                               f"0.5, got {_show(fraction)}")
+    if sum(v for v in split.values() if isinstance(v, (int, float))) >= 0.9:
+        problems.add("data.split", "the drawn splits leave too little to train on")
+    return DataSpec(tuple((str(k).lower(), v) for k, v in classes.items()),
+                    tuple((str(k), float(v)) for k, v in split.items()
+                          if isinstance(v, (int, float))))
 
 
 def _threshold(raw: Any, problems: Problems) -> Threshold:
@@ -823,6 +885,7 @@ def to_raw(space: SearchSpace) -> dict:
         **({"allow_train_metric": True} if space.allow_train_metric else {}),
         **({"trial_seed": space.trial_seed} if space.trial_seed is not None else {}),
         **({"selection": asdict(space.selection)} if space.selection.holdout else {}),
+        **({"data": space.data.to_raw()} if space.data.to_raw() else {}),
     }
 
 

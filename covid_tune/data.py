@@ -16,12 +16,13 @@ import os
 import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from covid_tune.config import DataSpec
 from covid_tune.errors import UserError
 from covid_tune.preprocess import try_read
 from covid_tune.tasks import LAYOUTS, TASKS, FolderLayout, Task
@@ -169,33 +170,62 @@ def detect_task(root: Path) -> Task:
     return TASKS[detect_layout(root).task]
 
 
-def scan(root: str | Path, task: str | None = None,
-         assigned: dict[str, str] | None = None) -> Layout:
+def scan(root: str | Path, task: str | None = None, assigned: dict[str, str] | None = None,
+         spec: DataSpec | None = None) -> Layout:
     """Find every image of a dataset folder; UserError when the layout is wrong.
 
-    A collection without split folders is split here (``split_collection``);
-    ``assigned`` (relative path -> split, as a run recorded it) keeps the run's split."""
+    ``spec`` (a space's ``data:``) changes the detected layout's class map and which
+    splits are drawn from train. Drawn splits (all of them for a collection without
+    split folders) are made here (``split_collection``); ``assigned`` (relative path ->
+    split, as a run recorded it) keeps the run's split."""
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
         raise UserError(f"{root}: {what}; pass the dataset root (holding train/ and "
                         f"validation/)")
-    kind = detect_layout(root, task)
-    spec = TASKS[kind.task]
+    kind = with_spec(detect_layout(root, task), spec, root)
+    layout = Layout(root=root, task=TASKS[kind.task], files={}, kind=kind)
     splits = _children(root)
-    layout = Layout(root=root, task=spec, files={}, kind=kind)
-    if kind.made_splits:
-        refs = _class_refs(root, kind, layout.junk, "the collection")
-        layout.files = split_collection(refs, root, kind, assigned or {})
-        return layout
+    drawn = dict(kind.made_splits)
     for split, dirname in kind.split_dirs.items():
         folder = splits.get(dirname.lower())
+        if split in drawn:
+            continue  # drawn from train below
         if folder is None:
             if split == "test":
                 continue
             raise UserError(f"{root}: missing the {dirname}/ folder of {kind.title}")
         layout.files[split] = _scan_split(folder, split, kind, layout.junk)
+    if drawn:
+        pool = (layout.files.pop("train") if kind.split_dirs
+                else _class_refs(root, kind, layout.junk, "the collection"))
+        layout.files.update(split_collection(pool, root, kind, assigned or {}))
+    layout.files = {s: layout.files[s] for s in ("train", "validation", "test")
+                    if s in layout.files}
     return layout
+
+
+def with_spec(kind: FolderLayout, spec: DataSpec | None, root: Path) -> FolderLayout:
+    """The layout with a space's ``data:`` applied: class folders mapped (or left out
+    with null) and splits drawn from train."""
+    if spec is None or not (spec.classes or spec.split):
+        return kind
+    classes = dict(kind.class_dirs)
+    left_out = [f for f in kind.left_out if f not in dict(spec.classes)]
+    home = root if kind.made_splits else _children(root).get(kind.split_dirs["train"].lower())
+    present = _children(home) if home is not None else {}
+    for folder, target in spec.classes:
+        if folder not in present:
+            raise UserError(f"{root}: data.classes names the class folder {folder}/, which is "
+                            f"not there; use one of: {', '.join(sorted(present))}")
+        classes.pop(folder, None)
+        if target is None:
+            left_out.append(folder)
+        else:
+            classes[folder] = target
+    made = spec.split or kind.made_splits
+    return replace(kind, class_dirs=classes, left_out=tuple(left_out),
+                   made_splits=tuple(made))
 
 
 def _scan_split(folder: Path, split: str, kind: FolderLayout,

@@ -63,7 +63,8 @@ def export_model(run: RunInfo, record: TrialRecord, folder: Path,
     checks.update(write_onnx(model, folder / ONNX_FILE, size))
     card = {**model_card(run, record, checks), "cam": cam_spec(model)}
     write_card(folder, card)
-    (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task)))
+    (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task,
+                                                              run.space.data)))
     return folder
 
 
@@ -174,11 +175,11 @@ def threshold_text(card: dict) -> str:
     return f"{values}, tuned by the `{rule['rule']}` rule{target} on {rule['split']}{untuned}"
 
 
-def data_counts(root: Path | None, task: str) -> dict[str, dict[str, int]]:
+def data_counts(root: Path | None, task: str, spec=None) -> dict[str, dict[str, int]]:
     """Images per split and class of the training data, if the folder is still there."""
     if root is None:
         return {}
-    layout = scan(root, task)
+    layout = scan(root, task, spec=spec)
     counts: dict[str, dict[str, int]] = {}
     for split, refs in layout.files.items():
         for ref in refs:

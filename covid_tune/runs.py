@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
-from covid_tune.config import SearchSpace, dump_space, load_space, parse_space_text
+from covid_tune.config import DataSpec, SearchSpace, dump_space, load_space, parse_space_text
 from covid_tune.data import Layout, manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, remove, write_bytes
@@ -330,7 +330,8 @@ class DataChoice:
 
 
 def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None = None,
-                allow_changed: bool = False, required: bool = False) -> DataChoice:
+                allow_changed: bool = False, required: bool = False,
+                spec: DataSpec | None = None) -> DataChoice:
     """The run's dataset: ``data`` (a moved copy) or the recorded folder, checked
     against the run's manifest. A different dataset is refused unless
     ``allow_changed``, in which case the difference is returned as a note."""
@@ -345,7 +346,7 @@ def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None =
                                  f"are the ones recorded during training (train with "
                                  f"augmentation) and test is not scored; pass --data DIR "
                                  f"to re-score on a copy.",))
-    layout = scan(root, task, read_splits(run_dir))
+    layout = scan(root, task, read_splits(run_dir), spec)
     current = manifest(layout)
     if manifest_fingerprint(current) == record.provenance.data_fingerprint:
         return DataChoice(root, (), layout)
@@ -672,7 +673,8 @@ def choose_datasets(runs: list[RunInfo], data: list[str],
         raise UserError(f"--data given {len(data)} times for {len(runs)} runs; give it once "
                         f"for every run, or once per run in the same order")
     given = data * len(runs) if len(data) == 1 else data or [None] * len(runs)
-    return {run.name: choose_data(str(run.path), run.record, run.task, folder, allow_changed)
+    return {run.name: choose_data(str(run.path), run.record, run.task, folder, allow_changed,
+                                  spec=run.space.data)
             for run, folder in zip(runs, given)}
 
 

@@ -167,7 +167,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         if exists(join(run_dir, SWEEP_FILE)):
             raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name "
                             f"or continue it with `covid-tune resume {run_dir}`")
-        layout = scan(opts.data, space.task)
+        layout = scan(opts.data, space.task, spec=space.data)
         bundle, held = decode(layout, space, opts.strict, seed=opts.seed)
         start_ray(opts.address)
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
@@ -206,7 +206,7 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     with hold(run_dir):
         check_ray_state(run_dir)
         choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
-                             required=True)
+                             required=True, spec=space.data)
         for note in choice.notes:
             print(f"note: {note}")
         bundle, _ = decode(choice.layout, space, opts.strict, read_selection(run_dir, space))

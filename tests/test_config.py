@@ -432,3 +432,28 @@ def test_shipped_spaces_are_found_by_name_from_any_folder(tmp_path, monkeypatch)
     with pytest.raises(UserError, match="give a YAML file or a shipped space: binary, "
                                         "multilabel, demo"):
         load_space("resnet")
+
+
+@pytest.mark.parametrize("data, key, words", [
+    ({"classes": {"COVID": "covid-19", "covid": "covid-19"}}, "data.classes.covid",
+     "mapped twice"),
+    ({"classes": {"lung_opacity": "opacity"}}, "data.classes.lung_opacity",
+     "is not a multilabel class"),
+    ({"split": {"validation": 0.7}}, "data.split.validation", "between 0 and 0.5"),
+    ({"split": {"val": 0.1}}, "data.split.val", "valid keys: validation, test"),
+    ({"folders": {}}, "data.folders", "unknown key"),
+])
+def test_data_key_mistakes_name_the_key(tmp_path, data, key, words):
+    message = errors_of(tmp_path, {**MINIMAL, "data": data})
+    assert f": {key}: " in message and words in message
+
+
+def test_the_data_key_survives_the_round_trip(tmp_path):
+    from covid_tune.config import DataSpec
+
+    doc = {**MINIMAL, "data": {"classes": {"Lung_Opacity": "pneumonia", "COVID": None},
+                               "split": {"validation": 0.15}}}
+    space = load_space(write(tmp_path, doc))
+    assert space.data == DataSpec((("covid", None), ("lung_opacity", "pneumonia")),
+                                  (("validation", 0.15),))  # the file is written sorted
+    assert parse_space(yaml.safe_load(dump_space(space)), "again.yaml").data == space.data

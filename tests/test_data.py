@@ -364,3 +364,39 @@ def test_class_folders_of_two_layouts_at_once_are_refused(tmp_path):
     (root / "val").mkdir()
     with pytest.raises(UserError, match="matches 2 layouts at once .*keep one set of class"):
         scan(root)
+
+
+def test_a_spaces_data_key_draws_validation_from_train_and_maps_more_classes(tmp_path):
+    """``data: {split: {validation: 0.15}}`` on the Kaggle layout draws validation from
+    train (its 16-image val/ is not read); ``data: {classes: {lung_opacity:
+    pneumonia}}`` brings the left-out folder of the radiography collection in."""
+    from covid_tune.config import DataSpec
+    from covid_tune.synth import generate
+
+    root = kaggle_tree(tmp_path / "chest_xray", per_class=10)
+    layout = scan(root, spec=DataSpec(split=(("validation", 0.2),)))
+    assert {s: len(r) for s, r in layout.files.items()} == {"train": 16, "validation": 4,
+                                                           "test": 20}
+    assert all(ref.path.parts[-3] == "train" for ref in layout.files["validation"])
+    assert "splits train, test; validation 20% of each class drawn from train" in \
+        "\n".join(check_dataset_layout(layout))
+
+    collection = tmp_path / "COVID-19_Radiography_Dataset"
+    generate(collection, "multilabel", scale=0.005, size=32, progress=False,
+             layout="covid-radiography")
+    save(collection / "lung_opacity" / "images" / "o.png")
+    plain = scan(collection)
+    more = scan(collection, spec=DataSpec(classes=(("lung_opacity", "pneumonia"),)))
+    count = sum(len(r) for r in more.files.values())
+    assert count == sum(len(r) for r in plain.files.values()) + 1
+    assert "lung_opacity -> pneumonia" in more.kind.mapping()
+    fewer = scan(collection, spec=DataSpec(classes=(("covid", None),)))
+    assert "covid-19" not in {r.class_dir for refs in fewer.files.values() for r in refs}
+    with pytest.raises(UserError, match="names the class folder masks/, which is not there"):
+        scan(collection, spec=DataSpec(classes=(("masks", "normal"),)))
+
+
+def check_dataset_layout(layout) -> list[str]:
+    from covid_tune.check import describe_layout
+
+    return describe_layout(layout).splitlines()

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import optuna
 from PIL import Image
 from ray.tune import ExperimentAnalysis
@@ -164,3 +165,31 @@ def test_a_sweep_whose_every_trial_failed_says_so_and_exits_1(capsys):
                    "TrialDiverged: loss became nan at epoch 1 (see /runs/r/trial_0/error.txt)\n")
     assert exit_code([*failed, SimpleNamespace(error=None, path="/runs/r/trial_3")]) == 0
     assert exit_code([]) == 0
+
+
+def test_the_shipped_part_2_space_sweeps_the_covid_radiography_collection(
+        ray_cluster, tmp_path, capsys):
+    """Phantoms in the "COVID-19 Radiography Database" layout (no split folders) and
+    the shipped ``multilabel`` space, shrunk by flags only: the sweep finds the layout,
+    draws validation, records every image's split, and the leaderboard re-scores the
+    trial on exactly that validation split (the figures the trial reported come back)."""
+    import csv
+
+    from covid_tune.cli import main
+    from covid_tune.synth import generate
+
+    data = tmp_path / "COVID-19_Radiography_Dataset"
+    generate(data, "multilabel", scale=0.01, size=32, progress=False, layout="covid-radiography")
+    assert main(["sweep", "--space", "multilabel", "--data", str(data), "--image-size", "32",
+                 "--max-epochs", "1", "--num-samples", "1", "--pretrained", "none",
+                 "--storage-path", str(tmp_path / "runs"), "--name", "radiography"]) == 0
+    run = tmp_path / "runs" / "radiography"
+    record = json.loads((run / "dataset.json").read_text())
+    assert set(record["splits"].values()) == {"train", "validation"}
+    assert record["selection"] and all(record["splits"][n] == "train" for n in record["selection"])
+    assert main(["leaderboard", str(run), "--out", str(tmp_path / "board")]) == 0
+    with open(tmp_path / "board" / "leaderboard.csv", newline="") as handle:
+        row, = csv.DictReader(handle)
+    recipe = json.loads((Path(row["checkpoint"]) / "recipe.json").read_text())
+    assert float(row["validation_f1_at_0_5"]) == pytest.approx(recipe["metrics"]["val_f1"])
+    assert float(row["selection_f1_at_0_5"]) == pytest.approx(recipe["metrics"]["sel_f1"])
