@@ -523,13 +523,23 @@ def _metric(raw: dict, task: str | None, selection: Selection, problems: Problem
     return metric
 
 
+def _section(raw: Any, key: str, keys: tuple, example: str,
+             problems: Problems) -> dict | None:
+    """The mapping under a top-level ``key``, its unknown keys reported; None when the
+    key is absent or not a mapping (reported, with ``example``)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        problems.add(key, f"expected a mapping such as {example}")
+        return None
+    problems.unknown_keys(raw, keys, f"{key}.")
+    return raw
+
+
 def _selection(raw: Any, problems: Problems) -> Selection:
+    raw = _section(raw, "selection", SELECTION_KEYS, "{holdout: 0.15}", problems)
     if raw is None:
         return Selection()
-    if not isinstance(raw, dict):
-        problems.add("selection", "expected a mapping such as {holdout: 0.15}")
-        return Selection()
-    problems.unknown_keys(raw, SELECTION_KEYS, "selection.")
     holdout = raw.get("holdout", 0.0)
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) \
             or not 0 <= holdout <= 0.5:
@@ -540,13 +550,10 @@ def _selection(raw: Any, problems: Problems) -> Selection:
 
 
 def _data(raw: Any, task: str | None, problems: Problems) -> DataSpec:
+    raw = _section(raw, "data", DATA_KEYS, "{classes: {lung_opacity: pneumonia}} or "
+                                           "{split: {validation: 0.15}}", problems)
     if raw is None:
         return DataSpec()
-    if not isinstance(raw, dict):
-        problems.add("data", "expected a mapping such as {classes: {lung_opacity: pneumonia}}"
-                             " or {split: {validation: 0.15}}")
-        return DataSpec()
-    problems.unknown_keys(raw, DATA_KEYS, "data.")
     classes, split = raw.get("classes") or {}, raw.get("split") or {}
     if not isinstance(classes, dict) or not isinstance(split, dict):
         problems.add("data", "classes and split are mappings")
@@ -577,13 +584,10 @@ def _data(raw: Any, task: str | None, problems: Problems) -> DataSpec:
 
 
 def _threshold(raw: Any, problems: Problems) -> Threshold:
+    raw = _section(raw, "threshold", THRESHOLD_KEYS, "{rule: f1} or "
+                                                     "{rule: sensitivity, target: 0.95}", problems)
     if raw is None:
         return Threshold()
-    if not isinstance(raw, dict):
-        problems.add("threshold", "expected a mapping such as {rule: f1} or "
-                                  "{rule: sensitivity, target: 0.95}")
-        return Threshold()
-    problems.unknown_keys(raw, THRESHOLD_KEYS, "threshold.")
     rule, target = raw.get("rule", "f1"), raw.get("target")
     if rule not in THRESHOLD_RULES:
         problems.add("threshold.rule", f"{_show(rule)} is not a rule; use one of: "
