@@ -628,6 +628,17 @@ def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen) -> dict | None:
     return {"done": done, "mid": mid} if done and mid else None
 
 
+def written_since(run_dir: Path, since: float) -> bool:
+    """Whether a checkpoint of the run was written after ``since`` (a time.time())."""
+    for recipe in run_dir.glob("trial_*/checkpoint_*/recipe.json"):
+        try:
+            if recipe.stat().st_mtime > since:
+                return True
+        except OSError:
+            continue  # removed by Ray while we looked
+    return False
+
+
 def checkpoints(run_dir: Path) -> set[str]:
     return {str(p.relative_to(run_dir)) for p in run_dir.glob("trial_*/checkpoint_*")}
 
@@ -714,9 +725,12 @@ def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
             if t.trial_id in seen["done"]}
     assert (run_dir / LOCK_FILE).exists()  # left behind; its flock died with the driver
 
-    kept = checkpoints(run_dir)
+    # SIGTERM once the next resume has written a checkpoint. By file time, not by name:
+    # the killed driver may have gone on past its snapshot, and the resume then writes
+    # a checkpoint under a name that is already there.
+    since = time.time()
     finished = threading.Event()
-    signal_self_once(lambda: checkpoints(run_dir) - kept, signal.SIGTERM, finished)
+    signal_self_once(lambda: written_since(run_dir, since), signal.SIGTERM, finished)
     capsys.readouterr()
     try:
         code = main(["resume", str(run_dir)])
