@@ -99,6 +99,7 @@ def describe_layout(layout) -> str:
     size = len(layout.files.get("validation", []))
     if size < SMALL_VALIDATION:
         text += (f"\n  warning: the validation split holds only {size} images; a score on so "
-                 f"few moves by whole points per image (consider selection: {{holdout: "
-                 f"0.15}} in the space, to choose on a part of train instead)")
+                 f"few moves by whole points per image; in the space, draw validation from "
+                 f"train (data: {{split: {{validation: 0.15}}}}) or choose on a part of "
+                 f"train (selection: {{holdout: 0.15}})")
     return text
