@@ -90,11 +90,13 @@ def describe_layout(layout) -> str:
     drawn = dict(kind.made_splits)
     folders = [kind.split_dirs[s] for s in layout.files if s in kind.split_dirs
                and s not in drawn]
-    splits = f"splits {', '.join(folders)}" if folders else "no split folders"
+    listed = layout.listing is not None
+    splits = (f"splits {', '.join(folders)}" if folders
+              else "no split column" if listed else "no split folders")
     if drawn:
         made = ", ".join(f"{split} {fraction:.0%}" for split, fraction in drawn.items())
-        splits += (f"; {made} of each class drawn from train with a fixed seed (a run "
-                   f"records the split)")
+        splits += (f"; {made} of each class drawn from {'the rows' if listed else 'train'} "
+                   f"with a fixed seed (a run records the split)")
     text = f"{kind.title} ({splits}; classes {kind.mapping()})"
     size = len(layout.files.get("validation", []))
     if size < SMALL_VALIDATION:

@@ -192,11 +192,12 @@ def add_data_flags(parser: argparse.ArgumentParser, many: bool) -> None:
     """``--data`` (a moved copy of the run's dataset) and ``--allow-changed-data``."""
     if many:
         parser.add_argument("--data", action="append", metavar="DIR",
-                            help="the dataset folder, if it moved: once for every run, or "
+                            help="the dataset folder (or CSV manifest), if it moved: once for every run, or "
                                  "once per run in order (checked against each run's record)")
     else:
         parser.add_argument("--data", metavar="DIR",
-                            help="the dataset folder, if it moved (checked against the run)")
+                            help="the dataset folder (or CSV manifest), if it moved (checked "
+                                 "against the run)")
     parser.add_argument("--allow-changed-data", action="store_true",
                         help="use a dataset that differs from the run's record (noted)")
 
@@ -208,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check", help="check a dataset folder")
-    p.add_argument("data")
+    p = sub.add_parser("check", help="check a dataset folder or CSV manifest")
+    p.add_argument("data", help="dataset root folder, or a CSV manifest (path,labels[,split])")
     p.add_argument("--task", choices=["binary", "multilabel"])
     p.add_argument("--strict", action="store_true", help="exit 2 if any file is unreadable")
     p.add_argument("--quiet", action="store_true")
@@ -222,14 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", help="a published layout to write instead of the "
-                                    "assignment's, e.g. kaggle-pneumonia")
+                                    "assignment's, e.g. kaggle-pneumonia, or csv-manifest")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("sweep", help="run a hyperparameter search")
     p.add_argument("--space", required=True,
                    help="search-space YAML file, or a shipped space: binary, multilabel, demo")
-    p.add_argument("--data", required=True, help="dataset root folder")
+    p.add_argument("--data", required=True,
+                   help="dataset root folder, or a CSV manifest (path,labels[,split])")
     p.add_argument("--name", help="run name (default: <task>-<time>)")
     p.add_argument("--storage-path", default="runs",
                    help="where runs live: a path, or s3:// gs:// URI (default: ./runs)")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from covid_tune import csv_manifest
 from covid_tune.config import DataSpec
 from covid_tune.errors import UserError
 from covid_tune.preprocess import try_read
@@ -29,8 +30,9 @@ from covid_tune.tasks import LAYOUTS, TASKS, FolderLayout, Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 JUNK_NAMES = ("desktop.ini", ".ds_store", "thumbs.db", "ehthumbs.db", "icon\r")
-CACHE_VERSION = "2"
-"""Bumped when decoding changes (2: PNG/JPEG decoders only, bombs refused per image)."""
+CACHE_VERSION = "3"
+"""Bumped when decoding changes (2: PNG/JPEG decoders only, bombs refused per image;
+3: each image's class is in the fingerprint, so a changed class map decodes again)."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,11 @@ class Layout:
     task: Task
     files: dict[str, list[ImageFileRef]]
     kind: FolderLayout = LAYOUTS["assignment-binary"]
-    """Which published layout the folder is in (``covid_tune.tasks.LAYOUTS``)."""
+    """Which published layout the folder is in (``covid_tune.tasks.LAYOUTS``), or the
+    layout a CSV manifest describes."""
     junk: list[Path] = field(default_factory=list)
+    listing: Path | None = None
+    """The CSV manifest the images were listed in (``covid_tune.csv_manifest``)."""
 
 
 @dataclass
@@ -179,10 +184,12 @@ def scan(root: str | Path, task: str | None = None, assigned: dict[str, str] | N
     split folders) are made here (``split_collection``); ``assigned`` (relative path ->
     split, as a run recorded it) keeps the run's split."""
     root = Path(root)
+    if csv_manifest.is_manifest(root):
+        return scan_csv(root, task, assigned, spec)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "no such folder"
         raise UserError(f"{root}: {what}; pass the dataset root (holding train/ and "
-                        f"validation/)")
+                        f"validation/) or a CSV manifest (path,labels[,split])")
     kind = with_spec(detect_layout(root, task), spec, root)
     layout = Layout(root=root, task=TASKS[kind.task], files={}, kind=kind)
     splits = _children(root)
@@ -263,6 +270,63 @@ def _class_refs(folder: Path, kind: FolderLayout, junk: list[Path],
     return refs
 
 
+def scan_csv(path: Path, task: str | None, assigned: dict[str, str] | None,
+             spec: DataSpec | None) -> Layout:
+    """The images a CSV manifest lists (``covid_tune.csv_manifest``), as a ``Layout``
+    rooted at the CSV's folder. Without a split column, validation (or the space's
+    ``data.split``) is drawn from the rows as for a collection without split folders."""
+    listing = csv_manifest.read(path)
+    the_task = TASKS[task or csv_manifest.guess_task(listing)]
+    mapped = dict(spec.classes) if spec else {}
+    seen = {w for row in listing.rows for w in row.words}
+    for word in mapped:
+        if word not in seen:
+            raise UserError(f"{path}: data.classes names the label {word}, which no row has; "
+                            f"use one of: {', '.join(sorted(seen))}")
+    files: dict[str, list[ImageFileRef]] = {}
+    classes: dict[str, str] = {}
+    for row in listing.rows:
+        split = row.split or "train"
+        cls = None
+        if row.words:
+            try:
+                cls = csv_manifest.class_of(row.words, the_task, mapped)
+            except ValueError as exc:
+                raise UserError(f"{path}:{row.line}: {exc}") from None
+            if cls is None:
+                continue  # left out by data.classes
+            classes[csv_manifest.SEPARATOR.join(row.words)] = cls
+        elif split != "test":
+            raise UserError(f"{path}:{row.line}: no labels; only test images may be "
+                            f"unlabelled (give this row its labels or split test)")
+        files.setdefault(split, []).append(ImageFileRef(row.path, cls))
+    labelled = tuple(s for s, refs in files.items() if any(r.class_dir for r in refs))
+    if "test" in labelled and not all(r.class_dir for r in files["test"]):
+        raise UserError(f"{path}: some test rows have labels and some do not; label every "
+                        f"test image or none")
+    made = (spec.split if spec else ()) or (() if listing.has_split else (("validation", 0.15),))
+    kind = FolderLayout(
+        "csv-manifest", the_task.name, f"a CSV manifest ({path.name})",
+        {s: s for s in ("train", "validation", "test") if s in files} if listing.has_split else {},
+        dict(sorted(classes.items())), ("train", "validation", *labelled),
+        made_splits=tuple(made),
+        left_out=tuple(sorted(w for w, c in mapped.items() if c is None)))
+    root = listing.folder
+    if made:
+        drawn = split_collection(files.get("train", []), root, kind, assigned or {})
+        files = {**{s: r for s, r in files.items() if s not in drawn}, **drawn}
+    for split in ("train", "validation"):
+        if not files.get(split):
+            raise UserError(f"{path}: no {split} rows; add some, or leave out the split "
+                            f"column to draw validation from the rows")
+    missing = [c for c in the_task.targets if all(r.class_dir != c for r in files["train"])]
+    if missing:
+        raise UserError(f"{path}: no train row is labelled {missing[0]}; a {the_task.name} "
+                        f"dataset needs every class ({', '.join(the_task.targets)})")
+    order = {s: files[s] for s in ("train", "validation", "test") if s in files}
+    return Layout(root=root, task=the_task, files=order, kind=kind, listing=path)
+
+
 SPLIT_SEED = 0
 """Seeds the split of a collection without split folders; the run records the result."""
 
@@ -314,6 +378,8 @@ def manifest(layout: Layout) -> dict[str, int]:
     """Relative path -> bytes of every image: what a run records of its dataset, so a
     moved copy still matches and a changed one is told apart (``covid_tune.runs``)."""
     files = {}
+    if layout.listing is not None:
+        files[_rel(layout.listing.absolute(), layout.root)] = layout.listing.stat().st_size
     for refs in layout.files.values():
         for ref in refs:
             try:
@@ -330,7 +396,7 @@ def fingerprint(layout: Layout) -> str:
     for split in sorted(layout.files):
         for ref in layout.files[split]:
             rel = ref.path.relative_to(layout.root).as_posix()
-            digest.update(f"|{rel}|{_stamp(ref.path)}".encode())
+            digest.update(f"|{rel}|{ref.class_dir}|{_stamp(ref.path)}".encode())
     return digest.hexdigest()
 
 

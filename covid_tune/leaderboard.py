@@ -33,7 +33,8 @@ from covid_tune.cam import explain, grad_cam, write_overlays
 from covid_tune.render import (ROC_OF, cam_file, chart_file, confusion_file, reproduce_command,
                                roc_file, table_record, task_section, write_tables)
 from covid_tune.runs import DataChoice, RunInfo, choose_datasets, read_run
-from covid_tune.selection import TABLES, Row, TableSpec, best_overall, select_rows, table_spec
+from covid_tune.selection import (TABLES, Row, TableSpec, best_overall, scored_splits,
+                                  select_rows, table_spec)
 from covid_tune.tasks import POSITIVE_CLASS, TASKS
 
 
@@ -81,10 +82,9 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
             write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
                             f"{row.backbone}, {row.group} ({spec.chart_split})",
                             stage / confusion_file(task, index))
+        spec = scored_splits(spec, rows)
         labels = [f"{r.backbone}\n{r.group}" for r in rows]
-        write_chart(labels, [r.scores for r in rows],
-                    [s for s in spec.splits if any(s in r.scores for r in rows)],
-                    stage / chart_file(task))
+        write_chart(labels, [r.scores for r in rows], spec.splits, stage / chart_file(task))
         write_roc(labels, [r.scores.get(spec.chart_split, {}).get("roc") for r in rows],
                   f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
         importances = {run.name: param_importances(run) for run in task_runs}

@@ -36,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 
 from covid_tune.config import DataSpec, SearchSpace, dump_space, load_space, parse_space_text
+from covid_tune.csv_manifest import is_manifest
 from covid_tune.data import Layout, manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, remove, write_bytes
@@ -336,9 +337,9 @@ def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None =
     against the run's manifest. A different dataset is refused unless
     ``allow_changed``, in which case the difference is returned as a note."""
     root = Path(data).expanduser().resolve() if data else Path(record.provenance.data)
-    if not root.is_dir():
+    if not (root.is_dir() or is_manifest(root)):
         if data:
-            raise UserError(f"--data {data}: no such folder")
+            raise UserError(f"--data {data}: no such folder or CSV manifest")
         if required:
             raise UserError(f"{root}: the dataset this run was trained on is not there any "
                             f"more; pass --data DIR pointing at a copy of it")

@@ -68,8 +68,10 @@ def generate(
     """
     out = Path(out)
     check_args(out, task, scale, size, seed)
-    kind = folder_layout(task, layout)
     counts = scaled_counts(task, scale)
+    if layout == CSV_LAYOUT:
+        return write_listed(out, task, counts, seed, size, progress)
+    kind = folder_layout(task, layout)
     jobs = plan_images(out, kind, counts, seed)
     for path, split, cls, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,12 +91,40 @@ def generate(
             for split, classes in counts.items()}
 
 
+CSV_LAYOUT = "csv-manifest"
+"""``--layout csv-manifest``: every image in one folder, listed in ``manifest.csv``."""
+
+
+def write_listed(out: Path, task: str, counts: dict[str, dict[str, int]], seed: int,
+                 size: int, progress: bool) -> dict[str, dict[str, int]]:
+    """Every image in ``out/images``, listed with its labels and split (every split
+    labelled, Part 2's test too) in ``out/manifest.csv`` (``covid_tune.csv_manifest``).
+    Part 2's labels are written as label names: ``covid|pneumonia``."""
+    words = {"covid-19": "covid|pneumonia"} if task == "multilabel" else {}
+    lines = ["path,labels,split"]
+    for split, classes in counts.items():
+        for cls, n in classes.items():
+            names = random.Random(f"{seed}/{split}/{cls}")
+            for index in tqdm(range(n), desc=f"synth {split} {cls}", unit="img",
+                              disable=not progress):
+                name = f"images/{hex_name(names)}"
+                rng = np.random.default_rng([seed, SPLIT_IDS.index(split),
+                                             CLASS_IDS.index(cls), index])
+                (out / "images").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(draw_phantom(rng, size, phantom_kind(cls, index))).save(
+                    out / name)
+                lines.append(f"{name},{words.get(cls, cls)},{split}")
+    (out / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return {"manifest.csv": {f"{split}/{cls}": n for split, classes in counts.items()
+                             for cls, n in classes.items()}}
+
+
 def folder_layout(task: str, layout: str | None) -> FolderLayout:
     """The layout to write: ``layout`` by name, or the task's assignment layout."""
     name = layout or f"assignment-{task}"
     kind = LAYOUTS.get(name)
     if kind is None or kind.task != task:
-        names = [n for n, k in LAYOUTS.items() if k.task == task]
+        names = [n for n, k in LAYOUTS.items() if k.task == task] + [CSV_LAYOUT]
         raise UserError(f"layout: {name!r} is not a {task} layout; use one of: "
                         f"{', '.join(names)}")
     return kind

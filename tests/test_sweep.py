@@ -193,3 +193,59 @@ def test_the_shipped_part_2_space_sweeps_the_covid_radiography_collection(
     recipe = json.loads((Path(row["checkpoint"]) / "recipe.json").read_text())
     assert float(row["validation_f1_at_0_5"]) == pytest.approx(recipe["metrics"]["val_f1"])
     assert float(row["selection_f1_at_0_5"]) == pytest.approx(recipe["metrics"]["sel_f1"])
+
+
+def test_the_shipped_part_1_space_sweeps_the_kaggle_pneumonia_layout(
+        ray_cluster, binary_data, tmp_path, capsys):
+    """Phantoms in the Kaggle "Chest X-Ray Images (Pneumonia)" layout pass ``check``,
+    and the shipped ``binary`` space, shrunk by flags only, trains its first hand-grid
+    row (VGG16, all but the head frozen) on them."""
+    from covid_tune.cli import main
+
+    assert main(["check", str(binary_data), "--quiet"]) == 0
+    assert 'Kaggle "Chest X-Ray Images (Pneumonia)"' in capsys.readouterr().out
+    assert main(["sweep", "--space", "binary", "--data", str(binary_data), "--image-size", "32",
+                 "--max-epochs", "1", "--num-samples", "1", "--pretrained", "none",
+                 "--storage-path", str(tmp_path / "runs"), "--name", "kaggle"]) == 0
+    result, = ExperimentAnalysis(str(tmp_path / "runs" / "kaggle")).trials
+    assert (result.config["backbone"], result.config["frozen_layers"]) == ("vgg16", 13)
+    assert 0 <= result.last_result["val_f1"] <= 1
+
+
+def test_a_part_2_csv_manifest_with_a_labelled_test_split_is_scored_on_test(
+        ray_cluster, tmp_path, capsys):
+    """A CSV manifest (``covid|pneumonia`` labels, every split labelled) sweeps, and the
+    Part 2 table gains a test column: its exact-match accuracy is the model's own
+    predictions on the manifest's test rows at the checkpoint's thresholds."""
+    import csv
+
+    import torch
+
+    from covid_tune.cli import main
+    from covid_tune.data import load_dataset, scan
+    from covid_tune.inference import Device, load_model, predict_logits
+    from covid_tune.synth import generate
+
+    generate(tmp_path / "listed", "multilabel", scale=0.01, size=32, progress=False,
+             layout="csv-manifest")
+    listing = tmp_path / "listed" / "manifest.csv"
+    space = write_space(tmp_path, {
+        "task": "multilabel", "max_epochs": 1, "image_size": 32, "pretrained": "none",
+        "num_samples": 1, "augment": False, "asha": {"grace_period": 1},
+        "params": {"backbone": "resnet18", "frozen_layers": 0, "lr": 0.01, "momentum": 0.9,
+                   "batch_size": 16, "hidden": 32, "dropout": 0.0, "loss": "bce"}})
+    assert main(["sweep", "--space", str(space), "--data", str(listing), "--storage-path",
+                 str(tmp_path / "runs"), "--name", "listed"]) == 0
+    assert main(["leaderboard", str(tmp_path / "runs" / "listed"), "--out",
+                 str(tmp_path / "board")]) == 0
+    assert "Testing Set Accuracy/F1 Score" in (tmp_path / "board" / "leaderboard.md").read_text()
+    with open(tmp_path / "board" / "leaderboard.csv", newline="") as handle:
+        row, = csv.DictReader(handle)
+    recipe = json.loads((Path(row["checkpoint"]) / "recipe.json").read_text())
+    test = load_dataset(scan(listing, "multilabel"), image_size=32, use_cache=False,
+                        progress=False).splits["test"]
+    logits = predict_logits(load_model(row["checkpoint"]), test.images, 8, Device.pick())
+    cuts = np.array([recipe["thresholds"][name] for name in ("covid", "normal", "pneumonia")])
+    decided = torch.sigmoid(torch.from_numpy(logits)).numpy() > cuts
+    exact = float(np.mean(np.all(decided == test.targets.astype(bool), axis=1)))
+    assert float(row["test_accuracy"]) == pytest.approx(exact)
