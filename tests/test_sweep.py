@@ -170,9 +170,10 @@ def test_a_sweep_whose_every_trial_failed_says_so_and_exits_1(capsys):
 def test_the_shipped_part_2_space_sweeps_the_covid_radiography_collection(
         ray_cluster, tmp_path, capsys):
     """Phantoms in the "COVID-19 Radiography Database" layout (no split folders) and
-    the shipped ``multilabel`` space, shrunk by flags only: the sweep finds the layout,
-    draws validation, records every image's split, and the leaderboard re-scores the
-    trial on exactly that validation split (the figures the trial reported come back)."""
+    the shipped ``multilabel`` space, shrunk by flags only: ``check`` and the sweep find
+    the layout, the sweep draws validation and records every image's split, and the
+    leaderboard re-scores the trial on exactly that validation split (the figures the
+    trial reported come back)."""
     import csv
 
     from covid_tune.cli import main
@@ -180,6 +181,8 @@ def test_the_shipped_part_2_space_sweeps_the_covid_radiography_collection(
 
     data = tmp_path / "COVID-19_Radiography_Dataset"
     generate(data, "multilabel", scale=0.01, size=32, progress=False, layout="covid-radiography")
+    assert main(["check", str(data), "--quiet"]) == 0
+    assert 'the "COVID-19 Radiography Database"' in capsys.readouterr().out
     assert main(["sweep", "--space", "multilabel", "--data", str(data), "--image-size", "32",
                  "--max-epochs", "1", "--num-samples", "1", "--pretrained", "none",
                  "--storage-path", str(tmp_path / "runs"), "--name", "radiography"]) == 0
