@@ -2,8 +2,9 @@
 
 ``SweepSearch`` is Ray's ``OptunaSearch`` with three changes: a trial ASHA stopped is
 told to Optuna as PRUNED, not COMPLETE at its low early score; new trials wait while
-TPE's start-up trials run (Ray issue 52535); and the study is copied to ``optuna.db``
-(SQLite) whenever a trial ends, for ``optuna.load_study`` and optuna-dashboard.
+TPE's start-up trials run (Ray issue 52535); and the study is kept in ``optuna.db``
+(SQLite) by ``StudyMirror``, one trial at a time, for ``optuna.load_study`` and
+optuna-dashboard.
 
 It reaches into ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``,
 ``_completed_trials``), which is why ``pyproject.toml`` caps Ray and Optuna below their
@@ -12,11 +13,13 @@ next major versions; ``tests/test_search.py`` holds the contract.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import sqlite3
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from covid_tune.config import SearchSpace
 from covid_tune.runs import STUDY_FILE
 from covid_tune.space import define_by_run, start_points
-from covid_tune.storage import write_bytes
+from covid_tune.storage import is_uri, write_bytes
 
 
 class SweepSearch(OptunaSearch):
@@ -42,7 +45,8 @@ class SweepSearch(OptunaSearch):
       (Ray issue 52535: otherwise every trial started while the first ones run is drawn
       at random, far more than TPE's start-up count).
 
-    Each time a trial ends, the study is written to ``study_file`` as SQLite. On
+    The study is mirrored into ``study_file`` (``StudyMirror``): a trial that ends at
+    once, running trials' new epochs every ``StudyMirror.interval`` seconds. On
     ``resume``, trials that failed are reopened, to be told their new outcome.
     """
 
@@ -54,11 +58,17 @@ class SweepSearch(OptunaSearch):
         self.study_file = study_file
         self.diverged: set[str] = set()
         """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
+        self.mirror = StudyMirror(study_file) if study_file else None
 
     def suggest(self, trial_id: str):
         if trial_id not in self._ot_trials and self.waiting_for_startup():
             return None
         return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        super().on_trial_result(trial_id, result)
+        if self.mirror:
+            self.mirror.sync(self._ot_study)
 
     def waiting_for_startup(self) -> bool:
         """Whether TPE is still drawing at random: fewer than ``n_startup`` trials have
@@ -74,12 +84,17 @@ class SweepSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         self.tell_optuna(trial_id, result, error)
-        self.save_study()
+        if self.mirror:
+            self.mirror.sync(self._ot_study, now=True)
 
     def restore(self, checkpoint_path: str):
+        study_file = self.study_file
         super().restore(checkpoint_path)
+        self.study_file = study_file or self.study_file
         self.reopen_failed()
-        self.save_study()  # the file may hold trials the restored snapshot does not
+        if self.study_file:  # the file may hold trials the restored snapshot does not
+            self.mirror = StudyMirror(self.study_file)
+            self.mirror.rebuild(self._ot_study)
 
     def reopen_failed(self) -> None:
         """``resume`` runs the failed trials again (``resume_errored``): their FAIL entries
@@ -95,21 +110,6 @@ class SweepSearch(OptunaSearch):
             reopened.state, reopened.datetime_complete = TrialState.RUNNING, None
             storage._set_trial(ot_trial._trial_id, reopened)
             self._completed_trials.discard(trial_id)
-
-    def save_study(self) -> None:
-        if not self.study_file:
-            return
-        try:
-            write_bytes(self.study_file, study_as_sqlite(self._ot_study))
-        except OSError as exc:  # a full disk or a storage hiccup must not stop the sweep
-            if not getattr(self, "study_write_failed", False):
-                print(f"note: could not write {self.study_file} "
-                      f"({getattr(exc, 'strerror', None) or exc}); the previous copy is kept, "
-                      f"the study itself lives in Ray's snapshot of the run, and the copy is "
-                      f"tried again when the next trial ends", flush=True)
-            self.study_write_failed = True
-        else:
-            self.study_write_failed = False
 
     def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -160,6 +160,172 @@ def find_sweep_search(searcher) -> SweepSearch | None:
     return None
 
 
+class StudyMirror:
+    """The driver's in-memory study, kept in an SQLite file (``optuna.db``) one trial at
+    a time, so each write costs the same at trial 1000 as at trial 1.
+
+    ``sync`` adds the trials started since the last call and brings the unfinished ones
+    it holds up to date (new epochs, then the end state), in the study's order, so the
+    file's trial numbers are the study's. A trial that ends is written at once; running
+    trials' epochs at most every ``interval`` seconds. A file behind a URI is written
+    locally and uploaded at most every ``upload_every`` seconds, and whenever no trial
+    is left running (a sweep's end). After a failed write (a full disk) the previous
+    file is kept, one note is printed, and the next ``sync`` writes the whole study
+    afresh (``rebuild``, also used on ``resume``)."""
+
+    interval = 5.0
+    upload_every = 20.0
+
+    def __init__(self, target: str):
+        self.target = target
+        self.local = target if not is_uri(target) else os.path.join(
+            tempfile.mkdtemp(prefix="covid-tune-study-"), STUDY_FILE)
+        self.db: optuna.storages.RDBStorage | None = None
+        self.study_id = 0
+        self.rows: list[int] = []
+        """The file's trial id of each trial number written."""
+        self.written: dict[int, tuple] = {}
+        """Trial number -> what the file holds of it (``shown``), for trials written
+        before they ended."""
+        self.last_sync = self.last_upload = -math.inf
+        self.failed = False
+        """A write failed: the next sync rebuilds the file from the study."""
+
+    def __getstate__(self) -> dict:
+        return {"target": self.target}  # Ray's snapshot: an open database is not part of it
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["target"])
+
+    def sync(self, study: optuna.Study, now: bool = False) -> None:
+        clock = time.monotonic()
+        if not now and clock - self.last_sync < self.interval:
+            return
+        self.last_sync = clock
+        if self.failed:
+            return self.rebuild(study)
+        try:
+            self.write_changes(study)
+        except Exception as exc:  # SQLite on a full disk fails in SQLAlchemy's many ways
+            self.note_failure(exc)
+            return
+        self.upload(study, clock)
+
+    def write_changes(self, study: optuna.Study) -> None:
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        if self.db is None:
+            self.open_file(study)
+        for frozen in trials[len(self.rows):]:
+            self.rows.append(self.db.create_new_trial(self.study_id, template_trial=frozen))
+            if not frozen.state.is_finished():
+                self.written[frozen.number] = shown(frozen)
+        for number in sorted(self.written):
+            self.write_trial(trials[number], self.rows[number], self.written.pop(number))
+
+    def write_trial(self, frozen, row: int, before: tuple) -> None:
+        """What changed in an unfinished trial since ``before`` (``shown``): an enqueued
+        trial's parameters once it is asked, new epochs, the end state."""
+        state, params, steps = before
+        for name in list(frozen.params)[len(params):]:
+            distribution = frozen.distributions[name]
+            self.db.set_trial_param(row, name, distribution.to_internal_repr(
+                frozen.params[name]), distribution)
+        for step in sorted(frozen.intermediate_values)[steps:]:
+            self.db.set_trial_intermediate_value(row, step, frozen.intermediate_values[step])
+        if frozen.state.is_finished():
+            for key, value in frozen.user_attrs.items():
+                self.db.set_trial_user_attr(row, key, value)
+        if frozen.state != state:
+            self.db.set_trial_state_values(row, frozen.state, frozen.values)
+        if not frozen.state.is_finished():
+            self.written[frozen.number] = shown(frozen)
+
+    def open_file(self, study: optuna.Study) -> None:
+        """A new, empty file for the study (replacing one left from before)."""
+        for suffix in ("", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.local + suffix)
+        os.makedirs(os.path.dirname(self.local) or ".", exist_ok=True)
+        self.db = quiet_storage(self.local)
+        self.study_id = self.db.create_new_study(study.directions, study.study_name)
+        self.rows, self.written = [], {}
+
+    def rebuild(self, study: optuna.Study) -> None:
+        """The whole study written afresh (beside the file, then moved over it)."""
+        self.close()
+        try:
+            write_bytes(self.local, study_as_sqlite(study))
+            self.db = quiet_storage(self.local)
+            self.study_id = self.db.get_study_id_from_name(study.study_name)
+            trials = self.db.get_all_trials(self.study_id, deepcopy=False)
+            self.rows = [t._trial_id for t in trials]
+            self.written = {t.number: shown(t) for t in trials if not t.state.is_finished()}
+        except Exception as exc:
+            self.close()
+            self.note_failure(exc)
+            return
+        self.failed = False
+        self.upload(study, time.monotonic(), force=True)
+
+    def upload(self, study: optuna.Study, clock: float, force: bool = False) -> None:
+        """Copy the local file to the URI: when due, or when no trial is running."""
+        if self.local == self.target:
+            return
+        running = any(not t.state.is_finished()
+                      for t in study._storage.get_all_trials(study._study_id, deepcopy=False))
+        if not force and running and clock - self.last_upload < self.upload_every:
+            return
+        try:
+            write_bytes(self.target, Path(self.local).read_bytes())
+        except OSError as exc:
+            self.note_failure(exc, rebuild=False)
+            return
+        self.last_upload = clock
+
+    def note_failure(self, exc: Exception, rebuild: bool = True) -> None:
+        if not getattr(self, "noted", False):
+            cause = root_cause(exc)
+            why = getattr(cause, "strerror", None) or str(cause).splitlines()[0][:200]
+            print(f"note: could not write {self.target} ({why}); the previous copy is kept, "
+                  f"the study itself lives in Ray's snapshot of the run, and it is written "
+                  f"again with the next trial's news", flush=True)
+            self.noted = True
+        if rebuild:
+            self.close()
+            self.failed = True
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.engine.dispose()
+        self.db = None
+
+
+def shown(frozen) -> tuple:
+    """What a file holds of a trial it was given unfinished: state, parameter names, and
+    the number of epochs."""
+    return frozen.state, tuple(frozen.params), len(frozen.intermediate_values)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error: Optuna wraps SQLAlchemy's, which wraps sqlite3's."""
+    for _ in range(8):
+        inner = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def quiet_storage(path: str) -> optuna.storages.RDBStorage:
+    """Optuna's SQLite storage for ``path``, without its INFO lines."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.storages.RDBStorage(f"sqlite:///{path}")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def study_as_sqlite(study: optuna.Study) -> bytes:
     """An SQLite file holding ``study``, for ``optuna.load_study`` and optuna-dashboard."""
     memory = optuna.storages.RDBStorage("sqlite:///:memory:")
@@ -185,8 +351,8 @@ def n_startup_trials(space: SearchSpace) -> int:
 
 def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
                    max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
-    """TPE in a ``SweepSearch``; the study is kept in memory and copied to ``study_path``
-    (a local path or a URI) as SQLite each time a trial ends. Optuna's own INFO lines
+    """TPE in a ``SweepSearch``; the study is kept in memory and mirrored into
+    ``study_path`` (a local path or a URI) as SQLite (``StudyMirror``). Optuna's own INFO lines
     are turned off: the sweep's status line says what they would."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():

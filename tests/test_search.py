@@ -113,7 +113,7 @@ def test_the_result_that_made_asha_stop_reaches_the_study(searcher, tmp_path):
     assert trial.state.name == "PRUNED" and trial.intermediate_values == {2: 0.9}
 
 
-def test_the_study_file_is_rewritten_when_a_trial_ends(searcher, tmp_path):
+def test_the_study_file_is_written_when_a_trial_ends(searcher, tmp_path):
     searcher.suggest("a")
     assert not (tmp_path / "s.db").exists()  # nothing has ended yet
     finish(searcher, "a", 0.3, 3)
@@ -162,11 +162,91 @@ print(json.dumps({"kept": kept, "parts": parts, "on_full": on_full, "after": cou
 
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a tmpfs here (unshare -Urm)")
 def test_a_full_disk_keeps_the_last_study_copy_and_the_sweep_goes_on(tmp_path):
-    """optuna.db on a real full tmpfs: the previous copy stays whole, one note is
-    printed (not one per trial), and the next copy after space is freed has every trial."""
+    """optuna.db on a real full tmpfs: SQLite keeps the previous file whole, one note is
+    printed (not one per trial), and the next write after space is freed has every
+    trial."""
     outcome, printed = on_small_disk(f"SPACE = {SPACE!r}\n" + STUDY_ON_FULL_DISK,
                                      tmp_path / "disk", size_kib=1024)
     assert outcome == {"kept": True, "parts": [], "on_full": 2, "after": 5}
     notes = [line for line in printed.splitlines() if line.startswith("note: could not")]
-    assert len(notes) == 1 and "No space left on device" in notes[0]
+    assert len(notes) == 1 and "disk is full" in notes[0]
     assert "the previous copy is kept" in notes[0]
+
+
+def same_trials(file_study: optuna.Study, study: optuna.Study) -> None:
+    mine = [(t.number, t.state, t.params, t.intermediate_values, t.values, t.user_attrs)
+            for t in study.trials]
+    assert [(t.number, t.state, t.params, t.intermediate_values, t.values, t.user_attrs)
+            for t in file_study.trials] == mine
+
+
+def test_the_file_mirrors_the_study_one_trial_at_a_time(tmp_path, monkeypatch):
+    """Running trials (with their epochs so far), enqueued ``start_with`` rows and ended
+    trials, in the study's order; each trial's end costs the same few writes at trial
+    30 as at trial 2, never a copy of the whole study."""
+    from covid_tune.search import StudyMirror
+
+    monkeypatch.setattr(StudyMirror, "interval", 0.0)
+    space = parse_space({**SPACE, "start_with": [{"frozen_layers": 3, "lr": 0.01},
+                                                 {"frozen_layers": 5, "lr": 0.02}]}, "s")
+    searcher = build_searcher(space, str(tmp_path / "s.db"), "s", seed=0, max_concurrent=None)
+    searcher.startup_done = True  # no start-up hold: trials overlap from the start
+    calls = []
+    for trial in range(30):
+        searcher.suggest(f"t{trial}")
+        searcher.on_trial_result(f"t{trial}", {"val_loss": 0.5, "training_iteration": 1,
+                                               "epoch": 1})
+        if trial >= 2:  # two trials stay running throughout
+            db = searcher.mirror.db
+            counted = {name: getattr(db, name) for name in (
+                "create_new_trial", "set_trial_intermediate_value", "set_trial_state_values")}
+            writes = []
+            for name, method in counted.items():
+                monkeypatch.setattr(db, name, lambda *a, _m=method, _n=name, **k:
+                                    (writes.append(_n), _m(*a, **k))[1])
+            done = f"t{trial - 2}"
+            searcher.on_trial_result(done, {"val_loss": 0.4, "training_iteration": 2,
+                                            "epoch": 2})
+            searcher.on_trial_complete(done, {"val_loss": 0.3, "epoch": 3})
+            calls.append(len(writes))
+            for name, method in counted.items():
+                monkeypatch.setattr(db, name, method)
+    same_trials(load(tmp_path), searcher._ot_study)
+    assert [t.state.name for t in load(tmp_path).trials][-2:] == ["RUNNING", "RUNNING"]
+    assert load(tmp_path).trials[1].params == {"frozen_layers_resnet18": 5, "lr": 0.02}
+    assert max(calls) <= 4 and calls[-1] == calls[0], calls
+
+
+def test_a_study_behind_a_uri_is_uploaded_when_due_and_at_the_end(tmp_path, monkeypatch):
+    from covid_tune.search import StudyMirror
+
+    monkeypatch.setattr(StudyMirror, "upload_every", 3600.0)
+    target = tmp_path / "bucket" / "s.db"
+    searcher = build_searcher(parse_space(SPACE, "space.yaml"), f"file://{target}", "s",
+                              seed=0, max_concurrent=None)
+    searcher.startup_done = True  # no start-up hold: trials overlap from the start
+    searcher.suggest("a"), searcher.suggest("b")
+    finish(searcher, "a", 0.3, 3)  # the first upload is due at once
+    first = target.read_bytes()
+    searcher.suggest("c")
+    finish(searcher, "c", 0.2, 3)  # b still runs, and the next upload is an hour off
+    assert target.read_bytes() == first
+    finish(searcher, "b", 0.1, 3)  # nothing runs any more: the sweep's end is uploaded
+    same_trials(optuna.load_study(study_name="s", storage=f"sqlite:///{target}"),
+                searcher._ot_study)
+
+
+def test_a_restored_searcher_rewrites_a_file_that_went_astray(searcher, tmp_path):
+    """``resume``: the file is rebuilt from the snapshot's study, whatever it held."""
+    searcher.suggest("a")
+    finish(searcher, "a", 0.3, 3)
+    searcher.save(str(tmp_path / "state.pkl"))
+    searcher.suggest("b")
+    finish(searcher, "b", 0.9, 3)  # after the snapshot: not in the restored study
+    again = build_searcher(parse_space(SPACE, "s"), str(tmp_path / "s.db"), "s", seed=0,
+                           max_concurrent=None)
+    again.restore(str(tmp_path / "state.pkl"))
+    same_trials(load(tmp_path), again._ot_study)
+    again.suggest("c")
+    finish(again, "c", 0.2, 3)
+    assert [t.value for t in load(tmp_path).trials] == [0.3, 0.2]
