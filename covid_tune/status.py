@@ -7,8 +7,11 @@
     val_f1 0.9600: resnet18, frozen 11, lr 0.0496 (trial 4fceb224, epoch 4) | about 1min
     10s left
 
-A line is printed when a trial starts or ends, when the best so far improves, and at
-least once a minute while nothing changes. The time left is the time per ended trial
+A line is printed when a trial starts or ends and when the best so far improves, at
+most one every ``MIN_GAP_SECONDS`` (news that came sooner is printed once the gap has
+passed, so a 1000-trial sweep prints a readable trickle, not a line per event, and the
+trials are counted only when a line is due), and at least once a minute while nothing
+changes. The time left is the time per ended trial
 so far times the trials still to end: rough, and said to be.
 """
 
@@ -23,6 +26,7 @@ from ray import tune
 from covid_tune.render import duration
 
 HEARTBEAT_SECONDS = 60.0
+MIN_GAP_SECONDS = 2.0
 
 
 class SweepStatus(tune.Callback):
@@ -34,7 +38,9 @@ class SweepStatus(tune.Callback):
         self.started = time.monotonic()
         self.total: int | None = None
         self.best: tuple[float, str, int, dict] | None = None
-        self.last_line, self.last_time = "", 0.0
+        self.last_line, self.last_time = "", -math.inf
+        self.news = False
+        """Something changed since the last line was printed."""
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         self.started = time.monotonic()  # a resumed sweep counts from its own start
@@ -57,8 +63,11 @@ class SweepStatus(tune.Callback):
         self.show(trials)
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        if time.monotonic() - self.last_time >= HEARTBEAT_SECONDS:
+        since = time.monotonic() - self.last_time
+        if since >= HEARTBEAT_SECONDS:
             self.show(trials, always=True)
+        elif self.news and since >= MIN_GAP_SECONDS:
+            self.show(trials)
 
     def on_experiment_end(self, trials, **info) -> None:
         self.show(trials, always=True)
@@ -69,9 +78,14 @@ class SweepStatus(tune.Callback):
         return value > self.best[0] if self.mode == "max" else value < self.best[0]
 
     def show(self, trials, always: bool = False) -> None:
-        """Print the line if more than its clock changed (or ``always``)."""
+        """Print the line if more than its clock changed (or ``always``), and if the
+        last line is ``MIN_GAP_SECONDS`` old; else keep the news for ``on_step_end``."""
+        if not always and time.monotonic() - self.last_time < MIN_GAP_SECONDS:
+            self.news = True
+            return
         line = self.line(trials)
         news = line.split("] ", 1)[1]
+        self.news = False
         if always or news != self.last_line:
             print(line, file=self.stream or sys.stdout, flush=True)
             self.last_line, self.last_time = news, time.monotonic()

@@ -336,7 +336,8 @@ def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> N
         print("no trial reported a result; see the errors above")
         return
     best = results.get_best_result(space.metric, space.mode, scope="all")
-    checkpoint = best.get_best_checkpoint(space.metric, space.mode)
+    checkpoint = (best.get_best_checkpoint(space.metric, space.mode)
+                  if best.best_checkpoints else None)
     errors = sum(1 for r in results if r.error)
     print(f"\n{len(results)} trials, {errors} failed. Best trial {best.metrics['trial_id']}: "
           f"{space.metric} = {_best_value(best, space):.4f}")

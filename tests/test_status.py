@@ -18,7 +18,8 @@ def trial(trial_id: str, status: str, epoch: int | None = None, **config):
                            last_result={"epoch": epoch} if epoch else {})
 
 
-def test_one_line_per_change_with_counts_the_best_so_far_and_the_time_left():
+def test_one_line_per_change_with_counts_the_best_so_far_and_the_time_left(monkeypatch):
+    monkeypatch.setattr("covid_tune.status.MIN_GAP_SECONDS", 0.0)
     out = io.StringIO()
     status = SweepStatus("val_f1", "max", max_epochs=4, stream=out)
     status.setup(num_samples=8, total_num_samples=8)
@@ -41,6 +42,27 @@ def test_one_line_per_change_with_counts_the_best_so_far_and_the_time_left():
     assert last.endswith(" left") and "about " in last
     status.on_experiment_end(trials)  # the last state is always printed
     assert len(out.getvalue().splitlines()) == 4
+
+
+def test_news_sooner_than_the_gap_waits_for_it_and_is_printed_once(monkeypatch):
+    """A burst of events (a big sweep) prints one line, then the latest state once the
+    gap has passed; the trials are not even counted for the lines held back."""
+    monkeypatch.setattr("covid_tune.status.MIN_GAP_SECONDS", 30.0)
+    out = io.StringIO()
+    status = SweepStatus("val_f1", "max", max_epochs=4, stream=out)
+    status.setup(num_samples=100)
+    trials = []
+    for i in range(50):
+        trials.append(trial(f"t{i}", "RUNNING"))
+        status.on_trial_start(0, trials, trials[-1])
+    assert len(out.getvalue().splitlines()) == 1 and "1 running" in out.getvalue()
+    status.on_step_end(0, trials)  # the gap has not passed
+    assert len(out.getvalue().splitlines()) == 1
+    status.last_time -= 31.0
+    status.on_step_end(0, trials)
+    status.on_step_end(0, trials)  # nothing new since
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "50 running" in lines[1]
 
 
 def test_lower_is_better_and_the_loss_shown_where_chosen():

@@ -1,0 +1,211 @@
+"""``covid-tune bench``'s scale parts: what a sweep costs the driver as trials grow.
+
+- ``driver``: the real searcher (``search.build_searcher``: TPE in ``SweepSearch``,
+  the study persisted to ``optuna.db``) and the real scheduler (``sweep.build_scheduler``:
+  ASHA) driven directly with simulated trials: no Ray, no training. Each simulated
+  trial reports one score per epoch, drawn from its configuration plus noise, until ASHA
+  stops it or it reaches ``max_epochs``. The bench times every call the driver makes
+  (suggest, result, complete) and reports milliseconds per trial in windows of trials,
+  so growth with the study's size shows.
+- ``cluster``: a ``ray.cluster_utils.Cluster`` of several nodes advertising fake GPUs,
+  and the real ``run_sweep`` with a stand-in trainable that only reports (it lives here,
+  never in the user's path): trials per minute the driver sustains and its CPU share.
+
+Nothing here trains a model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from covid_tune.config import SearchSpace, parse_space
+from covid_tune.runs import STUDY_FILE
+
+SIM_SPACE = {
+    "task": "binary", "metric": "val_f1", "mode": "max", "max_epochs": 9,
+    "image_size": 64, "pretrained": "none", "num_samples": 1000,
+    "asha": {"grace_period": 1, "reduction_factor": 3},
+    "params": {
+        "backbone": {"choices": ["vgg16", "resnet18"]},
+        "frozen_layers": {"vgg16": {"low": 0, "high": 13}, "resnet18": {"low": 0, "high": 20}},
+        "lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
+        "momentum": {"low": 0.3, "high": 0.95},
+        "batch_size": {"choices": [16, 32, 64]},
+        "weight_decay": {"low": 1.0e-6, "high": 1.0e-3, "log": True},
+        "hidden": {"low": 128, "high": 2048, "log": True},
+        "dropout": {"low": 0.0, "high": 0.6},
+    },
+}
+"""The shipped ``binary.yaml``'s search space, for 1000 trials with ASHA at every epoch."""
+
+
+def sim_space(trials: int) -> SearchSpace:
+    return parse_space({**SIM_SPACE, "num_samples": trials}, "bench-driver.yaml")
+
+
+def quality(config: dict) -> float:
+    """A smooth made-up score of a configuration, best near lr 3e-3 and momentum 0.9."""
+    lr = math.log10(config["lr"]) + 2.5
+    return 0.9 - 0.15 * lr * lr - 0.2 * (config["momentum"] - 0.9) ** 2 \
+        - 0.01 * config.get("dropout", 0)
+
+
+def simulate_driver(trials: int, concurrency: int, folder: Path, window: int = 100,
+                    seed: int = 0) -> dict:
+    """Drive ``trials`` simulated trials, ``concurrency`` at a time, through the real
+    searcher and scheduler; the driver's milliseconds per trial in each ``window``."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from covid_tune.search import build_searcher
+    from covid_tune.sweep import build_scheduler
+
+    space = sim_space(trials)
+    study_file = str(folder / STUDY_FILE)
+    searcher = build_searcher(space, study_file, "sim", seed, None)
+    scheduler = build_scheduler(space)
+    rng = np.random.default_rng(seed)
+    running: dict[str, tuple[SimpleNamespace, dict, float, int]] = {}
+    costs = {"suggest": [], "result": [], "complete": []}
+    per_trial: dict[str, float] = {}
+    started, done, made = time.perf_counter(), [], 0
+    while len(done) < trials:
+        while len(running) < concurrency and made < trials:
+            trial_id = f"t{made:05d}"
+            tick = time.perf_counter()
+            config = searcher.suggest(trial_id)
+            if config is None:  # TPE's start-up hold: wait for a running trial
+                break
+            trial = SimpleNamespace(trial_id=trial_id, config=config)
+            scheduler.on_trial_add(None, trial)
+            spent = time.perf_counter() - tick
+            costs["suggest"].append(spent)
+            per_trial[trial_id] = spent
+            running[trial_id] = (trial, config, quality(config), 0)
+            made += 1
+        trial_id = next(iter(running))  # round robin: the longest-waiting trial reports
+        trial, config, mean, epoch = running.pop(trial_id)
+        epoch += 1
+        result = {"epoch": epoch, "training_iteration": epoch, "trial_id": trial_id,
+                  "val_f1": float(mean - 0.3 / epoch + rng.normal(0, 0.02))}
+        tick = time.perf_counter()
+        decision = scheduler.on_trial_result(None, trial, result)
+        searcher.on_trial_result(trial_id, result)
+        spent = time.perf_counter() - tick
+        costs["result"].append(spent)
+        per_trial[trial_id] += spent
+        if decision == TrialScheduler.STOP or epoch >= space.max_epochs:
+            tick = time.perf_counter()
+            scheduler.on_trial_complete(None, trial, result)
+            searcher.on_trial_complete(trial_id, result)
+            spent = time.perf_counter() - tick
+            costs["complete"].append(spent)
+            per_trial[trial_id] += spent
+            done.append(trial_id)
+        else:
+            running[trial_id] = (trial, config, mean, epoch)
+    wall = time.perf_counter() - started
+    windows = []
+    for start in range(0, trials, window):
+        part = done[start:start + window]
+        completes = costs["complete"][start:start + window]
+        windows.append({"trials": f"{start + 1}-{start + len(part)}",
+                        "ms_per_trial": 1000 * statistics.mean(per_trial[t] for t in part),
+                        "ms_per_completion": 1000 * statistics.mean(completes)})
+    return {"trials": trials, "concurrency": concurrency, "wall_seconds": wall,
+            "windows": windows,
+            "ms_per_trial_last_window": windows[-1]["ms_per_trial"],
+            "ms_per_completion_last_window": windows[-1]["ms_per_completion"],
+            "suggest_ms_last_window": 1000 * statistics.mean(
+                costs["suggest"][-window:]),
+            "study_bytes": Path(study_file).stat().st_size
+            if Path(study_file).is_file() else 0}
+
+
+def measure_driver(trials: int = 1000, concurrency: int = 32) -> dict:
+    with tempfile.TemporaryDirectory(prefix="covid-tune-driver-") as folder:
+        return simulate_driver(trials, concurrency, Path(folder))
+
+
+# --- a simulated big cluster: fake GPUs, the real sweep, a stand-in trainable ----------
+
+EPOCH_SECONDS = 0.5
+"""How long the stand-in trainable waits between its reports: an 'epoch'."""
+
+
+def stand_in(config: dict, data=None) -> None:
+    """A trial that only reports: one made-up score per epoch, ``EPOCH_SECONDS`` apart,
+    no model, no checkpoint. For the bench only; never a user's trainable."""
+    from ray import tune
+
+    rng = np.random.default_rng(abs(hash(config.get("lr", 0))) % (2**32))
+    mean = quality(config)
+    for epoch in range(1, int(config["max_epochs"]) + 1):
+        time.sleep(EPOCH_SECONDS)
+        score = float(mean - 0.3 / epoch + rng.normal(0, 0.02))
+        tune.report({"epoch": epoch, "val_f1": score, "val_loss": 1 - score,
+                     "train_loss": 1 - score, "epoch_seconds": EPOCH_SECONDS})
+
+
+def measure_cluster(work: Path, runs: tuple[tuple[int, int], ...], nodes: int = 4,
+                    gpus_per_node: int = 8, gpus_per_trial: float = 0.25,
+                    max_epochs: int = 3) -> dict:
+    """Start a ``Cluster`` of ``nodes`` nodes advertising ``gpus_per_node`` fake GPUs
+    each, then for each (trials, concurrency) of ``runs`` sweep with the real
+    ``run_sweep`` and the stand-in trainable: trials per minute and the driver's CPU
+    share (this process's CPU seconds over the sweep's wall seconds)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from covid_tune.runs import SweepOptions
+    from covid_tune.sweep import run_sweep
+    from covid_tune.synth import generate
+
+    data = work / "cluster-data"
+    generate(data, "binary", scale=0.002, size=32, seed=0, progress=False)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 0, "include_dashboard": False,
+        "_system_config": {"metrics_report_interval_ms": 10_000}})
+    per_node_cpus = int(gpus_per_node / gpus_per_trial)
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=per_node_cpus, num_gpus=gpus_per_node)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    figures = []
+    try:
+        for trials, concurrency in runs:
+            space = work / f"cluster-{trials}-{concurrency}.yaml"
+            space.write_text(_space_text(trials, max_epochs))
+            cpu, wall = time.process_time(), time.perf_counter()
+            results = run_sweep(SweepOptions(
+                space_file=str(space), data=str(data), name=f"cluster-{trials}-{concurrency}",
+                storage_path=str(work / "runs"), cpus_per_trial=1.0,
+                gpus_per_trial=gpus_per_trial, max_concurrent=concurrency,
+                keep_checkpoints=1), trainable=stand_in)
+            wall = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
+            figures.append({
+                "trials": trials, "concurrency": concurrency, "finished": len(results),
+                "errors": sum(1 for r in results if r.error), "wall_seconds": wall,
+                "trials_per_minute": 60 * len(results) / wall,
+                "driver_cpu_share": cpu / wall,
+                "ideal_trials_per_minute": 60 * concurrency / (max_epochs * EPOCH_SECONDS)})
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"nodes": nodes, "gpus_per_node": gpus_per_node, "gpus_per_trial": gpus_per_trial,
+            "slots": int(nodes * gpus_per_node / gpus_per_trial), "max_epochs": max_epochs,
+            "epoch_seconds": EPOCH_SECONDS, "runs": figures}
+
+
+def _space_text(trials: int, max_epochs: int) -> str:
+    import yaml
+
+    doc = {**SIM_SPACE, "num_samples": trials, "max_epochs": max_epochs, "image_size": 32,
+           "augment": False}
+    return yaml.safe_dump(doc, sort_keys=False)
