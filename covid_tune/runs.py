@@ -12,9 +12,19 @@ record of the run::
     experiment_state-*.json, searcher-state-*.pkl   Ray Tune's snapshot (for resume)
     lost_trials/    trials a killed driver's last snapshot did not list (set aside)
     trial_<id>/     result.json, progress.csv, events.out.tfevents.*, diverged.txt,
-                    checkpoint_<n>/ (checkpoint.pt: weights, optimizer, epoch;
+                    checkpoint_<n>/ (checkpoint.pt: the weights not in the base, epoch;
+                                     optimizer.pt: optimizer state, only in a running
+                                     trial's newest checkpoint;
                                      recipe.json: resolved config, labels, metrics,
-                                     size and SHA-256 of checkpoint.pt)
+                                     the base, size and SHA-256 of the files)
+
+A finished trial keeps one checkpoint, its best epoch, weights only (``keep_best``); a
+running one also its newest, the only one with ``optimizer.pt`` (``drop_resume_state``).
+A checkpoint does not store the tensors that are still as the trial started them from
+its *base*: the pretrained file (recorded by its SHA-256) or, with ``pretrained: none``,
+the trial's seeded initialisation (recorded by the seed and the SHA-256 of those
+tensors). A reader rebuilds them (``covid_tune.inference.load_model``) and refuses
+clearly when the base is missing or differs.
 
 The training side writes through ``write_record`` and ``save_checkpoint``; ``leaderboard``,
 ``export`` and ``resume`` read through ``read_record``, ``read_space``, ``read_run`` and
@@ -25,6 +35,7 @@ imports neither torch nor Ray.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,6 +63,9 @@ RESULT_FILE = "result.json"
 DIVERGED_FILE = "diverged.txt"
 """Written in a trial folder when the trial diverges: its retries then fail at once."""
 CHECKPOINT_FILE = "checkpoint.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+"""The optimizer state, needed only to go on training: a running trial's newest
+checkpoint has it, every other checkpoint has it removed."""
 RECIPE_FILE = "recipe.json"
 RAY_STATE_GLOB = "experiment_state-*.json"
 RECORD_FORMAT = "covid-tune run 2"
@@ -93,8 +107,9 @@ class SweepOptions:
     """Seeds TPE."""
     max_failures: int = 2
     """Retries of a crashed trial from its last checkpoint."""
-    keep_checkpoints: int = 2
-    """Checkpoints Ray keeps per trial, the best by the sweep's metric."""
+    keep_checkpoints: int = 1
+    """Checkpoints Ray keeps per running trial, the best by the sweep's metric, besides
+    its newest (a finished trial keeps its best only: ``sweep.CheckpointTrim``)."""
     strict: bool = False
     """Unreadable images are fatal instead of skipped."""
     shared_storage: bool = False
@@ -380,15 +395,24 @@ class DamagedCheckpoint(UserError):
     """A checkpoint folder whose files are missing, cut short or altered."""
 
 
-def save_checkpoint(folder: Path, state: dict, recipe: dict) -> None:
-    """``state`` (tensors and plain values) as ``checkpoint.pt`` and ``recipe`` (epoch,
-    config, label names, metrics) as ``recipe.json``, with the size and SHA-256 of
-    ``checkpoint.pt``, so a copy cut short is told from a whole one."""
+def save_checkpoint(folder: Path, state: dict, recipe: dict,
+                    optimizer: dict | None = None) -> None:
+    """``state`` (tensors and plain values) as ``checkpoint.pt``, ``optimizer`` (its
+    state dict) as ``optimizer.pt``, and ``recipe`` (epoch, config, label names,
+    metrics, base) as ``recipe.json``, with the size and SHA-256 of each file, so a copy
+    cut short is told from a whole one."""
     import torch
 
     torch.save(state, folder / CHECKPOINT_FILE)
-    recipe = {**recipe, "files": {CHECKPOINT_FILE: file_digest(folder / CHECKPOINT_FILE)}}
-    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
+    files = {CHECKPOINT_FILE: file_digest(folder / CHECKPOINT_FILE)}
+    if optimizer is not None:
+        torch.save(optimizer, folder / OPTIMIZER_FILE)
+        files[OPTIMIZER_FILE] = file_digest(folder / OPTIMIZER_FILE)
+    (folder / RECIPE_FILE).write_text(json.dumps({**recipe, "files": files}, indent=1))
+
+
+OPTIONAL_FILES = (OPTIMIZER_FILE,)
+"""Files a recipe lists that may since have been removed (``drop_resume_state``)."""
 
 
 def bytes_digest(data: bytes) -> dict:
@@ -429,6 +453,8 @@ def read_recipe(folder: str | Path) -> dict:
     recipe = parse_recipe(folder)
     for name, expected in recipe.get("files", {}).items():
         path = folder / name
+        if name in OPTIONAL_FILES and not path.exists():
+            continue
         if not path.is_file() or file_digest(path) != expected:
             raise DamagedCheckpoint(f"{folder}: {name} is missing, cut short or altered "
                                     f"(its size or SHA-256 differs from {RECIPE_FILE}); "
@@ -461,6 +487,90 @@ def load_checkpoint(folder: str | Path) -> tuple[dict, dict]:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise DamagedCheckpoint(f"{folder}: {CHECKPOINT_FILE} holds no model weights")
     return state, recipe
+
+
+def load_optimizer(folder: str | Path) -> dict | None:
+    """The optimizer state of a checkpoint that still has it (checked by
+    ``load_checkpoint`` first), else None."""
+    import torch
+
+    path = Path(folder) / OPTIMIZER_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_of(path: str, size: int, mtime_ns: int) -> dict:
+    return file_digest(Path(path))
+
+
+def cached_digest(path: str | Path) -> dict:
+    """``file_digest``, computed once per process for a file that has not changed (a
+    pretrained file is hashed by every trial and every reader)."""
+    info = Path(path).stat()
+    return _digest_of(str(path), info.st_size, info.st_mtime_ns)
+
+
+def base_file(base: dict, folder: str | Path, elsewhere: tuple[str, ...] = ()) -> str:
+    """The pretrained file a checkpoint's base names, found at its recorded path or at
+    one of ``elsewhere`` (this machine's ImageNet cache) and checked by its SHA-256;
+    UserError naming it when it is missing or differs."""
+    recorded = base.get("sha256")
+    candidates = [p for p in (base.get("path"), *elsewhere) if p]
+    present = [p for p in candidates if Path(p).is_file()]
+    for path in present:
+        if cached_digest(path)["sha256"] == recorded:
+            return path
+    where = present[0] if present else (candidates[0] if candidates else "?")
+    problem = "differs from the file it was trained from" if present else "is not there"
+    raise UserError(f"{folder}: its frozen layers are stored as a reference to the "
+                    f"pretrained file {where} (SHA-256 {str(recorded)[:12]}…), which "
+                    f"{problem}; put that file back (--pretrained {base.get('source')})")
+
+
+# --- keeping a trial's checkpoints to what is needed (driver side, any storage) ---------
+
+def checkpoint_folders(fs, trial_path: str) -> list[str]:
+    """The ``checkpoint_*`` folders of a trial on ``fs`` (a pyarrow file system)."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                  and i.base_name.startswith("checkpoint_"))
+
+
+def drop_resume_state(fs, folder: str) -> None:
+    """Remove a checkpoint's optimizer state (a newer checkpoint holds the trial's)."""
+    import pyarrow.fs
+
+    path = f"{folder}/{OPTIMIZER_FILE}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)
+
+
+def keep_best(fs, trial_path: str, metric: str, mode: str) -> str | None:
+    """A finished trial's checkpoints cut to its best epoch's (``best_recipe``, as
+    ``read_trial`` chooses), weights only; folders whose recipe cannot be read are
+    left alone. The folder kept, or None."""
+    recipes = []
+    for folder in checkpoint_folders(fs, trial_path):
+        try:
+            with fs.open_input_stream(f"{folder}/{RECIPE_FILE}") as stream:
+                recipe = json.loads(stream.read())
+            recipes.append((recipe, folder))
+        except (OSError, ValueError):
+            continue
+    recipes = [(r, f) for r, f in recipes if isinstance(r, dict)
+               and isinstance(r.get("metrics"), dict) and isinstance(r.get("epoch"), int)]
+    if not recipes:
+        return None
+    _, best = best_recipe(recipes, metric, mode)
+    for _, folder in recipes:
+        if folder != best:
+            fs.delete_dir(folder)
+    drop_resume_state(fs, best)
+    return best
 
 
 # --- reading a whole run --------------------------------------------------------------

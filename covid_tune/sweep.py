@@ -47,8 +47,8 @@ from covid_tune.errors import Stopped, UserError
 from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
 from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, check_ray_state,
-                             choose_data, read_record, read_selection, read_space,
-                             write_record)
+                             checkpoint_folders, choose_data, drop_resume_state, keep_best,
+                             read_record, read_selection, read_space, write_record)
 from covid_tune.search import build_searcher, find_sweep_search
 from covid_tune.status import SweepStatus
 from covid_tune.storage import exists, is_uri, join, list_dirs, move_dir, open_path
@@ -66,6 +66,45 @@ class SweepScheduler(ASHAScheduler):
                 search.diverged = set()
             search.diverged.add(trial.trial_id)
         super().on_trial_error(tune_controller, trial)
+
+
+class CheckpointTrim(tune.Callback):
+    """Keeps each trial's checkpoints to what is needed, on any storage
+    (``covid_tune.runs.drop_resume_state``, ``keep_best``): a new checkpoint takes the
+    optimizer state out of the trial's older ones; a finished trial (completed, stopped
+    or failed) keeps its best epoch's checkpoint, weights only. Ray's own
+    ``num_to_keep`` still deletes the rest while the trial runs. A storage error here
+    is noted once and never stops the sweep."""
+
+    def __init__(self, metric: str, mode: str):
+        self.metric, self.mode = metric, mode
+        self.noted = False
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        fs, newest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        self.guard(lambda: [drop_resume_state(fs, folder) for folder in checkpoint_folders(
+            fs, os.path.dirname(newest)) if folder.rstrip("/") != newest])
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.finish(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.finish(trial)
+
+    def finish(self, trial) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is not None:
+            self.guard(lambda: keep_best(checkpoint.filesystem, os.path.dirname(
+                checkpoint.path.rstrip("/")), self.metric, self.mode))
+
+    def guard(self, work) -> None:
+        try:
+            work()
+        except OSError as exc:
+            if not self.noted:
+                print(f"note: could not trim a trial's checkpoints ({exc}); they are kept "
+                      f"whole", flush=True)
+            self.noted = True
 
 
 def diverged(trial) -> bool:
@@ -99,7 +138,8 @@ def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
         name=opts.name,
         storage_path=opts.storage_path,
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
-                   SweepStatus(space.metric, space.mode, space.max_epochs)],
+                   SweepStatus(space.metric, space.mode, space.max_epochs),
+                   CheckpointTrim(space.metric, space.mode)],
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=space.metric,
             checkpoint_score_order=space.mode),

@@ -35,10 +35,11 @@ from ray import tune
 from covid_tune.augment import to_model_input
 from covid_tune.config import SPLIT_PREFIXES, TrialConfig
 from covid_tune.data import SELECTION, DataBundle, Split
-from covid_tune.inference import Device, build_for, predict_logits
+from covid_tune.inference import Base, Device, build_for, predict_logits, put_weights
 from covid_tune.losses import build_loss
 from covid_tune.metrics import compute_metrics, tune_thresholds
-from covid_tune.runs import DIVERGED_FILE, DamagedCheckpoint, load_checkpoint, save_checkpoint
+from covid_tune.runs import (DIVERGED_FILE, DamagedCheckpoint, load_checkpoint, load_optimizer,
+                             save_checkpoint)
 from covid_tune.tasks import TASKS, Task
 from covid_tune.tensorboard import TrialWriter
 
@@ -87,7 +88,8 @@ def train_trial(config: dict, data: DataBundle) -> None:
     # Ray logs a line for every checkpoint saved; the run folder says as much.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     model, optimizer, scaler, loss_fn = build_training(cfg, device)
-    start = restore(model, optimizer, tune.get_checkpoint())
+    base = Base.of(model, cfg)
+    start = restore(model, optimizer, tune.get_checkpoint(), base)
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
     scored = [s for s in (SELECTION, "validation") if s in data.splits]
@@ -102,7 +104,8 @@ def train_trial(config: dict, data: DataBundle) -> None:
         writer.log_epoch(epoch, metrics, confusion)
         thresholds = choose_thresholds(task, results, cfg)
         with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics, thresholds)
+            write_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics, thresholds,
+                             base)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     writer.close()
 
@@ -228,33 +231,49 @@ def choose_thresholds(task: Task, results: dict[str, EpochResult], cfg: TrialCon
 
 
 def write_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
-                     metrics: dict, thresholds: dict | None = None) -> None:
-    """Weights, optimizer and epoch, with the recipe (resolved config, label names,
-    metrics, tuned thresholds) that lets a reader rebuild and use the model without the
-    search session."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+                     metrics: dict, thresholds: dict | None = None,
+                     base: Base | None = None) -> None:
+    """The weights that differ from the trial's ``base`` (the base recorded instead),
+    the optimizer and the epoch, with the recipe (resolved config, label names,
+    metrics, tuned thresholds) that lets a reader rebuild and use the model without
+    the search session."""
+    weights = model.state_dict()
+    unchanged = base.unchanged(weights) if base is not None else []
+    state = {"model": {k: v for k, v in weights.items() if k not in unchanged},
+             "epoch": epoch}
     recipe = {"epoch": epoch, "config": cfg.to_dict(),
               "label_names": list(TASKS[cfg.task].label_names), "metrics": metrics,
-              **(thresholds or {})}
-    save_checkpoint(folder, state, recipe)
+              **(thresholds or {}), **({"base": base.entry(unchanged)} if base else {})}
+    save_checkpoint(folder, state, recipe, optimizer.state_dict())
 
 
-def restore(model, optimizer, checkpoint: tune.Checkpoint | None) -> int:
+def restore(model, optimizer, checkpoint: tune.Checkpoint | None, base: Base) -> int:
     """Load the newest intact checkpoint of a retried/restored trial; the epoch it reached.
 
-    Ray hands over the last checkpoint it registered; should that one be damaged, the
-    trial goes back to its newest intact older checkpoint (or to epoch 0) instead of
-    failing again on every retry.
+    Ray hands over the last checkpoint it registered; should that one be damaged or
+    gone (a finished trial keeps only its best), the trial goes back to its newest
+    intact older checkpoint (or to epoch 0) instead of failing again on every retry.
+    A checkpoint without optimizer state (not the trial's newest) starts the optimizer
+    afresh, with a warning.
     """
     for candidate in fallbacks(checkpoint):
         try:
             with candidate.as_directory() as folder:
-                state, _ = load_checkpoint(folder)
-        except DamagedCheckpoint as exc:
+                state, recipe = load_checkpoint(folder)
+                moments = load_optimizer(folder)
+        except (DamagedCheckpoint, OSError) as exc:
             warnings.warn(f"{exc}; trying an older checkpoint")
             continue
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if not base.matches(recipe.get("base")):
+            raise DamagedCheckpoint(f"{candidate.path}: the trial's base (its pretrained "
+                                    f"file or initialisation) is not the one the checkpoint "
+                                    f"was trained from; it cannot go on from there")
+        put_weights(model, state["model"], recipe.get("base"), candidate.path)
+        if moments is None:
+            warnings.warn(f"{candidate.path}: no optimizer state (not the trial's newest "
+                          f"checkpoint); the optimizer starts afresh")
+        else:
+            optimizer.load_state_dict(moments)
         return int(state["epoch"])
     return 0
 

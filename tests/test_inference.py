@@ -47,3 +47,74 @@ def test_a_checkpoint_cut_short_is_refused(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(data[:100])
     with pytest.raises(DamagedCheckpoint, match="cut short"):
         load_model(tmp_path)
+
+
+def trained_with_base(folder, cfg: TrialConfig):
+    """A trial's start as the trainable makes it (seeded, from ``cfg.pretrained``), one
+    step of training, and its checkpoint written with its base."""
+    from covid_tune.inference import Base
+
+    torch.manual_seed(cfg.seed)
+    model = build_for(cfg, cfg.pretrained)
+    base = Base.of(model, cfg)
+    optimizer = build_optimizer(model, cfg)
+    model.train()(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(folder, model, optimizer, 1, cfg, {}, base=base)
+    return model
+
+
+def same_weights(a, b) -> bool:
+    one, two = a.state_dict(), b.state_dict()
+    return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.parametrize("frozen", [20, 7])
+def test_frozen_layers_are_stored_by_reference_to_the_pretrained_file(tmp_path, frozen):
+    """Tensors still as the pretrained file had them are not stored: the recipe names
+    the file and its SHA-256; ``load_model`` rebuilds the very weights from it, and
+    refuses clearly when the file is gone or changed."""
+    from dataclasses import replace
+
+    from torchvision.models import resnet18
+
+    from covid_tune.errors import UserError
+    from covid_tune.runs import CHECKPOINT_FILE, read_recipe
+
+    weights = tmp_path / "resnet18-local.pth"
+    torch.save(resnet18(weights=None).state_dict(), weights)
+    cfg = replace(CONFIG, pretrained=str(weights), frozen_layers=frozen)
+    model = trained_with_base(tmp_path / "ckpt", cfg)
+    recipe = read_recipe(tmp_path / "ckpt")
+    stored = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert recipe["base"]["kind"] == "pretrained" and recipe["base"]["path"] == str(weights)
+    assert set(recipe["base"]["tensors"]).isdisjoint(stored)
+    assert set(recipe["base"]["tensors"]) | set(stored) == set(model.state_dict())
+    assert all(k.startswith("net.fc.") or not k.startswith("net.conv1.")
+               for k in stored)  # the first conv is frozen in both cases
+    assert same_weights(load_model(tmp_path / "ckpt"), model)
+    weights.rename(tmp_path / "elsewhere.pth")
+    with pytest.raises(UserError, match=r"pretrained file .*resnet18-local.pth .*which is not "
+                                        r"there; put that file back"):
+        load_model(tmp_path / "ckpt")
+    changed = resnet18(weights=None).state_dict()
+    torch.save(changed, weights)
+    with pytest.raises(UserError, match="differs from the file it was trained from"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_untrained_layers_of_a_random_start_are_stored_by_seed(tmp_path):
+    """``pretrained: none``: frozen layers are the trial's seeded initialisation,
+    recorded by seed and SHA-256 and rebuilt on load."""
+    from dataclasses import replace
+
+    from covid_tune.runs import CHECKPOINT_FILE, read_recipe
+
+    cfg = replace(CONFIG, frozen_layers=20, seed=7)
+    model = trained_with_base(tmp_path / "ckpt", cfg)
+    recipe = read_recipe(tmp_path / "ckpt")
+    assert recipe["base"]["kind"] == "init" and recipe["base"]["seed"] == 7
+    stored = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert sorted(stored) == sorted(k for k in model.state_dict() if k.startswith("net.fc."))
+    assert same_weights(load_model(tmp_path / "ckpt"), model)

@@ -252,3 +252,18 @@ def test_a_part_2_csv_manifest_with_a_labelled_test_split_is_scored_on_test(
     decided = torch.sigmoid(torch.from_numpy(logits)).numpy() > cuts
     exact = float(np.mean(np.all(decided == test.targets.astype(bool), axis=1)))
     assert float(row["test_accuracy"]) == pytest.approx(exact)
+
+
+def test_a_finished_trial_keeps_its_best_epoch_weights_only(swept):
+    """Every trial of the shared sweep (completed or stopped by ASHA) keeps one
+    checkpoint, its best epoch by the sweep's metric, without optimizer state; the
+    checkpoint stores the weights and records its base (the seeded initialisation)."""
+    for folder in sorted(swept.binary.glob("trial_*")):
+        kept = sorted(folder.glob("checkpoint_*"))
+        assert len(kept) == 1, kept
+        assert not (kept[0] / "optimizer.pt").exists()
+        recipe = json.loads((kept[0] / "recipe.json").read_text())
+        epochs = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        best = min(epochs, key=lambda r: (r["val_loss"], r["epoch"]))
+        assert recipe["epoch"] == best["epoch"]
+        assert recipe["base"]["kind"] == "init"

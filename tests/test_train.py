@@ -16,8 +16,10 @@ from covid_tune.config import TrialConfig
 from covid_tune.errors import UserError
 from covid_tune.models import build_model
 from covid_tune.runs import (CHECKPOINT_FILE, RECIPE_FILE, DamagedCheckpoint, is_intact, load_checkpoint,
+                             load_optimizer,
                              read_recipe)
 from covid_tune.tasks import TASKS
+from covid_tune.inference import Base
 from covid_tune.train import build_optimizer, restore, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +54,9 @@ def test_a_checkpoint_carries_its_recipe(tmp_path):
     assert recipe["label_names"] == list(TASKS["binary"].label_names)
     state, _ = load_checkpoint(tmp_path)
     assert state["epoch"] == 2 and torch.equal(state["model"]["weight"], torch.full((2, 3), 2.0))
-    assert state["optimizer"]["param_groups"][0]["lr"] == 0.1
+    assert load_optimizer(tmp_path)["param_groups"][0]["lr"] == 0.1
+    (tmp_path / "optimizer.pt").unlink()  # trimmed: the checkpoint is still whole
+    assert read_recipe(tmp_path)["epoch"] == 2 and load_optimizer(tmp_path) is None
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -134,8 +138,38 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     with pytest.raises(DamagedCheckpoint, match="cut short"):
         load_checkpoint(newest)
     with pytest.warns(UserWarning, match="trying an older checkpoint"):
-        epoch = restore(model, optimizer, tune.Checkpoint(str(newest)))
+        epoch = restore(model, optimizer, tune.Checkpoint(str(newest)), Base.of(model, cfg))
     assert epoch == 1
+
+
+def test_a_trial_goes_on_from_its_newest_checkpoint_with_the_optimizer_or_warns(tmp_path):
+    """The newest checkpoint (with ``optimizer.pt``) restores weights and momentum; an
+    older one, trimmed to weights, restores the weights and starts the optimizer
+    afresh, saying so; a gone folder (a finished trial keeps only its best) is passed
+    over."""
+    torch.manual_seed(0)
+    cfg = trial_config(lr=0.01, hidden=8, metric="val_loss", mode="min", frozen_layers=10)
+    model = build_model("resnet18", 2, 8, 0.0, 10, "none")
+    base = Base.of(model, cfg)
+    optimizer = build_optimizer(model, cfg)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "trial" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    write_checkpoint(folder, model, optimizer, 1, cfg, {"val_loss": 1.0}, base=base)
+    torch.manual_seed(0)  # as the trainable does: the same seed builds the same base
+    again = build_model("resnet18", 2, 8, 0.0, 10, "none")
+    fresh = build_optimizer(again, cfg)
+    base = Base.of(again, cfg)
+    assert restore(again, fresh, tune.Checkpoint(str(folder)), base) == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
+    assert fresh.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    (folder / "optimizer.pt").unlink()
+    gone = tmp_path / "trial" / "checkpoint_000001"
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        assert restore(again, build_optimizer(again, cfg), tune.Checkpoint(str(gone)),
+                       base) == 1
 
 
 # --- a diverging trial in a real sweep --------------------------------------------------
