@@ -209,3 +209,67 @@ def _space_text(trials: int, max_epochs: int) -> str:
     doc = {**SIM_SPACE, "num_samples": trials, "max_epochs": max_epochs, "image_size": 32,
            "augment": False}
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+# --- checkpoint bytes: what a trial writes per epoch and keeps at its end --------------
+
+CHECKPOINT_ROWS = (("vgg16", 13), ("vgg16", 7), ("vgg16", 0), ("resnet18", 20),
+                   ("resnet18", 0))
+"""The assignment's rows: all but the head frozen, part frozen, nothing frozen."""
+
+
+def measure_checkpoints(work: Path, hidden: int = 256, image_size: int = 64,
+                        rows_of: tuple[tuple[str, int], ...] = CHECKPOINT_ROWS) -> dict:
+    """For each row of ``CHECKPOINT_ROWS``, started from a local pretrained file (a
+    torchvision state dict the bench writes) with SGD momentum: the bytes of a running
+    trial's checkpoint (``train.write_checkpoint``) and of what a finished trial keeps
+    (the same folder without ``optimizer.pt``), over the trainable parameters' bytes.
+    The plain way, for comparison: every tensor and the whole optimizer state each
+    epoch (``torch.save`` of both state dicts), two such folders kept per trial."""
+    import torch
+    from torchvision import models as tv
+
+    from covid_tune.config import PARAM_DEFAULTS, TrialConfig
+    from covid_tune.inference import Base, build_for
+    from covid_tune.runs import OPTIMIZER_FILE
+    from covid_tune.train import build_optimizer, write_checkpoint
+
+    rows = []
+    for backbone, frozen in rows_of:
+        weights = work / f"{backbone}-pretrained.pth"
+        if not weights.exists():
+            torch.save(getattr(tv, backbone)(weights=None).state_dict(), weights)
+        cfg = TrialConfig.from_dict({**PARAM_DEFAULTS, "task": "binary", "loss": "ce",
+                                     "backbone": backbone, "frozen_layers": frozen,
+                                     "hidden": hidden, "lr": 0.01, "momentum": 0.9,
+                                     "image_size": image_size, "max_epochs": 1,
+                                     "pretrained": str(weights), "metric": "val_f1",
+                                     "mode": "max"})
+        torch.manual_seed(cfg.seed)
+        model = build_for(cfg, cfg.pretrained)
+        base = Base.of(model, cfg)
+        optimizer = build_optimizer(model, cfg)
+        model.train()(torch.randn(2, 3, image_size, image_size)).sum().backward()
+        optimizer.step()
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters()
+                        if p.requires_grad)
+        folder = work / f"ckpt-{backbone}-{frozen}"
+        folder.mkdir()
+        write_checkpoint(folder, model, optimizer, 1, cfg, {"val_f1": 0.5}, base=base)
+        written = sum(f.stat().st_size for f in folder.iterdir())
+        kept = written - (folder / OPTIMIZER_FILE).stat().st_size
+        plain = work / f"plain-{backbone}-{frozen}.pt"
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, plain)
+        plain_bytes = plain.stat().st_size
+        rows.append({"backbone": backbone, "frozen_layers": frozen,
+                     "trainable_bytes": trainable, "written_bytes": written,
+                     "kept_bytes": kept, "plain_written_bytes": plain_bytes,
+                     "plain_kept_bytes": 2 * plain_bytes,
+                     "write_ratio": written / trainable, "kept_ratio": kept / trainable,
+                     "plain_write_ratio": plain_bytes / trainable,
+                     "plain_kept_ratio": 2 * plain_bytes / trainable})
+    return {"hidden": hidden, "rows": rows,
+            "checkpoint_write_ratio": max(r["write_ratio"] for r in rows),
+            "kept_bytes_per_trial_ratio": max(r["kept_ratio"] for r in rows),
+            "plain_write_ratio": max(r["plain_write_ratio"] for r in rows),
+            "plain_kept_ratio": max(r["plain_kept_ratio"] for r in rows)}
