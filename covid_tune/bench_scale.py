@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import statistics
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,6 +67,7 @@ def simulate_driver(trials: int, concurrency: int, folder: Path, window: int = 1
     from covid_tune.sweep import build_scheduler
 
     space = sim_space(trials)
+    folder.mkdir(parents=True, exist_ok=True)
     study_file = str(folder / STUDY_FILE)
     searcher = build_searcher(space, study_file, "sim", seed, None)
     scheduler = build_scheduler(space)
@@ -128,9 +129,6 @@ def simulate_driver(trials: int, concurrency: int, folder: Path, window: int = 1
             if Path(study_file).is_file() else 0}
 
 
-def measure_driver(trials: int = 1000, concurrency: int = 32) -> dict:
-    with tempfile.TemporaryDirectory(prefix="covid-tune-driver-") as folder:
-        return simulate_driver(trials, concurrency, Path(folder))
 
 
 # --- a simulated big cluster: fake GPUs, the real sweep, a stand-in trainable ----------
@@ -167,6 +165,7 @@ def measure_cluster(work: Path, runs: tuple[tuple[int, int], ...], nodes: int = 
     from covid_tune.sweep import run_sweep
     from covid_tune.synth import generate
 
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "cluster-data"
     generate(data, "binary", scale=0.002, size=32, seed=0, progress=False)
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -234,6 +233,7 @@ def measure_checkpoints(work: Path, hidden: int = 256, image_size: int = 64,
     from covid_tune.runs import OPTIMIZER_FILE
     from covid_tune.train import build_optimizer, write_checkpoint
 
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
     for backbone, frozen in rows_of:
         weights = work / f"{backbone}-pretrained.pth"
@@ -273,3 +273,43 @@ def measure_checkpoints(work: Path, hidden: int = 256, image_size: int = 64,
             "kept_bytes_per_trial_ratio": max(r["kept_ratio"] for r in rows),
             "plain_write_ratio": max(r["plain_write_ratio"] for r in rows),
             "plain_kept_ratio": max(r["plain_kept_ratio"] for r in rows)}
+
+
+# --- the scale parts of ``covid-tune bench`` --------------------------------------------
+
+@dataclass(frozen=True)
+class ScaleSizes:
+    """How much work each scale part does (``SCALE_QUICK``, ``SCALE_FULL``, ``SCALE_TINY``)."""
+
+    driver_trials: int
+    """Simulated trials driven through the searcher and scheduler (the key is named
+    after 1000)."""
+    driver_concurrency: int
+    cluster_runs: tuple[tuple[int, int], ...]
+    """(trials, concurrency) of each stand-in sweep on the fake-GPU cluster."""
+    cluster_nodes: int = 4
+    checkpoint_rows: tuple[tuple[str, int], ...] = CHECKPOINT_ROWS
+
+
+SCALE_QUICK = ScaleSizes(driver_trials=1000, driver_concurrency=32,
+                         cluster_runs=((10, 32), (100, 8), (100, 32), (100, 128)))
+SCALE_FULL = ScaleSizes(driver_trials=1000, driver_concurrency=128,
+                        cluster_runs=((10, 128), (100, 128), (1000, 128), (300, 8), (300, 32)))
+SCALE_TINY = ScaleSizes(driver_trials=20, driver_concurrency=4, cluster_runs=(),
+                        checkpoint_rows=(("resnet18", 20),))
+"""For the test suite: no cluster (the session's Ray is already up), one small model."""
+
+
+def measure_scale(work: Path, sizes: ScaleSizes) -> dict:
+    """The driver, checkpoint and cluster parts; the figures the bench's JSON holds."""
+    driver = simulate_driver(sizes.driver_trials, sizes.driver_concurrency, work / "driver")
+    checkpoints = measure_checkpoints(work / "checkpoints", rows_of=sizes.checkpoint_rows)
+    report = {"driver": driver, "checkpoints": checkpoints,
+              f"driver_ms_per_trial_{sizes.driver_trials}":
+                  driver["ms_per_completion_last_window"],
+              "checkpoint_write_ratio": checkpoints["checkpoint_write_ratio"],
+              "kept_bytes_per_trial_ratio": checkpoints["kept_bytes_per_trial_ratio"]}
+    if sizes.cluster_runs:
+        report["cluster"] = measure_cluster(work / "cluster", sizes.cluster_runs,
+                                            nodes=sizes.cluster_nodes)
+    return report
