@@ -49,10 +49,37 @@ def test_cuda_input_stays_on_gpu_and_cpu_seed_repeats():
 
 
 @pytest.mark.parametrize("augment", [None, Augment.off()])
-def test_no_augmentation_is_exact_normalisation(augment):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_no_augmentation_is_the_normalisation_to_float_rounding(augment, channels_last):
+    """One ``addcmul`` (x / 255 folded into the scale) gives ``(x / 255 - mean) / std``
+    to within a float32 rounding step, in either memory layout, and the numpy
+    normalisation that export and predict use agrees."""
+    from covid_tune.preprocess import normalize
+
     images = random_images()
-    out = to_model_input(images, augment=augment)
-    assert torch.equal(out, by_hand(images))
+    out = to_model_input(images, augment=augment, channels_last=channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out, by_hand(images), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out, torch.from_numpy(normalize(images.numpy())),
+                               atol=2e-6, rtol=0)
+
+
+def test_the_augmenting_warp_is_the_old_three_pass_normalisation_of_the_same_warp():
+    """The warp now samples 0..255 values and normalises once after; sampling is linear,
+    so it equals warping x / 255 and normalising in three passes, as before."""
+    import torch.nn.functional as F
+
+    from covid_tune.augment import _random_theta
+
+    images = random_images(b=6)
+    augment = Augment(rotation=30.0)
+    out = to_model_input(images, augment=augment, generator=seeded(4))
+    theta = _random_theta(augment, 6, seeded(4))
+    x = images.unsqueeze(1).float() / 255
+    grid = F.affine_grid(theta, [6, 1, x.shape[-1], x.shape[-1]], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (x - mean) / std, atol=1e-5, rtol=0)
 
 
 def test_augmented_values_stay_in_normalised_range():
