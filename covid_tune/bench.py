@@ -1,19 +1,24 @@
 """``covid-tune bench``: measure the fast paths against the plain ones, on this machine.
 
-Three figures, each a ratio of two measurements taken in the same run:
+Three ratios of two measurements taken in the same run, then the scale parts
+(``covid_tune.bench_scale``: the driver's cost per trial at 1000 trials, checkpoint
+bytes, a simulated big cluster):
 
 - ``loader_speedup``: images/s delivered to the model by covid-tune's path (a slice of
   the decoded uint8 cache, augmented as a batch on the device by
   :func:`covid_tune.augment.to_model_input`) over images/s of the assignment's path
   (torchvision ``ImageFolder`` + PIL RandomRotation / RandomResizedCrop / flip +
   ToTensor / Normalize in a ``DataLoader`` with one worker per core). Both deliver
-  ``[B, 3, 224, 224]`` float batches from generated 512 px PNGs. Building the cache is
-  a one-off cost, reported apart.
+  ``[B, 3, 224, 224]`` float batches, from 1024 px PNGs and from 2048 px JPEGs
+  (``LOADER_SOURCES``), taking turns over five repeats; the lower of the two median
+  ratios counts. Building the cache is a one-off cost, reported apart.
 - ``sweep_overhead``: wall seconds per epoch of a trial inside a Ray Tune sweep (Tune's
   ``time_this_iter_s``: training, validation, checkpoint and report) over wall seconds
   per epoch of the same phase functions run bare (:func:`bare_epochs`), one torch
-  thread each. The ratio of the trainable's own ``epoch_seconds`` (training and
-  validation only) is reported too, as ``sweep_overhead_in_loop``.
+  thread each, at epochs of 20 s or more on a 2-core CPU (``sweep_epoch_seconds``);
+  ``sweep_outside_loop_seconds`` is what each epoch costs outside the training loop.
+  The ratio of the trainable's own ``epoch_seconds`` (training and validation only) is
+  reported too, as ``sweep_overhead_in_loop``.
 - ``search_epochs_ratio``: epochs ASHA + TPE spends until a trial first reaches the best
   validation F1 of a grid like the assignment's (six backbone / frozen-layer rows, each
   run to the full epoch count), over the grid's epochs. Epochs are counted in the order
@@ -38,6 +43,7 @@ from pathlib import Path
 import torch
 
 from covid_tune.augment import to_model_input
+from covid_tune.bench_scale import SCALE_FULL, SCALE_QUICK, ScaleSizes, measure_scale
 from covid_tune.config import (PARAM_DEFAULTS, Augment, TrialConfig, dump_space, load_space,
                                parse_space)
 from covid_tune.data import Split, load_dataset
@@ -66,7 +72,13 @@ SEARCH_PARAMS = {
 }
 """What ASHA + TPE may try; the grid's rows lie inside it. No ``start_with``: the search
 does not start from the grid's rows."""
-TARGETS = {"loader_speedup": (">=", 10.0), "sweep_overhead": ("<=", 1.10),
+LOADER_SOURCES = (("png", 1024), ("jpeg", 2048))
+"""The kinds of source files the loaders read, as the public collections hold them:
+1024 px PNGs and 2048 px JPEGs (``BenchSizes.loader_scale`` sets how many)."""
+
+
+SCALE_TARGETS = {"driver_ms_per_trial_1000": ("<=", 50.0), "checkpoint_write_ratio": ("<=", 2.2)}
+TARGETS = {"loader_speedup": (">=", 10.0), "sweep_overhead": ("<=", 1.05),
            "search_epochs_ratio": ("<=", 1 / 3)}
 
 
@@ -90,14 +102,14 @@ class BenchSizes:
     """The grid's full epoch count, and ASHA's largest."""
     search_samples: int
     """Trials ASHA + TPE may start."""
-    loader_stored: int = 512
-    """Side (px) of the generated PNGs the loaders read."""
+    loader_sources: tuple[tuple[str, int], ...] = LOADER_SOURCES
+    """(kind, side in px) of the source files the loaders read."""
     loader_out: int = 224
     """Side (px) of the images both loaders deliver."""
     loader_seconds: float = 1.0
     """Least seconds of whole epochs in each timed loader repeat."""
-    repeats: int = 3
-    """Timed repeats of each loader; the median counts."""
+    repeats: int = 5
+    """Timed repeats of each loader, taking turns; the median counts."""
     batch_size: int = 32
     """Images per batch of both loaders."""
     overhead_backbone: str = "resnet18"
@@ -110,8 +122,8 @@ class BenchSizes:
             raise ValueError("need overhead_epochs >= 2, repeats >= 1, search_epochs >= 1")
 
 
-QUICK = BenchSizes(loader_scale=0.02, overhead_scale=0.02, overhead_size=64,
-                   overhead_epochs=4, search_scale=0.02, search_size=32, search_epochs=6,
+QUICK = BenchSizes(loader_scale=0.02, overhead_scale=0.02, overhead_size=224,
+                   overhead_epochs=3, search_scale=0.02, search_size=32, search_epochs=6,
                    search_samples=16)
 """Minutes on 2 CPU cores."""
 FULL = BenchSizes(loader_scale=0.1, overhead_scale=0.1, overhead_size=224,
@@ -120,13 +132,14 @@ FULL = BenchSizes(loader_scale=0.1, overhead_scale=0.1, overhead_size=224,
 """For a GPU machine: larger images and the assignment's 15 epochs."""
 TINY = BenchSizes(loader_scale=0.004, overhead_scale=0.004, overhead_size=32,
                   overhead_epochs=2, search_scale=0.004, search_size=32, search_epochs=2,
-                  search_samples=2, loader_stored=64, loader_out=32, loader_seconds=0.0,
+                  search_samples=2, loader_sources=(("png", 64), ("jpeg", 96)),
+                  loader_out=32, loader_seconds=0.0,
                   repeats=1, grid_rows=1)
 """For the test suite: checks that everything runs, measures nothing useful."""
 
 
 def run_bench(quick: bool = False, json_path: str | None = None,
-              sizes: BenchSizes | None = None) -> dict:
+              sizes: BenchSizes | None = None, scale_sizes: ScaleSizes | None = None) -> dict:
     """Measure the three ratios, print a table, write ``json_path``; the report dict."""
     sizes = sizes or (QUICK if quick else FULL)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
@@ -138,10 +151,16 @@ def run_bench(quick: bool = False, json_path: str | None = None,
         with ray_session():
             report["overhead"] = timed(measure_overhead, work, sizes)
             report["search"] = timed(measure_search, work, sizes)
+        started = time.perf_counter()  # after Ray: the cluster part starts its own
+        report.update(measure_scale(work / "scale", scale_sizes or (
+            SCALE_QUICK if quick else SCALE_FULL)))
+        report["scale_seconds"] = time.perf_counter() - started
     report["machine"]["load_after"] = load_average()
     report["loader_speedup"] = report["loader"]["speedup"]
     report["sweep_overhead"] = report["overhead"]["ratio"]
     report["sweep_overhead_in_loop"] = report["overhead"]["ratio_in_loop"]
+    report["sweep_epoch_seconds"] = report["overhead"]["bare_seconds"]
+    report["sweep_outside_loop_seconds"] = report["overhead"]["sweep_outside_loop_seconds"]
     report["search_epochs_ratio"] = report["search"]["ratio"]
     print(format_table(report))
     if json_path:
@@ -224,25 +243,61 @@ def make_data(work: Path, name: str, scale: float, size: int) -> Path:
 
 
 def measure_loader(work: Path, sizes: BenchSizes) -> dict:
-    """Images/s of both loaders on the same generated PNGs, and the cache build time."""
-    root = make_data(work, "loader", sizes.loader_scale, sizes.loader_stored)
-    device = Device.pick()
-    started = time.perf_counter()
-    split = load_dataset(root, "binary", sizes.loader_out, progress=False).splits["train"]
-    cache_seconds = time.perf_counter() - started
-    generator = torch.Generator().manual_seed(0)
-    loader = plain_loader(root / "train", sizes, device)
-    rates = images_per_second({
-        "ours": lambda: fast_epoch(split, sizes, device, generator),
-        "ours_one_thread": lambda: one_thread(fast_epoch, split, sizes, device, generator),
-        "plain": lambda: plain_epoch(loader, device),
-    }, len(split), sizes)
-    del loader
-    return {"images": len(split), "stored_px": sizes.loader_stored, "out_px": sizes.loader_out,
-            "cache_build_seconds": cache_seconds, "ours_images_per_s": rates["ours"],
-            "ours_one_thread_images_per_s": rates["ours_one_thread"],
-            "plain_images_per_s": rates["plain"], "plain_workers": os.cpu_count(),
-            "speedup": rates["ours"] / rates["plain"]}
+    """Both loaders on each kind of source (``LOADER_SOURCES``), taking turns over
+    ``sizes.repeats`` repeats; per kind the images/s of each, the median ratio of the
+    repeats and its spread (lowest and highest repeat), and the cache build time.
+    ``speedup`` is the lower of the kinds' median ratios."""
+    kinds = {}
+    for kind, px in sizes.loader_sources:
+        root = make_sources(work, kind, px, sizes)
+        device = Device.pick()
+        started = time.perf_counter()
+        split = load_dataset(root, "binary", sizes.loader_out,
+                             progress=False).splits["train"]
+        cache_seconds = time.perf_counter() - started
+        generator = torch.Generator().manual_seed(0)
+        plain = plain_loader(root / "train", sizes, device)
+        rates = images_per_second({
+            "ours": lambda: fast_epoch(split, sizes, device, generator),
+            "ours_one_thread": lambda: one_thread(fast_epoch, split, sizes, device, generator),
+            "plain": lambda: plain_epoch(plain, device),
+        }, len(split), sizes)
+        plain = None  # lets its worker processes go
+        ratios = [o / p for o, p in zip(rates["ours"], rates["plain"])]
+        kinds[kind] = {
+            "source_px": px, "images": len(split), "cache_build_seconds": cache_seconds,
+            "ours_images_per_s": statistics.median(rates["ours"]),
+            "ours_one_thread_images_per_s": statistics.median(rates["ours_one_thread"]),
+            "plain_images_per_s": statistics.median(rates["plain"]),
+            "speedup": statistics.median(ratios), "speedup_low": min(ratios),
+            "speedup_high": max(ratios), "repeats": len(ratios)}
+    worst = min(kinds, key=lambda k: kinds[k]["speedup"])
+    return {"kinds": kinds, "out_px": sizes.loader_out, "plain_workers": os.cpu_count(),
+            "worst_kind": worst, "speedup": kinds[worst]["speedup"],
+            **{k: kinds[worst][k] for k in ("ours_images_per_s", "plain_images_per_s",
+                                            "ours_one_thread_images_per_s",
+                                            "cache_build_seconds", "images")}}
+
+
+def make_sources(work: Path, kind: str, px: int, sizes: BenchSizes) -> Path:
+    """A binary dataset whose training images are ``px`` px ``kind`` files: phantoms
+    drawn at 512 px, enlarged, with a little sensor noise so they do not compress better
+    than radiographs do. Validation and test stay small (only train is timed)."""
+    import numpy as np
+    from PIL import Image
+
+    root = make_data(work, f"loader-{kind}", sizes.loader_scale, min(px, 512))
+    rng = np.random.default_rng(0)
+    for path in sorted((root / "train").rglob("*.png")):
+        with Image.open(path) as image:
+            big = np.asarray(image.convert("L").resize((px, px), Image.BICUBIC), np.float32)
+        noisy = np.clip(big + rng.normal(0, 2.0, big.shape), 0, 255).astype(np.uint8)
+        if kind == "png":
+            Image.fromarray(noisy).save(path)
+        else:
+            Image.fromarray(noisy).save(path.with_suffix(".jpeg"), quality=90)
+            path.unlink()
+    return root
 
 
 def fast_epoch(split: Split, sizes: BenchSizes, device: Device,
@@ -293,8 +348,8 @@ def one_thread(function, *args):
         torch.set_num_threads(threads)
 
 
-def images_per_second(epochs: dict, images: int, sizes: BenchSizes) -> dict[str, float]:
-    """Median images/s of each epoch function over ``sizes.repeats`` timings.
+def images_per_second(epochs: dict, images: int, sizes: BenchSizes) -> dict[str, list[float]]:
+    """Images/s of each epoch function in each of ``sizes.repeats`` timings.
 
     The functions take turns, repeat by repeat, so a change in the machine's load
     during the run falls on all of them alike. Each runs one untimed warm-up epoch.
@@ -309,7 +364,7 @@ def images_per_second(epochs: dict, images: int, sizes: BenchSizes) -> dict[str,
                 run_epoch()
                 delivered += images
             rates[name].append(delivered / (time.perf_counter() - started))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
 
 
 # --- sweep overhead: a trial inside Ray Tune vs the same loop run bare -------------------
@@ -475,7 +530,32 @@ def format_table(report: dict) -> str:
         shown = f"{'>' if lower_bound else ''}{report[key]:.2f}"
         lines.append(f"{label:<30}{ours:>9.4g}{plain:>9.4g}{shown:>8}  {sign} {goal:.2f} "
                      f"{'met' if target_met(key, report) else 'NOT met'}")
-    return "\n".join(lines + table_notes(report))
+    return "\n".join(lines + scale_lines(report) + table_notes(report))
+
+
+def scale_lines(report: dict) -> list[str]:
+    """The scale parts' figures, ours beside the plain way's."""
+    driver, checkpoints = report.get("driver"), report.get("checkpoints")
+    if not driver:
+        return []
+    key = f"driver_ms_per_trial_{driver['trials']}"
+    rows = [(f"driver ms/completion @{driver['trials']}", report[key],
+             driver["plain_ms_per_completion_at_end"], key),
+            ("checkpoint bytes/epoch ÷ trainable", report["checkpoint_write_ratio"],
+             checkpoints["plain_write_ratio"], "checkpoint_write_ratio"),
+            ("kept bytes/trial ÷ trainable", report["kept_bytes_per_trial_ratio"],
+             checkpoints["plain_kept_ratio"], "kept_bytes_per_trial_ratio")]
+    lines = ["", f"{'scale':<36}{'ours':>9}{'plain':>9}  target", "-" * 70]
+    for label, ours, plain, name in rows:
+        sign, goal = SCALE_TARGETS.get(name, ("", None))
+        verdict = "" if goal is None else (
+            f"{sign} {goal:g} {'met' if (ours <= goal if sign == '<=' else ours >= goal) else 'NOT met'}")
+        lines.append(f"{label:<36}{ours:>9.4g}{plain:>9.4g}  {verdict}")
+    for run in (report.get("cluster") or {}).get("runs", []):
+        lines.append(f"cluster, {run['trials']} trials, {run['concurrency']} at once: "
+                     f"{run['trials_per_minute']:.0f} trials/min, driver CPU "
+                     f"{100 * run['driver_cpu_share']:.0f}%")
+    return lines
 
 
 def target_met(key: str, report: dict) -> bool:
@@ -491,11 +571,15 @@ def table_notes(report: dict) -> list[str]:
     notes = [
         f"best val F1 within the grid's {search['grid_epochs']} epochs: search "
         f"{search['search_best_f1_in_grid_budget']:.3f}, grid {search['grid_best_f1']:.3f}",
-        f"sweep: {overhead['sweep_outside_loop_seconds']:.2f} s per epoch outside the loop "
+        f"sweep: epochs of {overhead['bare_seconds']:.1f} s bare; "
+        f"{overhead['sweep_outside_loop_seconds']:.2f} s per epoch outside the training loop "
         f"(checkpoint, report); in-loop ratio {report['sweep_overhead_in_loop']:.2f}",
-        f"loader: cache built once in {loader['cache_build_seconds']:.2f} s for "
-        f"{loader['images']} images; ours on 1 thread "
-        f"{loader['ours_one_thread_images_per_s']:.0f} images/s",
+        *[f"loader, {px} px {kind}: ratio {k['speedup']:.1f} (repeats {k['speedup_low']:.1f}"
+          f"..{k['speedup_high']:.1f}), ours {k['ours_images_per_s']:.0f} images/s "
+          f"({k['ours_one_thread_images_per_s']:.0f} on 1 thread), plain "
+          f"{k['plain_images_per_s']:.0f}; cache built once in "
+          f"{k['cache_build_seconds']:.1f} s for {k['images']} images"
+          for kind, k in loader["kinds"].items() for px in [k["source_px"]]],
         "machine: {cpus} CPUs ({cpu}), torch {torch}, device {device} ({device_name}); "
         "load average {load_before} before, {load_after} after".format(**report["machine"]),
     ]

@@ -59,6 +59,8 @@ class SweepSearch(OptunaSearch):
         self.diverged: set[str] = set()
         """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
         self.mirror = StudyMirror(study_file) if study_file else None
+        if self.mirror:  # opening SQLite takes most of a second: before trials, not during
+            self.mirror.sync(self._ot_study, now=True)
 
     def suggest(self, trial_id: str):
         if trial_id not in self._ot_trials and self.waiting_for_startup():

@@ -10,8 +10,10 @@ import math
 import pandas as pd
 
 from covid_tune.bench import TINY, compare_search, epochs_until, run_bench
+from covid_tune.bench_scale import SCALE_TINY
 
-FIGURES = ("loader_speedup", "sweep_overhead", "search_epochs_ratio")
+FIGURES = ("loader_speedup", "sweep_overhead", "search_epochs_ratio", "sweep_epoch_seconds",
+           "driver_ms_per_trial_20", "checkpoint_write_ratio", "kept_bytes_per_trial_ratio")
 
 
 def rows(*results):
@@ -21,7 +23,7 @@ def rows(*results):
 
 def test_tiny_bench_writes_the_three_figures(ray_cluster, tmp_path, capsys):
     path = tmp_path / "bench.json"
-    report = run_bench(json_path=str(path), sizes=TINY)
+    report = run_bench(json_path=str(path), sizes=TINY, scale_sizes=SCALE_TINY)
     written = json.loads(path.read_text())
     for key in FIGURES:
         value = written[key]
@@ -33,6 +35,11 @@ def test_tiny_bench_writes_the_three_figures(ray_cluster, tmp_path, capsys):
     assert written["machine"]["cpus"] >= 1
     table = capsys.readouterr().out
     assert "loader images/s" in table and "machine:" in table
+    assert "driver ms/completion @20" in table
+    kinds = written["loader"]["kinds"]
+    assert set(kinds) == {"png", "jpeg"} and all(k["repeats"] == TINY.repeats
+                                                   for k in kinds.values())
+    assert written["loader_speedup"] == min(k["speedup"] for k in kinds.values())
 
 
 def test_epochs_are_counted_in_arrival_order_across_parallel_trials():
