@@ -91,8 +91,9 @@ def load_model(checkpoint: str | Path) -> Classifier:
         elsewhere = (imagenet_cache_path(cfg.backbone),) if base.get("source") == "imagenet" else ()
         model = build_for(cfg, base_file(base, checkpoint, elsewhere))
     else:
-        torch.manual_seed(int(base.get("seed", cfg.seed)))
-        model = build_for(cfg)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            torch.manual_seed(int(base.get("seed", cfg.seed)))
+            model = build_for(cfg)
         if tensors_digest(model.state_dict(), base.get("tensors", [])) != base.get("sha256"):
             raise UserError(f"{checkpoint}: its untrained layers are stored as the seeded "
                             f"initialisation of torch {torch.__version__.split('+')[0]}'s "
