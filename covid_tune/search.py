@@ -192,6 +192,8 @@ class StudyMirror:
         self.last_sync = self.last_upload = -math.inf
         self.failed = False
         """A write failed: the next sync rebuilds the file from the study."""
+        self.noted = False
+        """The one note about a failed write has been printed."""
 
     def __getstate__(self) -> dict:
         return {"target": self.target}  # Ray's snapshot: an open database is not part of it
@@ -285,7 +287,7 @@ class StudyMirror:
         self.last_upload = clock
 
     def note_failure(self, exc: Exception, rebuild: bool = True) -> None:
-        if not getattr(self, "noted", False):
+        if not self.noted:
             cause = root_cause(exc)
             why = getattr(cause, "strerror", None) or str(cause).splitlines()[0][:200]
             print(f"note: could not write {self.target} ({why}); the previous copy is kept, "
