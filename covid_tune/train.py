@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -38,8 +37,8 @@ from covid_tune.data import SELECTION, DataBundle, Split
 from covid_tune.inference import Base, Device, build_for, predict_logits, put_weights
 from covid_tune.losses import build_loss
 from covid_tune.metrics import compute_metrics, tune_thresholds
-from covid_tune.runs import (DIVERGED_FILE, DamagedCheckpoint, load_checkpoint, load_optimizer,
-                             save_checkpoint)
+from covid_tune.runs import (DIVERGED_FILE, DamagedCheckpoint, checkpoint_folders,
+                             load_checkpoint, load_optimizer, save_checkpoint)
 from covid_tune.tasks import TASKS, Task
 from covid_tune.tensorboard import TrialWriter
 
@@ -284,8 +283,6 @@ def fallbacks(checkpoint: tune.Checkpoint | None) -> list[tune.Checkpoint]:
         return []
     fs = checkpoint.filesystem
     parent, name = os.path.split(checkpoint.path.rstrip("/"))
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
-    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name < name),
-                   reverse=True)
+    older = [path for path in reversed(checkpoint_folders(fs, parent))
+             if os.path.basename(path) < name]
     return [checkpoint, *(tune.Checkpoint(path, filesystem=fs) for path in older)]
