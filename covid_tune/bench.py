@@ -13,9 +13,11 @@ bytes, a simulated big cluster):
   (``LOADER_SOURCES``), taking turns over five repeats; the lower of the two median
   ratios counts. Building the cache is a one-off cost, reported apart.
 - ``sweep_overhead``: wall seconds per epoch of a trial inside a Ray Tune sweep (Tune's
-  ``time_this_iter_s``: training, validation, checkpoint and report) over wall seconds
-  per epoch of the same phase functions run bare (:func:`bare_epochs`), one torch
-  thread each, at epochs of 20 s or more on a 2-core CPU (``sweep_epoch_seconds``);
+  ``time_this_iter_s``, the time between two reports: training, validation,
+  checkpoint and report) over wall seconds per epoch of the same phase functions run
+  bare (:func:`bare_epochs`), one torch thread each, at epochs of 20 s or more on a
+  2-core CPU (``sweep_epoch_seconds``); both are means over the timed epochs, since a
+  trial publishes each epoch while the next trains and only their sum is a wall time.
   ``sweep_outside_loop_seconds`` is what each epoch costs outside the training loop.
   The ratio of the trainable's own ``epoch_seconds`` (training and validation only) is
   reported too, as ``sweep_overhead_in_loop``.
@@ -24,7 +26,7 @@ bytes, a simulated big cluster):
   run to the full epoch count), over the grid's epochs. Epochs are counted in the order
   results arrived; results in the same second as the match all count as spent.
 
-Timings are medians over repeats; the first epoch of every training run is a warm-up
+Loader timings are medians over repeats; the first epoch of every training run is a warm-up
 and is not timed. Everything runs on a GPU when there is one.
 """
 
@@ -123,7 +125,7 @@ class BenchSizes:
 
 
 QUICK = BenchSizes(loader_scale=0.02, overhead_scale=0.02, overhead_size=224,
-                   overhead_epochs=3, search_scale=0.02, search_size=32, search_epochs=6,
+                   overhead_epochs=5, search_scale=0.02, search_size=32, search_epochs=6,
                    search_samples=16)
 """Minutes on 2 CPU cores."""
 FULL = BenchSizes(loader_scale=0.1, overhead_scale=0.1, overhead_size=224,
@@ -386,10 +388,10 @@ def measure_overhead(work: Path, sizes: BenchSizes) -> dict:
     rows = sweep_rows(sweep(space_file, root, work, "overhead"))
     bare += bare_epochs(cfg, bundle)[1:]
     kept = rows[rows["epoch"] > 1]
-    bare_wall = statistics.median(wall for _, wall in bare)
-    bare_loop = statistics.median(loop for loop, _ in bare)
-    tune_wall = float(kept["time_this_iter_s"].median())
-    tune_loop = float(kept["epoch_seconds"].median())
+    bare_wall = statistics.mean(wall for _, wall in bare)
+    bare_loop = statistics.mean(loop for loop, _ in bare)
+    tune_wall = float(kept["time_this_iter_s"].mean())
+    tune_loop = float(kept["epoch_seconds"].mean())
     return {"backbone": cfg.backbone, "image_px": cfg.image_size,
             "images": len(bundle.splits["train"]), "bare_epochs_timed": len(bare),
             "sweep_epochs_timed": len(kept), "bare_seconds": bare_wall,

@@ -8,19 +8,23 @@ node it ran on, and a checkpoint holding the weights, the optimizer, the epoch a
 recipe (resolved config, label names, the decision thresholds tuned on the split that
 chooses), so a retried or restored trial continues from its last epoch.
 
-Checkpoints are written whole into a temporary folder that Ray then copies to storage
-and registers only once the copy is complete (their format belongs to
-``covid_tune.runs``); ``restore`` falls back to the trial's newest intact checkpoint
+Each epoch is published (TensorBoard, thresholds, checkpoint, ``tune.report``) by a
+thread of its own while the next epoch trains (``Publisher``), from a CPU copy of the
+epoch's state. Checkpoints are written whole into a temporary folder that Ray then
+copies to storage and registers only once the copy is complete (their format belongs
+to ``covid_tune.runs``); ``restore`` falls back to the trial's newest intact checkpoint
 when the last one was cut short.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -80,6 +84,7 @@ class EpochResult:
 @not_retried_once_diverged()
 def train_trial(config: dict, data: DataBundle) -> None:
     """The Ray Tune trainable: a function of (config, data handle)."""
+    started = time.perf_counter()
     cfg = TrialConfig.from_dict(config)
     task = TASKS[cfg.task]
     device = Device.pick()
@@ -92,21 +97,75 @@ def train_trial(config: dict, data: DataBundle) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
     scored = [s for s in (SELECTION, "validation") if s in data.splits]
-    for epoch in range(start + 1, cfg.max_epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        results = {"train": train_one_epoch(model, data.splits["train"], loss_fn, optimizer,
-                                            scaler, cfg, device, epoch)}
-        results.update({s: evaluate(model, data.splits[s], loss_fn, cfg, device)
-                        for s in scored})
-        metrics, confusion = epoch_metrics(task, results, epoch, lr)
-        metrics["node_id"] = node_id
-        writer.log_epoch(epoch, metrics, confusion)
-        thresholds = choose_thresholds(task, results, cfg)
-        with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(Path(folder), model, optimizer, epoch, cfg, metrics, thresholds,
-                             base)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    publisher = Publisher()
+    try:
+        for epoch in range(start + 1, cfg.max_epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            results = {"train": train_one_epoch(model, data.splits["train"], loss_fn,
+                                                optimizer, scaler, cfg, device, epoch)}
+            results.update({s: evaluate(model, data.splits[s], loss_fn, cfg, device)
+                            for s in scored})
+            metrics, confusion = epoch_metrics(task, results, epoch, lr)
+            metrics["node_id"] = node_id
+            # Tune would time an epoch from one report to the next, which the publisher
+            # thread makes; the training thread's own spacing is the trial's wall time.
+            now = time.perf_counter()
+            metrics["time_this_iter_s"], started = now - started, now
+            state = EpochState.take(model, optimizer, base)
+            publisher.submit(functools.partial(publish, writer, task, results, metrics,
+                                               confusion, state, epoch, cfg, base))
+    finally:
+        publisher.wait()
     writer.close()
+
+
+def publish(writer: TrialWriter, task: Task, results: dict[str, EpochResult], metrics: dict,
+            confusion, state: EpochState, epoch: int, cfg: TrialConfig, base: Base) -> None:
+    """Log an epoch to TensorBoard, tune its thresholds, write its checkpoint and report
+    both to Tune."""
+    writer.log_epoch(epoch, metrics, confusion)
+    thresholds = choose_thresholds(task, results, cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        save_epoch(Path(folder), state, epoch, cfg, metrics, thresholds, base)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class Publisher:
+    """Publishes each epoch on a thread of its own while the next epoch trains.
+
+    Tune's function trainable holds ``tune.report`` until the driver has taken the
+    result and asked for the next one (a round trip through ASHA, the searcher and
+    the callbacks); writing and hashing the checkpoint before it takes about as long.
+    Here the training thread only copies the epoch's state (``EpochState``) and goes
+    on. One epoch is in flight at most: a hand-over first waits for the one before and
+    raises what it raised, a storage error or the ``SystemExit`` with which Tune ends a
+    stopped trial's thread. The trial waits for its last epoch before it returns, so
+    a trial that fails still reports the epochs it finished.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def submit(self, work) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True,
+                                        name="covid-tune-publish")
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except BaseException as exc:  # SystemExit too: the training thread re-raises it
+            self._failure = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
 
 def _set_threads() -> None:
@@ -229,21 +288,52 @@ def choose_thresholds(task: Task, results: dict[str, EpochResult], cfg: TrialCon
                                "split": split, "untuned": untuned}}
 
 
+@dataclass
+class EpochState:
+    """A copy on the CPU of what an epoch's checkpoint stores: the weights that differ
+    from the base, the names of those that do not, and the optimizer's state."""
+
+    weights: dict[str, torch.Tensor]
+    unchanged: list[str]
+    optimizer: dict
+
+    @classmethod
+    def take(cls, model, optimizer, base: Base | None = None) -> EpochState:
+        weights = model.state_dict()
+        unchanged = base.unchanged(weights) if base is not None else []
+        return cls({k: cpu_copy(v) for k, v in weights.items() if k not in unchanged},
+                   unchanged, cpu_copy(optimizer.state_dict()))
+
+
+def cpu_copy(value):
+    """``value`` with every tensor in it copied to the CPU (lists and dicts followed)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
 def write_checkpoint(folder: Path, model, optimizer, epoch: int, cfg: TrialConfig,
                      metrics: dict, thresholds: dict | None = None,
                      base: Base | None = None) -> None:
+    """``save_epoch`` of the model and optimizer as they are now."""
+    save_epoch(folder, EpochState.take(model, optimizer, base), epoch, cfg, metrics,
+               thresholds, base)
+
+
+def save_epoch(folder: Path, state: EpochState, epoch: int, cfg: TrialConfig, metrics: dict,
+               thresholds: dict | None = None, base: Base | None = None) -> None:
     """The weights that differ from the trial's ``base`` (the base recorded instead),
     the optimizer and the epoch, with the recipe (resolved config, label names,
     metrics, tuned thresholds) that lets a reader rebuild and use the model without
     the search session."""
-    weights = model.state_dict()
-    unchanged = base.unchanged(weights) if base is not None else []
-    state = {"model": {k: v for k, v in weights.items() if k not in unchanged},
-             "epoch": epoch}
     recipe = {"epoch": epoch, "config": cfg.to_dict(),
               "label_names": list(TASKS[cfg.task].label_names), "metrics": metrics,
-              **(thresholds or {}), **({"base": base.entry(unchanged)} if base else {})}
-    save_checkpoint(folder, state, recipe, optimizer.state_dict())
+              **(thresholds or {}), **({"base": base.entry(state.unchanged)} if base else {})}
+    save_checkpoint(folder, {"model": state.weights, "epoch": epoch}, recipe, state.optimizer)
 
 
 def restore(model, optimizer, checkpoint: tune.Checkpoint | None, base: Base) -> int:

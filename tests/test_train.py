@@ -20,7 +20,8 @@ from covid_tune.runs import (CHECKPOINT_FILE, RECIPE_FILE, DamagedCheckpoint, is
                              read_recipe)
 from covid_tune.tasks import TASKS
 from covid_tune.inference import Base
-from covid_tune.train import build_optimizer, restore, write_checkpoint
+from covid_tune.train import (EpochState, Publisher, build_optimizer, restore,
+                              write_checkpoint)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,6 +174,77 @@ def test_a_trial_goes_on_from_its_newest_checkpoint_with_the_optimizer_or_warns(
 
 
 # --- a diverging trial in a real sweep --------------------------------------------------
+
+# --- publishing an epoch while the next one trains ----------------------------------------
+
+def test_an_epochs_state_is_a_copy_the_next_epoch_cannot_change(tmp_path):
+    """The publisher writes the checkpoint while the model trains on: what it writes
+    must be the epoch's weights and momentum, not whatever they are by then."""
+    model, optimizer, epoch, cfg, metrics = tiny_checkpoint_args(epoch=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = EpochState.take(model, optimizer)
+    weight = model.weight.detach().clone()
+    momentum = optimizer.state[model.weight]["momentum_buffer"].clone()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # the next epoch moves both in place
+    assert not torch.equal(model.weight, weight)
+    assert torch.equal(state.weights["weight"], weight)
+    saved = state.optimizer["state"][0]["momentum_buffer"]
+    assert torch.equal(saved, momentum) and saved.device.type == "cpu"
+    assert state.optimizer["param_groups"][0]["momentum"] == 0.9
+
+
+def test_the_epoch_state_leaves_out_what_equals_the_base():
+    cfg = trial_config()
+    torch.manual_seed(cfg.seed)
+    model = build_model("resnet18", 2, 16, 0.0, 0, "none")
+    base = Base.of(model, cfg)
+    with torch.no_grad():
+        model.net.conv1.weight.add_(1.0)  # trained; every other backbone tensor is not
+    state = EpochState.take(model, build_optimizer(model, cfg), base)
+    assert "net.conv1.weight" in state.weights and "net.layer1.0.conv1.weight" in state.unchanged
+    assert not set(state.unchanged) & set(state.weights)
+    assert set(state.unchanged) | set(state.weights) == set(model.state_dict())
+
+
+def test_the_publisher_runs_one_epoch_at_a_time_and_raises_what_it_raised():
+    import threading
+    import time
+
+    publisher, done, overlapping = Publisher(), [], []
+    busy = threading.Lock()
+
+    def work(n):
+        def run():
+            if not busy.acquire(blocking=False):
+                overlapping.append(n)
+                return
+            time.sleep(0.05)
+            done.append(n)
+            busy.release()
+        return run
+
+    for n in range(3):
+        publisher.submit(work(n))
+    publisher.wait()
+    assert done == [0, 1, 2] and overlapping == []
+
+    def fails():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    publisher.submit(fails)
+    with pytest.raises(OSError, match="No space"):
+        publisher.submit(work(3))  # the failure surfaces at the next hand-over
+    assert done == [0, 1, 2]
+    publisher.wait()  # raised once, not again
+
+    def stopped():
+        raise SystemExit(0)  # how Tune ends a stopped trial's report
+    publisher.submit(stopped)
+    with pytest.raises(SystemExit):
+        publisher.wait()
+
 
 def test_a_last_batch_of_one_never_reaches_batchnorm():
     """ResNet-18 at 32 px, 17 images in batches of 8: the 17th joins the second batch
