@@ -18,7 +18,10 @@ in the same snapshot as the trials, so a resumed sweep's study matches its trial
 exactly (``covid_tune.search``).
 
 ``resume_sweep`` continues a sweep whose driver died or was stopped: finished trials
-are kept, the others resume from their last checkpoint, and the study carries on.
+are kept, the others resume from their last checkpoint, and the study carries on. A
+driver killed between two snapshots may have deleted the checkpoint the last one names;
+such a trial goes on from the newest checkpoint it still has
+(``go_on_from_a_kept_checkpoint``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.fs
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -66,6 +70,53 @@ class SweepScheduler(ASHAScheduler):
                 search.diverged = set()
             search.diverged.add(trial.trial_id)
         super().on_trial_error(tune_controller, trial)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if trial.status != trial.TERMINATED:  # a resumed trial, or a new one (no checkpoint)
+            go_on_from_a_kept_checkpoint(trial)
+        super().on_trial_add(tune_controller, trial)
+
+
+def go_on_from_a_kept_checkpoint(trial) -> str | None:
+    """Point a restored trial whose last registered checkpoint is gone at the newest
+    checkpoint folder it still has (the trainable then takes the newest intact one,
+    ``covid_tune.train.restore``), or at none, to start again; the folder, or None when
+    nothing was gone.
+
+    A driver killed between two snapshots of the run may have gone on past the last
+    one: a better checkpoint made Ray delete the one the snapshot names
+    (``num_to_keep``), or the trial finished and kept only its best (``CheckpointTrim``).
+    Ray would refuse that trial on every try ("does not exist on storage anymore").
+    This reaches into Ray's checkpoint manager; should its fields change, the trial is
+    left as Ray restored it.
+    """
+    result = trial.latest_checkpoint_result
+    if result is None or on_storage(result.checkpoint):
+        return None
+    manager = trial.run_metadata.checkpoint_manager
+    gone = result.checkpoint
+    try:
+        from ray.train._internal.session import _TrainingResult
+
+        manager._checkpoint_results = [r for r in manager._checkpoint_results
+                                       if on_storage(r.checkpoint)]
+        folders = checkpoint_folders(gone.filesystem, os.path.dirname(gone.path.rstrip("/")))
+        manager._latest_checkpoint_result = (_TrainingResult(
+            checkpoint=tune.Checkpoint(folders[-1], filesystem=gone.filesystem),
+            metrics=result.metrics) if folders else None)
+    except (ImportError, AttributeError, OSError):
+        return None
+    trial.run_metadata.invalidate_cache()
+    trial.invalidate_json_state()
+    print(f"note: trial {trial.trial_id}: its checkpoint {os.path.basename(gone.path)} went "
+          f"after the run's last snapshot; it goes on from "
+          f"{os.path.basename(folders[-1]) if folders else 'the start'}", flush=True)
+    return folders[-1] if folders else None
+
+
+def on_storage(checkpoint: tune.Checkpoint) -> bool:
+    info = checkpoint.filesystem.get_file_info(checkpoint.path)
+    return info.type != pyarrow.fs.FileType.NotFound
 
 
 class CheckpointTrim(tune.Callback):

@@ -93,7 +93,11 @@ def train_trial(config: dict, data: DataBundle) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     model, optimizer, scaler, loss_fn = build_training(cfg, device)
     base = Base.of(model, cfg)
-    start = restore(model, optimizer, tune.get_checkpoint(), base)
+    start, reached = restore(model, optimizer, tune.get_checkpoint(), base)
+    if start >= cfg.max_epochs and reached:
+        # It finished under a driver killed before its next snapshot said so (only the
+        # last epoch's checkpoint was kept): Tune, ASHA and the study hear its end again.
+        tune.report(reached)
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)
     scored = [s for s in (SELECTION, "validation") if s in data.splits]
@@ -140,7 +144,9 @@ class Publisher:
     on. One epoch is in flight at most: a hand-over first waits for the one before and
     raises what it raised, a storage error or the ``SystemExit`` with which Tune ends a
     stopped trial's thread. The trial waits for its last epoch before it returns, so
-    a trial that fails still reports the epochs it finished.
+    a trial that fails still reports the epochs it finished. The thread is a daemon,
+    not a ``ThreadPoolExecutor``'s worker: a report cut off by a stop may never
+    return, and Python joins an executor's threads before the worker process exits.
     """
 
     def __init__(self):
@@ -336,8 +342,10 @@ def save_epoch(folder: Path, state: EpochState, epoch: int, cfg: TrialConfig, me
     save_checkpoint(folder, {"model": state.weights, "epoch": epoch}, recipe, state.optimizer)
 
 
-def restore(model, optimizer, checkpoint: tune.Checkpoint | None, base: Base) -> int:
-    """Load the newest intact checkpoint of a retried/restored trial; the epoch it reached.
+def restore(model, optimizer, checkpoint: tune.Checkpoint | None,
+            base: Base) -> tuple[int, dict]:
+    """Load the newest intact checkpoint of a retried/restored trial; the epoch it
+    reached and that epoch's metrics (0 and {} when there is none).
 
     Ray hands over the last checkpoint it registered; should that one be damaged or
     gone (a finished trial keeps only its best), the trial goes back to its newest
@@ -363,8 +371,9 @@ def restore(model, optimizer, checkpoint: tune.Checkpoint | None, base: Base) ->
                           f"checkpoint); the optimizer starts afresh")
         else:
             optimizer.load_state_dict(moments)
-        return int(state["epoch"])
-    return 0
+        metrics = recipe.get("metrics")
+        return int(state["epoch"]), metrics if isinstance(metrics, dict) else {}
+    return 0, {}
 
 
 def fallbacks(checkpoint: tune.Checkpoint | None) -> list[tune.Checkpoint]:

@@ -38,7 +38,7 @@ from covid_tune.errors import UserError
 from covid_tune.runs import (DIVERGED_FILE, LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE,
                              SWEEP_FILE,
                              SweepOptions, read_record)
-from covid_tune.sweep import run_sweep, set_aside_lost_trials
+from covid_tune.sweep import go_on_from_a_kept_checkpoint, run_sweep, set_aside_lost_trials
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DIR = ROOT / "cluster"
@@ -769,6 +769,98 @@ def test_resume_sets_aside_folders_of_trials_the_snapshot_lost(tmp_path):
     assert lost == ["trial_c"]
     assert trial_folders(tmp_path) == {"trial_a", "trial_b"}
     assert (tmp_path / LOST_DIR / "trial_c" / "checkpoint_000000").is_dir()
+
+
+def snapshot_trial(trial):
+    """The trial as a resume reads it back from a snapshot of the run."""
+    from ray.tune.experiment import Trial
+
+    state, metadata = trial.get_json_state()
+    restored = Trial.from_json_state(state, stub=True)
+    restored.restore_run_metadata(metadata)
+    return restored
+
+
+def test_a_checkpoint_gone_after_the_last_snapshot_is_not_asked_for_on_resume(tmp_path):
+    """A driver killed between snapshots went on: a better checkpoint made Ray delete
+    the one the snapshot names. The resumed trial goes on from the newest folder it
+    still has (from the start when it has none) instead of failing on every try."""
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint, CheckpointConfig
+    from ray.tune import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+
+    trial = Trial("train_trial", config={}, stub=True,
+                  placement_group_factory=PlacementGroupFactory([{"CPU": 1}]),
+                  checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_order="min",
+                                                     checkpoint_score_attribute="val_loss"))
+    trial.create_placement_group_factory()  # as Tune does when it adds a trial
+    folders = [tmp_path / "trial" / f"checkpoint_{i:06d}" for i in range(2)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    manager = trial.run_metadata.checkpoint_manager
+    manager.register_checkpoint(_TrainingResult(Checkpoint(str(folders[0])), {"val_loss": 0.9}))
+    snapshot = snapshot_trial(trial)
+    intact = snapshot_trial(trial)
+    manager.register_checkpoint(_TrainingResult(Checkpoint(str(folders[1])), {"val_loss": 0.5}))
+    assert not folders[0].exists()  # Ray deleted it after the snapshot was taken
+
+    assert go_on_from_a_kept_checkpoint(snapshot) == str(folders[1])
+    assert snapshot.checkpoint.path == str(folders[1])
+    assert go_on_from_a_kept_checkpoint(snapshot) is None  # nothing gone now
+    assert snapshot_trial(snapshot).checkpoint.path == str(folders[1])  # the next snapshot
+    shutil.rmtree(tmp_path / "trial")
+    assert go_on_from_a_kept_checkpoint(intact) is None and intact.checkpoint is None
+
+
+def test_trials_whose_checkpoint_went_after_the_last_snapshot_resume_to_their_end(
+        swept, tmp_path, capsys):
+    """The snapshot says two trials still run, from checkpoints that are gone; both in
+    fact finished and kept their best epoch (``keep_best``). One goes on from its kept
+    checkpoint to the last epoch; the other's kept checkpoint is its last epoch (here by
+    giving it that many epochs), so it only tells Tune its end again. Every trial once."""
+    from ray.tune.experiment import Trial
+
+    run_dir = tmp_path / "binary"
+    shutil.copytree(swept.binary, run_dir)
+    newest = sorted(run_dir.glob(RAY_STATE_GLOB))[-1]
+    state = json.loads(newest.read_text())
+    trials = []
+    for trial_json, metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(metadata)
+        trials.append(trial)
+    goes_on = next(t for t in trials if t.last_result["epoch"] == 3)
+    ends = next(t for t in trials if t is not goes_on)
+    kept = {t.trial_id: json.loads(recipe.read_text())["epoch"] for t in (goes_on, ends)
+            for recipe in (run_dir / f"trial_{t.trial_id}").glob("checkpoint_*/recipe.json")}
+    ends.config = {**ends.config, "max_epochs": kept[ends.trial_id]}
+    for trial in (goes_on, ends):
+        manager = trial.run_metadata.checkpoint_manager
+        manager._latest_checkpoint_result = type(manager._latest_checkpoint_result)(
+            # In the original run folder: Tune moves the paths to the copy it resumes.
+            checkpoint=type(trial.checkpoint)(f"{trial.path}/checkpoint_000099"),
+            metrics=trial.last_result)
+        trial.set_status(Trial.RUNNING)
+        trial.stub = False  # read as a stub (Tune's trainable is not registered here)
+        trial.invalidate_json_state()
+        trial.run_metadata.invalidate_cache()
+    state["trial_data"] = [list(t.get_json_state()) for t in trials]
+    newest.write_text(json.dumps(state))
+
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for trial in (goes_on, ends):
+        assert f"note: trial {trial.trial_id}: its checkpoint checkpoint_000099 went " in out
+    after = {t.trial_id: t for t in final_trials(run_dir)}
+    assert len(after) == 6 and trial_folders(run_dir) == {f"trial_{i}" for i in after}
+    assert all(t.status == "TERMINATED" for t in after.values())
+    assert after[goes_on.trial_id].last_result["epoch"] == 3
+    assert started_from(after[goes_on.trial_id].last_result) == kept[goes_on.trial_id]
+    told = after[ends.trial_id].last_result
+    assert told["epoch"] == kept[ends.trial_id] and told["iterations_since_restore"] == 1
+    assert len(list((run_dir / f"trial_{ends.trial_id}").glob("checkpoint_*"))) == 1
 
 
 def test_resume_of_a_run_whose_ray_snapshot_is_damaged(swept, tmp_path, capsys, monkeypatch):

@@ -139,7 +139,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     with pytest.raises(DamagedCheckpoint, match="cut short"):
         load_checkpoint(newest)
     with pytest.warns(UserWarning, match="trying an older checkpoint"):
-        epoch = restore(model, optimizer, tune.Checkpoint(str(newest)), Base.of(model, cfg))
+        epoch, _ = restore(model, optimizer, tune.Checkpoint(str(newest)), Base.of(model, cfg))
     assert epoch == 1
 
 
@@ -162,7 +162,7 @@ def test_a_trial_goes_on_from_its_newest_checkpoint_with_the_optimizer_or_warns(
     again = build_model("resnet18", 2, 8, 0.0, 10, "none")
     fresh = build_optimizer(again, cfg)
     base = Base.of(again, cfg)
-    assert restore(again, fresh, tune.Checkpoint(str(folder)), base) == 1
+    assert restore(again, fresh, tune.Checkpoint(str(folder)), base) == (1, {"val_loss": 1.0})
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  again.state_dict().values()))
     assert fresh.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
@@ -170,7 +170,7 @@ def test_a_trial_goes_on_from_its_newest_checkpoint_with_the_optimizer_or_warns(
     gone = tmp_path / "trial" / "checkpoint_000001"
     with pytest.warns(UserWarning, match="no optimizer state"):
         assert restore(again, build_optimizer(again, cfg), tune.Checkpoint(str(gone)),
-                       base) == 1
+                       base)[0] == 1
 
 
 # --- a diverging trial in a real sweep --------------------------------------------------
