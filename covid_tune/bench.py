@@ -124,7 +124,7 @@ class BenchSizes:
             raise ValueError("need overhead_epochs >= 2, repeats >= 1, search_epochs >= 1")
 
 
-QUICK = BenchSizes(loader_scale=0.02, overhead_scale=0.02, overhead_size=224,
+QUICK = BenchSizes(loader_scale=0.02, overhead_scale=0.022, overhead_size=224,
                    overhead_epochs=5, search_scale=0.02, search_size=32, search_epochs=6,
                    search_samples=16)
 """Minutes on 2 CPU cores."""

@@ -173,9 +173,7 @@ def test_a_trial_goes_on_from_its_newest_checkpoint_with_the_optimizer_or_warns(
                        base)[0] == 1
 
 
-# --- a diverging trial in a real sweep --------------------------------------------------
-
-# --- publishing an epoch while the next one trains ----------------------------------------
+# --- publishing an epoch while the next one trains --------------------------------------
 
 def test_an_epochs_state_is_a_copy_the_next_epoch_cannot_change(tmp_path):
     """The publisher writes the checkpoint while the model trains on: what it writes
@@ -245,6 +243,8 @@ def test_the_publisher_runs_one_epoch_at_a_time_and_raises_what_it_raised():
     with pytest.raises(SystemExit):
         publisher.wait()
 
+
+# --- one epoch: training and evaluation -------------------------------------------------
 
 def test_a_last_batch_of_one_never_reaches_batchnorm():
     """ResNet-18 at 32 px, 17 images in batches of 8: the 17th joins the second batch
