@@ -614,12 +614,16 @@ def test_soak_200_trials_with_random_crashes_and_a_node_killed(ray_cluster, bina
           f"driver CPU {driver_cpu:.0f} s ({driver_cpu / seconds:.0%} of one core)")
 
 
-def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen) -> dict | None:
-    """Trial ids by state once the run's last snapshot lists a finished trial and an
-    unfinished one with a checkpoint (Ray lists running trials as PENDING), else None."""
+def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen,
+                       since: float = 0.0) -> dict | None:
+    """Trial ids by state once the run's last snapshot, written after ``since`` (a
+    time.time()), lists a finished trial and an unfinished one with a checkpoint (Ray
+    lists running trials as PENDING), else None."""
     if sweep.poll() is not None:
         pytest.fail(f"the sweep ended (code {sweep.returncode}) before such a snapshot")
     try:
+        if max(p.stat().st_mtime for p in run_dir.glob(RAY_STATE_GLOB)) <= since:
+            return None
         trials = final_trials(run_dir)
     except Exception:  # no snapshot yet, or one being written
         return None
@@ -683,11 +687,13 @@ def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
     1. the sweep gets Ctrl-C (SIGINT to its process group, as from a terminal, where
        Ray's own processes ignore it): exit 130 within 60 s naming the resume command;
        while it ran, the same sweep again was refused, naming it;
-    2. a resume is killed (SIGKILL) at a snapshot with a finished and a half-done trial:
-       its lock file stays, and the next resume takes it over with a notice;
-    3. that resume gets SIGTERM: exit 143, naming the resume command again;
-    4. a last resume finishes: every trial exactly once, the finished one never run
-       again, the half-done one continued from its checkpoint, the study complete.
+    2. a resume gets SIGTERM: exit 143, naming the resume command again;
+    3. a resume is killed (SIGKILL) at a snapshot of its own with a finished and a
+       half-done trial: its lock file stays;
+    4. a last resume takes the lock over with a notice and finishes: every trial
+       exactly once, the finished one never run again, the half-done one continued
+       from its checkpoint (or, if the killed driver finished it, from its kept best),
+       the study complete.
     """
     run_dir = tmp_path / "runs" / "stopped"
     args = sweep_args(space_file(tmp_path, 3), binary_data, tmp_path / "runs", "stopped",
@@ -713,21 +719,10 @@ def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
             f"are kept; continue with: covid-tune resume {run_dir}") in log
     assert not (run_dir / LOCK_FILE).exists()
 
-    resume = start_driver(["resume", str(run_dir)], tmp_path / "killed.log",
-                          TUNE_GLOBAL_CHECKPOINT_S="1")
-    try:
-        seen = wait_for(lambda: snapshot_mid_sweep(run_dir, resume),
-                        "a snapshot with a finished and a half-done trial", every=0.5)
-    finally:
-        resume.send_signal(signal.SIGKILL)
-        resume.wait()
-    done = {t.trial_id: t.last_result["timestamp"] for t in final_trials(run_dir)
-            if t.trial_id in seen["done"]}
-    assert (run_dir / LOCK_FILE).exists()  # left behind; its flock died with the driver
-
-    # SIGTERM once the next resume has written a checkpoint. By file time, not by name:
-    # the killed driver may have gone on past its snapshot, and the resume then writes
-    # a checkpoint under a name that is already there.
+    # SIGTERM once the resume has written a checkpoint (by file time, not by name: a
+    # resumed trial may write one under a name that is already there). Before the kill
+    # below, so that there is still training to stop: the killed driver may finish
+    # every trial past its last snapshot, and then a resume only re-reports.
     since = time.time()
     finished = threading.Event()
     signal_self_once(lambda: written_since(run_dir, since), signal.SIGTERM, finished)
@@ -736,12 +731,27 @@ def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
         code = main(["resume", str(run_dir)])
     finally:
         finished.set()
-    out, err = capsys.readouterr()
-    assert f"taking over the lock of pid {resume.pid} on " in out
+    err = capsys.readouterr().err
     assert code == 143 and "stopped by SIGTERM; " in err, err
     assert f"covid-tune resume {run_dir}" in err
+    assert not (run_dir / LOCK_FILE).exists()
 
+    since = time.time()
+    resume = start_driver(["resume", str(run_dir)], tmp_path / "killed.log",
+                          TUNE_GLOBAL_CHECKPOINT_S="1")
+    try:
+        seen = wait_for(lambda: snapshot_mid_sweep(run_dir, resume, since),
+                        "a snapshot with a finished and a half-done trial", every=0.5)
+    finally:
+        resume.send_signal(signal.SIGKILL)
+        resume.wait()
+    done = {t.trial_id: t.last_result["timestamp"] for t in final_trials(run_dir)
+            if t.trial_id in seen["done"]}
+    assert (run_dir / LOCK_FILE).exists()  # left behind; its flock died with the driver
+
+    capsys.readouterr()
     assert main(["resume", str(run_dir)]) == 0
+    assert f"taking over the lock of pid {resume.pid} on " in capsys.readouterr().out
     trials = final_trials(run_dir)
     ids = [t.trial_id for t in trials]
     assert len(ids) == len(set(ids)) == 3
