@@ -32,7 +32,10 @@ def open_path(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def exists(path: str) -> bool:
-    fs, fs_path = open_path(path)
+    return exists_on(*open_path(path))
+
+
+def exists_on(fs: pyarrow.fs.FileSystem, fs_path: str) -> bool:
     return fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound
 
 

@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import pyarrow.fs
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -55,7 +54,7 @@ from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, che
                              read_record, read_selection, read_space, write_record)
 from covid_tune.search import build_searcher, find_sweep_search
 from covid_tune.status import SweepStatus
-from covid_tune.storage import exists, is_uri, join, list_dirs, move_dir, open_path
+from covid_tune.storage import exists, exists_on, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
 
 
@@ -115,8 +114,7 @@ def go_on_from_a_kept_checkpoint(trial) -> str | None:
 
 
 def on_storage(checkpoint: tune.Checkpoint) -> bool:
-    info = checkpoint.filesystem.get_file_info(checkpoint.path)
-    return info.type != pyarrow.fs.FileType.NotFound
+    return exists_on(checkpoint.filesystem, checkpoint.path)
 
 
 class CheckpointTrim(tune.Callback):
