@@ -781,14 +781,18 @@ def test_resume_sets_aside_folders_of_trials_the_snapshot_lost(tmp_path):
     assert (tmp_path / LOST_DIR / "trial_c" / "checkpoint_000000").is_dir()
 
 
-def snapshot_trial(trial):
-    """The trial as a resume reads it back from a snapshot of the run."""
+def trial_from_snapshot(state: str, metadata: str):
+    """A trial as a resume reads it back from a snapshot of the run (its two JSON
+    texts there, as ``Trial.get_json_state`` writes them)."""
     from ray.tune.experiment import Trial
 
-    state, metadata = trial.get_json_state()
-    restored = Trial.from_json_state(state, stub=True)
-    restored.restore_run_metadata(metadata)
-    return restored
+    trial = Trial.from_json_state(state, stub=True)
+    trial.restore_run_metadata(metadata)
+    return trial
+
+
+def snapshot_trial(trial):
+    return trial_from_snapshot(*trial.get_json_state())
 
 
 def test_a_checkpoint_gone_after_the_last_snapshot_is_not_asked_for_on_resume(tmp_path):
@@ -796,8 +800,7 @@ def test_a_checkpoint_gone_after_the_last_snapshot_is_not_asked_for_on_resume(tm
     the one the snapshot names. The resumed trial goes on from the newest folder it
     still has (from the start when it has none) instead of failing on every try."""
     from ray.train._internal.session import _TrainingResult
-    from ray.tune import Checkpoint, CheckpointConfig
-    from ray.tune import PlacementGroupFactory
+    from ray.tune import Checkpoint, CheckpointConfig, PlacementGroupFactory
     from ray.tune.experiment import Trial
 
     trial = Trial("train_trial", config={}, stub=True,
@@ -811,7 +814,7 @@ def test_a_checkpoint_gone_after_the_last_snapshot_is_not_asked_for_on_resume(tm
     manager = trial.run_metadata.checkpoint_manager
     manager.register_checkpoint(_TrainingResult(Checkpoint(str(folders[0])), {"val_loss": 0.9}))
     snapshot = snapshot_trial(trial)
-    intact = snapshot_trial(trial)
+    nothing_kept = snapshot_trial(trial)
     manager.register_checkpoint(_TrainingResult(Checkpoint(str(folders[1])), {"val_loss": 0.5}))
     assert not folders[0].exists()  # Ray deleted it after the snapshot was taken
 
@@ -820,7 +823,8 @@ def test_a_checkpoint_gone_after_the_last_snapshot_is_not_asked_for_on_resume(tm
     assert go_on_from_a_kept_checkpoint(snapshot) is None  # nothing gone now
     assert snapshot_trial(snapshot).checkpoint.path == str(folders[1])  # the next snapshot
     shutil.rmtree(tmp_path / "trial")
-    assert go_on_from_a_kept_checkpoint(intact) is None and intact.checkpoint is None
+    assert go_on_from_a_kept_checkpoint(nothing_kept) is None
+    assert nothing_kept.checkpoint is None  # it starts again
 
 
 def test_trials_whose_checkpoint_went_after_the_last_snapshot_resume_to_their_end(
@@ -835,11 +839,7 @@ def test_trials_whose_checkpoint_went_after_the_last_snapshot_resume_to_their_en
     shutil.copytree(swept.binary, run_dir)
     newest = sorted(run_dir.glob(RAY_STATE_GLOB))[-1]
     state = json.loads(newest.read_text())
-    trials = []
-    for trial_json, metadata in state["trial_data"]:
-        trial = Trial.from_json_state(trial_json, stub=True)
-        trial.restore_run_metadata(metadata)
-        trials.append(trial)
+    trials = [trial_from_snapshot(*row) for row in state["trial_data"]]
     goes_on = next(t for t in trials if t.last_result["epoch"] == 3)
     ends = next(t for t in trials if t is not goes_on)
     kept = {t.trial_id: json.loads(recipe.read_text())["epoch"] for t in (goes_on, ends)
