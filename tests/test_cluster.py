@@ -632,6 +632,20 @@ def snapshot_mid_sweep(run_dir: Path, sweep: subprocess.Popen,
     return {"done": done, "mid": mid} if done and mid else None
 
 
+def stopped_at_snapshot_mid_sweep(run_dir: Path, driver: subprocess.Popen,
+                                  since: float) -> dict | None:
+    """``snapshot_mid_sweep``, read once more with the driver stopped (SIGSTOP): Ray
+    rewrites its snapshot in place, so a kill while it writes would leave it cut off.
+    The driver goes on (SIGCONT) when the second read does not hold."""
+    if snapshot_mid_sweep(run_dir, driver, since) is None:
+        return None
+    driver.send_signal(signal.SIGSTOP)
+    seen = snapshot_mid_sweep(run_dir, driver, since)
+    if seen is None:
+        driver.send_signal(signal.SIGCONT)
+    return seen
+
+
 def written_since(run_dir: Path, since: float) -> bool:
     """Whether a checkpoint of the run was written after ``since`` (a time.time())."""
     for recipe in run_dir.glob("trial_*/checkpoint_*/recipe.json"):
@@ -689,7 +703,7 @@ def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
        while it ran, the same sweep again was refused, naming it;
     2. a resume gets SIGTERM: exit 143, naming the resume command again;
     3. a resume is killed (SIGKILL) at a snapshot of its own with a finished and a
-       half-done trial: its lock file stays;
+       half-done trial (its trials' workers go on a moment): its lock file stays;
     4. a last resume takes the lock over with a notice and finishes: every trial
        exactly once, the finished one never run again, the half-done one continued
        from its checkpoint (or, if the killed driver finished it, from its kept best),
@@ -740,7 +754,7 @@ def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
     resume = start_driver(["resume", str(run_dir)], tmp_path / "killed.log",
                           TUNE_GLOBAL_CHECKPOINT_S="1")
     try:
-        seen = wait_for(lambda: snapshot_mid_sweep(run_dir, resume, since),
+        seen = wait_for(lambda: stopped_at_snapshot_mid_sweep(run_dir, resume, since),
                         "a snapshot with a finished and a half-done trial", every=0.5)
     finally:
         resume.send_signal(signal.SIGKILL)
