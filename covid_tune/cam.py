@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from covid_tune.preprocess import sigmoid
+
 
 def pool_windows(size: int, cells: int) -> list[tuple[int, int]]:
     """(start, end) of each cell of an adaptive average pool from ``size`` to ``cells``,
@@ -70,18 +72,19 @@ def grad_cam(features: np.ndarray, weights: dict[str, np.ndarray], cam: dict,
 
 
 def explain(logits: np.ndarray, labels: list[str], positive: str | None = None,
-            threshold: float = 0.5) -> tuple[np.ndarray, str]:
+            threshold_logit: float = 0.0) -> tuple[np.ndarray, str]:
     """(the score a map explains, as a direction over the logits; a title) for one
-    image. Part 2 (``positive`` None): the most probable label. Part 1: the predicted
-    class, by ``positive``'s threshold, as the log-odds of that class."""
+    image. Part 2 (``positive`` None): the most probable label (the highest logit).
+    Part 1: the predicted class, ``positive`` when its log-odds are above
+    ``threshold_logit`` (0 is P = 0.5), as the log-odds of that class."""
     if positive is None:
-        probs = 1 / (1 + np.exp(-logits))
-        top = int(np.argmax(probs))
-        words = ", ".join(f"{label} {p:.2f}" for label, p in zip(labels, probs))
+        top = int(np.argmax(logits))
+        words = ", ".join(f"{label} {p:.2f}" for label, p in zip(labels, sigmoid(logits)))
         return np.eye(len(labels))[top], f"{words}; map: {labels[top]}"
     index = labels.index(positive)
-    p = float(1 / (1 + np.exp(logits[1 - index] - logits[index])))
-    chosen = positive if p > threshold else labels[1 - index]
+    score = float(logits[index] - logits[1 - index])
+    p = float(sigmoid(score))
+    chosen = positive if score > threshold_logit else labels[1 - index]
     direction = np.zeros(2)
     direction[index] = 1.0 if chosen == positive else -1.0
     direction[1 - index] = -direction[index]

@@ -16,7 +16,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from covid_tune.errors import Stopped, UserError
+from covid_tune.errors import Stalled, Stopped, UserError
 
 FLAG_MINIMUMS = {
     "num_samples": (1, True), "max_epochs": (1, True), "image_size": (32, True),
@@ -156,6 +156,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.real:
+        from covid_tune.soak import run_soak
+
+        run_soak(json_path=args.json)
+        return 0
     from covid_tune.bench import run_bench
 
     run_bench(quick=args.quick, json_path=args.json)
@@ -282,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="measure the fast paths against the plain ones")
-    p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
+    size.add_argument("--real", action="store_true",
+                      help="instead: both shipped spaces through `covid-tune sweep` at a "
+                           "realistic size (about an hour on 2 CPU cores; data, runs and "
+                           "logs in ./soak-out)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
@@ -315,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:
         print(f"covid-tune: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except Stalled as exc:
+        print(f"covid-tune: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("covid-tune: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -19,3 +19,9 @@ class Stopped(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+class Stalled(Exception):
+    """A sweep that had nothing to run for longer than its stall limit, ended after
+    saving what it had: the CLI prints the message, which says why and how to go on,
+    and exits with code 1."""

@@ -136,6 +136,8 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
         "label_names": list(task.label_names),
         "thresholds": {name: record.thresholds.get(name, 0.5)
                        for name in threshold_labels(task)},
+        "threshold_logits": {name: record.threshold_logits.get(name, 0.0)
+                             for name in threshold_labels(task)},
         "threshold_rule": record.threshold_rule or {"rule": "none", "target": None,
                                                     "split": None, "untuned": []},
         "preprocessing": describe(size),
@@ -157,15 +159,20 @@ def outputs_spec(task) -> dict:
         return {"name": "logits", "activation": "sigmoid per label",
                 "label_order": list(task.label_names),
                 "label_encoding": {k: list(v) for k, v in task.targets.items()},
-                "rule": "a label is on when its probability is above its threshold"}
+                "rule": "a label is on when its probability is above its threshold "
+                        "(compared as log-odds: its logit above threshold_logits)"}
+    other = next(name for name in task.label_names if name != POSITIVE_CLASS)
     return {"name": "logits", "activation": "softmax", "class_order": list(task.label_names),
             "positive_class": POSITIVE_CLASS,
-            "rule": f"{POSITIVE_CLASS} when P({POSITIVE_CLASS}) is above its threshold"}
+            "rule": f"{POSITIVE_CLASS} when P({POSITIVE_CLASS}) is above its threshold "
+                    f"(compared as log-odds: logit {POSITIVE_CLASS} - logit {other} above "
+                    f"threshold_logits)"}
 
 
 def threshold_text(card: dict) -> str:
-    """The card's thresholds and how they were chosen, in words."""
-    values = ", ".join(f"{label} {value:.4f}" for label, value in card["thresholds"].items())
+    """The card's thresholds (probability, and log-odds) and how they were chosen, in words."""
+    values = ", ".join(f"{label} {value:.4g} (log-odds {card['threshold_logits'][label]:.4g})"
+                       for label, value in card["thresholds"].items())
     rule = card["threshold_rule"]
     if rule.get("rule") in (None, "none"):
         return f"{values} (fixed at 0.5; this checkpoint predates tuned thresholds)"

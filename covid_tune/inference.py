@@ -50,11 +50,15 @@ class Device:
 
 
 @torch.no_grad()
-def predict_logits(model, images: np.ndarray, batch_size: int, device: Device) -> np.ndarray:
-    """Logits for uint8 (N, S, S) images with the deterministic evaluation transform."""
+def predict_logits(model, images: np.ndarray, batch_size: int, device: Device,
+                   before_batch=None) -> np.ndarray:
+    """Logits for uint8 (N, S, S) images with the deterministic evaluation transform;
+    ``before_batch`` (if given) is called before each batch (a trial's stop check)."""
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
+        if before_batch is not None:
+            before_batch()
         x = torch.from_numpy(images[start:start + batch_size].copy()).to(device.torch)
         x = to_model_input(x, augment=None, channels_last=device.channels_last)
         with device.autocast():

@@ -127,7 +127,7 @@ def write_cams(spec: TableSpec, row: Row, bundle: DataBundle | None, path: Path)
                if k.rsplit(".", 1)[0] in cam["head"]}
     task = TASKS[row.record.task]
     positive = None if task.multilabel else POSITIVE_CLASS
-    threshold = row.record.thresholds.get(POSITIVE_CLASS, 0.5)
+    threshold = row.record.threshold_logits.get(POSITIVE_CLASS, 0.0)
     items = []
     for k, index in enumerate(picks):
         direction, title = explain(logits[k], list(task.label_names), positive, threshold)
@@ -198,11 +198,12 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
         data = bundle.splits.get(split)
         if data is not None and data.targets.size:
             logits = predict_logits(model, data.images, 128, device)
-            scores[split] = compute_metrics(task, data.targets, logits, record.thresholds)
+            scores[split] = compute_metrics(task, data.targets, logits,
+                                            record.threshold_logits)
             half = compute_metrics(task, data.targets, logits)
             scores[split]["at_0.5"] = {k: half[k] for k in ("accuracy", "f1")}
             scores[split]["ci"] = bootstrap_intervals(task, data.targets, logits,
-                                                      thresholds=record.thresholds)
+                                                      threshold_logits=record.threshold_logits)
             scores[split]["roc"] = roc_points(task, data.targets, logits)
     return scores
 

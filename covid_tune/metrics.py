@@ -8,16 +8,27 @@ What the tables' "Accuracy/F1" column means here:
   right); ``f1`` is the macro F1, the unweighted mean of the per-label F1 of
   covid, normal and pneumonia.
 
+**Everything here works on the log-odds scale, never on probabilities.** A label's
+score is its log-odds: binary, ``logit_infected - logit_normal`` (the log-odds of
+softmax's P(infected)); multilabel, each label's own logit (``log_odds``). A probability
+saturates to exactly 0 or 1 in float64 beyond about -745 and +37 log-odds, and a
+trained network's logits go there: two images with different logits would tie, AUROC
+would fall to 0.5 and a tuned threshold could land on 0.0 and call nothing positive.
+Log-odds keep every distinct logit apart, and since the sigmoid is increasing,
+"probability > threshold" is exactly "score > the threshold's log-odds".
+
 ``auroc`` (area under the ROC curve) and ``ap`` (average precision, the area under the
-precision-recall curve) rank the probabilities without a threshold: binary, of the
-infected class; multilabel, the macro mean over the labels, with ``auroc_<label>`` and
+precision-recall curve) rank the scores without a threshold: binary, of the infected
+class; multilabel, the macro mean over the labels, with ``auroc_<label>`` and
 ``ap_<label>`` beside it. They are NaN where undefined (a split with one class only).
 They come from scikit-learn, the implementation the papers in this field use, and it
 keeps this module free of torch (the leaderboard re-scores without it).
 
-A prediction is positive when its probability is strictly above the label's threshold:
-0.5 unless tuned (``tune_thresholds``: per label, on the split that chooses, by the
-space's ``threshold`` rule); at 0.5 a binary tie goes to normal, as ``argmax`` would.
+A prediction is positive when its score is strictly above the label's threshold, given
+as log-odds (``threshold_logits``, label -> log-odds): 0, that is probability 0.5,
+unless tuned (``tune_thresholds``: per label, on the split that chooses, by the space's
+``threshold`` rule); at 0 a binary tie goes to normal, as ``argmax`` would. Checkpoints
+and ``model.json`` keep the same thresholds as probabilities too, for people to read.
 Every value returned is a python ``float`` or ``int`` (or nested lists/dicts of them),
 ready for ``ray.tune.report`` and JSON.
 """
@@ -31,22 +42,23 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from covid_tune.preprocess import sigmoid
 from covid_tune.tasks import POSITIVE_CLASS, Task
 
 
-def binary_metrics(targets: np.ndarray, prob_infected: np.ndarray, threshold: float = 0.5) -> dict:
+def binary_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float = 0.0) -> dict:
     """Accuracy, and F1/precision/recall with **infected = 1 as the positive class**.
 
-    ``targets``: (N,) 0 = normal, 1 = infected. ``prob_infected``: (N,) P(infected).
+    ``targets``: (N,) 0 = normal, 1 = infected. ``scores``: (N,) the log-odds of
+    infected, positive where above ``threshold`` (log-odds too; 0 is P = 0.5). Any
+    increasing scale works if ``threshold`` is on it (probabilities with 0.5, say).
     ``confusion`` is ``[[tn, fp], [fn, tp]]``: rows true normal/infected, columns
     predicted normal/infected. F1, precision and recall are 0.0 when undefined.
     """
     truth = _bits(targets, ndim=1)
-    predicted = np.asarray(prob_infected, dtype=np.float64).reshape(truth.shape) > threshold
+    scores = np.asarray(scores, dtype=np.float64).reshape(truth.shape)
+    predicted = scores > threshold
     confusion = _confusion(truth, predicted)
     (tn, fp), (fn, tp) = confusion
-    scores = np.asarray(prob_infected, dtype=np.float64).reshape(truth.shape)
     return {
         "accuracy": float(np.mean(truth == predicted)),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
@@ -79,23 +91,24 @@ def _mean(values: list[float]) -> float:
 
 
 def multilabel_metrics(
-    targets: np.ndarray, probs: np.ndarray, label_names: Sequence[str],
-    threshold: float | np.ndarray = 0.5
+    targets: np.ndarray, scores: np.ndarray, label_names: Sequence[str],
+    threshold: float | np.ndarray = 0.0
 ) -> dict:
     """Exact-match accuracy, Hamming loss, macro and per-sample F1, per-label F1 and confusion.
 
-    ``targets``, ``probs``: (N, K) in the order of ``label_names``; ``threshold`` one
-    for every label or (K,) in that order. ``f1`` is the macro F1. In ``samples_f1`` a
-    sample with no true and no predicted label scores 1.0.
+    ``targets``, ``scores``: (N, K) in the order of ``label_names``, the scores each
+    label's log-odds (its logit); ``threshold``, log-odds too, one for every label or
+    (K,) in that order. ``f1`` is the macro F1. In ``samples_f1`` a sample with no true and
+    no predicted label scores 1.0.
     """
     truth = _bits(targets, ndim=2)
-    predicted = np.asarray(probs, dtype=np.float64).reshape(truth.shape) > threshold
     if truth.shape[1] != len(label_names):
         raise ValueError(f"{truth.shape[1]} label columns but {len(label_names)} label names")
+    scores = np.asarray(scores, dtype=np.float64).reshape(truth.shape)
+    predicted = scores > threshold
     confusions = {name: _confusion(truth[:, k], predicted[:, k]) for k, name in enumerate(label_names)}
     label_f1 = {name: _f1(c) for name, c in confusions.items()}
     macro_f1 = float(np.mean(list(label_f1.values())))
-    scores = np.asarray(probs, dtype=np.float64).reshape(truth.shape)
     label_auroc = {name: auroc(truth[:, k], scores[:, k]) for k, name in enumerate(label_names)}
     label_ap = {name: average_precision(truth[:, k], scores[:, k])
                 for k, name in enumerate(label_names)}
@@ -115,15 +128,32 @@ def multilabel_metrics(
 
 
 def compute_metrics(task: Task, targets: np.ndarray, outputs: np.ndarray,
-                    thresholds: dict[str, float] | None = None) -> dict:
+                    threshold_logits: dict[str, float] | None = None) -> dict:
     """Metrics of ``task`` from raw logits: binary (N, 2) or multilabel (N, K).
 
     Binary targets are class indices, (N,) or (N, 1); multilabel targets are (N, K) bits.
-    ``thresholds`` maps labels (binary: ``infected``) to their decision threshold; a
-    label it does not name is decided at 0.5.
+    ``threshold_logits`` maps labels (binary: ``infected``) to their decision threshold
+    as log-odds; a label it does not name is decided at 0 (probability 0.5).
     """
-    limits = threshold_array(task, thresholds)
-    return _SCORERS[task.name](task, targets, np.asarray(outputs, dtype=np.float64), limits)
+    limits = threshold_array(task, threshold_logits)
+    return _SCORERS[task.name](task, targets, log_odds(task, outputs), limits)
+
+
+SCORE_BOUND = 1e300
+"""Where ``log_odds`` holds an infinite logit: past any finite float32 logit."""
+
+
+def log_odds(task: Task, outputs: np.ndarray) -> np.ndarray:
+    """(N, K) log-odds from raw logits, K = 1 for binary: ``logit_infected -
+    logit_normal``, the log-odds of softmax's P(infected); multilabel, the logits.
+
+    Exact, so distinct logits stay distinct. An infinite one (a diverged trial) is
+    held at +-1e300, far beyond any finite float32 logit, so thresholds stay finite and
+    scikit-learn, which refuses infinities, can still rank it.
+    """
+    logits = np.asarray(outputs, dtype=np.float64)
+    values = logits if task.multilabel else (logits[:, 1] - logits[:, 0])[:, None]
+    return np.clip(values, -SCORE_BOUND, SCORE_BOUND)
 
 
 def threshold_labels(task: Task) -> tuple[str, ...]:
@@ -131,21 +161,21 @@ def threshold_labels(task: Task) -> tuple[str, ...]:
     return task.label_names if task.multilabel else (POSITIVE_CLASS,)
 
 
-def threshold_array(task: Task, thresholds: dict[str, float] | None) -> np.ndarray:
-    """(K,) thresholds in the order of ``threshold_labels``; 0.5 where not given."""
-    given = thresholds or {}
-    return np.array([float(given.get(label, 0.5)) for label in threshold_labels(task)])
+def threshold_array(task: Task, threshold_logits: dict[str, float] | None) -> np.ndarray:
+    """(K,) thresholds as log-odds in the order of ``threshold_labels``; 0 (probability
+    0.5) where not given."""
+    given = threshold_logits or {}
+    return np.array([float(given.get(label, 0.0)) for label in threshold_labels(task)])
 
 
-def _score_binary(task: Task, targets: np.ndarray, logits: np.ndarray,
+def _score_binary(task: Task, targets: np.ndarray, values: np.ndarray,
                   limits: np.ndarray) -> dict:
-    """P(infected) = softmax(logits)[:, 1] = sigmoid(logit_1 - logit_0)."""
-    return binary_metrics(targets, sigmoid(logits[:, 1] - logits[:, 0]), float(limits[0]))
+    return binary_metrics(targets, values[:, 0], float(limits[0]))
 
 
-def _score_multilabel(task: Task, targets: np.ndarray, logits: np.ndarray,
+def _score_multilabel(task: Task, targets: np.ndarray, values: np.ndarray,
                       limits: np.ndarray) -> dict:
-    return multilabel_metrics(targets, sigmoid(logits), task.label_names, limits)
+    return multilabel_metrics(targets, values, task.label_names, limits)
 
 
 _SCORERS: dict[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], dict]] = {
@@ -197,10 +227,10 @@ RESAMPLES = 1000
 
 def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
                         resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95,
-                        thresholds: dict[str, float] | None = None
+                        threshold_logits: dict[str, float] | None = None
                         ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of accuracy, F1 (at ``thresholds``, as
-    ``compute_metrics``) and AUROC, from raw logits.
+    """Percentile bootstrap intervals of accuracy, F1 (at ``threshold_logits``, as
+    ``compute_metrics``) and AUROC, from raw logits (ranked as log-odds, ``log_odds``).
 
     Resampling is stratified: each resample draws, with replacement, as many images of
     every label combination (a class for Part 1, a set of label bits for Part 2) as the
@@ -208,10 +238,10 @@ def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
     outputs give the same interval. Every resample is scored at once, in numpy; AUROC
     is the Mann-Whitney rank form of the same area scikit-learn computes.
     """
-    truth, probs = _truth_and_probs(task, targets, outputs)
+    truth, values = _truth_and_log_odds(task, targets, outputs)
     index = _stratified_resamples(truth, resamples, np.random.default_rng(seed))
-    picked, scores = truth[index], probs[index]  # (B, N, K)
-    predicted = scores > threshold_array(task, thresholds)
+    picked, picked_values = truth[index], values[index]  # (B, N, K)
+    predicted = picked_values > threshold_array(task, threshold_logits)
     if task.multilabel:
         accuracy = np.all(picked == predicted, axis=2).mean(axis=1)
     else:
@@ -219,7 +249,7 @@ def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
     tp = np.sum(picked & predicted, axis=1)
     wrong = np.sum(picked != predicted, axis=1)
     f1 = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(tp.shape), where=(2 * tp + wrong) > 0)
-    auroc_ = np.stack([_rank_auroc(picked[:, :, k], scores[:, :, k])
+    auroc_ = np.stack([_rank_auroc(picked[:, :, k], picked_values[:, :, k])
                        for k in range(truth.shape[1])], axis=1)
     with np.errstate(all="ignore"):
         figures = {"accuracy": accuracy, "f1": f1.mean(axis=1),
@@ -233,21 +263,18 @@ def roc_points(task: Task, targets: np.ndarray, outputs: np.ndarray
     """(false positive rates, true positive rates) of the ROC curve: binary, of the
     infected class; multilabel, every label bit pooled (micro average). None when
     the split holds one class only."""
-    truth, probs = _truth_and_probs(task, targets, outputs)
-    truth, probs = truth.ravel(), probs.ravel()
+    truth, values = _truth_and_log_odds(task, targets, outputs)
+    truth, values = truth.ravel(), values.ravel()
     if truth.all() or not truth.any():
         return None
-    fpr, tpr, _ = roc_curve(truth, probs)
+    fpr, tpr, _ = roc_curve(truth, values)
     return fpr.tolist(), tpr.tolist()
 
 
-def _truth_and_probs(task: Task, targets: np.ndarray, outputs: np.ndarray):
-    """(N, K) bool truth and (N, K) probabilities, K = 1 for binary (infected)."""
-    logits = np.asarray(outputs, dtype=np.float64)
-    if task.multilabel:
-        return _bits(targets, ndim=2), sigmoid(logits)
-    truth = _bits(targets, ndim=1)[:, None]
-    return truth, sigmoid(logits[:, 1] - logits[:, 0])[:, None]
+def _truth_and_log_odds(task: Task, targets: np.ndarray, outputs: np.ndarray):
+    """(N, K) bool truth and (N, K) log-odds (``log_odds``), K = 1 for binary (infected)."""
+    truth = _bits(targets, ndim=2) if task.multilabel else _bits(targets, ndim=1)[:, None]
+    return truth, log_odds(task, outputs)
 
 
 def _stratified_resamples(truth: np.ndarray, resamples: int, rng) -> np.ndarray:
@@ -291,32 +318,36 @@ def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:
 
 def tune_thresholds(task: Task, targets: np.ndarray, outputs: np.ndarray, rule: str = "f1",
                     target: float | None = None) -> tuple[dict[str, float], list[str]]:
-    """Each label's decision threshold by ``rule`` on these outputs (the split that
-    chooses), and the labels left at 0.5 because the split has no positive or no
-    negative of them.
+    """Each label's decision threshold as log-odds, by ``rule`` on these outputs (the
+    split that chooses), and the labels left at 0 (probability 0.5) because the split
+    has no positive or no negative of them.
 
     ``f1`` maximises the label's F1; ``youden`` maximises sensitivity + specificity - 1;
     ``sensitivity`` takes the highest threshold whose sensitivity reaches ``target``,
     which is the best specificity at that sensitivity. Ties go to the higher threshold.
     """
-    truth, probs = _truth_and_probs(task, targets, outputs)
+    truth, values = _truth_and_log_odds(task, targets, outputs)
     chosen, untuned = {}, []
     for k, label in enumerate(threshold_labels(task)):
-        value = tuned_threshold(truth[:, k], probs[:, k], rule, target)
+        value = tuned_threshold(truth[:, k], values[:, k], rule, target)
         if value is None:
             untuned.append(label)
-        chosen[label] = 0.5 if value is None else value
+        chosen[label] = 0.0 if value is None else value
     return chosen, untuned
 
 
 def tuned_threshold(truth: np.ndarray, scores: np.ndarray, rule: str,
                     target: float | None = None) -> float | None:
-    """One label's threshold by ``rule``; None when ``truth`` holds one class only.
+    """One label's threshold by ``rule``, on the scale of ``scores`` (log-odds); None
+    when ``truth`` holds one class only.
 
-    scikit-learn's ROC curve lists every distinct cut (positive when score >= cut);
-    since a prediction here is positive when the probability is *above* the threshold,
-    the threshold returned lies halfway between the chosen cut and the next lower
-    score, so exactly the same images are positive.
+    scikit-learn's ROC curve lists every distinct score as a cut (positive when score
+    >= cut), after a first cut that calls nothing positive. Since a prediction here is
+    positive when its score is *above* the threshold, the threshold returned lies
+    halfway between the chosen cut and the next lower score, so exactly the same images
+    are positive. Below the lowest score that is 0.5 under it (every image positive);
+    the nothing-positive cut is 0.5 over the highest score. Where floats are too
+    coarse for halfway, the threshold is the float just under the cut.
     """
     if truth.all() or not truth.any():
         return None
@@ -332,6 +363,16 @@ def tuned_threshold(truth: np.ndarray, scores: np.ndarray, rule: str,
     else:
         raise ValueError(f"unknown threshold rule {rule!r}")
     best = int(np.argmax(merit))
-    upper = min(float(cuts[best]), 1.0)
-    lower = float(cuts[best + 1]) if best + 1 < len(cuts) else 0.0
-    return (upper + lower) / 2
+    if best == 0:  # nothing positive: above the highest score
+        highest = float(cuts[1])
+        return _between(highest, max(highest + 1.0, float(np.nextafter(highest, np.inf))))
+    upper = float(cuts[best])
+    if best + 1 < len(cuts):
+        return _between(float(cuts[best + 1]), upper)
+    return _between(min(upper - 1.0, float(np.nextafter(upper, -np.inf))), upper)
+
+
+def _between(low: float, high: float) -> float:
+    """Halfway from ``low`` to ``high`` (``low < high``), as a float ``t`` with
+    ``low <= t < high``: a score is above ``t`` exactly when it is ``high`` or more."""
+    return max(low, min(low / 2 + high / 2, float(np.nextafter(high, -np.inf))))

@@ -11,6 +11,14 @@
                           tuned, preprocessing, hyperparameters, metrics, source run
     README.md             a short model card in words
 
+The card's thresholds are label -> number twice over: ``thresholds`` as probabilities,
+for people to read, and ``threshold_logits`` as log-odds, exact, which ``predict``
+compares with each image's log-odds (binary: ``logit_infected - logit_normal``;
+multilabel: the label's logit), so a decision holds where a probability has rounded to
+0 or 1. The two must agree; a card without ``threshold_logits`` (written before they
+were recorded) is read with the log-odds of its ``thresholds`` instead, so the key is
+optional and the format did not change for it.
+
 Format 2 (``covid-tune model 2``): ``model.pt2`` replaced the deprecated TorchScript
 file, ``model.onnx`` gained a second output (``features``, the last feature maps, for
 Grad-CAM), and the card gained ``onnx_opset``, ``threshold_rule`` and ``cam``. A bundle of format 1
@@ -22,9 +30,11 @@ This module owns the names and ``model.json``'s shape; it imports neither torch 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from covid_tune.errors import UserError
+from covid_tune.preprocess import logit, sigmoid
 
 ONNX_FILE = "model.onnx"
 PROGRAM_FILE = "model.pt2"
@@ -83,11 +93,36 @@ def check_card(card: dict) -> None:
             raise ValueError("binary output needs two classes, one of them positive")
     else:
         raise ValueError(f"unknown task {card['task']!r}")
+    logits = card.get("threshold_logits")
+    if logits is not None and not isinstance(logits, dict):
+        raise ValueError("threshold_logits is not a label -> log-odds mapping")
     for label in labels:
-        if not 0 <= float(card["thresholds"][label]) <= 1:
+        probability = float(card["thresholds"][label])
+        if not 0 <= probability <= 1:
             raise ValueError(f"threshold of {label} is not a probability")
+        if logits is not None:
+            check_logit(label, float(logits[label]), probability)
     cam = card["cam"]
     if not (isinstance(cam.get("output"), str) and len(cam["pool"]) == 2
             and all(int(n) >= 1 for n in cam["pool"]) and len(cam["head"]) == 2
             and all(isinstance(name, str) for name in cam["head"])):
         raise ValueError("cam needs an output name, two pool cells and two head layers")
+
+
+def check_logit(label: str, value: float, probability: float) -> None:
+    """Raise unless ``value`` is log-odds whose probability is ``probability``."""
+    if math.isnan(value):
+        raise ValueError(f"threshold log-odds of {label} is not a number")
+    if not math.isclose(float(sigmoid(value)), probability, rel_tol=1e-6):
+        raise ValueError(f"threshold of {label} ({probability:g}) disagrees with its "
+                         f"log-odds ({value:g}); edit both, or remove threshold_logits to "
+                         f"apply thresholds")
+
+
+def threshold_logits(card: dict) -> dict[str, float]:
+    """A checked card's thresholds as log-odds: its ``threshold_logits``, or the log-odds
+    of its ``thresholds`` for a card written before those were recorded."""
+    given = card.get("threshold_logits")
+    if given is not None:
+        return {label: float(value) for label, value in given.items()}
+    return {label: float(logit(value)) for label, value in card["thresholds"].items()}

@@ -19,7 +19,7 @@ import numpy as np
 
 from covid_tune.data import IMAGE_SUFFIXES, is_junk
 from covid_tune.errors import UserError
-from covid_tune.model_bundle import read_card
+from covid_tune.model_bundle import read_card, threshold_logits
 from covid_tune.preprocess import normalize, sigmoid, try_read
 
 BATCH = 64
@@ -88,7 +88,7 @@ def cam_target(card: dict, logits: np.ndarray) -> tuple[np.ndarray, str]:
     if card["task"] == "multilabel":
         return explain(logits, output["label_order"])
     positive = output["positive_class"]
-    return explain(logits, output["class_order"], positive, card["thresholds"][positive])
+    return explain(logits, output["class_order"], positive, threshold_logits(card)[positive])
 
 
 def open_session(path: Path):
@@ -162,21 +162,24 @@ def header(card: dict) -> list[str]:
 
 
 def prediction_rows(card: dict, names: list[str], logits: np.ndarray) -> list[list]:
-    """One CSV row per image: label bits (multilabel) or class and probability (binary)."""
-    thresholds = card["thresholds"]
+    """One CSV row per image: label bits (multilabel) or class and probability (binary).
+
+    Decisions compare log-odds with the card's threshold log-odds, so they hold for
+    logits far past where a probability rounds to 0 or 1; probabilities are written
+    with 6 significant digits (``1.2e-50``, not ``0.000000``)."""
+    limits = threshold_logits(card)
     if card["task"] == "multilabel":
         order = card["output"]["label_order"]
-        probs = sigmoid(logits)
-        limits = np.asarray([thresholds[label] for label in order])
-        return [[n, *(int(b) for b in p > limits), *(f"{v:.6f}" for v in p)]
-                for n, p in zip(names, probs)]
+        bits = logits > np.asarray([limits[label] for label in order])
+        return [[n, *(int(b) for b in row), *(f"{v:.6g}" for v in p)]
+                for n, row, p in zip(names, bits, sigmoid(logits))]
     classes = card["output"]["class_order"]
     positive = card["output"]["positive_class"]
     index = classes.index(positive)
     other = classes[1 - index]
-    probs = sigmoid(logits[:, index] - logits[:, 1 - index])  # softmax of two logits
-    return [[n, positive if p > thresholds[positive] else other, f"{p:.6f}"]
-            for n, p in zip(names, probs)]
+    odds = logits[:, index].astype(np.float64) - logits[:, 1 - index]  # softmax of two logits
+    return [[n, positive if score > limits[positive] else other, f"{p:.6g}"]
+            for n, score, p in zip(names, odds, sigmoid(odds))]
 
 
 def safe_cell(value: str) -> str:

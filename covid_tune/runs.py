@@ -50,6 +50,7 @@ from covid_tune.config import DataSpec, SearchSpace, dump_space, load_space, par
 from covid_tune.csv_manifest import is_manifest
 from covid_tune.data import Layout, manifest, scan
 from covid_tune.errors import UserError
+from covid_tune.preprocess import logit
 from covid_tune.storage import exists, is_uri, join, list_files, read_bytes, remove, write_bytes
 
 SWEEP_FILE = "sweep.json"
@@ -593,7 +594,11 @@ class TrialRecord:
     hand_grid: bool = False
     """Whether the config is a ``start_with`` row of the run's space."""
     thresholds: dict[str, float] = field(default_factory=dict)
-    """Label -> the decision threshold tuned at that epoch (empty: 0.5 for every label)."""
+    """Label -> the decision threshold tuned at that epoch, as a probability, for people
+    to read (empty: 0.5 for every label)."""
+    threshold_logits: dict[str, float] = field(default_factory=dict)
+    """The same thresholds as log-odds, exact: what the metrics apply (empty: 0, that is
+    0.5, for every label)."""
     threshold_rule: dict = field(default_factory=dict)
     """How they were tuned: ``rule``, ``target``, ``split`` and the ``untuned`` labels
     (no positive or no negative on that split, so left at 0.5)."""
@@ -724,18 +729,34 @@ def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord 
     epoch = int(recipe["epoch"])
     passed_over = (f"{damaged} checkpoint(s) without a readable {RECIPE_FILE} passed over"
                    if damaged else "")
+    thresholds, threshold_logits = _thresholds(recipe)
     return TrialRecord(run=run, trial_id=folder.name.removeprefix("trial_"),
                        config=recipe["config"], checkpoint=checkpoint, epoch=epoch,
                        metrics=recipe["metrics"], seconds=training_seconds(folder, epoch),
-                       thresholds=_thresholds(recipe),
+                       thresholds=thresholds, threshold_logits=threshold_logits,
                        threshold_rule=recipe.get("threshold_rule") or {}), passed_over
 
 
-def _thresholds(recipe: dict) -> dict[str, float]:
-    """A recipe's tuned thresholds, when they are label -> number in (0, 1)."""
-    raw = recipe.get("thresholds")
+def _thresholds(recipe: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """A recipe's tuned thresholds as (probabilities, log-odds), label -> number; both
+    empty when they are not usable.
+
+    The log-odds are the recipe's ``threshold_logits`` when they name the same labels;
+    a recipe written before they were recorded has the probabilities only, turned into
+    log-odds here (0.5 is 0, 0.0 is -inf)."""
+    probabilities = _numbers(recipe.get("thresholds"), 0.0, 1.0)
+    logits = _numbers(recipe.get("threshold_logits"), -math.inf, math.inf)
+    if not probabilities:
+        return {}, {}
+    if logits.keys() != probabilities.keys():
+        logits = {label: float(logit(p)) for label, p in probabilities.items()}
+    return probabilities, logits
+
+
+def _numbers(raw, low: float, high: float) -> dict[str, float]:
+    """``raw`` as label -> float when it is a dict of numbers from low to high, else {}."""
     if not isinstance(raw, dict) or not all(
-            isinstance(v, (int, float)) and 0 <= v <= 1 for v in raw.values()):
+            isinstance(v, (int, float)) and low <= v <= high for v in raw.values()):
         return {}
     return {str(k): float(v) for k, v in raw.items()}
 
@@ -745,6 +766,22 @@ def rank_key(value: float, mode: str) -> float:
     if not isinstance(value, (int, float)) or math.isnan(value):
         return -math.inf
     return value if mode == "max" else -value
+
+
+CHECKPOINT_SCORE = "checkpoint_score"
+"""The reported value Ray ranks a trial's checkpoints by (``tie_broken``)."""
+
+
+def tie_broken(value: float, epoch: int, mode: str) -> float:
+    """``value`` moved ``epoch`` units in the last place toward worse, so that of two
+    equal values the earlier epoch ranks higher, as ``best_recipe`` has it. Ray's
+    checkpoint manager keeps the later of two equal scores, and with one checkpoint
+    kept it would delete the earlier first. Values apart by more than a few units in
+    the last place keep their order; NaN stays NaN."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+        return value
+    step = epoch * math.ulp(value)
+    return value - step if mode == "max" else value + step
 
 
 def best_recipe(recipes: list[tuple[dict, Path]], metric: str, mode: str) -> tuple[dict, Path]:

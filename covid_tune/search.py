@@ -58,6 +58,9 @@ class SweepSearch(OptunaSearch):
         self.study_file = study_file
         self.diverged: set[str] = set()
         """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
+        self.scheduler = None
+        """The sweep's ``SweepScheduler`` (it sets itself here; not saved with the
+        searcher): asked to tell ends Ray missed before the start-up hold counts."""
         self.mirror = StudyMirror(study_file) if study_file else None
         if self.mirror:  # opening SQLite takes most of a second: before trials, not during
             self.mirror.sync(self._ot_study, now=True)
@@ -73,16 +76,32 @@ class SweepSearch(OptunaSearch):
             self.mirror.sync(self._ot_study)
 
     def waiting_for_startup(self) -> bool:
-        """Whether TPE is still drawing at random: fewer than ``n_startup`` trials have
-        a result it learns from (COMPLETE or PRUNED; TPE ignores FAIL). A failed trial
-        does not release the hold, but nothing waits once no trial is running."""
+        """Whether to hold new trials while TPE is still drawing at random: fewer than
+        ``n_startup`` trials have a result it learns from (COMPLETE or PRUNED; TPE
+        ignores FAIL), and Ray still runs a trial that may give one. A failed trial does
+        not release the hold, but nothing waits once Ray runs none of this search's
+        trials: what counts is the trials suggested and not yet ended in Ray (every end
+        reaches ``on_trial_complete``; ``SweepScheduler`` tells the ones Ray misses),
+        not the study's RUNNING trials."""
         if len(self._ot_trials) < self.n_startup or getattr(self, "startup_done", False):
             return False
         states = [t.state for t in self._ot_study.get_trials(deepcopy=False)]
         learned = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
-        running = sum(s == TrialState.RUNNING for s in states)
         self.startup_done = learned >= self.n_startup  # for good: no O(trials) scan per ask
-        return not self.startup_done and running > 0
+        return not self.startup_done and self.in_ray() > 0
+
+    def in_ray(self) -> int:
+        """How many of this search's trials Ray has not ended yet."""
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.tell_missed_ends()
+        return sum(trial_id not in self._completed_trials for trial_id in self._ot_trials)
+
+    def save(self, checkpoint_path: str):
+        scheduler, self.scheduler = getattr(self, "scheduler", None), None
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self.scheduler = scheduler
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         self.tell_optuna(trial_id, result, error)
@@ -90,9 +109,10 @@ class SweepSearch(OptunaSearch):
             self.mirror.sync(self._ot_study, now=True)
 
     def restore(self, checkpoint_path: str):
-        study_file = self.study_file
+        study_file, scheduler = self.study_file, getattr(self, "scheduler", None)
         super().restore(checkpoint_path)
         self.study_file = study_file or self.study_file
+        self.scheduler = scheduler
         self.reopen_failed()
         if self.study_file:  # the file may hold trials the restored snapshot does not
             self.mirror = StudyMirror(self.study_file)

@@ -13,11 +13,20 @@ passed, so a 1000-trial sweep prints a readable trickle, not a line per event, a
 trials are counted only when a line is due), and at least once a minute while nothing
 changes. The time left is the time per ended trial
 so far times the trials still to end: rough, and said to be.
+
+It also watches for a stall: nothing running while trials are left to start. After a
+minute (or half the limit, if that is shorter) the line says so and why (trials wait
+for resources the cluster does not have free, or the search suggests nothing); after
+``stall_limit`` seconds (``COVID_TUNE_STALL_LIMIT``, 15 minutes unless set) it raises
+``SweepStalled``, which ends the sweep with exit code 1 and the resume command
+(``covid_tune.sweep.fit``). The trials are counted for this every
+``STALL_CHECK_SECONDS`` at most.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -27,14 +36,42 @@ from covid_tune.render import duration
 
 HEARTBEAT_SECONDS = 60.0
 MIN_GAP_SECONDS = 2.0
+STALL_NOTE_SECONDS = 60.0
+STALL_CHECK_SECONDS = 2.0
+STALL_LIMIT_SECONDS = 900.0
+"""A sweep with nothing running for this long while trials are left to start ends
+(exit 1); ``COVID_TUNE_STALL_LIMIT`` (seconds) sets another limit."""
+
+
+class SweepStalled(RuntimeError):
+    """Nothing ran for longer than the stall limit while trials were left to start."""
+
+
+def stall_limit() -> float:
+    """``COVID_TUNE_STALL_LIMIT`` in seconds, else ``STALL_LIMIT_SECONDS``."""
+    raw = os.environ.get("COVID_TUNE_STALL_LIMIT", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return STALL_LIMIT_SECONDS
+    return value if value > 0 else STALL_LIMIT_SECONDS
 
 
 class SweepStatus(tune.Callback):
     """Counts of trials by state, the best result so far and an estimate of the rest."""
 
-    def __init__(self, metric: str, mode: str, max_epochs: int, stream=None):
+    def __init__(self, metric: str, mode: str, max_epochs: int, stream=None,
+                 stall_limit: float | None = None):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.stream = stream
+        self.stall_limit = stall_limit
+        """Seconds with nothing running before the sweep ends (None: ``stall_limit()``
+        when the sweep starts)."""
+        self.idle_since: float | None = None
+        """When the sweep last went from running something to running nothing."""
+        self.last_check = -math.inf
+        self.stall = ""
+        """Why nothing runs, once that has lasted the note's time; else ''."""
         self.started = time.monotonic()
         self.total: int | None = None
         self.best: tuple[float, str, int, dict] | None = None
@@ -45,6 +82,8 @@ class SweepStatus(tune.Callback):
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         self.started = time.monotonic()  # a resumed sweep counts from its own start
         self.total = total_num_samples or num_samples
+        if self.stall_limit is None:
+            self.stall_limit = stall_limit()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
@@ -63,6 +102,7 @@ class SweepStatus(tune.Callback):
         self.show(trials)
 
     def on_step_end(self, iteration, trials, **info) -> None:
+        self.watch_for_stall(trials)
         since = time.monotonic() - self.last_time
         if since >= HEARTBEAT_SECONDS:
             self.show(trials, always=True)
@@ -71,6 +111,30 @@ class SweepStatus(tune.Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         self.show(trials, always=True)
+
+    def watch_for_stall(self, trials) -> None:
+        """Note a stall on the line after ``STALL_NOTE_SECONDS`` (or half the limit);
+        raise ``SweepStalled`` after the limit."""
+        now = time.monotonic()
+        if now - self.last_check < STALL_CHECK_SECONDS:
+            return
+        self.last_check = now
+        counts = self.counts(trials)
+        waiting = max(self.total or 0, len(trials)) - len(trials) + counts["pending"]
+        if counts["running"] or not waiting:
+            self.idle_since, self.stall = None, ""
+            return
+        self.idle_since = self.idle_since or now
+        idle = now - self.idle_since
+        limit = self.stall_limit or STALL_LIMIT_SECONDS
+        if idle >= min(STALL_NOTE_SECONDS, limit / 2) and not self.stall:
+            self.stall = stall_reason(trials, counts["pending"])
+            self.news = True
+        if idle >= limit:
+            self.show(trials, always=True)
+            raise SweepStalled(f"stalled: nothing ran for {duration(idle)} while {waiting} "
+                               f"trial(s) were left to start ({self.stall}); the limit is "
+                               f"{duration(limit)} (COVID_TUNE_STALL_LIMIT, in seconds)")
 
     def improves(self, value: float) -> bool:
         if self.best is None:
@@ -104,7 +168,10 @@ class SweepStatus(tune.Callback):
             parts.append(f"best {self.metric} {value:.4f}: {key_params(config)} "
                          f"(trial {trial_id}, epoch {epoch})")
         ended = counts["stopped"] + counts["finished"] + counts["failed"]
-        if 0 < ended < total:
+        if self.stall and self.idle_since is not None:
+            parts.append(f"nothing running for {duration(time.monotonic() - self.idle_since)}: "
+                         f"{self.stall}")
+        elif 0 < ended < total:
             parts.append(f"about {duration(elapsed / ended * (total - ended))} left")
         return " | ".join(parts)
 
@@ -116,7 +183,7 @@ class SweepStatus(tune.Callback):
             elif trial.status == "ERROR":
                 counts["failed"] += 1
             elif trial.status == "TERMINATED":
-                epoch = (trial.last_result or {}).get("epoch", self.max_epochs)
+                epoch = (trial.last_result or {}).get("epoch", 0)  # none: never ran
                 counts["finished" if epoch >= self.max_epochs else "stopped"] += 1
             else:
                 counts["pending"] += 1
@@ -132,3 +199,29 @@ def key_params(config: dict) -> str:
         words.append(config["loss"])
     return ", ".join(words)
 
+
+
+def stall_reason(trials, pending: int) -> str:
+    """Why nothing runs: trials wait for resources (what one needs, what is free), or
+    the search suggests no trial."""
+    if not pending:
+        return "the search suggests no new trial"
+    waiting = next(t for t in trials if t.status not in ("RUNNING", "ERROR", "TERMINATED"))
+    try:
+        need = waiting.placement_group_factory.required_resources
+    except AttributeError:
+        need = {}
+    wants = ", ".join(f"{v:g} {k}" for k, v in sorted(need.items()) if v) or "resources"
+    return (f"{pending} trial(s) wait for resources: each needs {wants}, the cluster has "
+            f"{free_resources()} free")
+
+
+def free_resources() -> str:
+    """The cluster's free CPUs and GPUs, in words ('?' when Ray cannot say)."""
+    try:
+        import ray
+
+        free = ray.available_resources()
+    except Exception:  # Ray not started, or its GCS not answering
+        return "?"
+    return ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if k in free or k == "CPU")

@@ -26,6 +26,7 @@ such a trial goes on from the newest checkpoint it still has
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import pickle
@@ -46,24 +47,40 @@ from covid_tune.cluster import check_object_store, check_resources, check_storag
 from covid_tune.config import SearchSpace, find_space
 from covid_tune.data import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
                              load_dataset, manifest, scan, with_selection)
-from covid_tune.errors import Stopped, UserError
+from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
-from covid_tune.runs import (LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions, check_ray_state,
-                             checkpoint_folders, choose_data, drop_resume_state, keep_best,
+from covid_tune.runs import (CHECKPOINT_SCORE, LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions,
+                             check_ray_state, checkpoint_folders, choose_data, drop_resume_state, keep_best,
                              read_record, read_selection, read_space, write_record)
 from covid_tune.search import build_searcher, find_sweep_search
-from covid_tune.status import SweepStatus
+from covid_tune.status import SweepStalled, SweepStatus
 from covid_tune.storage import exists, exists_on, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
 
 
 class SweepScheduler(ASHAScheduler):
-    """ASHA, which also hands the searcher the trials that failed by diverging (the
-    scheduler hears of a failed trial, with its error, before the searcher does)."""
+    """ASHA, which also makes sure the searcher hears how every trial ended.
+
+    - It hands the searcher the trials that failed by diverging (the scheduler hears
+      of a failed trial, with its error, before the searcher does).
+    - It keeps the trials not yet ended (``open``) and, before Tune starts trials at
+      each step, tells the searcher of any that Ray ended without telling it
+      (``tell_missed_ends``): Ray fails a trial whose reused actor could not be reset
+      without a word to the scheduler or the searcher, and the Optuna study would
+      keep it RUNNING for good, holding TPE's start-up wait open.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.open: dict = {}
+        """Trial id -> Ray's trial, for trials added and not yet ended."""
+        self.search_alg = None
+        """Tune's search algorithm (the searcher in its wrappers), once a trial is added."""
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        search = find_sweep_search(getattr(tune_controller, "_search_alg", None))
+        self.open.pop(trial.trial_id, None)
+        search = find_sweep_search(getattr(tune_controller, "search_alg", None))
         if search is not None and diverged(trial):
             if not hasattr(search, "diverged"):  # a searcher restored from an older run
                 search.diverged = set()
@@ -73,7 +90,41 @@ class SweepScheduler(ASHAScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if trial.status != trial.TERMINATED:  # a resumed trial, or a new one (no checkpoint)
             go_on_from_a_kept_checkpoint(trial)
+        if not trial.is_finished():
+            self.open[trial.trial_id] = trial
+        if self.search_alg is None:
+            self.search_alg = getattr(tune_controller, "search_alg", None)
+            search = find_sweep_search(self.search_alg)
+            if search is not None:  # its start-up hold asks what Ray still runs
+                search.scheduler = self
         super().on_trial_add(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self.open.pop(trial.trial_id, None)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.open.pop(trial.trial_id, None)
+        super().on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        self.tell_missed_ends()
+        return super().choose_trial_to_run(tune_controller)
+
+    def tell_missed_ends(self) -> list[str]:
+        """Tell the searcher of the open trials Ray has ended without telling it
+        (failed: FAIL in the study); their ids. Called at every step, and by the
+        searcher before it holds new trials back."""
+        missed = [trial for trial in self.open.values() if trial.is_finished()]
+        for trial in missed:
+            del self.open[trial.trial_id]
+            failed = trial.status == trial.ERROR
+            if self.search_alg is not None:
+                self.search_alg.on_trial_complete(
+                    trial.trial_id, result=trial.last_result or None, error=failed)
+            print(f"note: trial {trial.trial_id} ended ({'failed' if failed else 'stopped'}) "
+                  f"without Ray Tune telling the search; the study now has it", flush=True)
+        return [trial.trial_id for trial in missed]
 
 
 def go_on_from_a_kept_checkpoint(trial) -> str | None:
@@ -190,7 +241,7 @@ def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
                    SweepStatus(space.metric, space.mode, space.max_epochs),
                    CheckpointTrim(space.metric, space.mode)],
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=space.metric,
+            num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=CHECKPOINT_SCORE,
             checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         sync_config=tune.SyncConfig(sync_artifacts=True),
@@ -323,24 +374,55 @@ def bundle_bytes(bundle: DataBundle) -> int:
     return sum(split.images.nbytes for split in bundle.splits.values())
 
 
+STOP_GRACE_SECONDS = 8.0
+"""How long Ray Tune's own graceful stop may take after Ctrl-C or SIGTERM before the
+driver stops at once, from the run's last snapshot (as a second signal does)."""
+
+
 def fit(tuner: tune.Tuner, run_dir: str) -> tune.ResultGrid:
     """``tuner.fit()``, stopped cleanly by Ctrl-C or SIGTERM: Ray Tune saves the run's
     state (every trial keeps its last checkpoint), then ``Stopped`` says how to resume.
-    A second signal stops at once."""
+    A second signal, or a graceful stop that takes longer than ``STOP_GRACE_SECONDS``,
+    stops at once; ``resume`` then goes on from the run's last snapshot. A sweep with
+    nothing to run for too long ends with ``Stalled`` (``covid_tune.status``)."""
+    hint = f"continue with: covid-tune resume {shlex.quote(run_dir)}"
     with signals_stop_tune() as received:
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            if not received:
+                raise
+        except Exception as exc:
+            stalled = stall_in(exc)
+            if stalled is None:
+                raise
+            raise Stalled(f"{stalled}; finished trials and every other trial's last "
+                          f"checkpoint are kept; {hint}") from None
     if received:
         name = signal.Signals(received[0]).name
         raise Stopped(received[0], f"stopped by {name}; finished trials and every other "
-                                   f"trial's last checkpoint are kept; continue with: "
-                                   f"covid-tune resume {shlex.quote(run_dir)}")
+                                   f"trial's last checkpoint are kept; {hint}")
     return results
+
+
+def stall_in(exc: BaseException) -> str | None:
+    """The message of a ``SweepStalled`` raised by the status line, however Ray Tune
+    wrapped it; None for any other error."""
+    for _ in range(6):
+        if exc is None:
+            return None
+        if isinstance(exc, SweepStalled):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @contextmanager
 def signals_stop_tune():
     """Turn SIGINT and SIGTERM into Ray Tune's own graceful stop (its SIGUSR1 handler,
-    installed by ``fit``); the list it yields holds the signal received, if any.
+    installed by ``fit``); the list it yields holds the signal received, if any. A
+    second signal, or ``STOP_GRACE_SECONDS`` without the stop done, raises
+    ``KeyboardInterrupt`` in the main thread.
 
     Only the main thread can set handlers; elsewhere (tests run sweeps in threads)
     signals keep their usual effect.
@@ -349,6 +431,7 @@ def signals_stop_tune():
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+    done = threading.Event()
 
     def stop(signum, frame):
         if received or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
@@ -356,6 +439,8 @@ def signals_stop_tune():
         received.append(signum)
         print(f"\n{signal.Signals(signum).name}: stopping the sweep; Ray Tune saves the "
               f"run's state first (send it again to stop at once)", file=sys.stderr, flush=True)
+        threading.Thread(target=stop_at_once_after_grace, args=(done,), daemon=True,
+                         name="covid-tune-stop-grace").start()
         os.kill(os.getpid(), signal.SIGUSR1)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ray's would hide which signal came
@@ -365,9 +450,19 @@ def signals_stop_tune():
     try:
         yield received
     finally:
+        done.set()
         tune_log.removeFilter(without_tune_restore_hints)
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def stop_at_once_after_grace(done: threading.Event) -> None:
+    """Interrupt the main thread if Ray Tune's graceful stop is not done in time (it
+    can wait on the searcher, or on actors that do not end)."""
+    if not done.wait(STOP_GRACE_SECONDS):
+        print(f"the graceful stop took over {STOP_GRACE_SECONDS:.0f} s; stopping at once",
+              file=sys.stderr, flush=True)
+        _thread.interrupt_main(signal.SIGINT)
 
 
 def without_tune_restore_hints(record: logging.LogRecord) -> bool:

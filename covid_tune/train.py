@@ -41,8 +41,10 @@ from covid_tune.data import SELECTION, DataBundle, Split
 from covid_tune.inference import Base, Device, build_for, predict_logits, put_weights
 from covid_tune.losses import build_loss
 from covid_tune.metrics import compute_metrics, tune_thresholds
-from covid_tune.runs import (DIVERGED_FILE, DamagedCheckpoint, checkpoint_folders,
-                             load_checkpoint, load_optimizer, save_checkpoint)
+from covid_tune.preprocess import sigmoid
+from covid_tune.runs import (CHECKPOINT_SCORE, DIVERGED_FILE, DamagedCheckpoint,
+                             checkpoint_folders, load_checkpoint, load_optimizer,
+                             save_checkpoint, tie_broken)
 from covid_tune.tasks import TASKS, Task
 from covid_tune.tensorboard import TrialWriter
 
@@ -102,15 +104,17 @@ def train_trial(config: dict, data: DataBundle) -> None:
     writer = TrialWriter.open(cfg)
     scored = [s for s in (SELECTION, "validation") if s in data.splits]
     publisher = Publisher()
+    stop = publisher.end_if_stopped
     try:
         for epoch in range(start + 1, cfg.max_epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             results = {"train": train_one_epoch(model, data.splits["train"], loss_fn,
-                                                optimizer, scaler, cfg, device, epoch)}
-            results.update({s: evaluate(model, data.splits[s], loss_fn, cfg, device)
+                                                optimizer, scaler, cfg, device, epoch, stop)}
+            results.update({s: evaluate(model, data.splits[s], loss_fn, cfg, device, stop)
                             for s in scored})
             metrics, confusion = epoch_metrics(task, results, epoch, lr)
             metrics["node_id"] = node_id
+            metrics[CHECKPOINT_SCORE] = tie_broken(metrics.get(cfg.metric), epoch, cfg.mode)
             # Tune would time an epoch from one report to the next, which the publisher
             # thread makes; the training thread's own spacing is the trial's wall time.
             now = time.perf_counter()
@@ -119,8 +123,10 @@ def train_trial(config: dict, data: DataBundle) -> None:
             publisher.submit(functools.partial(publish, writer, task, results, metrics,
                                                confusion, state, epoch, cfg, base))
     finally:
-        publisher.wait()
-    writer.close()
+        try:
+            publisher.wait()
+        finally:
+            writer.close()
 
 
 def publish(writer: TrialWriter, task: Task, results: dict[str, EpochResult], metrics: dict,
@@ -129,6 +135,8 @@ def publish(writer: TrialWriter, task: Task, results: dict[str, EpochResult], me
     both to Tune."""
     writer.log_epoch(epoch, metrics, confusion)
     thresholds = choose_thresholds(task, results, cfg)
+    if tune_asked_to_stop():  # stopped while the epoch trained: Tune takes no more results
+        raise SystemExit(0)
     with tempfile.TemporaryDirectory() as folder:
         save_epoch(Path(folder), state, epoch, cfg, metrics, thresholds, base)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -147,11 +155,20 @@ class Publisher:
     a trial that fails still reports the epochs it finished. The thread is a daemon,
     not a ``ThreadPoolExecutor``'s worker: a report cut off by a stop may never
     return, and Python joins an executor's threads before the worker process exits.
+
+    A stop (ASHA's, Ctrl-C's, the sweep's end) reaches the trial while the next epoch
+    trains: Tune wakes the blocked report with ``SystemExit``. The training thread
+    calls ``end_if_stopped`` before every batch, so it ends within one batch, the epoch
+    it was on is never published, and Tune can hand the actor to the next trial
+    (Tune gives a stopped trial's thread ``TUNE_FUNCTION_THREAD_TIMEOUT_S``, 2 s, to
+    end before it reuses the actor, and fails the next trial otherwise).
     """
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self.stopped = threading.Event()
+        """Tune ended a report with ``SystemExit``: the trial was stopped."""
 
     def submit(self, work) -> None:
         self.wait()
@@ -163,7 +180,15 @@ class Publisher:
         try:
             work()
         except BaseException as exc:  # SystemExit too: the training thread re-raises it
+            if isinstance(exc, SystemExit):
+                self.stopped.set()
             self._failure = exc
+
+    def end_if_stopped(self) -> None:
+        """End the training thread the way Tune ends it (``SystemExit(0)``) once Tune
+        has asked the trial to stop."""
+        if self.stopped.is_set() or tune_asked_to_stop():
+            raise SystemExit(0)
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -172,6 +197,20 @@ class Publisher:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+
+
+def tune_asked_to_stop() -> bool:
+    """Whether Ray Tune has asked this trial to end: the stop event of the trial's
+    session, which Tune sets when it stops the trial or reuses its actor. Tune has no
+    public call for it; False where the field is missing (another Ray) or outside Tune,
+    and the stop then still arrives through the next report."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except (ImportError, AttributeError):
+        return False
 
 
 def _set_threads() -> None:
@@ -222,8 +261,9 @@ def to_device(split: Split, index: np.ndarray, device: Device) -> tuple[torch.Te
 
 
 def train_one_epoch(model, split: Split, loss_fn, optimizer, scaler, cfg: TrialConfig,
-                    device: Device, epoch: int) -> EpochResult:
-    """One pass over the training split with augmentation on the trial's device."""
+                    device: Device, epoch: int, stop=None) -> EpochResult:
+    """One pass over the training split with augmentation on the trial's device;
+    ``stop`` is called before every batch (it raises to end the trial)."""
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -231,6 +271,8 @@ def train_one_epoch(model, split: Split, loss_fn, optimizer, scaler, cfg: TrialC
     started, total, outputs, targets = time.perf_counter(), 0.0, [], []
     order = torch.randperm(len(split), generator=generator)
     for index in batches(len(split), cfg.batch_size, order, no_single=True):
+        if stop is not None:
+            stop()
         images, target = to_device(split, index, device)
         x = to_model_input(images, augment=augment, generator=generator,
                            channels_last=device.channels_last)
@@ -252,10 +294,12 @@ def train_one_epoch(model, split: Split, loss_fn, optimizer, scaler, cfg: TrialC
 
 
 @torch.no_grad()
-def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device) -> EpochResult:
-    """Loss and logits on a labelled split, no augmentation."""
+def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device,
+             stop=None) -> EpochResult:
+    """Loss and logits on a labelled split, no augmentation; ``stop`` as in
+    ``train_one_epoch``."""
     started = time.perf_counter()
-    outputs = predict_logits(model, split.images, max(cfg.batch_size, 64), device)
+    outputs = predict_logits(model, split.images, max(cfg.batch_size, 64), device, stop)
     targets = torch.tensor(split.targets)  # a copy: the object store's arrays are read-only
     loss = loss_fn(torch.from_numpy(outputs), targets).item()
     return EpochResult(loss, outputs, split.targets, len(split), time.perf_counter() - started)
@@ -284,12 +328,15 @@ def epoch_metrics(task: Task, results: dict[str, EpochResult], epoch: int,
 
 def choose_thresholds(task: Task, results: dict[str, EpochResult], cfg: TrialConfig) -> dict:
     """Each label's decision threshold, tuned by the space's rule on the split that
-    chooses (the selection split, else validation), for the checkpoint's recipe."""
+    chooses (the selection split, else validation), for the checkpoint's recipe: as
+    log-odds (``threshold_logits``, exact, what the metrics and ``predict`` apply) and
+    as probabilities (``thresholds``, for people to read)."""
     split = SELECTION if SELECTION in results else "validation"
     result = results[split]
     chosen, untuned = tune_thresholds(task, result.targets, result.outputs,
                                       cfg.threshold.rule, cfg.threshold.target)
-    return {"thresholds": chosen,
+    return {"thresholds": {label: float(sigmoid(value)) for label, value in chosen.items()},
+            "threshold_logits": chosen,
             "threshold_rule": {"rule": cfg.threshold.rule, "target": cfg.threshold.target,
                                "split": split, "untuned": untuned}}
 

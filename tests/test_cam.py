@@ -64,3 +64,20 @@ def test_an_overlay_is_a_png_with_the_image_underneath(tmp_path):
     write_overlay(pixels, heat, "covid 0.91; map: covid", tmp_path / "x.png")
     with Image.open(tmp_path / "x.png") as image:
         assert image.format == "PNG" and image.size == (400, 430)
+
+
+def test_explain_decides_on_log_odds_past_saturation():
+    """Part 1's class for the map: infected when its log-odds are above the threshold's,
+    also hundreds below zero, where the probability is tiny but the classes still differ;
+    no overflow on the way."""
+    from covid_tune.cam import explain
+
+    labels = ["normal", "infected"]
+    with np.errstate(all="raise"):
+        below, title = explain(np.array([0.0, -250.0]), labels, "infected", -200.0)
+        above, _ = explain(np.array([0.0, -250.0]), labels, "infected", -300.0)
+        deep, _ = explain(np.array([0.0, -800.0]), labels, "infected", -900.0)
+    assert title.startswith("normal (P(infected) 0.00)") and list(below) == [1.0, -1.0]
+    assert list(above) == list(deep) == [-1.0, 1.0]
+    direction, title = explain(np.array([-300.0, 40.0, 400.0]), ["covid", "normal", "pneumonia"])
+    assert list(direction) == [0.0, 0.0, 1.0] and title.endswith("map: pneumonia")

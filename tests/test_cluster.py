@@ -949,3 +949,61 @@ def test_the_local_ray_is_new_and_its_dashboard_listens_on_localhost_only(ray_cl
     assert probe["dashboards"], "no dashboard process found"
     for command in probe["dashboards"]:
         assert "--host=127.0.0.1" in command, command
+
+
+@ray.remote(num_cpus=1)
+class Hog:
+    """Holds one CPU of the cluster, as another job would."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_sweep_with_nothing_it_can_run_says_why_stops_on_sigterm_then_ends_stalled(
+        ray_cluster, binary_data, tmp_path, capsys):
+    """Every CPU of the cluster is held by another job, so no trial can start:
+
+    1. the sweep's status line says why (trials wait for resources, none free), and
+       SIGTERM in that state ends it within 10 s with the resume command;
+    2. a resume with a stall limit of 6 s ends by itself: exit 1, one line saying it
+       stalled and how to go on;
+    3. once the CPUs are free, a resume runs every trial to its end.
+    """
+    hogs = [Hog.remote() for _ in range(2)]
+    ray.get([hog.ready.remote() for hog in hogs])
+    run_dir = tmp_path / "runs" / "waiting"
+    args = sweep_args(space_file(tmp_path, 2, epochs=1), binary_data, tmp_path / "runs",
+                      "waiting", ray_cluster.address)
+    try:
+        sweep = start_driver(args, tmp_path / "sweep.log", COVID_TUNE_STALL_LIMIT="8")
+        try:
+            wait_for(lambda: "nothing running for" in (tmp_path / "sweep.log").read_text(),
+                     "the status line to say nothing runs", timeout=120)
+            code, seconds = stop_and_wait(sweep, signal.SIGTERM, group=False)
+        finally:
+            if sweep.poll() is None:
+                sweep.kill()
+        log = (tmp_path / "sweep.log").read_text()
+        print(f"SIGTERM while waiting: exit {code} after {seconds:.1f} s")
+        assert code == 143 and seconds < 10, log[-3000:]
+        assert re.search(r"\d trial\(s\) wait for resources: each needs 1 CPU, the cluster "
+                         r"has 0 CPU free", log), log[-3000:]
+        assert f"continue with: covid-tune resume {run_dir}" in log
+
+        resume = start_driver(["resume", str(run_dir)], tmp_path / "resume.log",
+                              COVID_TUNE_STALL_LIMIT="6")
+        code = resume.wait(timeout=180)
+        log = (tmp_path / "resume.log").read_text()
+        last = log.strip().splitlines()[-1]
+        assert code == 1, log[-3000:]
+        assert last.startswith("covid-tune: stalled: nothing ran for ") and (
+            f"continue with: covid-tune resume {run_dir}" in last), last
+        assert "Traceback" not in log
+    finally:
+        for hog in hogs:
+            ray.kill(hog)
+
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 0
+    trials = final_trials(run_dir)
+    assert len(trials) == 2 and all(t.status == "TERMINATED" for t in trials)

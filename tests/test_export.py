@@ -18,7 +18,7 @@ from covid_tune.errors import UserError
 from covid_tune.export import export_best
 from covid_tune.inference import Device, load_model, predict_logits
 from covid_tune.models import WithFeatures, build_model, cam_spec
-from covid_tune.preprocess import normalize
+from covid_tune.preprocess import normalize, sigmoid
 from covid_tune.runs import read_run
 from covid_tune.tasks import TASKS
 
@@ -55,6 +55,10 @@ def test_model_json_documents_labels_preprocessing_and_provenance(swept, exporte
     for info in (binary, multilabel):  # the checkpoint's own tuned thresholds
         recipe = json.loads((Path(info["source"]["checkpoint"]) / "recipe.json").read_text())
         assert info["thresholds"] == recipe["thresholds"] != {}
+        assert info["threshold_logits"] == recipe["threshold_logits"]  # exact log-odds
+        assert info["threshold_logits"].keys() == info["thresholds"].keys()
+        for label, value in info["threshold_logits"].items():
+            assert sigmoid(value) == pytest.approx(info["thresholds"][label])
         assert info["threshold_rule"] == recipe["threshold_rule"]
     assert list(binary["thresholds"]) == ["infected"]
     assert binary["threshold_rule"]["split"] == binary["selected_by"]["split"] == "validation"

@@ -16,7 +16,8 @@ from PIL import Image
 
 from covid_tune.cli import main
 from covid_tune.errors import UserError
-from covid_tune.model_bundle import CARD_FILE, CARD_FORMAT, ONNX_FILE, read_card, write_card
+from covid_tune.model_bundle import (CARD_FILE, CARD_FORMAT, ONNX_FILE, read_card,
+                                     threshold_logits, write_card)
 from covid_tune.preprocess import describe
 
 SIZE = 32
@@ -32,6 +33,7 @@ def binary_card() -> dict:
                    "class_order": ["normal", "infected"], "positive_class": "infected"},
         "label_names": ["normal", "infected"],
         "thresholds": {"infected": 0.5},
+        "threshold_logits": {"infected": 0.0},
         "preprocessing": describe(SIZE),
         "cam": {"output": "features", "pool": [1, 1], "head": ["net.fc.0", "net.fc.3"]},
     }
@@ -42,7 +44,8 @@ def multilabel_card() -> dict:
     return {**binary_card(), "task": "multilabel", "label_names": labels,
             "output": {"name": "logits", "activation": "sigmoid per label",
                        "label_order": labels},
-            "thresholds": {label: 0.5 for label in labels}}
+            "thresholds": {label: 0.5 for label in labels},
+            "threshold_logits": {label: 0.0 for label in labels}}
 
 
 def tiny_onnx(path: Path, outputs: int = 2) -> None:
@@ -149,15 +152,36 @@ def test_another_format_is_refused(tmp_path):
      "binary output needs two classes, one of them positive"),
     ({"thresholds": {"normal": 0.5}}, "'infected'"),
     ({"thresholds": {"infected": "high"}}, "could not convert"),
+    ({"threshold_logits": [0.0]}, "threshold_logits is not a label -> log-odds mapping"),
+    ({"threshold_logits": {"normal": 0.0}}, "'infected'"),
+    ({"threshold_logits": {"infected": float("nan")}}, "log-odds of infected is not a number"),
+    ({"threshold_logits": {"infected": 2.0}},
+     "threshold of infected (0.5) disagrees with its log-odds (2); edit both, or remove "
+     "threshold_logits"),
     ({"task": "segmentation"}, "unknown task 'segmentation'"),
     ({"preprocessing": {**describe(SIZE), "mean": [0.5]}}, "3 means and stds"),
     ({"cam": {"output": "features", "pool": [7], "head": ["a", "b"]}}, "two pool cells"),
 ], ids=["positive-not-a-class", "one-class", "no-positive-threshold", "threshold-not-a-number",
+        "logits-not-a-mapping", "no-positive-logit", "logit-nan", "logit-disagrees",
         "unknown-task", "one-mean", "one-pool-cell"])
 def test_inconsistent_binary_cards(tmp_path, change, why):
     write_card(tmp_path, {**binary_card(), **change})
     message = refusal(tmp_path)
     assert "inconsistent model card" in message and why in message
+
+
+def test_threshold_logits_are_exact_and_optional(tmp_path):
+    """The card's log-odds are what decisions use, also where the probability is 0.0
+    (log-odds -800: far below float64's smallest probability); a card written before
+    they were recorded is read with the log-odds of its probabilities."""
+    card = {**binary_card(), "thresholds": {"infected": 0.0},
+            "threshold_logits": {"infected": -800.0}}
+    write_card(tmp_path, card)
+    assert threshold_logits(read_card(tmp_path)) == {"infected": -800.0}
+    del card["threshold_logits"]
+    card["thresholds"] = {"infected": 0.25}
+    write_card(tmp_path, card)
+    assert threshold_logits(read_card(tmp_path)) == {"infected": pytest.approx(np.log(1 / 3))}
 
 
 def test_multilabel_card_without_a_labels_threshold(tmp_path):

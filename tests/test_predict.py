@@ -15,7 +15,7 @@ from PIL import Image
 
 from covid_tune.errors import UserError
 from covid_tune.inference import Device, load_model, predict_logits
-from covid_tune.predict import predict, safe_cell
+from covid_tune.predict import predict, prediction_rows, safe_cell
 from covid_tune.preprocess import read_gray
 from helpers import loaded_after
 
@@ -74,23 +74,58 @@ def test_predict_one_binary_image(exported, binary_data, tmp_path):
 
 def test_predict_applies_the_cards_thresholds(exported, binary_data, tmp_path):
     """The same image and model, with infected's threshold set below and above its
-    probability: the class follows the threshold."""
+    probability: the class follows the threshold, given as log-odds beside the
+    probability, or as a probability alone (a card from before the log-odds)."""
     image = sorted((binary_data / "test" / "normal").glob("*.png"))[0]
     model = tmp_path / "model"
     shutil.copytree(exported / "binary", model)
-    classes = []
-    for threshold in (0.0, 1.0):
-        info = json.loads((model / "model.json").read_text())
-        info["thresholds"] = {"infected": threshold}
-        (model / "model.json").write_text(json.dumps(info))
+    info = json.loads((model / "model.json").read_text())
+    assert info["threshold_logits"].keys() == info["thresholds"].keys() == {"infected"}
+
+    def predicted(thresholds: dict, logits: dict | None) -> str:
+        info.pop("threshold_logits", None)
+        (model / "model.json").write_text(json.dumps(
+            {**info, "thresholds": thresholds, **({"threshold_logits": logits} if logits else {})}))
         predict(str(model), str(image), str(tmp_path / "p.csv"))
         with open(tmp_path / "p.csv", newline="") as handle:
-            classes.append(list(csv.reader(handle))[1][1])
-    assert classes == ["infected", "normal"]
-    info["thresholds"] = {"infected": 1.5}
-    (model / "model.json").write_text(json.dumps(info))
+            return list(csv.reader(handle))[1][1]
+
+    assert predicted({"infected": 0.0}, {"infected": -1000.0}) == "infected"
+    assert predicted({"infected": 1.0}, {"infected": 1000.0}) == "normal"
+    assert predicted({"infected": 0.0}, None) == "infected"
+    assert predicted({"infected": 1.0}, None) == "normal"
     with pytest.raises(UserError, match="threshold of infected is not a probability"):
-        predict(str(model), str(image), str(tmp_path / "p.csv"))
+        predicted({"infected": 1.5}, None)
+    with pytest.raises(UserError, match=r"threshold of infected \(0\.3\) disagrees with its "
+                                        r"log-odds \(3\); edit both, or remove threshold_logits"):
+        predicted({"infected": 0.3}, {"infected": 3.0})
+
+
+def test_prediction_rows_decide_on_log_odds_far_past_saturation():
+    """Logits of a few hundred, where every probability rounds to 0 or 1 (the old
+    sigmoid gave 0.000000 from -37 on): the card's threshold log-odds still part them,
+    and the probabilities are written with their digits, not as 0.000000."""
+    card = {"task": "binary", "thresholds": {"infected": 0.0},
+            "threshold_logits": {"infected": -250.0},
+            "output": {"class_order": ["normal", "infected"], "positive_class": "infected"}}
+    logits = np.array([[0.0, -200.0], [100.0, -150.0], [-60.0, -300.0], [5.0, -400.0]],
+                      dtype=np.float32)  # log-odds -200, -250, -240, -405
+    rows = prediction_rows(card, ["a", "b", "c", "d"], logits)
+    assert [r[1] for r in rows] == ["infected", "normal", "infected", "normal"]
+    assert [float(r[2]) for r in rows] == pytest.approx(np.exp([-200.0, -250.0, -240.0, -405.0]),
+                                                        rel=1e-5)
+    # a card without log-odds: its probability 0.0 is log-odds -inf, every image infected
+    old = {key: value for key, value in card.items() if key != "threshold_logits"}
+    assert {r[1] for r in prediction_rows(old, ["a", "b", "c", "d"], logits)} == {"infected"}
+    # multilabel: each label's logit against its own log-odds, either side of +-40..+-400
+    labels = ["covid", "normal", "pneumonia"]
+    card = {"task": "multilabel", "output": {"label_order": labels},
+            "thresholds": {"covid": 0.0, "normal": 1.0, "pneumonia": 0.5},
+            "threshold_logits": {"covid": -300.0, "normal": 60.0, "pneumonia": 0.0}}
+    logits = np.array([[-250.0, 80.0, -40.0], [-350.0, 50.0, 400.0]], dtype=np.float32)
+    rows = prediction_rows(card, ["x", "y"], logits)
+    assert [r[1:4] for r in rows] == [[1, 1, 0], [0, 0, 1]]
+    assert float(rows[0][4]) == pytest.approx(np.exp(-250.0), rel=1e-5) and rows[1][6] == "1"
 
 
 def test_predict_imports_neither_torch_nor_ray(exported, tmp_path):

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from covid_tune.augment import to_model_input
-from covid_tune.preprocess import MEAN, STD, describe, normalize, read_gray, sigmoid, try_read
+from covid_tune.preprocess import (MEAN, STD, describe, logit, normalize, read_gray, sigmoid,
+                                   try_read)
 from helpers import encoded, image_like_bytes, save
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
@@ -128,3 +129,24 @@ def test_sigmoid_is_overflow_free_and_exact_at_the_ends():
     assert probs[0] == 0.0 and probs[2] == 0.5 and probs[-1] == 1.0
     np.testing.assert_allclose(probs[1:4], 1 / (1 + np.exp(-logits[1:4])), rtol=0, atol=1e-14)
     assert np.all(np.diff(probs) >= 0)
+
+
+def test_sigmoid_keeps_negative_logits_apart_down_to_float64s_limit():
+    """Below -37 the old tanh form gave exactly 0; down to -745 float64 can hold the
+    probability, about exp(x), and different logits keep different probabilities."""
+    logits = np.concatenate([-np.arange(744.0, 30.0, -0.5), [-40.0, -383.0, -135.0]])
+    with np.errstate(all="raise"):
+        probs = sigmoid(logits)
+    assert np.all(probs > 0)
+    assert np.all(np.diff(probs[:-3]) > 0)  # strictly increasing: no two tie
+    np.testing.assert_allclose(probs[-3:], np.exp(logits[-3:]), rtol=1e-12)
+    assert sigmoid(np.float32(-100.0)) == pytest.approx(np.exp(-100.0), rel=1e-12)
+
+
+def test_logit_undoes_sigmoid_without_saturating():
+    logits = np.array([-700.0, -383.0, -40.0, -2.5, 0.0, 2.5, 10.0])
+    with np.errstate(all="raise"):
+        back = logit(sigmoid(logits))
+        ends = logit(np.array([0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(back, logits, rtol=1e-9, atol=1e-12)
+    assert list(ends) == [-np.inf, 0.0, np.inf]

@@ -268,6 +268,26 @@ def test_the_best_epoch_by_the_runs_metric_and_mode_not_the_last(tmp_path):
     assert (by_f1.epoch, by_f1.seconds) == (1, 10.0)
 
 
+@pytest.mark.parametrize(("recorded", "probabilities", "log_odds"), [
+    ({"thresholds": {"infected": 0.0}, "threshold_logits": {"infected": -259.5}},
+     {"infected": 0.0}, {"infected": -259.5}),
+    ({"thresholds": {"infected": 0.5}}, {"infected": 0.5}, {"infected": 0.0}),
+    ({"thresholds": {"infected": 0.2}, "threshold_logits": {"covid": 1.0}},
+     {"infected": 0.2}, {"infected": pytest.approx(math.log(0.25))}),
+    ({"thresholds": {"infected": 1.5}, "threshold_logits": {"infected": 1.0}}, {}, {}),
+    ({}, {}, {}),
+], ids=["both", "probabilities-only", "logits-of-other-labels", "damaged", "untuned"])
+def test_a_checkpoints_thresholds_are_read_in_both_scales(tmp_path, recorded, probabilities,
+                                                          log_odds):
+    """The exact log-odds a recipe records; a recipe from before them (or whose log-odds
+    name other labels) gets the log-odds of its probabilities; damaged ones are not used."""
+    folder = checkpoint(tmp_path / "trial_abc", 0, 1, val_loss=0.5)
+    recipe = json.loads((folder / RECIPE_FILE).read_text())
+    (folder / RECIPE_FILE).write_text(json.dumps({**recipe, **recorded}))
+    record, _ = read_trial(tmp_path / "trial_abc", "run", SPACE)
+    assert record.thresholds == probabilities and record.threshold_logits == log_odds
+
+
 def test_nan_and_missing_metrics_rank_last_in_either_mode(tmp_path):
     folders = [tmp_path / f"c{i}" for i in range(4)]
     recipes = [({"epoch": 1, "metrics": {"val_loss": math.nan}}, folders[0]),

@@ -63,6 +63,47 @@ def test_failed_trials_do_not_release_the_startup_hold_but_never_stall_it(search
     assert searcher.suggest("late") is not None  # nothing runs: no deadlock
 
 
+class RayTrial:
+    """What ``SweepScheduler`` reads of one of Ray's trials."""
+
+    ERROR, TERMINATED = "ERROR", "TERMINATED"
+
+    def __init__(self, trial_id: str, status: str = "RUNNING"):
+        self.trial_id, self.status, self.last_result = trial_id, status, {}
+        self.latest_checkpoint_result = None  # a new trial: nothing to restore
+
+    def is_finished(self) -> bool:
+        return self.status in (self.ERROR, self.TERMINATED)
+
+
+def test_a_trial_ray_ends_without_telling_reaches_the_study_and_frees_the_hold(searcher):
+    """Ray fails a trial whose reused actor could not be reset without telling the
+    scheduler or the searcher. The study kept it RUNNING, and the start-up hold waited
+    for it for good with nothing running (the stalled sweep of issue 20). The scheduler
+    tells the searcher before the hold counts, so the study has it as FAIL and the next
+    trial starts."""
+    from types import SimpleNamespace
+
+    from covid_tune.sweep import SweepScheduler
+
+    scheduler = SweepScheduler(time_attr="epoch", metric="val_loss", mode="min", max_t=3,
+                               grace_period=1, reduction_factor=2)
+    controller = SimpleNamespace(search_alg=searcher)
+    trials = [RayTrial(f"t{i}") for i in range(searcher.n_startup)]
+    for trial in trials:
+        assert searcher.suggest(trial.trial_id) is not None
+        scheduler.on_trial_add(controller, trial)
+    assert searcher.scheduler is scheduler
+    finish(searcher, "t0", 0.5, 3)
+    scheduler.on_trial_complete(controller, trials[0], {"val_loss": 0.5})
+    assert searcher.suggest("late") is None  # t1 runs: hold
+    trials[1].status = RayTrial.ERROR  # failed reuse: no word to anyone
+    assert searcher.suggest("late") is not None
+    states = [t.state.name for t in searcher._ot_study.get_trials()]
+    assert states[:2] == ["COMPLETE", "FAIL"]
+    assert scheduler.tell_missed_ends() == []  # told once
+
+
 def test_a_diverged_trial_is_pruned_at_the_worst_value_seen(searcher, tmp_path):
     """TPE ignores FAIL: a trial whose loss blew up is told PRUNED at the worst value
     any trial reported (mode min: the highest loss), so TPE learns to avoid it."""

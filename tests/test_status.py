@@ -82,3 +82,51 @@ def test_rays_own_tables_only_with_verbose():
                                           verbose=True))
     assert (quiet.verbose, loud.verbose) == (0, 1)
     assert any(isinstance(c, SweepStatus) for c in quiet.callbacks)
+
+
+def test_nothing_running_is_said_after_a_minute_and_ends_the_sweep_at_the_limit(monkeypatch):
+    """Trials left to start and none running: after a minute the line says why; a
+    trial running again clears it; at the limit ``SweepStalled`` ends the sweep."""
+    import pytest
+
+    from covid_tune import status as status_module
+    from covid_tune.status import SweepStalled
+
+    clock = [1000.0]
+    monkeypatch.setattr(status_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(status_module, "free_resources", lambda: "0 CPU")
+    out = io.StringIO()
+    status = SweepStatus("val_f1", "max", max_epochs=4, stream=out, stall_limit=600)
+    status.setup(num_samples=3, total_num_samples=3)
+    waiting = [trial("a", "TERMINATED", 4), trial("b", "PENDING")]
+    waiting[1].placement_group_factory = SimpleNamespace(required_resources={"CPU": 1.0})
+
+    def step(seconds, trials):
+        clock[0] += seconds
+        status.on_step_end(0, trials)
+        return out.getvalue().splitlines()
+
+    step(0, waiting)
+    assert not any("nothing running" in line for line in step(59, waiting))
+    line = step(2, waiting)[-1]
+    assert line.endswith("| nothing running for 1min 1s: 1 trial(s) wait for resources: "
+                         "each needs 1 CPU, the cluster has 0 CPU free"), line
+    step(5, [trial("a", "TERMINATED", 4), trial("b", "RUNNING")])  # it started after all
+    assert status.stall == "" and status.idle_since is None
+    step(5, waiting)
+    with pytest.raises(SweepStalled, match=r"stalled: nothing ran for 10min .*2 trial\(s\) "
+                                           r"were left to start \(1 trial\(s\) wait"):
+        for _ in range(700):
+            step(1, waiting)
+    held = [trial("a", "TERMINATED", 4), trial("b", "RUNNING")]
+    assert status_module.stall_reason(held[:1], pending=0) == "the search suggests no new trial"
+
+
+def test_the_stall_limit_comes_from_the_environment(monkeypatch):
+    from covid_tune.status import STALL_LIMIT_SECONDS, stall_limit
+
+    monkeypatch.setenv("COVID_TUNE_STALL_LIMIT", "90")
+    assert stall_limit() == 90
+    for bad in ("soon", "-1", ""):
+        monkeypatch.setenv("COVID_TUNE_STALL_LIMIT", bad)
+        assert stall_limit() == STALL_LIMIT_SECONDS

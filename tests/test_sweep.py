@@ -267,3 +267,105 @@ def test_a_finished_trial_keeps_its_best_epoch_weights_only(swept):
         best = min(epochs, key=lambda r: (r["val_loss"], r["epoch"]))
         assert recipe["epoch"] == best["epoch"]
         assert recipe["base"]["kind"] == "init"
+
+
+# --- epochs longer than Ray's timeouts ---------------------------------------------------
+
+def slowed(folder: Path, batch_seconds: float):
+    """The trainable with every training batch ``batch_seconds`` longer (as a bigger
+    model or dataset would make it), recording in ``folder/<trial id>`` the worker's
+    pid and each epoch whose training pass completed. A closure, so cloudpickle ships
+    it to the workers by value."""
+    def trainable(config, data):
+        import os
+        import time
+
+        import ray.tune
+
+        from covid_tune import train
+
+        log = folder / ray.tune.get_context().get_trial_id()
+        log.write_text(f"pid {os.getpid()}\n")
+        to_device, one_epoch = train.to_device, train.train_one_epoch
+
+        def slow_to_device(*args, **kwargs):
+            time.sleep(batch_seconds)
+            return to_device(*args, **kwargs)
+
+        def logged_epoch(*args, **kwargs):
+            result = one_epoch(*args, **kwargs)
+            with open(log, "a") as out:
+                out.write(f"trained {args[7]}\n")
+            return result
+
+        train.to_device, train.train_one_epoch = slow_to_device, logged_epoch
+        try:
+            return train.train_trial(config, data)
+        finally:
+            train.to_device, train.train_one_epoch = to_device, one_epoch
+
+    return trainable
+
+
+def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs(
+        ray_cluster, binary_data, tmp_path):
+    """Epochs of about 3 s, longer than the 2 s Ray gives a stopped trial's thread
+    before it reuses the actor: every trial trains, none fails (before the fix the
+    trial after each ASHA stop failed with "Could not re-use actor"), actors are
+    reused, and no stopped trial trains or publishes an epoch past the one ASHA
+    stopped it at."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from covid_tune.runs import SweepOptions
+    from covid_tune.sweep import run_sweep
+
+    doc = {**BINARY_SPACE, "num_samples": 6, "max_epochs": 3, "augment": False,
+           "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 20,
+                      "batch_size": 8},
+           "start_with": []}
+    space = write_space(tmp_path, doc)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    opts = SweepOptions(space_file=str(space), data=str(binary_data), name="slow",
+                        storage_path=str(tmp_path / "runs"), seed=3)
+    results = run_sweep(opts, trainable=slowed(logs, batch_seconds=0.8))
+
+    assert len(results) == 6 and not [r.error for r in results if r.error]
+    epochs = {Path(r.path).name.removeprefix("trial_"): r.metrics["epoch"] for r in results}
+    stopped = {t: e for t, e in epochs.items() if e < 3}
+    assert stopped, "ASHA stopped no trial; the test needs one"
+    lines = {t: (logs / t).read_text().splitlines() for t in epochs}
+    pids = [lines[t][0] for t in epochs]
+    assert len(set(pids)) < len(pids)  # some actor was reused
+    for trial_id, last in epochs.items():
+        trained = [int(line.split()[1]) for line in lines[trial_id][1:]]
+        assert max(trained) == last, (trial_id, trained, last)
+        events = EventAccumulator(str(tmp_path / "runs" / "slow" / f"trial_{trial_id}"))
+        events.Reload()
+        steps = {e.step for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+        assert max(steps) == last, (trial_id, sorted(steps), last)
+    first_epoch = [r.metrics_dataframe["time_this_iter_s"].iloc[0] for r in results]
+    assert min(first_epoch) > 2.0  # longer than Ray's reuse timeout
+
+
+def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data, tmp_path):
+    """val_f1 the same at every epoch (a learning rate too small to change a single
+    prediction): Ray keeps the epoch-1 checkpoint, not the last one, and the trial's
+    row reads epoch 1, as ``runs.best_recipe`` documents for ties."""
+    from covid_tune.runs import SweepOptions, read_recipe, read_run
+    from covid_tune.sweep import run_sweep
+
+    doc = {**BINARY_SPACE, "metric": "val_f1", "mode": "max", "num_samples": 1,
+           "max_epochs": 3, "augment": False,
+           "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 20,
+                      "lr": 1e-12, "dropout": 0.0},
+           "start_with": []}
+    opts = SweepOptions(space_file=str(write_space(tmp_path, doc)), data=str(binary_data),
+                        name="flat", storage_path=str(tmp_path / "runs"), seed=1)
+    results = run_sweep(opts)
+    scores = list(results[0].metrics_dataframe["val_f1"])
+    assert len(scores) == 3 and len(set(scores)) == 1, scores  # the metric did not move
+    kept = sorted((tmp_path / "runs" / "flat").glob("trial_*/checkpoint_*"))
+    assert [read_recipe(folder)["epoch"] for folder in kept] == [1]
+    [row] = read_run(tmp_path / "runs" / "flat").trials
+    assert row.epoch == 1

@@ -282,6 +282,9 @@ def test_each_split_a_trial_sees_is_reported_and_the_choosing_one_tunes_threshol
         logits = np.stack([np.zeros(len(prob)), np.log(prob / (1 - prob))], axis=1)
         return EpochResult(0.5, logits, np.asarray(targets), len(prob), 1.0)
 
+    def halfway(a, b):  # the log-odds halfway between two probabilities' log-odds
+        return (np.log(a / (1 - a)) + np.log(b / (1 - b))) / 2
+
     results = {"train": result([0, 1, 0, 1], np.array([0.2, 0.7, 0.4, 0.9])),
                "selection": result([0, 1, 0, 1], np.array([0.3, 0.35, 0.1, 0.8])),
                "validation": result([1, 0, 1, 0], np.array([0.6, 0.2, 0.9, 0.55]))}
@@ -291,14 +294,18 @@ def test_each_split_a_trial_sees_is_reported_and_the_choosing_one_tunes_threshol
     assert confusion == [[1, 1], [0, 2]]  # validation's, for TensorBoard
     cfg = trial_config(threshold=Threshold("f1"))
     chosen = choose_thresholds(BINARY, results, cfg)
-    assert chosen["thresholds"]["infected"] == pytest.approx(0.325)  # between 0.3 and 0.35
+    assert chosen["threshold_logits"]["infected"] == pytest.approx(halfway(0.3, 0.35))
+    assert 0.3 < chosen["thresholds"]["infected"] < 0.35  # the same, as a probability
+    assert chosen["thresholds"]["infected"] == pytest.approx(
+        1 / (1 + np.exp(-halfway(0.3, 0.35))))
     assert chosen["threshold_rule"] == {"rule": "f1", "target": None, "split": "selection",
                                         "untuned": []}
     del results["selection"]
     chosen = choose_thresholds(BINARY, results, trial_config(
         threshold=Threshold("sensitivity", 1.0)))
     assert chosen["threshold_rule"]["split"] == "validation"
-    assert chosen["thresholds"]["infected"] == pytest.approx(0.575)  # between 0.6 and 0.55
+    assert chosen["threshold_logits"]["infected"] == pytest.approx(halfway(0.6, 0.55))
+    assert 0.55 < chosen["thresholds"]["infected"] < 0.6
 
 
 def test_evaluating_the_object_stores_read_only_arrays_warns_of_nothing():
