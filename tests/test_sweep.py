@@ -369,3 +369,49 @@ def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data
     assert [read_recipe(folder)["epoch"] for folder in kept] == [1]
     [row] = read_run(tmp_path / "runs" / "flat").trials
     assert row.epoch == 1
+
+
+def stubborn(folder: Path, batch_seconds: float, fail_lr: float):
+    """``slowed``, except that the trial with learning rate ``fail_lr`` raises before
+    its first epoch, and stopped trials go on training as before the fix (the stop
+    check between batches is gone): Ray then fails the next trial on that actor ("reuse
+    requires reset_config() ... to return True") without telling the searcher."""
+    slow = slowed(folder, batch_seconds)
+
+    def trainable(config, data):
+        from covid_tune import train
+
+        if config["lr"] == fail_lr:
+            raise RuntimeError("no GPU memory left (made up, before the first epoch)")
+        train.Publisher.end_if_stopped = lambda self: None
+        return slow(config, data)
+
+    return trainable
+
+
+def test_every_way_a_trial_ends_reaches_the_study_and_the_search_never_stalls(
+        ray_cluster, binary_data, tmp_path):
+    """A trial that fails before its first epoch, trials ASHA stops, and trials whose
+    reused actor Ray could not reset (the failure issue 20 found, provoked here with
+    the old trainable): the sweep runs all of them to the end, and the study holds
+    every trial once, none left RUNNING, each failed one as FAIL."""
+    from covid_tune.runs import SweepOptions
+    from covid_tune.sweep import run_sweep
+
+    doc = {**BINARY_SPACE, "num_samples": 6, "max_epochs": 3, "augment": False,
+           "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 20,
+                      "batch_size": 8},
+           "start_with": [{"lr": 0.02}]}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    opts = SweepOptions(space_file=str(write_space(tmp_path, doc)), data=str(binary_data),
+                        name="ends", storage_path=str(tmp_path / "runs"), seed=3)
+    results = run_sweep(opts, trainable=stubborn(logs, 0.8, fail_lr=0.02))
+
+    errors = {Path(r.path).name: str(r.error) for r in results if r.error}
+    assert len(results) == 6
+    assert any("made up, before the first epoch" in e for e in errors.values())
+    assert any("reset_config()" in e for e in errors.values()), errors
+    trials = study(tmp_path / "runs" / "ends").trials
+    assert len(trials) == 6 and not [t for t in trials if t.state.name == "RUNNING"]
+    assert sum(t.state.name == "FAIL" for t in trials) == len(errors)
