@@ -271,6 +271,11 @@ def test_a_finished_trial_keeps_its_best_epoch_weights_only(swept):
 
 # --- epochs longer than Ray's timeouts ---------------------------------------------------
 
+REUSE_TIMEOUT = 1
+"""Seconds Ray gives a stopped trial's thread to end before it reuses the actor, in
+these tests (``TUNE_FUNCTION_THREAD_TIMEOUT_S``, read by the worker when it resets)."""
+
+
 def slowed(folder: Path, batch_seconds: float):
     """The trainable with every training batch ``batch_seconds`` longer (as a bigger
     model or dataset would make it), recording in ``folder/<trial id>`` the worker's
@@ -284,6 +289,9 @@ def slowed(folder: Path, batch_seconds: float):
 
         from covid_tune import train
 
+        # Ray waits this long (2 s unless set) for a stopped trial's thread before it
+        # reuses the actor; 1 s here lets epochs of 2 s outlast it.
+        os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(REUSE_TIMEOUT)
         log = folder / ray.tune.get_context().get_trial_id()
         log.write_text(f"pid {os.getpid()}\n")
         to_device, one_epoch = train.to_device, train.train_one_epoch
@@ -309,8 +317,8 @@ def slowed(folder: Path, batch_seconds: float):
 
 def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs(
         ray_cluster, binary_data, tmp_path):
-    """Epochs of about 3 s, longer than the 2 s Ray gives a stopped trial's thread
-    before it reuses the actor: every trial trains, none fails (before the fix the
+    """Epochs of about 2 s, longer than the time Ray gives a stopped trial's thread
+    before it reuses the actor (1 s here, 2 s by default): every trial trains, none fails (before the fix the
     trial after each ASHA stop failed with "Could not re-use actor"), actors are
     reused, and no stopped trial trains or publishes an epoch past the one ASHA
     stopped it at."""
@@ -328,7 +336,7 @@ def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs
     logs.mkdir()
     opts = SweepOptions(space_file=str(space), data=str(binary_data), name="slow",
                         storage_path=str(tmp_path / "runs"), seed=3)
-    results = run_sweep(opts, trainable=slowed(logs, batch_seconds=0.8))
+    results = run_sweep(opts, trainable=slowed(logs, batch_seconds=0.45))
 
     assert len(results) == 6 and not [r.error for r in results if r.error]
     epochs = {Path(r.path).name.removeprefix("trial_"): r.metrics["epoch"] for r in results}
@@ -345,7 +353,7 @@ def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs
         steps = {e.step for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
         assert max(steps) == last, (trial_id, sorted(steps), last)
     first_epoch = [r.metrics_dataframe["time_this_iter_s"].iloc[0] for r in results]
-    assert min(first_epoch) > 2.0  # longer than Ray's reuse timeout
+    assert min(first_epoch) > 1.5 * REUSE_TIMEOUT  # longer than Ray's reuse timeout
 
 
 def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data, tmp_path):
@@ -406,7 +414,7 @@ def test_every_way_a_trial_ends_reaches_the_study_and_the_search_never_stalls(
     logs.mkdir()
     opts = SweepOptions(space_file=str(write_space(tmp_path, doc)), data=str(binary_data),
                         name="ends", storage_path=str(tmp_path / "runs"), seed=3)
-    results = run_sweep(opts, trainable=stubborn(logs, 0.8, fail_lr=0.02))
+    results = run_sweep(opts, trainable=stubborn(logs, 0.45, fail_lr=0.02))
 
     errors = {Path(r.path).name: str(r.error) for r in results if r.error}
     assert len(results) == 6
