@@ -84,7 +84,8 @@ def simulate_driver(trials: int, concurrency: int, folder: Path, window: int = 1
             if config is None:  # TPE's start-up hold: wait for a running trial
                 break
             trial = SimpleNamespace(trial_id=trial_id, config=config, status="PENDING",
-                                    TERMINATED="TERMINATED", latest_checkpoint_result=None)
+                                    TERMINATED="TERMINATED", latest_checkpoint_result=None,
+                                    is_finished=lambda: False)
             scheduler.on_trial_add(None, trial)
             spent = time.perf_counter() - tick
             costs["suggest"].append(spent)

@@ -960,12 +960,12 @@ class Hog:
 
 
 def test_a_sweep_with_nothing_it_can_run_says_why_stops_on_sigterm_then_ends_stalled(
-        ray_cluster, binary_data, tmp_path, capsys):
+        ray_cluster, binary_data, tmp_path, capsys, monkeypatch):
     """Every CPU of the cluster is held by another job, so no trial can start:
 
     1. the sweep's status line says why (trials wait for resources, none free), and
        SIGTERM in that state ends it within 10 s with the resume command;
-    2. a resume with a stall limit of 6 s ends by itself: exit 1, one line saying it
+    2. a resume with a stall limit of 4 s ends by itself: exit 1, one line saying it
        stalled and how to go on;
     3. once the CPUs are free, a resume runs every trial to its end.
     """
@@ -974,36 +974,42 @@ def test_a_sweep_with_nothing_it_can_run_says_why_stops_on_sigterm_then_ends_sta
     run_dir = tmp_path / "runs" / "waiting"
     args = sweep_args(space_file(tmp_path, 2, epochs=1), binary_data, tmp_path / "runs",
                       "waiting", ray_cluster.address)
+    monkeypatch.setenv("COVID_TUNE_STALL_LIMIT", "4")  # the line notes a stall after 2 s
+    saying = {}
     try:
-        sweep = start_driver(args, tmp_path / "sweep.log", COVID_TUNE_STALL_LIMIT="8")
+        finished = threading.Event()
+        signal_self_once(lambda: said_nothing_runs(capsys, saying), signal.SIGTERM, finished)
         try:
-            wait_for(lambda: "nothing running for" in (tmp_path / "sweep.log").read_text(),
-                     "the status line to say nothing runs", timeout=120)
-            code, seconds = stop_and_wait(sweep, signal.SIGTERM, group=False)
+            code = main(args)
         finally:
-            if sweep.poll() is None:
-                sweep.kill()
-        log = (tmp_path / "sweep.log").read_text()
+            finished.set()
+        seconds = time.monotonic() - saying["when"]
+        out = saying["out"] + capsys.readouterr().err
         print(f"SIGTERM while waiting: exit {code} after {seconds:.1f} s")
-        assert code == 143 and seconds < 10, log[-3000:]
+        assert code == 143 and seconds < 10, out[-3000:]
         assert re.search(r"\d trial\(s\) wait for resources: each needs 1 CPU, the cluster "
-                         r"has 0 CPU free", log), log[-3000:]
-        assert f"continue with: covid-tune resume {run_dir}" in log
+                         r"has 0 CPU free", out), out[-3000:]
+        assert f"continue with: covid-tune resume {run_dir}" in out
 
-        resume = start_driver(["resume", str(run_dir)], tmp_path / "resume.log",
-                              COVID_TUNE_STALL_LIMIT="6")
-        code = resume.wait(timeout=180)
-        log = (tmp_path / "resume.log").read_text()
-        last = log.strip().splitlines()[-1]
-        assert code == 1, log[-3000:]
-        assert last.startswith("covid-tune: stalled: nothing ran for ") and (
-            f"continue with: covid-tune resume {run_dir}" in last), last
-        assert "Traceback" not in log
+        assert main(["resume", str(run_dir)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("covid-tune: stalled: nothing ran for ")
+        assert f"continue with: covid-tune resume {run_dir}" in err[0]
     finally:
         for hog in hogs:
             ray.kill(hog)
 
-    capsys.readouterr()
+    monkeypatch.delenv("COVID_TUNE_STALL_LIMIT")
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, "the CPUs to be free")
     assert main(["resume", str(run_dir)]) == 0
     trials = final_trials(run_dir)
     assert len(trials) == 2 and all(t.status == "TERMINATED" for t in trials)
+
+
+def said_nothing_runs(capsys, saying: dict) -> bool:
+    """Whether the sweep's output so far says nothing runs; keeps what it read, and when."""
+    saying["out"] = saying.get("out", "") + capsys.readouterr().out
+    if "nothing running for" in saying["out"]:
+        saying["when"] = time.monotonic()
+        return True
+    return False
