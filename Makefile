@@ -1,12 +1,15 @@
 # Two promises: `make demo` runs a real sweep on generated data, `make test` runs the
 # test suite. Both build .venv from nothing first. torch/torchvision are installed with
-# pip on their own first so pip picks the pinned pair.
+# pip on their own first so pip picks the pinned pair. `make soak` is the realistic
+# tier: the real-timing tests (pytest -m realistic), then both shipped search spaces
+# through `covid-tune sweep` at a realistic size (`covid-tune bench --real`, figures in
+# soak.json; about 45 minutes on 2 CPU cores).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test soak venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +28,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m realistic
+	$(BIN)/covid-tune bench --real --json soak.json
+
 clean:
-	rm -rf $(VENV) runs demo-out
+	rm -rf $(VENV) runs demo-out soak-out

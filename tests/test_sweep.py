@@ -433,3 +433,36 @@ def test_trials_ray_fails_without_telling_the_search_reach_the_study_and_nothing
     trials = study(tmp_path / "runs" / "ends").trials
     assert len(trials) == 6 and not [t for t in trials if t.state.name == "RUNNING"]
     assert sum(t.state.name == "FAIL" for t in trials) == len(errors)
+
+
+def test_a_graceful_stop_that_hangs_is_cut_short_with_the_resume_command(monkeypatch):
+    """Ray Tune's own stop should end a sweep within seconds; should it hang (a searcher
+    or an actor that does not answer), the driver stops at once after the grace period
+    and still names the resume command."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from covid_tune import sweep
+    from covid_tune.errors import Stopped
+
+    monkeypatch.setattr(sweep, "STOP_GRACE_SECONDS", 0.5)
+
+    class HangingTuner:
+        def fit(self):
+            previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # Tune listens...
+            try:
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:  # ...but never ends
+                    time.sleep(0.05)
+            finally:
+                signal.signal(signal.SIGUSR1, previous)
+
+    started = time.monotonic()
+    with pytest.raises(Stopped) as stopped:
+        sweep.fit(HangingTuner(), "/runs/hung")
+    assert time.monotonic() - started < 5
+    assert stopped.value.signum == signal.SIGTERM
+    assert str(stopped.value).endswith("continue with: covid-tune resume /runs/hung")
