@@ -97,7 +97,11 @@ class SweepSearch(OptunaSearch):
         return sum(trial_id not in self._completed_trials for trial_id in self._ot_trials)
 
     def save(self, checkpoint_path: str):
+        """Saved with every snapshot of the run, the last one after Tune's loop ended:
+        ends Ray missed in the last step reach the study first."""
         scheduler, self.scheduler = getattr(self, "scheduler", None), None
+        if scheduler is not None:
+            scheduler.tell_missed_ends()
         try:
             super().save(checkpoint_path)
         finally:

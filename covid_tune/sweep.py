@@ -114,7 +114,8 @@ class SweepScheduler(ASHAScheduler):
     def tell_missed_ends(self) -> list[str]:
         """Tell the searcher of the open trials Ray has ended without telling it
         (failed: FAIL in the study); their ids. Called at every step, and by the
-        searcher before it holds new trials back."""
+        searcher before it holds new trials back and before it is saved (a trial that
+        fails in the sweep's last step has no next step)."""
         missed = [trial for trial in self.open.values() if trial.is_finished()]
         for trial in missed:
             del self.open[trial.trial_id]

@@ -18,6 +18,7 @@ when the last one was cut short.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
     scored = [s for s in (SELECTION, "validation") if s in data.splits]
     publisher = Publisher()
     stop = publisher.end_if_stopped
+    TRAINING_THREADS.add(threading.current_thread())
     try:
         for epoch in range(start + 1, cfg.max_epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
@@ -121,7 +124,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
             metrics["time_this_iter_s"], started = now - started, now
             state = EpochState.take(model, optimizer, base)
             publisher.submit(functools.partial(publish, writer, task, results, metrics,
-                                               confusion, state, epoch, cfg, base))
+                                               confusion, state, epoch, cfg, base, stop))
     finally:
         try:
             publisher.wait()
@@ -130,13 +133,14 @@ def train_trial(config: dict, data: DataBundle) -> None:
 
 
 def publish(writer: TrialWriter, task: Task, results: dict[str, EpochResult], metrics: dict,
-            confusion, state: EpochState, epoch: int, cfg: TrialConfig, base: Base) -> None:
+            confusion, state: EpochState, epoch: int, cfg: TrialConfig, base: Base,
+            stop) -> None:
     """Log an epoch to TensorBoard, tune its thresholds, write its checkpoint and report
-    both to Tune."""
+    both to Tune; ``stop`` first (stopped while the epoch trained: Tune takes no more
+    results)."""
     writer.log_epoch(epoch, metrics, confusion)
     thresholds = choose_thresholds(task, results, cfg)
-    if tune_asked_to_stop():  # stopped while the epoch trained: Tune takes no more results
-        raise SystemExit(0)
+    stop()
     with tempfile.TemporaryDirectory() as folder:
         save_epoch(Path(folder), state, epoch, cfg, metrics, thresholds, base)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -169,6 +173,10 @@ class Publisher:
         self._failure: BaseException | None = None
         self.stopped = threading.Event()
         """Tune ended a report with ``SystemExit``: the trial was stopped."""
+        self.session = trial_session()
+        """The trial's own Ray session, whose stop event Tune sets (looked up once: Tune
+        drops it from the worker when it stops the trial, and a reused actor gets a
+        new one for the next trial)."""
 
     def submit(self, work) -> None:
         self.wait()
@@ -187,7 +195,7 @@ class Publisher:
     def end_if_stopped(self) -> None:
         """End the training thread the way Tune ends it (``SystemExit(0)``) once Tune
         has asked the trial to stop."""
-        if self.stopped.is_set() or tune_asked_to_stop():
+        if self.stopped.is_set() or asked_to_stop(self.session):
             raise SystemExit(0)
 
     def wait(self) -> None:
@@ -199,18 +207,39 @@ class Publisher:
             raise failure
 
 
-def tune_asked_to_stop() -> bool:
-    """Whether Ray Tune has asked this trial to end: the stop event of the trial's
-    session, which Tune sets when it stops the trial or reuses its actor. Tune has no
-    public call for it; False where the field is missing (another Ray) or outside Tune,
-    and the stop then still arrives through the next report."""
+def trial_session():
+    """This trial's Ray session (None outside Tune, or where Ray moved it)."""
     try:
         from ray.train._internal.session import get_session
+    except ImportError:
+        return None
+    return get_session()
 
-        session = get_session()
-        return bool(session is not None and session.stop_event.is_set())
-    except (ImportError, AttributeError):
-        return False
+
+def asked_to_stop(session) -> bool:
+    """Whether Ray Tune has asked the trial of ``session`` to end: the session's stop
+    event, which Tune sets when it stops the trial or reuses its actor. Tune has no
+    public call for it; False where the field is missing (another Ray) or outside Tune,
+    and the stop then still arrives through the next report."""
+    event = getattr(session, "stop_event", None)
+    return bool(event is not None and event.is_set())
+
+
+TRAINING_THREADS: weakref.WeakSet = weakref.WeakSet()
+"""The threads that run a trial in this worker process."""
+EXIT_WAIT_SECONDS = 5.0
+
+
+@atexit.register
+def let_training_threads_end() -> None:
+    """When a stopped trial's worker exits, give its training thread (a daemon, asked to
+    stop, ending at its next batch) up to ``EXIT_WAIT_SECONDS`` to end: a daemon thread
+    still inside torch when Python shuts down aborts the process ("Fatal Python error:
+    Aborted") and fills the sweep's console with a stack dump."""
+    deadline = time.monotonic() + EXIT_WAIT_SECONDS
+    for thread in list(TRAINING_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _set_threads() -> None:

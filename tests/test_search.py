@@ -76,7 +76,8 @@ class RayTrial:
         return self.status in (self.ERROR, self.TERMINATED)
 
 
-def test_a_trial_ray_ends_without_telling_reaches_the_study_and_frees_the_hold(searcher):
+def test_a_trial_ray_ends_without_telling_reaches_the_study_and_frees_the_hold(searcher,
+                                                                             tmp_path):
     """Ray fails a trial whose reused actor could not be reset without telling the
     scheduler or the searcher. The study kept it RUNNING, and the start-up hold waited
     for it for good with nothing running (the stalled sweep of issue 20). The scheduler
@@ -102,6 +103,13 @@ def test_a_trial_ray_ends_without_telling_reaches_the_study_and_frees_the_hold(s
     states = [t.state.name for t in searcher._ot_study.get_trials()]
     assert states[:2] == ["COMPLETE", "FAIL"]
     assert scheduler.tell_missed_ends() == []  # told once
+
+    late = RayTrial("late")
+    scheduler.on_trial_add(controller, late)
+    late.status = RayTrial.ERROR  # in the sweep's last step: no next step will tell
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the run's last snapshot
+    assert searcher._ot_study.get_trials()[-1].state.name == "FAIL"
+    assert searcher.scheduler is scheduler  # not saved, and kept
 
 
 def test_a_diverged_trial_is_pruned_at_the_worst_value_seen(searcher, tmp_path):
