@@ -3,7 +3,7 @@
 # pip on their own first so pip picks the pinned pair. `make soak` is the realistic
 # tier: the real-timing tests (pytest -m realistic), then both shipped search spaces
 # through `covid-tune sweep` at a realistic size (`covid-tune bench --real`, figures in
-# soak.json; about 45 minutes on 2 CPU cores).
+# soak.json; about 14 minutes on 2 CPU cores, measured in docs/benchmarks.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

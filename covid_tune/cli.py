@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     size.add_argument("--real", action="store_true",
                       help="instead: both shipped spaces through `covid-tune sweep` at a "
-                           "realistic size (15 minutes or more on 2 CPU cores; data, runs "
+                           "realistic size (about 13 minutes on 2 CPU cores; data, runs "
                            "and logs in ./soak-out)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)

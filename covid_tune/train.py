@@ -174,9 +174,8 @@ class Publisher:
         self.stopped = threading.Event()
         """Tune ended a report with ``SystemExit``: the trial was stopped."""
         self.session = trial_session()
-        """The trial's own Ray session, whose stop event Tune sets (looked up once: Tune
-        drops it from the worker when it stops the trial, and a reused actor gets a
-        new one for the next trial)."""
+        """The trial's own Ray session, whose stop event Tune sets (looked up once, at
+        the start: Tune drops the worker's session when it stops the trial)."""
 
     def submit(self, work) -> None:
         self.wait()

@@ -322,17 +322,18 @@ def slowed(folder: Path, batch_seconds: float, fail_lr: float | None = None):
 def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs(
         ray_cluster, binary_data, tmp_path):
     """Epochs of about 2 s, longer than the time Ray gives a stopped trial's thread
-    before it reuses the actor (1 s here, 2 s by default): every trial trains and none
-    fails (before the fix the trial after each ASHA stop failed with "Could not re-use
-    actor"), actors are reused, and no stopped trial trains or publishes an epoch past
-    the one ASHA stopped it at. One trial fails before its first epoch: the study has
-    it as FAIL, and it holds every trial once, none left RUNNING."""
+    before it reuses the actor (1 s here, 2 s by default), and ASHA at every epoch of
+    two: every trial trains and none fails (before the fix the trial after each ASHA
+    stop failed with "Could not re-use actor"), actors are reused, and no stopped trial
+    trains or publishes an epoch past the one ASHA stopped it at. One trial fails
+    before its first epoch: the study has it as FAIL, and it holds every trial once,
+    none left RUNNING."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from covid_tune.runs import SweepOptions
     from covid_tune.sweep import run_sweep
 
-    doc = {**BINARY_SPACE, "num_samples": 6, "max_epochs": 3, "augment": False,
+    doc = {**BINARY_SPACE, "num_samples": 5, "max_epochs": 2, "augment": False,
            "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 20,
                       "batch_size": 8},
            "start_with": [{"lr": 0.02}]}
@@ -344,14 +345,14 @@ def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs
     results = run_sweep(opts, trainable=slowed(logs, batch_seconds=0.4, fail_lr=0.02))
 
     failed = [r for r in results if r.error]
-    assert len(results) == 6 and len(failed) == 1, [str(r.error)[-300:] for r in failed]
+    assert len(results) == 5 and len(failed) == 1, [str(r.error)[-300:] for r in failed]
     assert "made up, before the first epoch" in str(failed[0].error)
     trials = study(tmp_path / "runs" / "slow").trials
     states = [t.state.name for t in trials]
-    assert len(states) == 6 and states.count("FAIL") == 1 and "RUNNING" not in states
+    assert len(states) == 5 and states.count("FAIL") == 1 and "RUNNING" not in states
     epochs = {Path(r.path).name.removeprefix("trial_"): r.metrics["epoch"]
               for r in results if not r.error}
-    assert [e for e in epochs.values() if e < 3], "ASHA stopped no trial; the test needs one"
+    assert [e for e in epochs.values() if e < 2], "ASHA stopped no trial; the test needs one"
     lines = {t: (logs / t).read_text().splitlines() for t in epochs}
     pids = [lines[t][0] for t in epochs]
     assert len(set(pids)) < len(pids)  # some actor was reused
@@ -375,7 +376,7 @@ def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data
     from covid_tune.sweep import run_sweep
 
     doc = {**BINARY_SPACE, "metric": "val_f1", "mode": "max", "num_samples": 1,
-           "max_epochs": 3, "augment": False,
+           "max_epochs": 2, "augment": False,
            "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 20,
                       "lr": 1e-12, "dropout": 0.0},
            "start_with": []}
@@ -383,7 +384,7 @@ def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data
                         name="flat", storage_path=str(tmp_path / "runs"), seed=1)
     results = run_sweep(opts)
     scores = list(results[0].metrics_dataframe["val_f1"])
-    assert len(scores) == 3 and len(set(scores)) == 1, scores  # the metric did not move
+    assert len(scores) == 2 and len(set(scores)) == 1, scores  # the metric did not move
     kept = sorted((tmp_path / "runs" / "flat").glob("trial_*/checkpoint_*"))
     assert [read_recipe(folder)["epoch"] for folder in kept] == [1]
     [row] = read_run(tmp_path / "runs" / "flat").trials
