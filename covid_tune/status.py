@@ -18,7 +18,7 @@ It also watches for a stall: nothing running while trials are left to start. Aft
 minute (or half the limit, if that is shorter) the line says so and why (trials wait
 for resources the cluster does not have free, or the search suggests nothing); after
 ``stall_limit`` seconds (``COVID_TUNE_STALL_LIMIT``, 15 minutes unless set) it raises
-``SweepStalled``, which ends the sweep with exit code 1 and the resume command
+``covid_tune.errors.Stalled``, which ends the sweep with exit code 1 and the resume command
 (``covid_tune.sweep.fit``). The trials are counted for this every
 ``STALL_CHECK_SECONDS`` at most.
 """
@@ -32,6 +32,7 @@ import time
 
 from ray import tune
 
+from covid_tune.errors import Stalled
 from covid_tune.render import duration
 
 HEARTBEAT_SECONDS = 60.0
@@ -41,10 +42,6 @@ STALL_CHECK_SECONDS = 2.0
 STALL_LIMIT_SECONDS = 900.0
 """A sweep with nothing running for this long while trials are left to start ends
 (exit 1); ``COVID_TUNE_STALL_LIMIT`` (seconds) sets another limit."""
-
-
-class SweepStalled(RuntimeError):
-    """Nothing ran for longer than the stall limit while trials were left to start."""
 
 
 def stall_limit() -> float:
@@ -114,7 +111,7 @@ class SweepStatus(tune.Callback):
 
     def watch_for_stall(self, trials) -> None:
         """Note a stall on the line after ``STALL_NOTE_SECONDS`` (or half the limit);
-        raise ``SweepStalled`` after the limit."""
+        raise ``Stalled`` after the limit."""
         now = time.monotonic()
         if now - self.last_check < STALL_CHECK_SECONDS:
             return
@@ -132,7 +129,7 @@ class SweepStatus(tune.Callback):
             self.news = True
         if idle >= limit:
             self.show(trials, always=True)
-            raise SweepStalled(f"stalled: nothing ran for {duration(idle)} while {waiting} "
+            raise Stalled(f"stalled: nothing ran for {duration(idle)} while {waiting} "
                                f"trial(s) were left to start ({self.stall}); the limit is "
                                f"{duration(limit)} (COVID_TUNE_STALL_LIMIT, in seconds)")
 
@@ -224,4 +221,5 @@ def free_resources() -> str:
         free = ray.available_resources()
     except Exception:  # Ray not started, or its GCS not answering
         return "?"
-    return ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if k in free or k == "CPU")
+    gpus = f", {free['GPU']:g} GPU" if "GPU" in free else ""
+    return f"{free.get('CPU', 0):g} CPU{gpus}"

@@ -51,10 +51,11 @@ from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.lock import hold
 from covid_tune.models import check_pretrained
 from covid_tune.runs import (CHECKPOINT_SCORE, LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions,
-                             check_ray_state, checkpoint_folders, choose_data, drop_resume_state, keep_best,
+                             check_ray_state, checkpoint_folders, choose_data,
+                             drop_resume_state, keep_best,
                              read_record, read_selection, read_space, write_record)
 from covid_tune.search import build_searcher, find_sweep_search
-from covid_tune.status import SweepStalled, SweepStatus
+from covid_tune.status import SweepStatus
 from covid_tune.storage import exists, exists_on, is_uri, join, list_dirs, move_dir, open_path
 from covid_tune.train import train_trial
 
@@ -407,12 +408,12 @@ def fit(tuner: tune.Tuner, run_dir: str) -> tune.ResultGrid:
 
 
 def stall_in(exc: BaseException) -> str | None:
-    """The message of a ``SweepStalled`` raised by the status line, however Ray Tune
+    """The message of a ``Stalled`` raised by the status line, however Ray Tune
     wrapped it; None for any other error."""
     for _ in range(6):
         if exc is None:
             return None
-        if isinstance(exc, SweepStalled):
+        if isinstance(exc, Stalled):
             return str(exc)
         exc = exc.__cause__ or exc.__context__
     return None

@@ -86,11 +86,11 @@ def test_rays_own_tables_only_with_verbose():
 
 def test_nothing_running_is_said_after_a_minute_and_ends_the_sweep_at_the_limit(monkeypatch):
     """Trials left to start and none running: after a minute the line says why; a
-    trial running again clears it; at the limit ``SweepStalled`` ends the sweep."""
+    trial running again clears it; at the limit ``Stalled`` ends the sweep."""
     import pytest
 
     from covid_tune import status as status_module
-    from covid_tune.status import SweepStalled
+    from covid_tune.errors import Stalled
 
     clock = [1000.0]
     monkeypatch.setattr(status_module.time, "monotonic", lambda: clock[0])
@@ -114,7 +114,7 @@ def test_nothing_running_is_said_after_a_minute_and_ends_the_sweep_at_the_limit(
     step(5, [trial("a", "TERMINATED", 4), trial("b", "RUNNING")])  # it started after all
     assert status.stall == "" and status.idle_since is None
     step(5, waiting)
-    with pytest.raises(SweepStalled, match=r"stalled: nothing ran for 10min .*2 trial\(s\) "
+    with pytest.raises(Stalled, match=r"stalled: nothing ran for 10min .*2 trial\(s\) "
                                            r"were left to start \(1 trial\(s\) wait"):
         for _ in range(700):
             step(1, waiting)
