@@ -61,7 +61,7 @@ def require_writable(path: str, flag: str, file: bool = False) -> None:
 
 
 def cmd_check(args) -> int:
-    from covid_tune.check import check_dataset
+    from covid_tune.data.check import check_dataset
 
     report = check_dataset(args.data, args.task, progress=not args.quiet)
     print("\n".join(report.lines()))
@@ -77,7 +77,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from covid_tune.synth import PHANTOM_NOTE, generate
+    from covid_tune.data.synth import PHANTOM_NOTE, generate
 
     require_writable(args.out, "out")
     counts = generate(Path(args.out), args.task, scale=args.scale, size=args.size,
@@ -89,7 +89,7 @@ def cmd_synth(args) -> int:
 
 
 def sweep_options(args):
-    from covid_tune.runs import SweepOptions
+    from covid_tune.runs.record import SweepOptions
 
     return SweepOptions(
         space_file=args.space, data=args.data, name=args.name or "",
@@ -102,14 +102,14 @@ def sweep_options(args):
 
 
 def cmd_sweep(args) -> int:
-    from covid_tune.sweep import run_sweep
+    from covid_tune.search.sweep import run_sweep
 
     require_writable(args.storage_path, "--storage-path")
     return exit_code(run_sweep(sweep_options(args)))
 
 
 def cmd_resume(args) -> int:
-    from covid_tune.sweep import resume_sweep
+    from covid_tune.search.sweep import resume_sweep
 
     return exit_code(resume_sweep(args.run_dir, address=args.address, data=args.data,
                                   allow_changed_data=args.allow_changed_data))
@@ -117,7 +117,7 @@ def cmd_resume(args) -> int:
 
 def exit_code(results) -> int:
     """1, with the first error on one line, when every trial failed; else 0."""
-    from covid_tune.sweep import failure_summary
+    from covid_tune.search.sweep import failure_summary
 
     summary = failure_summary(results)
     if summary:
@@ -127,7 +127,7 @@ def exit_code(results) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from covid_tune.leaderboard import write_leaderboard
+    from covid_tune.results.leaderboard import write_leaderboard
 
     if args.out:
         require_writable(args.out, "--out")
@@ -136,7 +136,7 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from covid_tune.export import export_best
+    from covid_tune.bundle.export import export_best
 
     require_writable(args.out, "--out")
     for folder in export_best(args.run_dirs, args.out, args.data, args.allow_changed_data):
@@ -145,7 +145,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from covid_tune.predict import predict
+    from covid_tune.bundle.predict import predict
 
     require_writable(args.out, "--out", file=True)
     if args.cam:
@@ -157,20 +157,20 @@ def cmd_predict(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.real:
-        from covid_tune.soak import run_soak
+        from covid_tune.bench.real import run_soak
 
         run_soak(json_path=args.json)
         return 0
-    from covid_tune.bench import run_bench
+    from covid_tune.bench.measure import run_bench
 
     run_bench(quick=args.quick, json_path=args.json)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from covid_tune.runs import SweepOptions
-    from covid_tune.sweep import run_sweep
-    from covid_tune.synth import PHANTOM_NOTE, generate
+    from covid_tune.runs.record import SweepOptions
+    from covid_tune.search.sweep import run_sweep
+    from covid_tune.data.synth import PHANTOM_NOTE, generate
 
     require_writable(args.out, "--out")
     out = Path(args.out).resolve()
@@ -184,8 +184,8 @@ def cmd_demo(args) -> int:
     if exit_code(results):
         return 1
     run_dir = str(out / "runs" / args.name)
-    from covid_tune.export import export_best
-    from covid_tune.leaderboard import write_leaderboard
+    from covid_tune.bundle.export import export_best
+    from covid_tune.results.leaderboard import write_leaderboard
 
     print(write_leaderboard([run_dir], str(out / "leaderboard")))
     for folder in export_best([run_dir], str(out / "model")):

@@ -52,7 +52,7 @@ def binary_data(tmp_path_factory):
     """A tiny Part 1 dataset of phantoms (48 px), in the layout of the public Kaggle
     "Chest X-Ray Images (Pneumonia)" collection (``train/val/test``, ``normal`` and
     ``pneumonia``), so every real sweep of Part 1 reads a public layout."""
-    from covid_tune.synth import generate
+    from covid_tune.data.synth import generate
 
     root = tmp_path_factory.mktemp("binary") / "chest_xray"
     generate(root, "binary", scale=0.006, size=48, seed=1, progress=False,
@@ -63,7 +63,7 @@ def binary_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def multilabel_data(tmp_path_factory):
     """A tiny Part 2 dataset of phantoms (48 px), with the flat unlabelled Test/."""
-    from covid_tune.synth import generate
+    from covid_tune.data.synth import generate
 
     root = tmp_path_factory.mktemp("multilabel") / "data"
     generate(root, "multilabel", scale=0.01, size=48, seed=2, progress=False)
@@ -128,8 +128,8 @@ def swept(ray_cluster, binary_data, multilabel_data, tmp_path_factory) -> Swept:
     """One Part 1 and one Part 2 sweep shared by every test that reads a run folder
     (runs, leaderboard, export, TensorBoard, predict). Tests must not change them:
     copy a run folder first (``shutil.copytree``) to damage it."""
-    from covid_tune.runs import SweepOptions
-    from covid_tune.sweep import run_sweep
+    from covid_tune.runs.record import SweepOptions
+    from covid_tune.search.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("swept")
     results = {}
@@ -146,7 +146,7 @@ def swept(ray_cluster, binary_data, multilabel_data, tmp_path_factory) -> Swept:
 @pytest.fixture(scope="session")
 def exported(swept, tmp_path_factory) -> Path:
     """The best model of each shared sweep, exported: ``<folder>/binary``, ``/multilabel``."""
-    from covid_tune.export import export_best
+    from covid_tune.bundle.export import export_best
 
     out = tmp_path_factory.mktemp("exported")
     export_best([str(swept.binary), str(swept.multilabel)], str(out))

@@ -18,7 +18,7 @@ import yaml
 
 from covid_tune.cli import main
 from helpers import refused
-from covid_tune.runs import SweepOptions, write_record
+from covid_tune.runs.record import SweepOptions, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPACE = ROOT / "search_spaces" / "demo.yaml"
@@ -28,12 +28,12 @@ COMMANDS = ("check", "synth", "sweep", "resume", "leaderboard", "export", "predi
 
 def no_ray(monkeypatch) -> None:
     """Fail the test if the command gets as far as starting or joining Ray."""
-    import covid_tune.sweep
+    import covid_tune.search.sweep
 
     def start_ray(address):
         raise AssertionError("Ray was started before the mistake was found")
 
-    monkeypatch.setattr(covid_tune.sweep, "start_ray", start_ray)
+    monkeypatch.setattr(covid_tune.search.sweep, "start_ray", start_ray)
 
 
 def test_python_m_covid_tune_help_lists_every_command():

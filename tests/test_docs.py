@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_test_the_docs_cite_exists():
-    tests = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    tests = {p.name: p.read_text() for p in (ROOT / "tests").rglob("test_*.py")}
     cited = [(doc.name, f, fn) for doc in (ROOT / "docs").glob("*.md")
              for f, fn in re.findall(r"(test_\w+\.py)::(test_\w+)", doc.read_text())]
     assert cited

@@ -1,0 +1,233 @@
+"""The best model of each task, exported so it runs without the training code.
+
+``export_best`` finds, over the given runs, the trial whose best checkpoint scores best
+on the sweep's metric, one per task, and writes the bundle ``<out>/<task>/`` that
+``covid_tune.bundle.format`` describes: the network captured with ``torch.export``
+(``model.pt2``, the program PyTorch users load without the training code) and in ONNX,
+which also gives the last feature maps for Grad-CAM (``covid_tune.bundle.cam``). Both are
+checked against PyTorch on random input before they are kept. Nothing here imports Ray or the
+training code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from covid_tune.data.dataset import scan
+from covid_tune.nn.inference import load_model
+from covid_tune.core.metrics import threshold_labels
+from covid_tune.nn.models import WithFeatures, cam_spec
+from covid_tune.bundle.format import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,
+                                     write_card)
+from covid_tune.data.preprocess import describe
+from covid_tune.runs.record import RunInfo, TrialRecord, choose_datasets, read_run
+from covid_tune.results.rows import best_overall, chooser
+from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
+
+RTOL, ATOL = 1e-3, 1e-4
+"""How close ONNX Runtime's and the saved program's logits must be to PyTorch's."""
+
+
+def export_best(run_dirs: list[str], out: str, data: list[str] | None = None,
+                allow_changed_data: bool = False) -> list[Path]:
+    """Export the best trial of each task found in ``run_dirs`` to ``out/<task>/``.
+
+    ``data`` (one folder for all runs, or one per run) points at moved copies of the
+    datasets, used for the model card's counts and checked against each run's manifest.
+    """
+    runs = [read_run(d) for d in run_dirs]
+    choices = choose_datasets(runs, data or [], allow_changed_data)
+    for run in runs:
+        for note in [*run.notes, *choices[run.name].notes]:
+            print(f"note: {run.name}: {note}")
+    folders = []
+    for task in (t for t in TASKS if any(r.task == t for r in runs)):
+        run, record = best_overall([r for r in runs if r.task == task])
+        folders.append(export_model(run, record, Path(out) / task, choices[run.name].root))
+    return folders
+
+
+def export_model(run: RunInfo, record: TrialRecord, folder: Path,
+                 data_root: Path | None = None) -> Path:
+    """Write the five files of one exported model; return the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = load_model(record.checkpoint)
+    size = int(record.config["image_size"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    _, checks = write_program(model, folder / PROGRAM_FILE, size)
+    checks.update(write_onnx(model, folder / ONNX_FILE, size))
+    card = {**model_card(run, record, checks), "cam": cam_spec(model)}
+    write_card(folder, card)
+    (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task,
+                                                              run.space.data)))
+    return folder
+
+
+def random_images(batch: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def write_program(model: torch.nn.Module, path: Path, size: int):
+    """Capture the network with ``torch.export`` (batch axis dynamic), save it, load it
+    back and check it against the eager model; (the program, its check)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (random_images(2, size, 0),),
+                                      dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(path))
+        loaded = torch.export.load(str(path)).module()
+    x = random_images(3, size, 2)
+    with torch.no_grad():
+        diff = check_close("torch.export", loaded(x).numpy(), model, x)
+    return program, {"program_max_abs_diff": diff}
+
+
+def write_onnx(model: torch.nn.Module, path: Path, size: int) -> dict:
+    """Export to ONNX with the dynamo exporter (batch axis dynamic), giving the logits
+    and, for Grad-CAM, the last feature maps; check it with ONNX Runtime. The check
+    and the opset the file uses."""
+    import onnx
+    import onnxruntime as ort
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithFeatures(model), (random_images(2, size, 0),), str(path),
+                          dynamo=True, external_data=False, input_names=["images"],
+                          output_names=["logits", "features"],
+                          dynamic_shapes=({0: batch},), verbose=False)
+    onnx.checker.check_model(str(path))
+    opset = next(o.version for o in onnx.load(str(path)).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = random_images(3, size, 1)
+    diff = check_close("ONNX", session.run(["logits"], {"images": x.numpy()})[0], model, x)
+    return {"onnx_max_abs_diff": diff, "onnx_opset": int(opset)}
+
+
+@torch.no_grad()
+def check_close(name: str, outputs: np.ndarray, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Largest difference from PyTorch's logits; RuntimeError beyond the tolerance."""
+    expected = model(x).numpy()
+    diff = float(np.max(np.abs(outputs - expected)))
+    if outputs.shape != expected.shape or diff > ATOL + RTOL * float(np.max(np.abs(expected))):
+        raise RuntimeError(f"the exported {name} model disagrees with PyTorch: shapes "
+                           f"{outputs.shape} vs {expected.shape}, largest difference {diff:.3g}")
+    return diff
+
+
+def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
+    """``model.json``: the recipe that lets ``predict`` run the ONNX file on its own."""
+    task = TASKS[record.task]
+    size = int(record.config["image_size"])
+    return {
+        "task": task.name,
+        "backbone": record.config["backbone"],
+        "files": {"onnx": ONNX_FILE, "program": PROGRAM_FILE, "weights": WEIGHTS_FILE},
+        "onnx_opset": checks["onnx_opset"],
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "output": outputs_spec(task),
+        "label_names": list(task.label_names),
+        "thresholds": {name: record.thresholds.get(name, 0.5)
+                       for name in threshold_labels(task)},
+        "threshold_logits": {name: record.threshold_logits.get(name, 0.0)
+                             for name in threshold_labels(task)},
+        "threshold_rule": record.threshold_rule or {"rule": "none", "target": None,
+                                                    "split": None, "untuned": []},
+        "preprocessing": describe(size),
+        "hyperparameters": record.config,
+        "epoch": record.epoch,
+        "selected_by": {"metric": run.metric, "mode": run.mode, "split": chooser(run)},
+        "validation_metrics": {k.removeprefix("val_"): v for k, v in record.metrics.items()
+                               if k.startswith("val_")},
+        "checks": checks,
+        "source": {"run_dir": str(run.path), "run": run.name, "trial_id": record.trial_id,
+                   "checkpoint": str(record.checkpoint), "data": run.record.provenance.data,
+                   "data_fingerprint": run.record.provenance.data_fingerprint,
+                   "versions": run.record.provenance.versions},
+    }
+
+
+def outputs_spec(task) -> dict:
+    if task.multilabel:
+        return {"name": "logits", "activation": "sigmoid per label",
+                "label_order": list(task.label_names),
+                "label_encoding": {k: list(v) for k, v in task.targets.items()},
+                "rule": "a label is on when its probability is above its threshold "
+                        "(compared as log-odds: its logit above threshold_logits)"}
+    other = next(name for name in task.label_names if name != POSITIVE_CLASS)
+    return {"name": "logits", "activation": "softmax", "class_order": list(task.label_names),
+            "positive_class": POSITIVE_CLASS,
+            "rule": f"{POSITIVE_CLASS} when P({POSITIVE_CLASS}) is above its threshold "
+                    f"(compared as log-odds: logit {POSITIVE_CLASS} - logit {other} above "
+                    f"threshold_logits)"}
+
+
+def threshold_text(card: dict) -> str:
+    """The card's thresholds (probability, and log-odds) and how they were chosen, in words."""
+    values = ", ".join(f"{label} {value:.4g} (log-odds {card['threshold_logits'][label]:.4g})"
+                       for label, value in card["thresholds"].items())
+    rule = card["threshold_rule"]
+    if rule.get("rule") in (None, "none"):
+        return f"{values} (fixed at 0.5; this checkpoint predates tuned thresholds)"
+    target = f" (sensitivity at least {rule['target']:g})" if rule.get("target") else ""
+    untuned = (f"; left at 0.5 for {', '.join(rule['untuned'])} (one class only on that "
+               f"split)" if rule.get("untuned") else "")
+    return f"{values}, tuned by the `{rule['rule']}` rule{target} on {rule['split']}{untuned}"
+
+
+def data_counts(root: Path | None, task: str, spec=None) -> dict[str, dict[str, int]]:
+    """Images per split and class of the training data, if the folder is still there."""
+    if root is None:
+        return {}
+    layout = scan(root, task, spec=spec)
+    counts: dict[str, dict[str, int]] = {}
+    for split, refs in layout.files.items():
+        for ref in refs:
+            per_split = counts.setdefault(split, {})
+            per_split[ref.class_dir or "unlabelled"] = per_split.get(ref.class_dir or
+                                                                    "unlabelled", 0) + 1
+    return counts
+
+
+def readme(card: dict, counts: dict) -> str:
+    """The model card: what it is, how to run it, how it scored, what it was trained on."""
+    hp = {k: v for k, v in card["hyperparameters"].items() if k not in ("task", "metric", "mode")
+          and (card["hyperparameters"]["loss"] == "focal" or not k.startswith("focal_"))}
+    metrics = card["validation_metrics"]
+    size = card["preprocessing"]["size"]
+    lines = [
+        f"# covid-tune model: {card['task']} ({card['backbone']})", "",
+        "**Not for clinical use.** A research and teaching artefact from a hyperparameter "
+        "search; it has not been validated on patients and must not inform any diagnosis.", "",
+        "## Use", "",
+        "```bash", "covid-tune predict MODEL_DIR IMAGE_OR_FOLDER --out preds.csv", "```", "",
+        f"Input `images`: float32 `[batch, 3, {size}, {size}]`; "
+        f"{card['preprocessing']['steps']} (mean {card['preprocessing']['mean']}, "
+        f"std {card['preprocessing']['std']}). Output `logits`: "
+        f"{card['output']['activation']} over {', '.join(card['label_names'])}; "
+        f"{card['output']['rule']}.", "",
+        f"Thresholds: {threshold_text(card)}.", "",
+        f"## Validation metrics (epoch {card['epoch']}, chosen by best "
+        f"`{card['selected_by']['metric']}`)", "",
+        "| metric | value |", "|---|---|",
+        *[f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))], "",
+        "## Training data", "",
+        f"Folder `{card['source']['data']}` ({card['task']} layout).",
+        *[f"- {split}: " + ", ".join(f"{c} {n}" for c, n in per.items())
+          for split, per in counts.items()], "",
+        "Scores on synthetic data (`covid-tune synth`, as used by `covid-tune demo` and the "
+        "tests) say nothing clinically: those images are drawn phantoms, not radiographs.", "",
+        "## Hyperparameters", "",
+        ", ".join(f"{k} {v}" for k, v in hp.items()), "",
+        "## Source", "",
+        f"Run `{card['source']['run']}` ({card['source']['run_dir']}), trial "
+        f"`{card['source']['trial_id']}`, checkpoint `{card['source']['checkpoint']}`.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Running a trained model with PyTorch, and no Ray: where trials, re-scoring and export meet.
+
+``Device`` picks the CPU or a GPU and the GPU-only speed-ups (mixed precision,
+channels-last). ``predict_logits`` runs a model over decoded uint8 images with the
+deterministic evaluation transform. ``load_model`` rebuilds a trial's model from a
+checkpoint folder (through ``covid_tune.runs.record``, which owns that format): the stored
+tensors on top of the trial's base (``Base``: its pretrained file or seeded
+initialisation), which a checkpoint records instead of storing it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covid_tune.nn.augment import to_model_input
+from covid_tune.core.space import TrialConfig
+from covid_tune.errors import UserError
+from covid_tune.nn.models import BACKBONES, Classifier, WithFeatures, build_model, imagenet_cache_path
+from covid_tune.runs.record import base_file, cached_digest, load_checkpoint
+from covid_tune.core.tasks import TASKS
+
+
+@dataclass
+class Device:
+    """Where a model runs and the GPU-only speed-ups that apply there."""
+
+    torch: torch.device
+    amp_dtype: torch.dtype | None
+    """bf16 (or fp16 where bf16 is not supported) on a GPU; ``None`` on the CPU."""
+    channels_last: bool
+
+    @classmethod
+    def pick(cls) -> Device:
+        if not torch.cuda.is_available():
+            return cls(torch.device("cpu"), None, False)
+        torch.backends.cudnn.benchmark = True
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cls(torch.device("cuda"), amp, True)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.torch.type, dtype=self.amp_dtype)
+
+
+@torch.no_grad()
+def predict_logits(model, images: np.ndarray, batch_size: int, device: Device,
+                   before_batch=None) -> np.ndarray:
+    """Logits for uint8 (N, S, S) images with the deterministic evaluation transform;
+    ``before_batch`` (if given) is called before each batch (a trial's stop check)."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        if before_batch is not None:
+            before_batch()
+        x = torch.from_numpy(images[start:start + batch_size].copy()).to(device.torch)
+        x = to_model_input(x, augment=None, channels_last=device.channels_last)
+        with device.autocast():
+            outputs.append(model(x).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+@torch.no_grad()
+def logits_and_features(model: Classifier, images: np.ndarray,
+                        device: Device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and last feature maps (for Grad-CAM) of a few uint8 images."""
+    wrapped = WithFeatures(model).eval()
+    x = torch.from_numpy(images.copy()).to(device.torch)
+    logits, features = wrapped(to_model_input(x, augment=None))
+    return logits.float().cpu().numpy(), features.float().cpu().numpy().astype(np.float64)
+
+
+def build_for(cfg: TrialConfig, pretrained: str = "none") -> Classifier:
+    """The network a trial config describes (random head; backbone from ``pretrained``)."""
+    return build_model(cfg.backbone, TASKS[cfg.task].outputs, cfg.hidden, cfg.dropout,
+                       cfg.frozen_layers, pretrained)
+
+
+def load_model(checkpoint: str | Path) -> Classifier:
+    """A trial's model from one of its checkpoint folders, in eval mode, on the CPU: its
+    base rebuilt (the pretrained file, checked by SHA-256, or the seeded
+    initialisation, checked by the SHA-256 of its tensors), then the stored tensors."""
+    state, recipe = load_checkpoint(checkpoint)
+    cfg = TrialConfig.from_dict(recipe["config"])
+    base = recipe.get("base")
+    if not base:
+        model = build_for(cfg)
+    elif base.get("kind") == "pretrained":
+        elsewhere = (imagenet_cache_path(cfg.backbone),) if base.get("source") == "imagenet" else ()
+        model = build_for(cfg, base_file(base, checkpoint, elsewhere))
+    else:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            torch.manual_seed(int(base.get("seed", cfg.seed)))
+            model = build_for(cfg)
+        if tensors_digest(model.state_dict(), base.get("tensors", [])) != base.get("sha256"):
+            raise UserError(f"{checkpoint}: its untrained layers are stored as the seeded "
+                            f"initialisation of torch {torch.__version__.split('+')[0]}'s "
+                            f"{cfg.backbone}, which comes out different here (another torch "
+                            f"version?); load it with the torch it was trained with")
+    put_weights(model, state["model"], base, checkpoint)
+    return model.eval()
+
+
+@dataclass
+class Base:
+    """What a trial started from, for its checkpoints to leave out: the recipe's
+    ``base`` entry (without ``tensors``) and the tensors as they were at the start."""
+
+    record: dict
+    tensors: dict[str, torch.Tensor]
+    digests: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: Classifier, cfg: TrialConfig) -> Base:
+        """The base of a model just built by ``build_for(cfg, cfg.pretrained)`` after
+        ``torch.manual_seed(cfg.seed)``: every backbone tensor (the new head is left
+        out)."""
+        head = f"net.{BACKBONES[cfg.backbone].head_attr}."
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items()
+                   if not k.startswith(head)}
+        if cfg.pretrained == "none":
+            record = {"kind": "init", "seed": cfg.seed}
+        else:
+            path = imagenet_cache_path(cfg.backbone) if cfg.pretrained == "imagenet" \
+                else str(Path(cfg.pretrained).resolve())
+            record = {"kind": "pretrained", "source": cfg.pretrained, "path": path,
+                      **cached_digest(path)}
+        return cls(record, tensors)
+
+    def unchanged(self, weights: dict[str, torch.Tensor]) -> list[str]:
+        """The names of ``weights`` still equal to the base."""
+        return sorted(k for k, v in self.tensors.items()
+                      if k in weights and torch.equal(weights[k], v))
+
+    def entry(self, unchanged: list[str]) -> dict:
+        """The recipe's ``base``: where the unchanged tensors come from, and which."""
+        record = {**self.record, "tensors": unchanged}
+        if record["kind"] == "init":
+            key = tuple(unchanged)
+            if key not in self.digests:  # the same names epoch after epoch: hashed once
+                self.digests[key] = tensors_digest(self.tensors, unchanged)
+            record["sha256"] = self.digests[key]
+        return record
+
+    def matches(self, recorded: dict | None) -> bool:
+        """Whether a checkpoint's ``base`` is this one (a checkpoint without one stores
+        every tensor)."""
+        if not recorded:
+            return True
+        if recorded.get("kind") == "init":
+            return self.entry(recorded.get("tensors", []))["sha256"] == recorded.get("sha256")
+        return self.record.get("sha256") == recorded.get("sha256")
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], names: list[str]) -> str:
+    """SHA-256 of the named tensors' bytes, in the order given."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def put_weights(model: Classifier, stored: dict, base: dict | None, where) -> None:
+    """Load a checkpoint's stored tensors over the rebuilt base: every tensor of the
+    model must be stored or named by the base, and nothing else."""
+    from covid_tune.runs.record import DamagedCheckpoint
+
+    result = model.load_state_dict(stored, strict=False)
+    missing = set(result.missing_keys) - set((base or {}).get("tensors", []))
+    if missing or result.unexpected_keys:
+        raise DamagedCheckpoint(f"{where}: the checkpoint's weights do not fit its model "
+                                f"(missing {sorted(missing)[:3]}, unexpected "
+                                f"{sorted(result.unexpected_keys)[:3]})")

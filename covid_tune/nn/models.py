@@ -1,0 +1,292 @@
+"""Backbones, classification heads, layer freezing and pretrained weights.
+
+``build_model`` is the one factory: it builds a torchvision net, loads its weights
+(``none``, ``imagenet`` from torch hub's cache, or a local state dict), replaces the
+classifier with ``Linear(in, hidden) -> ReLU -> Dropout -> Linear(hidden, outputs)``
+and freezes the first N conv layers, as the assignment's "Frozen Layers" column did.
+
+No download ever happens: ``imagenet`` weights must already be in
+``<torch.hub.get_dir()>/checkpoints/<file name of the weights URL>``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision.models as tvm
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from covid_tune.core.space import BACKBONE_CONVS
+from covid_tune.errors import UserError
+
+_PREFIXES = ("module.", "net.")
+"""Key prefixes stripped from a local state dict (DataParallel, a saved Classifier)."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    factory: Callable[..., nn.Module]
+    """torchvision constructor, called with ``weights=None``."""
+    weights: WeightsEnum
+    """The ImageNet weights used for ``pretrained="imagenet"``."""
+    head_attr: str
+    """Attribute of the torchvision net that the new head replaces."""
+    head_in: int
+    """Input features of the head."""
+
+    @property
+    def convs(self) -> int:
+        """Number of ``nn.Conv2d`` modules: the largest valid ``frozen_layers``."""
+        return BACKBONE_CONVS[self.name]
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("vgg16", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier", 512 * 7 * 7),
+        Backbone("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", 512),
+    )
+}
+
+
+class Classifier(nn.Module):
+    """A torchvision backbone (``net``) whose classifier is the new head.
+
+    Frozen BatchNorm layers (those whose parameters do not require grad) stay in
+    eval mode after ``train()``, so their running statistics do not drift either.
+    """
+
+    def __init__(self, net: nn.Module, backbone: str):
+        super().__init__()
+        self.net = net
+        self.backbone = backbone
+
+    @property
+    def head(self) -> nn.Module:
+        return getattr(self.net, BACKBONES[self.backbone].head_attr)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` (H, W >= 32) -> logits ``[B, outputs]``."""
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        for norm in _frozen_norms(self.net):
+            norm.eval()
+        return self
+
+
+class WithFeatures(nn.Module):
+    """A classifier that also gives its last convolutional feature maps (for Grad-CAM,
+    ``covid_tune.bundle.cam``): torchvision's VGG and ResNet both end in feature layers, an
+    adaptive average pool and the classifier, which is our head."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        *body, self.pool, self.head = model.net.children()
+        self.body = nn.Sequential(*body)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.head(torch.flatten(self.pool(features), 1)), features
+
+
+def cam_spec(model: Classifier) -> dict:
+    """What ``covid_tune.bundle.cam`` needs to know of the network after its feature maps: the
+    pool's cells and the state-dict names of the head's two linear layers."""
+    cells = WithFeatures(model).pool.output_size
+    cells = [cells, cells] if isinstance(cells, int) else list(cells)
+    head = f"net.{BACKBONES[model.backbone].head_attr}"
+    return {"output": "features", "pool": cells, "head": [f"{head}.0", f"{head}.3"]}
+
+
+def build_model(
+    backbone: str,
+    outputs: int,
+    hidden: int = 256,
+    dropout: float = 0.5,
+    frozen_layers: int = 0,
+    pretrained: str = "none",
+) -> Classifier:
+    """Build a classifier with a new head and the first ``frozen_layers`` convs frozen.
+
+    ``frozen_layers`` 0 trains everything; ``conv_count(backbone)`` trains only the head.
+    ``pretrained`` is ``"none"``, ``"imagenet"`` or a path to a ``.pth``/``.pt`` or
+    ``.safetensors`` state dict of the plain torchvision model; its classifier
+    weights, if any, are ignored.
+    """
+    spec = _spec(backbone)
+    if not 0 <= frozen_layers <= spec.convs:
+        raise ValueError(
+            f"frozen_layers for {backbone} must be in [0, {spec.convs}], got {frozen_layers}"
+        )
+    state, source = _pretrained_state(spec, pretrained)
+    net = spec.factory(weights=None)
+    if state is not None:
+        _load_backbone(net, spec, state, source)
+    setattr(net, spec.head_attr, _head(spec.head_in, hidden, dropout, outputs))
+    _freeze_convs(net, frozen_layers)
+    return Classifier(net, spec.name).train()
+
+
+def check_pretrained(backbone: str, pretrained: str) -> None:
+    """Fail fast, before any trial starts, if ``pretrained`` cannot be loaded offline.
+
+    ``imagenet``: the weight file must be in torch hub's cache (see
+    ``imagenet_cache_path``). A local path must exist and hold a state dict whose
+    keys and shapes match the backbone.
+    """
+    spec = _spec(backbone)
+    if pretrained == "none":
+        return
+    if pretrained == "imagenet":
+        _require_cached(spec)
+        return
+    with torch.device("meta"):
+        net = spec.factory(weights=None)
+    _check_backbone_keys(net, spec, _read_state_dict(pretrained), pretrained)
+
+
+def imagenet_cache_path(backbone: str) -> str:
+    """Where torch hub caches ``backbone``'s ImageNet weights (the URL's file name)."""
+    url = _spec(backbone).weights.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter elements that require grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _spec(backbone: str) -> Backbone:
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+    return BACKBONES[backbone]
+
+
+def _head(features: int, hidden: int, dropout: float, outputs: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, outputs),
+    )
+
+
+def _freeze_convs(net: nn.Module, count: int) -> None:
+    """Freeze the first ``count`` convs in registration order, and each BatchNorm
+    registered right after a frozen conv (resnet18 registers every conv's norm next).
+    """
+    modules = list(net.modules())
+    frozen = 0
+    for module, following in zip(modules, modules[1:] + [None]):
+        if frozen == count:
+            return
+        if isinstance(module, nn.Conv2d):
+            module.requires_grad_(False)
+            frozen += 1
+            if isinstance(following, nn.BatchNorm2d):
+                following.requires_grad_(False)
+
+
+def _frozen_norms(net: nn.Module) -> list[nn.BatchNorm2d]:
+    return [
+        m
+        for m in net.modules()
+        if isinstance(m, nn.BatchNorm2d) and m.weight is not None and not m.weight.requires_grad
+    ]
+
+
+def _pretrained_state(spec: Backbone, pretrained: str) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The state dict named by ``pretrained`` and a description of where it came from."""
+    if pretrained == "none":
+        return None, "none"
+    if pretrained == "imagenet":
+        return _imagenet_state(spec), imagenet_cache_path(spec.name)
+    return _read_state_dict(pretrained), pretrained
+
+
+def _imagenet_state(spec: Backbone) -> dict[str, torch.Tensor]:
+    """Read the ImageNet weights through torchvision's weights API, cache only.
+
+    ``get_state_dict`` is ``torch.hub.load_state_dict_from_url``: it downloads only
+    when the cached file is missing, which ``_require_cached`` rules out first, and
+    it checks a file's hash only while downloading, so a cached file is read as is.
+    """
+    _require_cached(spec)
+    return spec.weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
+
+
+def _require_cached(spec: Backbone) -> None:
+    path = imagenet_cache_path(spec.name)
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        raise UserError(
+            f"--pretrained imagenet: no {spec.name} ImageNet weights at {path} and no network to "
+            f"download them; copy {name} there from a connected machine, or pass "
+            f"--pretrained PATH to a local state dict, or --pretrained none"
+        )
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file or a ``torch.save``d state dict, prefixes stripped."""
+    if not os.path.isfile(path):
+        raise UserError(
+            f"--pretrained {path}: no such file (use imagenet, none or a path to a state dict)"
+        )
+    try:
+        if path.endswith(".safetensors"):
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or foreign files fail in many ways
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"--pretrained {path}: cannot read a state dict: {reason}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(state).__name__
+        raise UserError(f"--pretrained {path}: expected a flat state dict of tensors, got a {kind}")
+    return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith(_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _is_head_key(spec: Backbone, key: str) -> bool:
+    return key.startswith(spec.head_attr + ".")
+
+
+def _check_backbone_keys(net: nn.Module, spec: Backbone, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise UserError unless ``state`` holds exactly the backbone's (non-head) tensors."""
+    expected = {k: v.shape for k, v in net.state_dict().items() if not _is_head_key(spec, k)}
+    given = {k: v.shape for k, v in state.items() if not _is_head_key(spec, k)}
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k} {tuple(given[k])} vs {tuple(expected[k])}"
+        for k in expected
+        if k in given and given[k] != expected[k]
+    ]
+    problems = [
+        f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"--pretrained {source}: not a {spec.name} state dict: {'; '.join(problems)}")
+
+
+def _load_backbone(net: nn.Module, spec: Backbone, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every backbone tensor strictly; the file's classifier, if any, is ignored."""
+    _check_backbone_keys(net, spec, state, source)
+    backbone_state = {k: v for k, v in state.items() if not _is_head_key(spec, k)}
+    result = net.load_state_dict(backbone_state, strict=False)
+    assert all(_is_head_key(spec, k) for k in result.missing_keys), result.missing_keys

@@ -1,0 +1,247 @@
+"""The assignment's tables, filled from sweeps: one row per group, its best checkpoint.
+
+``write_leaderboard`` reads the runs (``covid_tune.runs.record``), picks each group's best
+checkpoint (``covid_tune.results.rows``), re-scores it with the deterministic evaluation
+transform on the run's own dataset, checked against the run's manifest, with its
+selection split held out of Train as the sweep held it (``covid_tune.nn.inference``), at
+the checkpoint's tuned thresholds and at 0.5, with 95% bootstrap intervals
+(``covid_tune.core.metrics``), and
+writes ``leaderboard.md``, ``.csv`` and ``.parquet`` (``covid_tune.results.render``), a
+confusion-matrix PNG per row, a comparison chart and an ROC chart per task
+(``covid_tune.core.plots``), Grad-CAM overlays of a few images for each task's best row
+(``covid_tune.bundle.cam``), Optuna's hyperparameter importances and, under ``reproduce/``,
+a search-space file per row that trains that row again.
+
+Nothing here imports Ray or the training code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from covid_tune.core.space import SPLIT_PREFIXES
+from covid_tune.data.dataset import DataBundle, check_memory, load_dataset, with_selection
+from covid_tune.errors import UserError
+from covid_tune.core.metrics import bootstrap_intervals, compute_metrics, roc_points
+from covid_tune.core.plots import write_chart, write_confusion, write_roc
+from covid_tune.bundle.cam import explain, grad_cam, write_overlays
+from covid_tune.results.render import (ROC_OF, cam_file, chart_file, confusion_file, reproduce_command,
+                               roc_file, table_record, task_section, write_tables)
+from covid_tune.runs.record import DataChoice, RunInfo, choose_datasets, read_run
+from covid_tune.results.rows import (TABLES, Row, TableSpec, best_overall, scored_splits,
+                                  select_rows, table_spec)
+from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
+
+
+def write_leaderboard(run_dirs: list[str], out: str | None = None,
+                      data: list[str] | None = None, allow_changed_data: bool = False) -> str:
+    """Write the leaderboard files into ``out``; return the markdown (also printed).
+
+    ``data`` is one dataset folder for every run, or one per run in order (moved copies
+    of the datasets the runs recorded). The files are written into a new folder beside
+    ``out`` and moved into it only when all are written: a full disk leaves the
+    previous leaderboard as it was."""
+    runs = [read_run(d) for d in run_dirs]
+    choices = choose_datasets(runs, data or [], allow_changed_data)
+    folder = Path(out).resolve() if out else runs[0].path / "leaderboard"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    except OSError as exc:
+        raise UserError(cannot_write(folder, exc)) from None
+    try:
+        text = write_files(runs, choices, folder, stage)
+        publish(stage, folder)
+    except OSError as exc:
+        raise UserError(cannot_write(folder, exc)) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return text + f"\nWritten to {folder}/ (leaderboard.md, .csv, .parquet and PNGs)\n"
+
+
+def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Path,
+                stage: Path) -> str:
+    """Every file of the leaderboard, written into ``stage``, naming ``folder`` where
+    a file refers to another; the markdown."""
+    sections, table_rows, bundles = [], [], {}
+    for task in (t for t in TABLES if any(r.task == t for r in runs)):
+        task_runs = [r for r in runs if r.task == task]
+        spec = table_spec(task, task_runs)
+        rows = select_rows(spec, task_runs)
+        for index, row in enumerate(rows):
+            choice = choices[row.run.name]
+            bundle = dataset_for(choice, row, bundles)
+            row.scores, row.recorded = score_row(spec, row, bundle), bundle is None
+            row.reproduce = reproduce_command(
+                row, folder, str(choice.root or row.run.record.provenance.data), stage)
+            write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
+                            f"{row.backbone}, {row.group} ({spec.chart_split})",
+                            stage / confusion_file(task, index))
+        spec = scored_splits(spec, rows)
+        labels = [f"{r.backbone}\n{r.group}" for r in rows]
+        write_chart(labels, [r.scores for r in rows], spec.splits, stage / chart_file(task))
+        write_roc(labels, [r.scores.get(spec.chart_split, {}).get("roc") for r in rows],
+                  f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
+        importances = {run.name: param_importances(run) for run in task_runs}
+        notes = task_notes(task_runs, choices)
+        best = best_row(rows, task_runs)
+        bundle = dataset_for(choices[best.run.name], best, bundles)
+        drawn = write_cams(spec, best, bundle, stage / cam_file(task))
+        sections.append(task_section(spec, task_runs, rows, importances, notes,
+                                     best if drawn else None))
+        table_rows += [table_record(spec, row, i) for i, row in enumerate(rows)]
+    text = "# Leaderboard\n\n" + "\n".join(sections)
+    (stage / "leaderboard.md").write_text(text)
+    write_tables(table_rows, stage)
+    return text
+
+
+def best_row(rows: list[Row], runs: list[RunInfo]) -> Row:
+    """The row holding the task's best trial (by the first run's metric)."""
+    _, record = best_overall(runs)
+    return next(row for row in rows if row.record is record)
+
+
+CAM_IMAGES = 4
+
+
+def write_cams(spec: TableSpec, row: Row, bundle: DataBundle | None, path: Path) -> bool:
+    """Grad-CAM overlays of a few images of the chart split (one of each label
+    combination first) for the row's model, in one PNG; False when there is no data."""
+    data = bundle.splits.get(spec.chart_split) if bundle is not None else None
+    if data is None or not data.targets.size:
+        return False
+    from covid_tune.nn.inference import Device, load_model, logits_and_features
+    from covid_tune.nn.models import cam_spec
+
+    model = load_model(row.record.checkpoint)
+    picks = cam_picks(data.targets, CAM_IMAGES)
+    logits, features = logits_and_features(model, data.images[picks], Device.pick())
+    cam = cam_spec(model)
+    weights = {k: v.numpy() for k, v in model.state_dict().items()
+               if k.rsplit(".", 1)[0] in cam["head"]}
+    task = TASKS[row.record.task]
+    positive = None if task.multilabel else POSITIVE_CLASS
+    threshold = row.record.threshold_logits.get(POSITIVE_CLASS, 0.0)
+    items = []
+    for k, index in enumerate(picks):
+        direction, title = explain(logits[k], list(task.label_names), positive, threshold)
+        heat = grad_cam(features[k], weights, cam, direction)
+        items.append((data.images[index], heat, f"{data.names[index]}\n{title}"))
+    write_overlays(items, path, f"Grad-CAM of the best row: {row.backbone}, {row.group} "
+                                f"({spec.chart_split})")
+    return True
+
+
+def cam_picks(targets, count: int) -> list[int]:
+    """Up to ``count`` image indices: the first of each label combination, then the
+    next ones in order."""
+    rows = targets.reshape(len(targets), -1)
+    firsts = sorted({tuple(r): i for i, r in reversed(list(enumerate(rows.tolist())))}.values())
+    rest = [i for i in range(len(rows)) if i not in firsts]
+    return (firsts + rest)[:count]
+
+
+def publish(stage: Path, folder: Path) -> None:
+    """Move every file of ``stage`` to the same place under ``folder`` (renames on one
+    file system: no space needed, each file replaced whole)."""
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        target = folder / path.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def cannot_write(folder: Path, exc: OSError) -> str:
+    where = f" ({Path(exc.filename).name})" if getattr(exc, "filename", None) else ""
+    return (f"{folder}: cannot write the leaderboard{where}: "
+            f"{exc.strerror or str(exc).splitlines()[0]}; the files already there are "
+            f"unchanged; free space (or fix the permissions) and run it again")
+
+
+def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
+    """The dataset at the row's image size, with the run's selection split held out of
+    Train (decoded once per folder and size)."""
+    if choice.layout is None:
+        return None
+    key = (str(choice.root), row.record.config["image_size"])
+    if key not in cache:
+        check_memory(choice.layout, key[1], copies=1,
+                     fix="free memory, or run the leaderboard on a machine with more")
+        cache[key] = load_dataset(choice.layout, row.run.task,
+                                  row.record.config["image_size"], progress=False)
+    if (*key, row.run.name) not in cache:
+        cache[(*key, row.run.name)] = with_selection(cache[key], row.run.selection)
+    return cache[(*key, row.run.name)]
+
+
+def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str, dict]:
+    """Metrics per split: re-scored at the checkpoint's tuned thresholds (``at_0.5``
+    beside them) when the data is there, else as the trial recorded them (at 0.5)."""
+    record = row.record
+    if bundle is None:
+        recorded = {split: {k: record.metrics.get(f"{SPLIT_PREFIXES[split]}_{k}", math.nan)
+                            for k in ("accuracy", "f1", "auroc", "ap")}
+                    for split in spec.splits if split != "test"}
+        return {split: {**scores, "at_0.5": dict(scores)} for split, scores in recorded.items()
+                if f"{SPLIT_PREFIXES[split]}_f1" in record.metrics}
+    from covid_tune.nn.inference import Device, load_model, predict_logits
+
+    device = Device.pick()
+    model = load_model(record.checkpoint).to(device.torch)
+    task, scores = TASKS[record.task], {}
+    for split in spec.splits:
+        data = bundle.splits.get(split)
+        if data is not None and data.targets.size:
+            logits = predict_logits(model, data.images, 128, device)
+            scores[split] = compute_metrics(task, data.targets, logits,
+                                            record.threshold_logits)
+            half = compute_metrics(task, data.targets, logits)
+            scores[split]["at_0.5"] = {k: half[k] for k in ("accuracy", "f1")}
+            scores[split]["ci"] = bootstrap_intervals(task, data.targets, logits,
+                                                      threshold_logits=record.threshold_logits)
+            scores[split]["roc"] = roc_points(task, data.targets, logits)
+    return scores
+
+
+def task_notes(runs: list[RunInfo], choices: dict[str, DataChoice]) -> list[str]:
+    """What a reader should know: skipped trials, the datasets used, mixed metrics."""
+    notes = [f"`{run.name}`: {note}" for run in runs for note in run.notes]
+    notes += [f"`{run.name}`: {note}" for run in runs for note in choices[run.name].notes]
+    metrics = {run.metric for run in runs}
+    if len(metrics) > 1:
+        notes.append(f"The runs use different metrics ({', '.join(sorted(metrics))}); "
+                     f"rows are chosen by the first run's `{runs[0].metric}`.")
+    return notes
+
+
+def param_importances(run: RunInfo) -> tuple[dict[str, float], str]:
+    """Optuna's importances for the run's study, or a note saying why there are none."""
+    import optuna
+
+    if not run.study_path.is_file():
+        return {}, f"No Optuna study found ({run.study_path.name} is missing)."
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run.study_path}")
+        complete = study.get_trials(deepcopy=False,
+                                    states=(optuna.trial.TrialState.COMPLETE,))
+    except Exception as exc:  # a damaged SQLite file fails in SQLAlchemy's many ways
+        return {}, f"The Optuna study {run.study_path.name} cannot be read ({type(exc).__name__})."
+    if len(complete) < 2:
+        return {}, (f"Too few trials for importances: {len(complete)} ran to max_epochs, "
+                    f"at least 2 are needed. Run more trials (--num-samples).")
+    basis = (f"Computed from the {len(complete)} trials that ran to max_epochs (trials ASHA "
+             f"stopped early are not counted), on each one's last-epoch `{run.metric}`.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError) as exc:
+            return {}, f"Optuna could not compute importances: {exc}"
+    extra = " ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+    return importances, f"{basis} {extra}".strip()

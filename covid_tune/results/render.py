@@ -1,0 +1,311 @@
+"""The leaderboard's words and tables: markdown sections, CSV/parquet rows and the
+search-space files that train a row again.
+
+Everything here turns ``covid_tune.results.rows.Row`` objects (with their scores) into
+text; nothing is computed or decided here, and nothing imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+from covid_tune.core.space import (FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace, dump_space,
+                               load_space)
+from covid_tune.runs.record import RunInfo, TrialRecord
+from covid_tune.results.rows import (EXTRA_PARAMS, Row, TableSpec, chooser, extra_params,
+                                  frozen_name, loss_name)
+
+SPLIT_COLUMNS = {
+    "train": "Training Set Accuracy/F1 Score",
+    "selection": "Selection Set Accuracy/F1 Score",
+    "validation": "Validation Set Accuracy/F1 Score",
+    "test": "Testing Set Accuracy/F1 Score",
+}
+
+
+def cell(spec: TableSpec, scores: dict | None) -> str:
+    """``89/0.907`` (Part 1) or ``92/92`` (Part 2), as the assignment wrote them."""
+    if not scores or math.isnan(scores.get("accuracy", math.nan)):
+        return "n/a"
+    accuracy, f1 = 100 * scores["accuracy"], scores["f1"]
+    return f"{accuracy:.0f}/{100 * f1:.0f}" if spec.f1_percent else f"{accuracy:.0f}/{f1:.3f}"
+
+
+ROC_OF = {"binary": "infected", "multilabel": "every label bit pooled"}
+"""What each task's ROC chart plots."""
+
+
+def auroc_cell(scores: dict | None) -> str:
+    """``0.912 [0.881, 0.940]`` (with the 95% interval when re-scored), or ``n/a`` when
+    the split was not scored or AUROC is undefined."""
+    value = (scores or {}).get("auroc", math.nan)
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}{interval_text(scores, 'auroc')}"
+
+
+def interval_text(scores: dict | None, metric: str) -> str:
+    """`` [low, high]``, or nothing when there is no interval."""
+    low, high = (scores or {}).get("ci", {}).get(metric, (math.nan, math.nan))
+    return "" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+
+
+def thresholds_text(record: TrialRecord) -> str:
+    """``covid 0.31, normal 0.62`` (tuned), or ``0.5 (not tuned)``."""
+    if not record.thresholds:
+        return "0.5 (not tuned)"
+    untuned = set(record.threshold_rule.get("untuned") or ())
+    return ", ".join(f"{label} {value:.2f}" + (" (untuned)" if label in untuned else "")
+                     for label, value in record.thresholds.items())
+
+
+def rule_text(rule: dict) -> str:
+    """``f1`` or ``sensitivity >= 0.95``, the way a threshold was tuned."""
+    if not rule:
+        return "none (0.5)"
+    name = rule.get("rule", "?")
+    return f"{name} >= {rule['target']:g}" if rule.get("target") is not None else name
+
+
+def cam_file(task: str) -> str:
+    return f"cam-{task}.png"
+
+
+def roc_file(task: str) -> str:
+    return f"roc-{task}.png"
+
+
+def duration(seconds: float | None) -> str:
+    """``1hr 40min``, ``3min 5s`` or ``12s``."""
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}hr {minutes}min"
+    return f"{minutes}min {secs}s" if minutes else f"{secs}s"
+
+
+def source(record: TrialRecord) -> str:
+    return "hand grid" if record.hand_grid else "searched"
+
+
+def format_value(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def confusion_file(task: str, index: int) -> str:
+    return f"confusion-{task}-{index + 1}.png"
+
+
+def chart_file(task: str) -> str:
+    return f"comparison-{task}.png"
+
+
+def display_row(spec: TableSpec, row: Row) -> dict:
+    """The markdown row: the assignment's columns, then the rest."""
+    record = row.record
+    shown = {
+        "Backbone": row.backbone,
+        spec.group_column: row.group,
+        "Epochs": record.epoch,
+        "Training Time": duration(record.seconds),
+        **{SPLIT_COLUMNS[s]: cell(spec, row.scores.get(s)) for s in spec.splits},
+        f"F1 95% CI ({'/'.join(spec.splits)})": " / ".join(
+            interval_text(row.scores.get(s), "f1").strip() or "n/a" for s in spec.splits),
+        f"AUROC ({'/'.join(spec.splits)})": " / ".join(
+            auroc_cell(row.scores.get(s)) for s in spec.splits),
+        "Thresholds": thresholds_text(record),
+        f"At 0.5 ({'/'.join(spec.splits)})": " / ".join(
+            cell(spec, (row.scores.get(s) or {}).get("at_0.5")) for s in spec.splits),
+    }
+    shown.update({k: format_value(v) for k, v in extra_params(record.config).items()})
+    shown.update({"Source": source(record), "Trial": f"{record.run}/{record.trial_id}",
+                  "Reproduce": f"`{row.reproduce}`"})
+    return shown
+
+
+def table_record(spec: TableSpec, row: Row, index: int) -> dict:
+    """A row for the CSV/parquet files: the displayed columns plus plain numbers."""
+    record = row.record
+    plain = {"task": record.task, "Backbone": row.backbone,
+             "Frozen Layers": frozen_name(record.config),
+             "Loss Function": loss_name(record.config),
+             "Epochs": record.epoch, "Training Time": duration(record.seconds),
+             "training_seconds": record.seconds}
+    for split in SPLIT_COLUMNS:
+        scores = row.scores.get(split) if split in spec.splits else None
+        plain[SPLIT_COLUMNS[split]] = cell(spec, scores) if scores else None
+        plain[f"{split}_accuracy"] = float(scores["accuracy"]) if scores else None
+        plain[f"{split}_f1"] = float(scores["f1"]) if scores else None
+        for name in ("auroc", "ap"):
+            plain[f"{split}_{name}"] = float(scores.get(name, math.nan)) if scores else None
+        for name in ("accuracy", "f1", "auroc"):
+            low, high = (scores or {}).get("ci", {}).get(name, (None, None))
+            plain[f"{split}_{name}_ci_low"], plain[f"{split}_{name}_ci_high"] = low, high
+        half = (scores or {}).get("at_0.5") or {}
+        for name in ("accuracy", "f1"):
+            plain[f"{split}_{name}_at_0_5"] = float(half[name]) if name in half else None
+    unused = FOCAL_PARAMS if record.config["loss"] != "focal" else ()
+    plain.update({k: None if k in unused else record.config.get(k) for k in EXTRA_PARAMS})
+    plain.update({
+        "metric": row.run.metric, "metric_value": record.score(row.run.metric),
+        "selected_on": chooser(row.run), "thresholds": thresholds_text(record),
+        "threshold_rule": rule_text(record.threshold_rule),
+        "source": source(record), "run": record.run, "trial_id": record.trial_id,
+        "checkpoint": str(record.checkpoint), "scores": "recorded" if row.recorded else
+        "re-scored", "confusion_png": confusion_file(record.task, index),
+        "reproduce": row.reproduce})
+    return plain
+
+
+def write_tables(rows: list[dict], folder: Path) -> None:
+    """``leaderboard.csv`` and ``leaderboard.parquet`` from plain rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(folder / "leaderboard.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    pq.write_table(table, folder / "leaderboard.parquet")
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "\\|")
+                                        for c in columns) + " |")
+    return lines
+
+
+def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
+                 importances: dict[str, tuple[dict, str]], notes: list[str],
+                 cam_row: Row | None = None) -> str:
+    """One task's section: the table, pictures (with the Grad-CAM overlays of
+    ``cam_row``, the best row, when they were drawn), hand grid vs search,
+    importances, notes."""
+    metric = runs[0].metric
+    lines = [f"## {spec.title}", "",
+             f"Runs: {', '.join(f'`{r.name}` ({r.summary()})' for r in runs)}. "
+             f"Each row is its group's best checkpoint by `{metric}` (best epoch), "
+             f"re-scored on {', '.join(spec.splits)}. {spec.headline} "
+             f"Epochs and Training Time are those of that checkpoint.", "",
+             *[selection_text(spec, run) for run in runs], ""]
+    lines += markdown_table([display_row(spec, row) for row in rows])
+    links = ", ".join(f"[{r.backbone}, {r.group}]({confusion_file(r.record.task, i)})"
+                      for i, r in enumerate(rows))
+    lines += ["", f"Confusion matrices ({spec.chart_split}): {links}", "",
+              f"![Accuracy and F1 per row]({chart_file(rows[0].record.task)})", "",
+              f"![ROC curves, {spec.chart_split}]({roc_file(rows[0].record.task)})", "",
+              *([f"![Grad-CAM of the best row, {cam_row.backbone}, {cam_row.group}]"
+                 f"({cam_file(cam_row.record.task)})", ""] if cam_row else []),
+              "Intervals are 95% percentile bootstrap intervals: 1000 resamples of the "
+              "split, stratified by label combination, seeded (the same files give the "
+              "same intervals).", ""]
+    lines += hand_grid_section(spec, rows, metric)
+    for run in runs:
+        lines += importance_section(run.name, *importances[run.name])
+    if notes:
+        lines += ["### Notes", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines) + "\n"
+
+
+def selection_text(spec: TableSpec, run: RunInfo) -> str:
+    """Which split chose the run's rows, and which splits only report."""
+    chose = chooser(run)
+    space = run.space
+    if run.selection:
+        where = (f"**selection**, {len(run.selection)} images "
+                 f"({space.selection.holdout:.0%} of Train, seeded and stratified by label "
+                 f"combination, never trained on)")
+    else:
+        where = "**validation**"
+    reporting = [s for s in spec.splits if s not in ("train", chose)]
+    report = (f"Reported only: {', '.join(reporting)}; "
+              f"{'it' if len(reporting) == 1 else 'they'} chose nothing, so "
+              f"{'its' if len(reporting) == 1 else 'their'} scores carry no winner's curse."
+              if reporting else "No split only reports: every score below was also used "
+                                "to choose, so it is optimistic.")
+    return (f"- `{run.name}` chose on {where}: ASHA's rungs, TPE, each trial's best epoch, "
+            f"each group's best trial and the thresholds (rule `{rule_text(run_rule(run))}`) "
+            f"all used `{run.metric}` there. {report} Accuracy/F1 cells apply each "
+            f"checkpoint's thresholds (column Thresholds); \"At 0.5\" shows them at 0.5.")
+
+
+def run_rule(run: RunInfo) -> dict:
+    """The run's threshold rule, as its space says."""
+    return {"rule": run.space.threshold.rule, "target": run.space.threshold.target}
+
+
+def hand_grid_section(spec: TableSpec, rows: list[Row], metric: str) -> list[str]:
+    """Each group's best hand-grid trial beside its best searched trial."""
+    table = [{"Backbone": row.backbone, spec.group_column: row.group,
+              f"Hand grid `{metric}`": best_text(row.best_of(True), metric),
+              f"Best searched `{metric}`": best_text(row.best_of(False), metric),
+              "Trials": len(row.trials)} for row in rows]
+    return ["### Hand grid (start_with) beside the search", "", *markdown_table(table), ""]
+
+
+def best_text(trial: TrialRecord | None, metric: str) -> str:
+    if trial is None:
+        return "—"
+    return f"{trial.score(metric):.3f} (`{trial.trial_id}`, epoch {trial.epoch})"
+
+
+def importance_section(name: str, importances: dict[str, float], note: str) -> list[str]:
+    lines = [f"### Hyperparameter importances (Optuna, `{name}`)", ""]
+    if importances:
+        rows = [{"Hyperparameter": optuna_label(k), "Importance": f"{v:.3f}"}
+                for k, v in importances.items()]
+        lines += markdown_table(rows) + [""]
+    if note:
+        lines += [note, ""]
+    return lines
+
+
+def optuna_label(name: str) -> str:
+    """``frozen_layers_vgg16`` -> ``frozen_layers (vgg16)``."""
+    head, _, backbone = name.rpartition("_")
+    return f"{head} ({backbone})" if head == "frozen_layers" else name
+
+
+def reproduce_command(row: Row, folder: Path, data: str, stage: Path | None = None) -> str:
+    """``covid-tune sweep`` over a one-point space file written for this row, under
+    ``folder`` (written into ``stage`` if given, a folder that becomes ``folder``)."""
+    record = row.record
+    name = Path("reproduce") / f"{record.run}-{record.trial_id}.yaml"
+    space_file = folder / name
+    write_reproduce_space(row, (stage or folder) / name)
+    opts = row.run.record.options
+    return (f"covid-tune sweep --space {shlex.quote(str(space_file))} --data "
+            f"{shlex.quote(data)} --name reproduce-{record.trial_id} --seed {opts.seed} "
+            f"--cpus-per-trial {opts.cpus_per_trial:g}")
+
+
+def reproduce_space(row: Row) -> SearchSpace:
+    """The run's space with every hyperparameter fixed to the row's trial, for its epochs."""
+    config = row.record.config
+    focal = config["loss"] == "focal"
+    params = {k: Fixed(config[k]) for k in PARAM_TYPES
+              if k != "frozen_layers" and (focal or k not in FOCAL_PARAMS)}
+    params["frozen_layers"] = {config["backbone"]: Fixed(config["frozen_layers"])}
+    epochs = row.record.epoch
+    return replace(row.run.space, max_epochs=epochs, num_samples=1, params=params,
+                   asha=Asha(grace_period=epochs, reduction_factor=2), start_with=(),
+                   trial_seed=config.get("seed", 0))
+
+
+def write_reproduce_space(row: Row, path: Path) -> None:
+    header = (f"Trains trial {row.record.trial_id} of run {row.record.run} again: its "
+              f"hyperparameters, for the {row.record.epoch} epoch(s) of its leaderboard row.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_space(reproduce_space(row), header))
+    load_space(path)  # a bug here, not the user's, if this fails

@@ -1,0 +1,398 @@
+"""Optuna's TPE inside Ray Tune, fixed for sweeps that run many trials at once.
+
+``SweepSearch`` is Ray's ``OptunaSearch`` with three changes: a trial ASHA stopped is
+told to Optuna as PRUNED, not COMPLETE at its low early score; new trials wait while
+TPE's start-up trials run (Ray issue 52535); and the study is kept in ``optuna.db``
+(SQLite) by ``StudyMirror``, one trial at a time, for ``optuna.load_study`` and
+optuna-dashboard.
+
+It reaches into ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``,
+``_completed_trials``), which is why ``pyproject.toml`` caps Ray and Optuna below their
+next major versions; ``tests/test_searcher.py`` holds the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import sqlite3
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from covid_tune.core.space import SearchSpace
+from covid_tune.runs.record import STUDY_FILE
+from covid_tune.search.define_by_run import define_by_run, start_points
+from covid_tune.runs.storage import is_uri, write_bytes
+
+
+class SweepSearch(OptunaSearch):
+    """Ray's OptunaSearch with two fixes for sweeps that run trials in parallel.
+
+    - A trial ASHA stopped before ``max_epochs`` is told to Optuna as PRUNED (Ray tells
+      it COMPLETE at its low early score, which misleads TPE); an errored trial is FAIL,
+      but a diverged one is PRUNED at the worst value seen, so TPE avoids its region.
+    - Until ``n_startup`` trials have a result TPE learns from, no more than
+      ``n_startup`` are started
+      (Ray issue 52535: otherwise every trial started while the first ones run is drawn
+      at random, far more than TPE's start-up count).
+
+    The study is mirrored into ``study_file`` (``StudyMirror``): a trial that ends at
+    once, running trials' new epochs every ``StudyMirror.interval`` seconds. On
+    ``resume``, trials that failed are reopened, to be told their new outcome.
+    """
+
+    def __init__(self, *args, max_epochs: int, n_startup: int, study_file: str | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+        self.n_startup = n_startup
+        self.study_file = study_file
+        self.diverged: set[str] = set()
+        """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
+        self.scheduler = None
+        """The sweep's ``SweepScheduler`` (it sets itself here; not saved with the
+        searcher): asked to tell ends Ray missed before the start-up hold counts."""
+        self.mirror = StudyMirror(study_file) if study_file else None
+        if self.mirror:  # opening SQLite takes most of a second: before trials, not during
+            self.mirror.sync(self._ot_study, now=True)
+
+    def suggest(self, trial_id: str):
+        if trial_id not in self._ot_trials and self.waiting_for_startup():
+            return None
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        super().on_trial_result(trial_id, result)
+        if self.mirror:
+            self.mirror.sync(self._ot_study)
+
+    def waiting_for_startup(self) -> bool:
+        """Whether to hold new trials while TPE is still drawing at random: fewer than
+        ``n_startup`` trials have a result it learns from (COMPLETE or PRUNED; TPE
+        ignores FAIL), and Ray still runs a trial that may give one. A failed trial does
+        not release the hold, but nothing waits once Ray runs none of this search's
+        trials: what counts is the trials suggested and not yet ended in Ray (every end
+        reaches ``on_trial_complete``; ``SweepScheduler`` tells the ones Ray misses),
+        not the study's RUNNING trials."""
+        if len(self._ot_trials) < self.n_startup or getattr(self, "startup_done", False):
+            return False
+        states = [t.state for t in self._ot_study.get_trials(deepcopy=False)]
+        learned = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+        self.startup_done = learned >= self.n_startup  # for good: no O(trials) scan per ask
+        return not self.startup_done and self.in_ray() > 0
+
+    def in_ray(self) -> int:
+        """How many of this search's trials Ray has not ended yet."""
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.tell_missed_ends()
+        return sum(trial_id not in self._completed_trials for trial_id in self._ot_trials)
+
+    def save(self, checkpoint_path: str):
+        """Saved with every snapshot of the run, the last one after Tune's loop ended:
+        ends Ray missed in the last step reach the study first."""
+        scheduler, self.scheduler = getattr(self, "scheduler", None), None
+        if scheduler is not None:
+            scheduler.tell_missed_ends()
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self.scheduler = scheduler
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        self.tell_optuna(trial_id, result, error)
+        if self.mirror:
+            self.mirror.sync(self._ot_study, now=True)
+
+    def restore(self, checkpoint_path: str):
+        study_file, scheduler = self.study_file, getattr(self, "scheduler", None)
+        super().restore(checkpoint_path)
+        self.study_file = study_file or self.study_file
+        self.scheduler = scheduler
+        self.reopen_failed()
+        if self.study_file:  # the file may hold trials the restored snapshot does not
+            self.mirror = StudyMirror(self.study_file)
+            self.mirror.rebuild(self._ot_study)
+
+    def reopen_failed(self) -> None:
+        """``resume`` runs the failed trials again (``resume_errored``): their FAIL entries
+        go back to RUNNING, so the study hears their new outcome and still lists each
+        trial once. Optuna has no public way to reopen a trial; this sets the in-memory
+        storage's record (pinned versions, held by tests/test_searcher.py)."""
+        storage = self._ot_study._storage
+        for trial_id, ot_trial in self._ot_trials.items():
+            frozen = storage.get_trial(ot_trial._trial_id)
+            if frozen.state != TrialState.FAIL:
+                continue
+            reopened = copy.copy(frozen)
+            reopened.state, reopened.datetime_complete = TrialState.RUNNING, None
+            storage._set_trial(ot_trial._trial_id, reopened)
+            self._completed_trials.discard(trial_id)
+
+    def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        state = None
+        if error and trial_id in getattr(self, "diverged", ()):
+            return self.tell_diverged(trial_id)
+        if error:
+            state = optuna.trial.TrialState.FAIL
+        elif result and result.get("epoch", self.max_epochs) < self.max_epochs:
+            state = optuna.trial.TrialState.PRUNED
+        if state is None:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
+        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        if state == optuna.trial.TrialState.PRUNED and step is not None and step not in reported:
+            # Ray passes the result that made ASHA stop only here, not to on_trial_result.
+            ot_trial.report(result[self.metric], step)
+        try:
+            self._ot_study.tell(ot_trial, state=state)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
+        self._completed_trials.add(trial_id)
+
+
+    def tell_diverged(self, trial_id: str) -> None:
+        """PRUNED at the worst value the study has seen (TPE ignores FAIL, so it would
+        never learn that this region of the space blows up)."""
+        ot_trial = self._ot_trials[trial_id]
+        seen = [v for t in self._ot_study.get_trials(deepcopy=False)
+                for v in (*t.intermediate_values.values(), *(t.values or ()))
+                if math.isfinite(v)]
+        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        if seen:
+            worst = max(seen) if self._mode == "min" else min(seen)
+            ot_trial.report(worst, max(reported, default=0) + 1)
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def find_sweep_search(searcher) -> SweepSearch | None:
+    """The ``SweepSearch`` inside Ray's wrappers (SearchGenerator, ConcurrencyLimiter)."""
+    for _ in range(4):
+        if isinstance(searcher, SweepSearch) or searcher is None:
+            return searcher
+        searcher = getattr(searcher, "searcher", None)
+    return None
+
+
+class StudyMirror:
+    """The driver's in-memory study, kept in an SQLite file (``optuna.db``) one trial at
+    a time, so each write costs the same at trial 1000 as at trial 1.
+
+    ``sync`` adds the trials started since the last call and brings the unfinished ones
+    it holds up to date (new epochs, then the end state), in the study's order, so the
+    file's trial numbers are the study's. A trial that ends is written at once; running
+    trials' epochs at most every ``interval`` seconds. A file behind a URI is written
+    locally and uploaded at most every ``upload_every`` seconds, and whenever no trial
+    is left running (a sweep's end). After a failed write (a full disk) the previous
+    file is kept, one note is printed, and the next ``sync`` writes the whole study
+    afresh (``rebuild``, also used on ``resume``)."""
+
+    interval = 5.0
+    upload_every = 20.0
+
+    def __init__(self, target: str):
+        self.target = target
+        self.local = target if not is_uri(target) else os.path.join(
+            tempfile.mkdtemp(prefix="covid-tune-study-"), STUDY_FILE)
+        self.db: optuna.storages.RDBStorage | None = None
+        self.study_id = 0
+        self.rows: list[int] = []
+        """The file's trial id of each trial number written."""
+        self.written: dict[int, tuple] = {}
+        """Trial number -> what the file holds of it (``shown``), for trials written
+        before they ended."""
+        self.last_sync = self.last_upload = -math.inf
+        self.failed = False
+        """A write failed: the next sync rebuilds the file from the study."""
+        self.noted = False
+        """The one note about a failed write has been printed."""
+
+    def __getstate__(self) -> dict:
+        return {"target": self.target}  # Ray's snapshot: an open database is not part of it
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["target"])
+
+    def sync(self, study: optuna.Study, now: bool = False) -> None:
+        clock = time.monotonic()
+        if not now and clock - self.last_sync < self.interval:
+            return
+        self.last_sync = clock
+        if self.failed:
+            return self.rebuild(study)
+        try:
+            self.write_changes(study)
+        except Exception as exc:  # SQLite on a full disk fails in SQLAlchemy's many ways
+            self.note_failure(exc)
+            return
+        self.upload(study, clock)
+
+    def write_changes(self, study: optuna.Study) -> None:
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        if self.db is None:
+            self.open_file(study)
+        for frozen in trials[len(self.rows):]:
+            self.rows.append(self.db.create_new_trial(self.study_id, template_trial=frozen))
+            if not frozen.state.is_finished():
+                self.written[frozen.number] = shown(frozen)
+        for number in sorted(self.written):
+            self.write_trial(trials[number], self.rows[number], self.written.pop(number))
+
+    def write_trial(self, frozen, row: int, before: tuple) -> None:
+        """What changed in an unfinished trial since ``before`` (``shown``): an enqueued
+        trial's parameters once it is asked, new epochs, the end state."""
+        state, params, steps = before
+        for name in list(frozen.params)[len(params):]:
+            distribution = frozen.distributions[name]
+            self.db.set_trial_param(row, name, distribution.to_internal_repr(
+                frozen.params[name]), distribution)
+        for step in sorted(frozen.intermediate_values)[steps:]:
+            self.db.set_trial_intermediate_value(row, step, frozen.intermediate_values[step])
+        if frozen.state.is_finished():
+            for key, value in frozen.user_attrs.items():
+                self.db.set_trial_user_attr(row, key, value)
+        if frozen.state != state:
+            self.db.set_trial_state_values(row, frozen.state, frozen.values)
+        if not frozen.state.is_finished():
+            self.written[frozen.number] = shown(frozen)
+
+    def open_file(self, study: optuna.Study) -> None:
+        """A new, empty file for the study (replacing one left from before)."""
+        for suffix in ("", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.local + suffix)
+        os.makedirs(os.path.dirname(self.local) or ".", exist_ok=True)
+        self.db = quiet_storage(self.local)
+        self.study_id = self.db.create_new_study(study.directions, study.study_name)
+        self.rows, self.written = [], {}
+
+    def rebuild(self, study: optuna.Study) -> None:
+        """The whole study written afresh (beside the file, then moved over it)."""
+        self.close()
+        try:
+            write_bytes(self.local, study_as_sqlite(study))
+            self.db = quiet_storage(self.local)
+            self.study_id = self.db.get_study_id_from_name(study.study_name)
+            trials = self.db.get_all_trials(self.study_id, deepcopy=False)
+            self.rows = [t._trial_id for t in trials]
+            self.written = {t.number: shown(t) for t in trials if not t.state.is_finished()}
+        except Exception as exc:
+            self.close()
+            self.note_failure(exc)
+            return
+        self.failed = False
+        self.upload(study, time.monotonic(), force=True)
+
+    def upload(self, study: optuna.Study, clock: float, force: bool = False) -> None:
+        """Copy the local file to the URI: when due, or when no trial is running."""
+        if self.local == self.target:
+            return
+        running = any(not t.state.is_finished()
+                      for t in study._storage.get_all_trials(study._study_id, deepcopy=False))
+        if not force and running and clock - self.last_upload < self.upload_every:
+            return
+        try:
+            write_bytes(self.target, Path(self.local).read_bytes())
+        except OSError as exc:
+            self.note_failure(exc, rebuild=False)
+            return
+        self.last_upload = clock
+
+    def note_failure(self, exc: Exception, rebuild: bool = True) -> None:
+        if not self.noted:
+            cause = root_cause(exc)
+            why = getattr(cause, "strerror", None) or str(cause).splitlines()[0][:200]
+            print(f"note: could not write {self.target} ({why}); the previous copy is kept, "
+                  f"the study itself lives in Ray's snapshot of the run, and it is written "
+                  f"again with the next trial's news", flush=True)
+            self.noted = True
+        if rebuild:
+            self.close()
+            self.failed = True
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.engine.dispose()
+        self.db = None
+
+
+def shown(frozen) -> tuple:
+    """What a file holds of a trial it was given unfinished: state, parameter names, and
+    the number of epochs."""
+    return frozen.state, tuple(frozen.params), len(frozen.intermediate_values)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error: Optuna wraps SQLAlchemy's, which wraps sqlite3's."""
+    for _ in range(8):
+        inner = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def quiet_storage(path: str) -> optuna.storages.RDBStorage:
+    """Optuna's SQLite storage for ``path``, without its INFO lines."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.storages.RDBStorage(f"sqlite:///{path}")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def study_as_sqlite(study: optuna.Study) -> bytes:
+    """An SQLite file holding ``study``, for ``optuna.load_study`` and optuna-dashboard."""
+    memory = optuna.storages.RDBStorage("sqlite:///:memory:")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
+    try:
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=memory)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, STUDY_FILE)
+        target = sqlite3.connect(path)
+        memory.engine.raw_connection().driver_connection.backup(target)
+        target.close()
+        return Path(path).read_bytes()
+
+
+def n_startup_trials(space: SearchSpace) -> int:
+    """TPE's random start-up trials: the hand-picked rows, or a third of the budget."""
+    return max(len(space.start_with), min(10, max(2, space.num_samples // 3)))
+
+
+def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
+                   max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
+    """TPE in a ``SweepSearch``; the study is kept in memory and mirrored into
+    ``study_path`` (a local path or a URI) as SQLite (``StudyMirror``). Optuna's own INFO lines
+    are turned off: the sweep's status line says what they would."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=n_startup_trials(space))
+    searcher = SweepSearch(
+        space=define_by_run(space, seed), metric=space.metric, mode=space.mode,
+        points_to_evaluate=start_points(space) or None, sampler=sampler,
+        study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
+        study_file=study_path)
+    if max_concurrent:
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return searcher

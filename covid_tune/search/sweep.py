@@ -1,0 +1,541 @@
+"""The search: Ray Tune runs the trials, Optuna's TPE picks them, ASHA stops weak ones.
+
+``run_sweep`` holds the run folder (``covid_tune.runs.lock``: one driver at a time),
+validates everything first (search space, dataset, the memory its decoded pixels
+need, pretrained weights, resources, shared storage), decodes the dataset once,
+records the run (``covid_tune.runs.record.write_record``: options, provenance, the resolved
+space, the dataset's manifest), then starts (or joins) Ray and runs a ``Tuner``. The
+run folder ``<storage-path>/<name>`` (a local or shared folder, or an ``s3://`` /
+``gs://`` URI) is Ray Tune's own layout, readable by ``ray.tune.ExperimentAnalysis``,
+plus the files ``covid_tune.runs.record`` describes.
+
+Ctrl-C or SIGTERM ends the search the way Ray Tune's own stop does: the run's state
+is saved, every trial keeps its last checkpoint, and ``Stopped`` carries the
+``covid-tune resume`` command (the CLI exits 130 or 143).
+
+The Optuna study lives in the driver's memory and is saved with Ray's searcher state,
+in the same snapshot as the trials, so a resumed sweep's study matches its trials
+exactly (``covid_tune.search.searcher``).
+
+``resume_sweep`` continues a sweep whose driver died or was stopped: finished trials
+are kept, the others resume from their last checkpoint, and the study carries on. A
+driver killed between two snapshots may have deleted the checkpoint the last one names;
+such a trial goes on from the newest checkpoint it still has
+(``go_on_from_a_kept_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import pickle
+import shlex
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from covid_tune.search.cluster import check_object_store, check_resources, check_storage, start_ray
+from covid_tune.core.space import SearchSpace, find_space
+from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
+                             load_dataset, manifest, scan, with_selection)
+from covid_tune.errors import Stalled, Stopped, UserError
+from covid_tune.runs.lock import hold
+from covid_tune.nn.models import check_pretrained
+from covid_tune.runs.record import (CHECKPOINT_SCORE, LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions,
+                             check_ray_state, checkpoint_folders, choose_data,
+                             drop_resume_state, keep_best,
+                             read_record, read_selection, read_space, write_record)
+from covid_tune.search._internals import controller_storage, in_run_folder
+from covid_tune.search.searcher import build_searcher, find_sweep_search
+from covid_tune.search.status import SweepStatus
+from covid_tune.runs.storage import exists, exists_on, is_uri, join, list_dirs, move_dir, open_path
+from covid_tune.training.trial import train_trial
+
+
+class SweepScheduler(ASHAScheduler):
+    """ASHA, which also makes sure the searcher hears how every trial ended.
+
+    - It hands the searcher the trials that failed by diverging (the scheduler hears
+      of a failed trial, with its error, before the searcher does).
+    - It keeps the trials not yet ended (``open``) and, before Tune starts trials at
+      each step, tells the searcher of any that Ray ended without telling it
+      (``tell_missed_ends``): Ray fails a trial whose reused actor could not be reset
+      without a word to the scheduler or the searcher, and the Optuna study would
+      keep it RUNNING for good, holding TPE's start-up wait open.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.open: dict = {}
+        """Trial id -> Ray's trial, for trials added and not yet ended."""
+        self.search_alg = None
+        """Tune's search algorithm (the searcher in its wrappers), once a trial is added."""
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.open.pop(trial.trial_id, None)
+        search = find_sweep_search(getattr(tune_controller, "search_alg", None))
+        if search is not None and diverged(trial):
+            if not hasattr(search, "diverged"):  # a searcher restored from an older run
+                search.diverged = set()
+            search.diverged.add(trial.trial_id)
+        super().on_trial_error(tune_controller, trial)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        in_run_folder(trial, controller_storage(tune_controller))  # a moved run folder
+        if trial.status != trial.TERMINATED:  # a resumed trial, or a new one (no checkpoint)
+            go_on_from_a_kept_checkpoint(trial)
+        if not trial.is_finished():
+            self.open[trial.trial_id] = trial
+        if self.search_alg is None:
+            self.search_alg = getattr(tune_controller, "search_alg", None)
+            search = find_sweep_search(self.search_alg)
+            if search is not None:  # its start-up hold asks what Ray still runs
+                search.scheduler = self
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self.open.pop(trial.trial_id, None)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.open.pop(trial.trial_id, None)
+        super().on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        self.tell_missed_ends()
+        return super().choose_trial_to_run(tune_controller)
+
+    def tell_missed_ends(self) -> list[str]:
+        """Tell the searcher of the open trials Ray has ended without telling it
+        (failed: FAIL in the study); their ids. Called at every step, and by the
+        searcher before it holds new trials back and before it is saved (a trial that
+        fails in the sweep's last step has no next step)."""
+        missed = [trial for trial in self.open.values() if trial.is_finished()]
+        for trial in missed:
+            del self.open[trial.trial_id]
+            failed = trial.status == trial.ERROR
+            if self.search_alg is not None:
+                self.search_alg.on_trial_complete(
+                    trial.trial_id, result=trial.last_result or None, error=failed)
+            print(f"note: trial {trial.trial_id} ended ({'failed' if failed else 'stopped'}) "
+                  f"without Ray Tune telling the search; the study now has it", flush=True)
+        return [trial.trial_id for trial in missed]
+
+
+def go_on_from_a_kept_checkpoint(trial) -> str | None:
+    """Point a restored trial whose last registered checkpoint is gone at the newest
+    checkpoint folder it still has (the trainable then takes the newest intact one,
+    ``covid_tune.training.trial.restore``), or at none, to start again; the folder, or None when
+    nothing was gone.
+
+    A driver killed between two snapshots of the run may have gone on past the last
+    one: a better checkpoint made Ray delete the one the snapshot names
+    (``num_to_keep``), or the trial finished and kept only its best (``CheckpointTrim``).
+    Ray would refuse that trial on every try ("does not exist on storage anymore").
+    This reaches into Ray's checkpoint manager; should its fields change, the trial is
+    left as Ray restored it.
+    """
+    result = trial.latest_checkpoint_result
+    if result is None or on_storage(result.checkpoint):
+        return None
+    manager = trial.run_metadata.checkpoint_manager
+    gone = result.checkpoint
+    try:
+        from ray.train._internal.session import _TrainingResult
+
+        manager._checkpoint_results = [r for r in manager._checkpoint_results
+                                       if on_storage(r.checkpoint)]
+        folders = checkpoint_folders(gone.filesystem, os.path.dirname(gone.path.rstrip("/")))
+        manager._latest_checkpoint_result = (_TrainingResult(
+            checkpoint=tune.Checkpoint(folders[-1], filesystem=gone.filesystem),
+            metrics=result.metrics) if folders else None)
+    except (ImportError, AttributeError, OSError):
+        return None
+    trial.run_metadata.invalidate_cache()
+    trial.invalidate_json_state()
+    print(f"note: trial {trial.trial_id}: its checkpoint {os.path.basename(gone.path)} went "
+          f"after the run's last snapshot; it goes on from "
+          f"{os.path.basename(folders[-1]) if folders else 'the start'}", flush=True)
+    return folders[-1] if folders else None
+
+
+def on_storage(checkpoint: tune.Checkpoint) -> bool:
+    return exists_on(checkpoint.filesystem, checkpoint.path)
+
+
+class CheckpointTrim(tune.Callback):
+    """Keeps each trial's checkpoints to what is needed, on any storage
+    (``covid_tune.runs.record.drop_resume_state``, ``keep_best``): a new checkpoint takes the
+    optimizer state out of the trial's older ones; a finished trial (completed, stopped
+    or failed) keeps its best epoch's checkpoint, weights only. Ray's own
+    ``num_to_keep`` still deletes the rest while the trial runs. A storage error here
+    is noted once and never stops the sweep."""
+
+    def __init__(self, metric: str, mode: str):
+        self.metric, self.mode = metric, mode
+        self.noted = False
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        fs, newest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        self.guard(lambda: [drop_resume_state(fs, folder) for folder in checkpoint_folders(
+            fs, os.path.dirname(newest)) if folder.rstrip("/") != newest])
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.finish(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.finish(trial)
+
+    def finish(self, trial) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is not None:
+            self.guard(lambda: keep_best(checkpoint.filesystem, os.path.dirname(
+                checkpoint.path.rstrip("/")), self.metric, self.mode))
+
+    def guard(self, work) -> None:
+        try:
+            work()
+        except OSError as exc:
+            if not self.noted:
+                print(f"note: could not trim a trial's checkpoints ({exc}); they are kept "
+                      f"whole", flush=True)
+            self.noted = True
+
+
+def diverged(trial) -> bool:
+    """Whether the trial's latest failure, in its error file, is ``TrialDiverged``."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        return False
+    return "TrialDiverged" in text.rsplit("Failure #", 1)[-1]
+
+
+def build_scheduler(space: SearchSpace) -> ASHAScheduler:
+    return SweepScheduler(time_attr="epoch", metric=space.metric, mode=space.mode,
+                          max_t=space.max_epochs, grace_period=space.asha.grace_period,
+                          reduction_factor=space.asha.reduction_factor)
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names: ``trial_<id>`` (Ray's default embeds the config)."""
+    return f"trial_{trial.trial_id}"
+
+
+def build_trainable(bundle: DataBundle, opts: SweepOptions, trainable=train_trial):
+    """``trainable`` with the decoded data (one object-store copy) and its resources."""
+    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(trainable, data=bundle), resources)
+
+
+def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=opts.name,
+        storage_path=opts.storage_path,
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                   SweepStatus(space.metric, space.mode, space.max_epochs),
+                   CheckpointTrim(space.metric, space.mode)],
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=CHECKPOINT_SCORE,
+            checkpoint_score_order=space.mode),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        verbose=1 if opts.verbose else 0,
+    )
+
+
+def without_ray_tensorboard() -> None:
+    """Keep Ray's TensorBoard logger out of the trial folders: each trial writes its own
+    event files, whose HParams summary Ray's would replace (``run_config`` adds Ray's
+    CSV and JSON loggers back). Also quiet Ray's warning that the run's state is saved
+    often: with ``keep_checkpoints`` and short epochs that is by design."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
+    """The options made absolute and named, and the space, checked; nothing decoded."""
+    space = opts.space()
+    name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path),
+                   data=_absolute(opts.data),
+                   space_file=_absolute(str(find_space(opts.space_file))))
+    open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
+    backbones = space.params["backbone"]
+    for backbone in getattr(backbones, "choices", None) or [backbones.value]:
+        check_pretrained(backbone, space.pretrained)
+    return opts, space
+
+
+def decode(layout: Layout, space: SearchSpace, strict: bool,
+           held: list[str] | None = None, seed: int = 0) -> tuple[DataBundle, list[str]]:
+    """The dataset decoded once for every trial, after checking that it fits in memory
+    twice (this process's copy and the object store's), with the space's selection
+    split moved out of Train: the ``held`` names a run recorded, or a new seeded draw.
+    Also the held-out names."""
+    check_memory(layout, space.image_size, copies=2,
+                 fix="pass --image-size with that size or less")
+    bundle = load_dataset(layout, space.task, space.image_size, strict=strict)
+    if held is None and space.selection.holdout:
+        held = hold_out(bundle.splits["train"], space.selection.holdout, seed)
+        if not held:
+            raise UserError(f"{space.source}: selection.holdout: the training split of "
+                            f"{bundle.root} has too few images per class to hold any out; "
+                            f"add images or drop the selection key")
+    bundle = with_selection(bundle, held or [])
+    report_data(bundle)
+    return bundle, held or []
+
+
+def _absolute(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
+    """Validate, decode the data once, record the run, then search; Ray's results.
+
+    The run folder is held (``covid_tune.runs.lock``) from before decoding to the end.
+    ``trainable`` is the trial function (``train_trial``; tests wrap it)."""
+    opts, space = resolve(opts)
+    run_dir = opts.run_dir()
+    with hold(run_dir):
+        if exists(join(run_dir, SWEEP_FILE)):
+            raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name "
+                            f"or continue it with `covid-tune resume {run_dir}`")
+        layout = scan(opts.data, space.task, spec=space.data)
+        bundle, held = decode(layout, space, opts.strict, seed=opts.seed)
+        start_ray(opts.address)
+        check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+        check_object_store(bundle_bytes(bundle), space.image_size)
+        check_storage(opts.storage_path, opts.shared_storage)
+        write_record(opts, space, opts.data, manifest(layout), held, assignment(layout))
+        searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
+                                  opts.max_concurrent)
+        without_ray_tensorboard()
+        tuner = tune.Tuner(
+            build_trainable(bundle, opts, trainable),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
+                                        num_samples=space.num_samples, reuse_actors=True,
+                                        trial_dirname_creator=trial_dirname),
+            run_config=run_config(space, opts),
+        )
+        results = fit(tuner, run_dir)
+    report_best(results, space, run_dir)
+    return results
+
+
+def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | None = None,
+                 allow_changed_data: bool = False, trainable=train_trial) -> tune.ResultGrid:
+    """Continue a sweep whose driver died or was stopped: finished trials kept, the rest
+    resumed.
+
+    Ray restores the trials and the searcher (with the Optuna study) from the run's
+    last snapshot; trials it lists as unfinished restart from their last checkpoint.
+    ``address`` overrides the cluster address the sweep was started with; ``data``
+    points at a moved copy of the dataset (checked against the run's manifest).
+    """
+    run_dir = _absolute(str(run_dir)).rstrip("/")
+    record = read_record(run_dir)
+    opts = record.options
+    space = read_space(run_dir, record)
+    with hold(run_dir):
+        check_ray_state(run_dir)
+        choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
+                             required=True, spec=space.data)
+        for note in choice.notes:
+            print(f"note: {note}")
+        bundle, _ = decode(choice.layout, space, opts.strict, read_selection(run_dir, space))
+        start_ray(address or opts.address)
+        check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+        check_object_store(bundle_bytes(bundle), space.image_size)
+        check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
+        without_ray_tensorboard()
+        try:
+            tuner = tune.Tuner.restore(run_dir,
+                                       trainable=build_trainable(bundle, opts, trainable),
+                                       resume_unfinished=True, resume_errored=True)
+        except (ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+            raise UserError(f"{run_dir}: Ray Tune cannot read its snapshot of the run "
+                            f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                            f"; it cannot be resumed, but its finished trials still give a "
+                            f"leaderboard") from None
+        results = fit(tuner, run_dir)
+        set_aside_lost_trials(run_dir, results)
+    report_best(results, space, run_dir)
+    return results
+
+
+def bundle_bytes(bundle: DataBundle) -> int:
+    return sum(split.images.nbytes for split in bundle.splits.values())
+
+
+STOP_GRACE_SECONDS = 8.0
+"""How long Ray Tune's own graceful stop may take after Ctrl-C or SIGTERM before the
+driver stops at once, from the run's last snapshot (as a second signal does)."""
+
+
+def fit(tuner: tune.Tuner, run_dir: str) -> tune.ResultGrid:
+    """``tuner.fit()``, stopped cleanly by Ctrl-C or SIGTERM: Ray Tune saves the run's
+    state (every trial keeps its last checkpoint), then ``Stopped`` says how to resume.
+    A second signal, or a graceful stop that takes longer than ``STOP_GRACE_SECONDS``,
+    stops at once; ``resume`` then goes on from the run's last snapshot. A sweep with
+    nothing to run for too long ends with ``Stalled`` (``covid_tune.search.status``)."""
+    hint = f"continue with: covid-tune resume {shlex.quote(run_dir)}"
+    with signals_stop_tune() as received:
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            if not received:
+                raise
+        except Exception as exc:
+            stalled = stall_in(exc)
+            if stalled is None:
+                raise
+            raise Stalled(f"{stalled}; finished trials and every other trial's last "
+                          f"checkpoint are kept; {hint}") from None
+    if received:
+        name = signal.Signals(received[0]).name
+        raise Stopped(received[0], f"stopped by {name}; finished trials and every other "
+                                   f"trial's last checkpoint are kept; {hint}")
+    return results
+
+
+def stall_in(exc: BaseException) -> str | None:
+    """The message of a ``Stalled`` raised by the status line, however Ray Tune
+    wrapped it; None for any other error."""
+    for _ in range(6):
+        if exc is None:
+            return None
+        if isinstance(exc, Stalled):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def signals_stop_tune():
+    """Turn SIGINT and SIGTERM into Ray Tune's own graceful stop (its SIGUSR1 handler,
+    installed by ``fit``); the list it yields holds the signal received, if any. A
+    second signal, or ``STOP_GRACE_SECONDS`` without the stop done, raises
+    ``KeyboardInterrupt`` in the main thread.
+
+    Only the main thread can set handlers; elsewhere (tests run sweeps in threads)
+    signals keep their usual effect.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    done = threading.Event()
+
+    def stop(signum, frame):
+        if received or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
+            raise KeyboardInterrupt  # again, or before Ray Tune listens: stop at once
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping the sweep; Ray Tune saves the "
+              f"run's state first (send it again to stop at once)", file=sys.stderr, flush=True)
+        threading.Thread(target=stop_at_once_after_grace, args=(done,), daemon=True,
+                         name="covid-tune-stop-grace").start()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ray's would hide which signal came
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(without_tune_restore_hints)
+    try:
+        yield received
+    finally:
+        done.set()
+        tune_log.removeFilter(without_tune_restore_hints)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stop_at_once_after_grace(done: threading.Event) -> None:
+    """Interrupt the main thread if Ray Tune's graceful stop is not done in time (it
+    can wait on the searcher, or on actors that do not end)."""
+    if not done.wait(STOP_GRACE_SECONDS):
+        print(f"the graceful stop took over {STOP_GRACE_SECONDS:.0f} s; stopping at once",
+              file=sys.stderr, flush=True)
+        _thread.interrupt_main(signal.SIGINT)
+
+
+def without_tune_restore_hints(record: logging.LogRecord) -> bool:
+    """Drop Ray Tune's own stop messages, which point at ``Tuner.restore`` in Python:
+    ``Stopped`` names the command that resumes the sweep."""
+    text = record.getMessage()
+    return not text.startswith(("Stop signal received", "Experiment has been interrupted"))
+
+
+def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:
+    """Move the folders of trials the resumed run does not know into ``lost_trials/``.
+
+    A driver killed between two snapshots of the run may have started trials that the
+    last snapshot does not list; the resumed run starts new ones in their place, so
+    their folders would otherwise be counted twice by anything reading the run.
+    """
+    known = {os.path.basename(result.path.rstrip("/")) for result in results}
+    lost = [name for name in list_dirs(run_dir) if name.startswith("trial_")
+            and name not in known]
+    for name in lost:
+        move_dir(join(run_dir, name), join(run_dir, LOST_DIR, name))
+    if lost:
+        print(f"moved {len(lost)} folder(s) of trials lost with the old driver to "
+              f"{join(run_dir, LOST_DIR)}")
+    return lost
+
+
+def failure_summary(results) -> str | None:
+    """When every trial failed: one line with how many and the first one's error (its
+    last line, where Ray puts the exception); None otherwise."""
+    if not len(results) or any(result.error is None for result in results):
+        return None
+    first = next(iter(results))
+    lines = [line.strip() for line in str(first.error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(first.error).__name__
+    return (f"every trial failed ({len(results)} of {len(results)}); the first: "
+            f"{reason[:300]} (see {first.path}/error.txt)")
+
+
+def report_data(bundle: DataBundle) -> None:
+    counts = ", ".join(f"{split} {len(s)}" for split, s in bundle.splits.items())
+    print(f"data: {bundle.root} ({bundle.task}, {bundle.image_size} px): {counts}")
+    if SELECTION in bundle.splits:
+        print(f"  {SELECTION}: held out of train; it chooses (ASHA, TPE, best epoch, best "
+              f"trial, thresholds), validation only reports")
+    if bundle.skipped:
+        print(f"  skipped {len(bundle.skipped)} unreadable file(s), e.g. "
+              f"{bundle.skipped[0][0]}: {bundle.skipped[0][1]}")
+
+
+def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> None:
+    """Print the best trial (by its best epoch) and where its checkpoint is."""
+    finished = [r for r in results if r.metrics and space.metric in r.metrics]
+    if not finished:
+        print("no trial reported a result; see the errors above")
+        return
+    best = results.get_best_result(space.metric, space.mode, scope="all")
+    checkpoint = (best.get_best_checkpoint(space.metric, space.mode)
+                  if best.best_checkpoints else None)
+    errors = sum(1 for r in results if r.error)
+    print(f"\n{len(results)} trials, {errors} failed. Best trial {best.metrics['trial_id']}: "
+          f"{space.metric} = {_best_value(best, space):.4f}")
+    params = {k: best.config[k] for k in ("backbone", "frozen_layers", "lr", "loss")
+              if k in best.config}
+    print(f"  config: {params}")
+    print(f"  checkpoint: {checkpoint.path if checkpoint else '(none kept)'}")
+    print(f"  run dir: {run_dir}")
+
+
+def _best_value(result, space: SearchSpace) -> float:
+    values = result.metrics_dataframe[space.metric]
+    return float(values.max() if space.mode == "max" else values.min())
