@@ -41,7 +41,8 @@ from pathlib import Path
 import covid_tune
 from covid_tune.bench.measure import decode_cache, load_average, machine
 from covid_tune.core.space import find_space, load_space
-from covid_tune.runs.record import RESULT_FILE, trial_states
+from covid_tune.runs.folder import RESULT_FILE
+from covid_tune.runs.reader import trial_states
 from covid_tune.data.synth import generate
 
 STALL_NOTE = "nothing running for"

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from covid_tune.core.space import SearchSpace, parse_space
-from covid_tune.runs.record import STUDY_FILE
+from covid_tune.runs.folder import STUDY_FILE
 
 SIM_SPACE = {
     "task": "binary", "metric": "val_f1", "mode": "max", "max_epochs": 9,
@@ -236,7 +236,7 @@ def measure_checkpoints(work: Path, hidden: int = 256, image_size: int = 64,
 
     from covid_tune.core.space import PARAM_DEFAULTS, TrialConfig
     from covid_tune.nn.inference import Base, build_for
-    from covid_tune.runs.record import OPTIMIZER_FILE
+    from covid_tune.runs.checkpoint import OPTIMIZER_FILE
     from covid_tune.training.trial import build_optimizer, write_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from covid_tune.nn.models import WithFeatures, cam_spec
 from covid_tune.bundle.format import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,
                                      write_card)
 from covid_tune.data.preprocess import describe
-from covid_tune.runs.record import RunInfo, TrialRecord, choose_datasets, read_run
+from covid_tune.runs.reader import RunInfo, TrialRecord, choose_datasets, read_run
 from covid_tune.results.rows import best_overall, chooser
 from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
 

@@ -22,7 +22,7 @@ from covid_tune.nn.augment import to_model_input
 from covid_tune.core.space import TrialConfig
 from covid_tune.errors import UserError
 from covid_tune.nn.models import BACKBONES, Classifier, WithFeatures, build_model, imagenet_cache_path
-from covid_tune.runs.record import base_file, cached_digest, load_checkpoint
+from covid_tune.runs.checkpoint import base_file, cached_digest, load_checkpoint
 from covid_tune.core.tasks import TASKS
 
 
@@ -170,7 +170,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor], names: list[str]) -> str:
 def put_weights(model: Classifier, stored: dict, base: dict | None, where) -> None:
     """Load a checkpoint's stored tensors over the rebuilt base: every tensor of the
     model must be stored or named by the base, and nothing else."""
-    from covid_tune.runs.record import DamagedCheckpoint
+    from covid_tune.runs.checkpoint import DamagedCheckpoint
 
     result = model.load_state_dict(stored, strict=False)
     missing = set(result.missing_keys) - set((base or {}).get("tensors", []))

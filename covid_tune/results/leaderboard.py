@@ -32,7 +32,7 @@ from covid_tune.core.plots import write_chart, write_confusion, write_roc
 from covid_tune.bundle.cam import explain, grad_cam, write_overlays
 from covid_tune.results.render import (ROC_OF, cam_file, chart_file, confusion_file, reproduce_command,
                                roc_file, table_record, task_section, write_tables)
-from covid_tune.runs.record import DataChoice, RunInfo, choose_datasets, read_run
+from covid_tune.runs.reader import DataChoice, RunInfo, choose_datasets, read_run
 from covid_tune.results.rows import (TABLES, Row, TableSpec, best_overall, scored_splits,
                                   select_rows, table_spec)
 from covid_tune.core.tasks import POSITIVE_CLASS, TASKS

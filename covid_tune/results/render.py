@@ -15,7 +15,7 @@ from pathlib import Path
 
 from covid_tune.core.space import (FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace, dump_space,
                                load_space)
-from covid_tune.runs.record import RunInfo, TrialRecord
+from covid_tune.runs.reader import RunInfo, TrialRecord
 from covid_tune.results.rows import (EXTRA_PARAMS, Row, TableSpec, chooser, extra_params,
                                   frozen_name, loss_name)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from covid_tune.core.space import BACKBONE_CONVS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS
 from covid_tune.data.dataset import SELECTION
-from covid_tune.runs.record import RunInfo, TrialRecord, best_trial
+from covid_tune.runs.reader import RunInfo, TrialRecord, best_trial
 
 LOSS_NAMES = {"ce": "Cross Entropy Loss", "bce": "BCE With Logits Loss", "focal": "Focal Loss"}
 EXTRA_PARAMS = tuple(k for k in PARAM_TYPES if k not in TABLE_PARAMS)

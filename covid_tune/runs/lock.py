@@ -1,6 +1,6 @@
 """One driver per run folder: the lock a sweep or a resume holds while it runs.
 
-The lock is the file ``sweep.lock`` in the run folder (``covid_tune.runs.record.LOCK_FILE``),
+The lock is the file ``sweep.lock`` in the run folder (``covid_tune.runs.folder.LOCK_FILE``),
 holding the holder's host, pid, start time and command.
 
 - **Local and shared folders** (NFS, EFS, Filestore): the file is locked with
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from covid_tune.errors import UserError
-from covid_tune.runs.record import LOCK_FILE
+from covid_tune.runs.folder import LOCK_FILE
 from covid_tune.runs.storage import exists, is_uri, join, read_bytes, remove, write_bytes
 
 

@@ -29,7 +29,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from covid_tune.core.space import SearchSpace
-from covid_tune.runs.record import STUDY_FILE
+from covid_tune.runs.folder import STUDY_FILE
 from covid_tune.search.define_by_run import define_by_run, start_points
 from covid_tune.runs.storage import is_uri, write_bytes
 

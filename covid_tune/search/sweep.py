@@ -50,10 +50,11 @@ from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, 
 from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.runs.lock import hold
 from covid_tune.nn.models import check_pretrained
-from covid_tune.runs.record import (CHECKPOINT_SCORE, LOST_DIR, SWEEP_FILE, STUDY_FILE, SweepOptions,
-                             check_ray_state, checkpoint_folders, choose_data,
-                             drop_resume_state, keep_best,
-                             read_record, read_selection, read_space, write_record)
+from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
+from covid_tune.runs.folder import LOST_DIR, SWEEP_FILE, STUDY_FILE
+from covid_tune.runs.record import SweepOptions, read_record, read_selection, read_space, write_record
+from covid_tune.runs.ray_state import check_ray_state
+from covid_tune.runs.retention import checkpoint_folders, drop_resume_state, keep_best
 from covid_tune.search._internals import controller_storage, in_run_folder
 from covid_tune.search.searcher import build_searcher, find_sweep_search
 from covid_tune.search.status import SweepStatus
@@ -174,7 +175,7 @@ def on_storage(checkpoint: tune.Checkpoint) -> bool:
 
 class CheckpointTrim(tune.Callback):
     """Keeps each trial's checkpoints to what is needed, on any storage
-    (``covid_tune.runs.record.drop_resume_state``, ``keep_best``): a new checkpoint takes the
+    (``covid_tune.runs.retention.drop_resume_state``, ``keep_best``): a new checkpoint takes the
     optimizer state out of the trial's older ones; a finished trial (completed, stopped
     or failed) keeps its best epoch's checkpoint, weights only. Ray's own
     ``num_to_keep`` still deletes the rest while the trial runs. A storage error here

@@ -44,9 +44,10 @@ from covid_tune.nn.inference import Base, Device, build_for, predict_logits, put
 from covid_tune.nn.losses import build_loss
 from covid_tune.core.metrics import compute_metrics, tune_thresholds
 from covid_tune.data.preprocess import sigmoid
-from covid_tune.runs.record import (CHECKPOINT_SCORE, DIVERGED_FILE, DamagedCheckpoint,
-                             checkpoint_folders, load_checkpoint, load_optimizer,
-                             save_checkpoint, tie_broken)
+from covid_tune.runs.reader import CHECKPOINT_SCORE, tie_broken
+from covid_tune.runs.folder import DIVERGED_FILE
+from covid_tune.runs.checkpoint import DamagedCheckpoint, load_checkpoint, load_optimizer, save_checkpoint
+from covid_tune.runs.retention import checkpoint_folders
 from covid_tune.core.tasks import TASKS, Task
 from covid_tune.training.tensorboard import TrialWriter
 

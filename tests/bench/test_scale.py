@@ -7,7 +7,7 @@ from __future__ import annotations
 import optuna
 
 from covid_tune.bench.scale import SCALE_TINY, measure_scale
-from covid_tune.runs.record import STUDY_FILE
+from covid_tune.runs.folder import STUDY_FILE
 
 
 def test_the_tiny_scale_parts_end_every_trial_once_and_give_the_jsons_figures(tmp_path):

@@ -19,7 +19,7 @@ from covid_tune.bundle.export import export_best
 from covid_tune.nn.inference import Device, load_model, predict_logits
 from covid_tune.nn.models import WithFeatures, build_model, cam_spec
 from covid_tune.data.preprocess import normalize, sigmoid
-from covid_tune.runs.record import read_run
+from covid_tune.runs.reader import read_run
 from covid_tune.core.tasks import TASKS
 
 CPU = Device(torch.device("cpu"), None, False)

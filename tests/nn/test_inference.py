@@ -9,7 +9,7 @@ import torch
 
 from covid_tune.core.space import TrialConfig
 from covid_tune.nn.inference import Device, build_for, load_model, predict_logits
-from covid_tune.runs.record import DamagedCheckpoint
+from covid_tune.runs.checkpoint import DamagedCheckpoint
 from covid_tune.training.trial import build_optimizer, write_checkpoint
 
 CPU = Device(torch.device("cpu"), None, False)
@@ -80,7 +80,7 @@ def test_frozen_layers_are_stored_by_reference_to_the_pretrained_file(tmp_path, 
     from torchvision.models import resnet18
 
     from covid_tune.errors import UserError
-    from covid_tune.runs.record import CHECKPOINT_FILE, read_recipe
+    from covid_tune.runs.checkpoint import CHECKPOINT_FILE, read_recipe
 
     weights = tmp_path / "resnet18-local.pth"
     torch.save(resnet18(weights=None).state_dict(), weights)
@@ -109,7 +109,7 @@ def test_untrained_layers_of_a_random_start_are_stored_by_seed(tmp_path):
     recorded by seed and SHA-256 and rebuilt on load."""
     from dataclasses import replace
 
-    from covid_tune.runs.record import CHECKPOINT_FILE, read_recipe
+    from covid_tune.runs.checkpoint import CHECKPOINT_FILE, read_recipe
 
     cfg = replace(CONFIG, frozen_layers=20, seed=7)
     model = trained_with_base(tmp_path / "ckpt", cfg)

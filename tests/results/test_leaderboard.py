@@ -19,7 +19,7 @@ from covid_tune.core.space import load_space
 from covid_tune.errors import UserError
 from covid_tune.results.leaderboard import param_importances, write_leaderboard
 from covid_tune.results.render import SPLIT_COLUMNS
-from covid_tune.runs.record import RunInfo, read_run
+from covid_tune.runs.reader import RunInfo, read_run
 from covid_tune.results.rows import frozen_name
 from covid_tune.search.define_by_run import define_by_run
 from helpers import can_mount_tmpfs, on_small_disk

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from covid_tune.core.space import parse_space
-from covid_tune.runs.record import Provenance, RunInfo, SweepOptions, SweepRecord, TrialRecord
+from covid_tune.runs.record import Provenance, SweepOptions, SweepRecord
+from covid_tune.runs.reader import RunInfo, TrialRecord
 from covid_tune.results.rows import (EXTRA_PARAMS, TABLES, best_overall, extra_params,
                                   frozen_name, select_rows)
 

@@ -56,7 +56,7 @@ def test_leaderboard_and_export_read_an_old_run(old_run, tmp_path):
 
 
 def test_resume_finishes_an_old_run_where_it_now_is(ray_cluster, old_run):
-    from covid_tune.runs.record import read_run
+    from covid_tune.runs.reader import read_run
     from covid_tune.search.sweep import resume_sweep
 
     run, data = old_run

@@ -15,7 +15,7 @@ import pytest
 
 from covid_tune.errors import UserError
 from covid_tune.runs.lock import Holder, hold
-from covid_tune.runs.record import LOCK_FILE
+from covid_tune.runs.folder import LOCK_FILE
 
 
 def dead_pid() -> int:

@@ -33,11 +33,10 @@ from covid_tune.core.space import load_space, parse_space, parse_space_text
 from covid_tune.data.dataset import manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.bundle.format import read_card
-from covid_tune.runs.record import (CHECKPOINT_FILE, DATASET_FILE, RAY_STATE_GLOB, RECIPE_FILE,
-                             RESULT_FILE, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepOptions,
-                             TrialRecord, best_recipe, best_trial, choose_data,
-                             manifest_fingerprint, read_manifest, read_record, read_run,
-                             read_space, read_trial, write_record)
+from covid_tune.runs.checkpoint import CHECKPOINT_FILE, RECIPE_FILE
+from covid_tune.runs.folder import DATASET_FILE, RAY_STATE_GLOB, RESULT_FILE, SPACE_FILE, STUDY_FILE, SWEEP_FILE
+from covid_tune.runs.record import SweepOptions, manifest_fingerprint, read_manifest, read_record, read_space, write_record
+from covid_tune.runs.reader import TrialRecord, best_recipe, best_trial, choose_data, read_run, read_trial
 
 FILES = {"train/normal/a.png": 1000, "train/infected/b.png": 1200,
          "validation/normal/c.png": 700, "validation/infected/d.png": 900}
@@ -373,7 +372,7 @@ def stand_in_arithmetic(monkeypatch) -> None:
     import covid_tune.bundle.export
     import covid_tune.nn.inference
     import covid_tune.results.leaderboard
-    from covid_tune.runs.record import load_checkpoint
+    from covid_tune.runs.checkpoint import load_checkpoint
     from covid_tune.core.tasks import TASKS
 
     def load_model(folder):
@@ -640,7 +639,7 @@ def test_a_full_disk_while_recording_the_run_leaves_nothing_behind(ray_cluster, 
 def test_failed_trials_are_counted_from_rays_snapshot(tmp_path):
     """Ray Tune's snapshot lists every trial with its status: a trial that failed before
     any checkpoint has no row, but it is counted."""
-    from covid_tune.runs.record import trial_states
+    from covid_tune.runs.reader import trial_states
 
     entries = [[json.dumps({"trial_id": i, "status": status}), "{}"]
                for i, status in (("a", "TERMINATED"), ("b", "ERROR"), ("c", "TERMINATED"))]
@@ -648,7 +647,7 @@ def test_failed_trials_are_counted_from_rays_snapshot(tmp_path):
         json.dumps({"trial_data": entries, "runner_data": {}}))
     states = trial_states(str(tmp_path))
     assert states == {"a": "TERMINATED", "b": "ERROR", "c": "TERMINATED"}
-    from covid_tune.runs.record import RunInfo
+    from covid_tune.runs.reader import RunInfo
 
     info = RunInfo(tmp_path, "r", None, None, [], states=states)
     assert info.summary() == "3 trials, 1 failed"
@@ -659,7 +658,8 @@ def test_a_collection_the_sweep_split_is_split_the_same_way_by_every_reader(tmp_
     readers (leaderboard, export, resume all go through ``choose_data``) use the
     record, not a new draw."""
     from covid_tune.data.dataset import assignment, manifest, scan
-    from covid_tune.runs.record import choose_data, read_splits, write_record
+    from covid_tune.runs.reader import choose_data
+    from covid_tune.runs.record import read_splits, write_record
     from covid_tune.data.synth import generate
 
     root = tmp_path / "COVID-19_Radiography_Dataset"

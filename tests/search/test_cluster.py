@@ -35,9 +35,8 @@ from ray.tune import ExperimentAnalysis
 from covid_tune.search import cluster
 from covid_tune.cli import build_parser, main
 from covid_tune.errors import UserError
-from covid_tune.runs.record import (DIVERGED_FILE, LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE,
-                             SWEEP_FILE,
-                             SweepOptions, read_record)
+from covid_tune.runs.folder import DIVERGED_FILE, LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE, SWEEP_FILE
+from covid_tune.runs.record import SweepOptions, read_record
 from covid_tune.search.sweep import go_on_from_a_kept_checkpoint, run_sweep, set_aside_lost_trials
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from PIL import Image
 from ray.tune import ExperimentAnalysis
 
 from conftest import BINARY_SPACE, write_space
-from covid_tune.runs.record import STUDY_FILE
+from covid_tune.runs.folder import STUDY_FILE
 
 
 def study(run_dir: Path) -> optuna.Study:
@@ -372,7 +372,9 @@ def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data
     """val_f1 the same at every epoch (a learning rate too small to change a single
     prediction): Ray keeps the epoch-1 checkpoint, not the last one, and the trial's
     row reads epoch 1, as ``runs.best_recipe`` documents for ties."""
-    from covid_tune.runs.record import SweepOptions, read_recipe, read_run
+    from covid_tune.runs.record import SweepOptions
+    from covid_tune.runs.checkpoint import read_recipe
+    from covid_tune.runs.reader import read_run
     from covid_tune.search.sweep import run_sweep
 
     doc = {**BINARY_SPACE, "metric": "val_f1", "mode": "max", "num_samples": 1,
