@@ -49,7 +49,7 @@ from covid_tune.bench.scale import SCALE_FULL, SCALE_QUICK, ScaleSizes, measure_
 from covid_tune.core.space import (PARAM_DEFAULTS, Augment, TrialConfig, dump_space, load_space,
                                parse_space)
 from covid_tune.data.dataset import Split, load_dataset
-from covid_tune.nn.inference import Device
+from covid_tune.nn.device import Device
 from covid_tune.data.preprocess import MEAN, STD
 from covid_tune.data.synth import generate
 from covid_tune.training.trial import (batches, build_training, epoch_metrics, evaluate, to_device,

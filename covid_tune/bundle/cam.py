@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from covid_tune.data.preprocess import sigmoid
+from covid_tune.core.numeric import sigmoid
 
 
 def pool_windows(size: int, cells: int) -> list[tuple[int, int]]:

@@ -34,7 +34,7 @@ import math
 from pathlib import Path
 
 from covid_tune.errors import UserError
-from covid_tune.data.preprocess import logit, sigmoid
+from covid_tune.core.numeric import logit, sigmoid
 
 ONNX_FILE = "model.onnx"
 PROGRAM_FILE = "model.pt2"

@@ -20,7 +20,8 @@ import numpy as np
 from covid_tune.data.dataset import IMAGE_SUFFIXES, is_junk
 from covid_tune.errors import UserError
 from covid_tune.bundle.format import read_card, threshold_logits
-from covid_tune.data.preprocess import normalize, sigmoid, try_read
+from covid_tune.data.preprocess import normalize, try_read
+from covid_tune.core.numeric import sigmoid
 
 BATCH = 64
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

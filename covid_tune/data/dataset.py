@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from covid_tune.data import csv_manifest
 from covid_tune.core.space import DataSpec
+from covid_tune.core.units import human_bytes
 from covid_tune.errors import UserError
 from covid_tune.data.preprocess import try_read
 from covid_tune.core.tasks import LAYOUTS, TASKS, FolderLayout, Task
@@ -451,16 +452,6 @@ def check_memory(layout: Layout, size: int, copies: int, fix: str) -> None:
                     f"{human_bytes(need)}{held}, more than the {human_bytes(room)} of memory "
                     f"available; the largest image size that fits is {fit} px; {fix}")
 
-
-def human_bytes(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""
-
-
-# --- the selection split: a seeded, stratified part of Train ---------------------------
 
 SELECTION = "selection"
 """The split held out of Train to choose with (``selection: {holdout: F}``)."""

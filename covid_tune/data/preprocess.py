@@ -4,8 +4,7 @@ Training (through the decode cache), evaluation, export and prediction all decod
 ``read_gray`` and normalise with ``normalize`` (or, on a trial's device, with
 ``covid_tune.nn.augment.to_model_input``, which equals it when nothing is augmented), so
 they agree to the pixel. ``describe`` is the same recipe in words and numbers, as
-``model.json`` records it; ``sigmoid`` turns logits into probabilities and ``logit``
-probabilities into log-odds.
+``model.json`` records it. ``sigmoid`` and ``logit`` live in ``covid_tune.core.numeric``.
 
 Only numpy and PIL are imported, so ``covid-tune predict`` stays light.
 """
@@ -131,26 +130,3 @@ def describe(size: int) -> dict:
             "steps": STEPS.format(size=size)}
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function in float64, without overflow and accurate in both tails.
-
-    ``exp(x) / (1 + exp(x))`` for negative ``x``, ``1 / (1 + exp(-x))`` otherwise: a
-    negative logit gives a probability near ``exp(x)``, not 0, for as long as float64
-    can hold it (down to about -745), so probabilities of different logits stay apart
-    there. Above about +37 the result is 1.0: a probability cannot tell such logits
-    apart, which is why decisions compare log-odds (``logit``) instead.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    with np.errstate(under="ignore"):
-        small = np.exp(-np.abs(x))  # in (0, 1]: never overflows
-        return np.where(x < 0, small / (1.0 + small), 1.0 / (1.0 + small))
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    """The log-odds ``log(p) - log1p(-p)`` of probabilities, in float64; ``-inf`` at 0
-    and ``inf`` at 1. It undoes ``sigmoid`` to rounding for negative logits
-    (``logit(sigmoid(-300))`` is -300); a probability near 1 has already lost the
-    digits that told large positive logits apart."""
-    p = np.asarray(p, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.log(p) - np.log1p(-p)

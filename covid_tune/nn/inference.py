@@ -10,7 +10,6 @@ initialisation), which a checkpoint records instead of storing it again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,34 +18,12 @@ import numpy as np
 import torch
 
 from covid_tune.nn.augment import to_model_input
+from covid_tune.nn.device import Device
 from covid_tune.core.space import TrialConfig
 from covid_tune.errors import UserError
 from covid_tune.nn.models import BACKBONES, Classifier, WithFeatures, build_model, imagenet_cache_path
 from covid_tune.runs.checkpoint import base_file, cached_digest, load_checkpoint
 from covid_tune.core.tasks import TASKS
-
-
-@dataclass
-class Device:
-    """Where a model runs and the GPU-only speed-ups that apply there."""
-
-    torch: torch.device
-    amp_dtype: torch.dtype | None
-    """bf16 (or fp16 where bf16 is not supported) on a GPU; ``None`` on the CPU."""
-    channels_last: bool
-
-    @classmethod
-    def pick(cls) -> Device:
-        if not torch.cuda.is_available():
-            return cls(torch.device("cpu"), None, False)
-        torch.backends.cudnn.benchmark = True
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return cls(torch.device("cuda"), amp, True)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.torch.type, dtype=self.amp_dtype)
 
 
 @torch.no_grad()

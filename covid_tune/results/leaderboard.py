@@ -116,7 +116,8 @@ def write_cams(spec: TableSpec, row: Row, bundle: DataBundle | None, path: Path)
     data = bundle.splits.get(spec.chart_split) if bundle is not None else None
     if data is None or not data.targets.size:
         return False
-    from covid_tune.nn.inference import Device, load_model, logits_and_features
+    from covid_tune.nn.inference import load_model, logits_and_features
+    from covid_tune.nn.device import Device
     from covid_tune.nn.models import cam_spec
 
     model = load_model(row.record.checkpoint)
@@ -189,7 +190,8 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
                     for split in spec.splits if split != "test"}
         return {split: {**scores, "at_0.5": dict(scores)} for split, scores in recorded.items()
                 if f"{SPLIT_PREFIXES[split]}_f1" in record.metrics}
-    from covid_tune.nn.inference import Device, load_model, predict_logits
+    from covid_tune.nn.inference import load_model, predict_logits
+    from covid_tune.nn.device import Device
 
     device = Device.pick()
     model = load_model(record.checkpoint).to(device.torch)

@@ -13,6 +13,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+from covid_tune.core.units import duration
 from covid_tune.core.space import (FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace, dump_space,
                                load_space)
 from covid_tune.runs.reader import RunInfo, TrialRecord
@@ -77,17 +78,6 @@ def cam_file(task: str) -> str:
 
 def roc_file(task: str) -> str:
     return f"roc-{task}.png"
-
-
-def duration(seconds: float | None) -> str:
-    """``1hr 40min``, ``3min 5s`` or ``12s``."""
-    if seconds is None:
-        return "?"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}hr {minutes}min"
-    return f"{minutes}min {secs}s" if minutes else f"{secs}s"
 
 
 def source(record: TrialRecord) -> str:

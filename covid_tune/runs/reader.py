@@ -11,7 +11,7 @@ from pathlib import Path
 from covid_tune.core.space import DataSpec, SearchSpace
 from covid_tune.data.csv_manifest import is_manifest
 from covid_tune.data.dataset import Layout, manifest, scan
-from covid_tune.data.preprocess import logit
+from covid_tune.core.numeric import logit
 from covid_tune.errors import UserError
 from covid_tune.runs.checkpoint import RECIPE_FILE, DamagedCheckpoint, parse_recipe
 from covid_tune.runs.folder import DATASET_FILE, RESULT_FILE, STUDY_FILE

@@ -60,7 +60,8 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
 def check_object_store(nbytes: int, image_size: int) -> None:
     """Refuse a decoded dataset larger than the object store of the driver's node, where
     ``tune.with_parameters`` puts its one copy for every trial to share."""
-    from covid_tune.data.dataset import human_bytes, largest_fitting_size
+    from covid_tune.data.dataset import largest_fitting_size
+    from covid_tune.core.units import human_bytes
 
     here = ray.get_runtime_context().get_node_id()
     node = next((n for n in alive_nodes() if n["NodeID"] == here), None)

@@ -33,7 +33,7 @@ import time
 from ray import tune
 
 from covid_tune.errors import Stalled
-from covid_tune.results.render import duration
+from covid_tune.core.units import duration
 
 HEARTBEAT_SECONDS = 60.0
 MIN_GAP_SECONDS = 2.0

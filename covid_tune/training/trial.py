@@ -40,10 +40,11 @@ from ray import tune
 from covid_tune.nn.augment import to_model_input
 from covid_tune.core.space import SPLIT_PREFIXES, TrialConfig
 from covid_tune.data.dataset import SELECTION, DataBundle, Split
-from covid_tune.nn.inference import Base, Device, build_for, predict_logits, put_weights
+from covid_tune.nn.inference import Base, build_for, predict_logits, put_weights
+from covid_tune.nn.device import Device
 from covid_tune.nn.losses import build_loss
 from covid_tune.core.metrics import compute_metrics, tune_thresholds
-from covid_tune.data.preprocess import sigmoid
+from covid_tune.core.numeric import sigmoid
 from covid_tune.runs.reader import CHECKPOINT_SCORE, tie_broken
 from covid_tune.runs.folder import DIVERGED_FILE
 from covid_tune.runs.checkpoint import DamagedCheckpoint, load_checkpoint, load_optimizer, save_checkpoint

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from covid_tune.nn.augment import to_model_input
-from covid_tune.data.preprocess import (MEAN, STD, describe, logit, normalize, read_gray, sigmoid,
-                                   try_read)
+from covid_tune.data.preprocess import MEAN, STD, describe, normalize, read_gray, try_read
+from covid_tune.core.numeric import logit, sigmoid
 from helpers import encoded, image_like_bytes, save
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,

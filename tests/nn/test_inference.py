@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from covid_tune.core.space import TrialConfig
-from covid_tune.nn.inference import Device, build_for, load_model, predict_logits
+from covid_tune.nn.inference import build_for, load_model, predict_logits
+from covid_tune.nn.device import Device
 from covid_tune.runs.checkpoint import DamagedCheckpoint
 from covid_tune.training.trial import build_optimizer, write_checkpoint
 

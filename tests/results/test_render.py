@@ -8,8 +8,8 @@ import math
 import optuna
 
 from covid_tune.core.space import load_space
-from covid_tune.results.render import (cell, display_row, duration, markdown_table, optuna_label,
-                               reproduce_command)
+from covid_tune.results.render import cell, display_row, markdown_table, optuna_label, reproduce_command
+from covid_tune.core.units import duration
 from covid_tune.results.rows import TABLES, select_rows
 from covid_tune.search.define_by_run import define_by_run
 from test_rows import run, trial

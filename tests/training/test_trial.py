@@ -250,7 +250,7 @@ def test_a_last_batch_of_one_never_reaches_batchnorm():
     import numpy as np
 
     from covid_tune.data.dataset import Split
-    from covid_tune.nn.inference import Device
+    from covid_tune.nn.device import Device
     from covid_tune.training.trial import batches, build_training, train_one_epoch
 
     assert [len(b) for b in batches(17, 8, no_single=True)] == [8, 9]
@@ -313,7 +313,7 @@ def test_evaluating_the_object_stores_read_only_arrays_warns_of_nothing():
     import numpy as np
 
     from covid_tune.data.dataset import Split
-    from covid_tune.nn.inference import Device
+    from covid_tune.nn.device import Device
     from covid_tune.training.trial import build_training, evaluate
 
     rng = np.random.default_rng(0)
