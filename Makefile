@@ -1,6 +1,6 @@
 # Two promises: `make demo` runs a real sweep on generated data, `make test` runs the
 # test suite. Both build .venv from nothing first. torch/torchvision are installed with
-# pip on their own first so pip picks the pinned pair. `make soak` is the realistic
+# pip on their own first so pip picks the pinned pair (constraints.txt, kept for the rest). `make soak` is the realistic
 # tier: the real-timing tests (pytest -m realistic), then both shipped search spaces
 # through `covid-tune sweep` at a realistic size (`covid-tune bench --real`, figures in
 # soak.json; about 14 minutes on 2 CPU cores, measured in docs/benchmarks.md).
@@ -9,15 +9,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak venv clean
+.PHONY: demo test test-fast soak venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The tests that need no Ray cluster and take under a few seconds each (markers cluster,
+# slow): under a minute here.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not cluster and not slow and not soak and not realistic"
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m realistic

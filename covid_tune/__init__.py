@@ -3,7 +3,7 @@
 The public surface is this module and the ``covid-tune`` command.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from covid_tune import _moved
 

@@ -7,6 +7,10 @@ A ``UserError`` (bad data, bad YAML, bad flag) prints one line and exits with co
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
 import math
 import os
 import signal
@@ -14,28 +18,79 @@ import sys
 import tempfile
 import threading
 import traceback
+import types
+import typing
 from pathlib import Path
 
 from covid_tune.errors import Stalled, Stopped, UserError
 
-FLAG_MINIMUMS = {
-    "num_samples": (1, True), "max_epochs": (1, True), "image_size": (32, True),
-    "max_concurrent": (1, True), "max_failures": (-1, True), "seed": (0, True),
-    "cpus_per_trial": (0, False), "gpus_per_trial": (0, True), "scale": (0, False),
-    "size": (32, True),
-}
-"""Numeric flag -> (least value, whether the least value itself is allowed)."""
+
+class AtLeast(argparse.Action):
+    """A numeric flag with a least value (``inclusive=False``: it must be more): one out
+    of range, or not a finite number, is refused by name as it is parsed (a UserError,
+    so one ``covid-tune: error:`` line and exit 2)."""
+
+    def __init__(self, *args, least: float, inclusive: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.least, self.inclusive = least, inclusive
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        least = self.least
+        if not math.isfinite(value) or value < least or (value == least and not self.inclusive):
+            bound = f"at least {least}" if self.inclusive else f"more than {least}"
+            raise UserError(f"{option_string} {value}: out of range; use {bound}")
+        setattr(namespace, self.dest, value)
 
 
-def check_flags(args) -> None:
-    """Refuse a numeric flag that is out of range, or not a finite number, by name."""
-    for name, (least, allowed) in FLAG_MINIMUMS.items():
-        value = getattr(args, name, None)
-        if value is None:
+def field_docs(cls) -> dict[str, str]:
+    """Each field of the dataclass ``cls`` -> the docstring under it in its source."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: inspect.cleandoc(after.value.value)
+            for node, after in itertools.pairwise(body)
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)}
+
+
+def add_option_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = (),
+                     **helps: str) -> None:
+    """A flag for each ``SweepOptions`` field (or the fields ``names``), all from the
+    field: ``--num-samples`` for ``num_samples`` (or ``metadata["flag"]``), required
+    without a default, its type and default, its least value (``record.at_least``) and
+    its docstring as the help, unless ``helps`` gives a command's own."""
+    from covid_tune.runs.record import SweepOptions
+
+    hints, docs = typing.get_type_hints(SweepOptions), field_docs(SweepOptions)
+    for f in dataclasses.fields(SweepOptions):
+        if names and f.name not in names:
             continue
-        if not math.isfinite(value) or value < least or (value == least and not allowed):
-            bound = f"at least {least}" if allowed else f"more than {least}"
-            raise UserError(f"--{name.replace('_', '-')} {value}: out of range; use {bound}")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        required = f.default is dataclasses.MISSING
+        text = " ".join(helps.get(f.name, docs[f.name]).replace("``", "").split())
+        if not required and f.default is not None and f.default is not False and f.default != "":
+            text = f"{text.rstrip('.')} (default: {f.default})."
+        kwargs = {"dest": f.name, "help": text.replace("%", "%%")}
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
+                    if t is not types.NoneType)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", **kwargs)
+            continue
+        kwargs["metavar"] = flag[2:].upper().replace("-", "_")
+        if "least" in f.metadata:
+            kwargs.update(action=AtLeast, **f.metadata)
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        parser.add_argument(flag, type=kind, **kwargs)
+
+
+def sweep_options(args):
+    """The ``SweepOptions`` of a parsed ``sweep`` command line (``add_option_flags``)."""
+    from covid_tune.runs.record import SweepOptions
+
+    return SweepOptions(**{f.name: getattr(args, f.name)
+                           for f in dataclasses.fields(SweepOptions)})
 
 
 def require_writable(path: str, flag: str, file: bool = False) -> None:
@@ -86,19 +141,6 @@ def cmd_synth(args) -> int:
     print(f"wrote {total} images to {args.out} ({args.layout or args.task} layout)")
     print(PHANTOM_NOTE)
     return 0
-
-
-def sweep_options(args):
-    from covid_tune.runs.record import SweepOptions
-
-    return SweepOptions(
-        space_file=args.space, data=args.data, name=args.name or "",
-        storage_path=args.storage_path, num_samples=args.num_samples,
-        max_epochs=args.max_epochs, image_size=args.image_size, pretrained=args.pretrained,
-        max_concurrent=args.max_concurrent, address=args.address,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        seed=args.seed, max_failures=args.max_failures, strict=args.strict,
-        shared_storage=args.shared_storage, verbose=args.verbose)
 
 
 def cmd_sweep(args) -> int:
@@ -224,51 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic phantom dataset")
     p.add_argument("out")
     p.add_argument("--task", choices=["binary", "multilabel"], required=True)
-    p.add_argument("--scale", type=float, default=0.05, help="fraction of the real counts")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=0.05, action=AtLeast, least=0,
+                   inclusive=False, help="fraction of the real counts")
+    p.add_argument("--size", type=int, default=128, action=AtLeast, least=32,
+                   help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, action=AtLeast, least=0)
     p.add_argument("--layout", help="a published layout to write instead of the "
                                     "assignment's, e.g. kaggle-pneumonia, or csv-manifest")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("sweep", help="run a hyperparameter search")
-    p.add_argument("--space", required=True,
-                   help="search-space YAML file, or a shipped space: binary, multilabel, demo")
-    p.add_argument("--data", required=True,
-                   help="dataset root folder, or a CSV manifest (path,labels[,split])")
-    p.add_argument("--name", help="run name (default: <task>-<time>)")
-    p.add_argument("--storage-path", default="runs",
-                   help="where runs live: a path, or s3:// gs:// URI (default: ./runs)")
-    p.add_argument("--num-samples", type=int, help="trials to run (overrides the file)")
-    p.add_argument("--max-epochs", type=int, help="override the file's max_epochs")
-    p.add_argument("--image-size", type=int, help="override the file's image_size")
-    p.add_argument("--pretrained", help="imagenet, none, or a local state-dict file")
-    p.add_argument("--max-concurrent", type=int, help="most trials at once")
-    p.add_argument("--address", help="Ray cluster address (default: Ray on this machine)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial; 0.25 packs four trials on a GPU")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="retries of a crashed trial from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
-    p.add_argument("--shared-storage", action="store_true",
-                   help="trust that --storage-path is shared by every node (skip the probe)")
-    p.add_argument("--verbose", action="store_true",
-                   help="Ray Tune's per-trial tables instead of one status line per change")
+    add_option_flags(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
     p.add_argument("run_dir")
-    p.add_argument("--address", help="Ray cluster address (default: the one the sweep used)")
+    add_option_flags(p, ("address",), address="The Ray cluster to join (auto, HOST:PORT); "
+                                               "none: the one the sweep used.")
     add_data_flags(p, many=False)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("leaderboard", help="tables of the best trials, as the assignment's")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="folder for leaderboard.md/.csv/.parquet and charts "
-                                 "(default: <first run>/leaderboard)")
+                                 "(default: <first run>/leaderboard; for a run in object "
+                                 "storage, ./leaderboard-<name>)")
     add_data_flags(p, many=True)
     p.set_defaults(func=cmd_leaderboard)
 
@@ -299,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesise data and run a small real sweep")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--name", default="demo")
-    p.add_argument("--scale", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=0.02, action=AtLeast, least=0,
+                   inclusive=False, help="fraction of the real counts")
+    add_option_flags(p, ("seed",), seed="Seeds the phantom data and the sweep.")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -311,14 +335,14 @@ def terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, args = build_parser(), None
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
-        check_flags(args)
+        args = parser.parse_args(argv)  # a flag out of range is a UserError (AtLeast)
         return args.func(args)
     except UserError as exc:
-        if args.debug:
+        if args is not None and args.debug:
             traceback.print_exc()
         print(f"covid-tune: error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the Ray cluster, directly or through a fixture (``swept``,
+    ``exported``), is marked ``cluster``: ``make test-fast`` leaves these out."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def decode_cache(tmp_path_factory):
     """Keep the decode cache inside the test session's temp folder."""

@@ -121,9 +121,39 @@ def test_sweep_with_wrong_layout(tmp_path, capsys, multilabel_data, monkeypatch)
     ("--gpus-per-trial", "-0.5", "--gpus-per-trial -0.5: out of range; use at least 0"),
     ("--max-concurrent", "0", "--max-concurrent 0: out of range; use at least 1"),
     ("--max-failures", "-2", "--max-failures -2: out of range; use at least -1"),
+    ("--keep-checkpoints", "0", "--keep-checkpoints 0: out of range; use at least 1"),
+    ("--seed", "-1", "--seed -1: out of range; use at least 0"),
 ])
 def test_out_of_range_sweep_flags(capsys, flag, value, expected):
     assert expected in refused(capsys, "sweep", "--space", "x.yaml", "--data", "d", flag, value)
+
+
+def test_every_sweep_option_is_a_flag_with_the_field_default_and_docstring(capsys):
+    """The flags are made from ``SweepOptions``: a new field is a new flag, its default
+    and help those of the field, with no second list to keep in step."""
+    from dataclasses import fields
+
+    from covid_tune.cli import build_parser, sweep_options
+
+    parse = build_parser().parse_args
+    assert sweep_options(parse(["sweep", "--space", "s.yaml", "--data", "d"])) == \
+        SweepOptions(space_file="s.yaml", data="d")
+    given = {"--space": "s.yaml", "--data": "d", "--name": "r", "--storage-path": "out",
+             "--num-samples": "3", "--max-epochs": "4", "--image-size": "64",
+             "--pretrained": "none", "--max-concurrent": "2", "--address": "auto",
+             "--cpus-per-trial": "0.5", "--gpus-per-trial": "0.25", "--seed": "7",
+             "--max-failures": "-1", "--keep-checkpoints": "3"}
+    switches = ["--strict", "--shared-storage", "--verbose"]
+    opts = sweep_options(parse(["sweep", *(w for kv in given.items() for w in kv), *switches]))
+    assert len(given) + len(switches) == len(fields(SweepOptions))
+    assert opts == SweepOptions(
+        space_file="s.yaml", data="d", name="r", storage_path="out", num_samples=3,
+        max_epochs=4, image_size=64, pretrained="none", max_concurrent=2, address="auto",
+        cpus_per_trial=0.5, gpus_per_trial=0.25, seed=7, max_failures=-1,
+        keep_checkpoints=3, strict=True, shared_storage=True, verbose=True)
+    with pytest.raises(SystemExit):
+        parse(["sweep", "--help"])
+    assert "Checkpoints Ray keeps per running trial" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("argv, expected", [

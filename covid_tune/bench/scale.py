@@ -1,7 +1,7 @@
 """``covid-tune bench``'s scale parts: what a sweep costs the driver as trials grow.
 
-- ``driver``: the real searcher (``search.build_searcher``: TPE in ``SweepSearch``,
-  the study persisted to ``optuna.db``) and the real scheduler (``sweep.build_scheduler``:
+- ``driver``: the real searcher (``search.searcher.build_searcher``: TPE in ``SweepSearch``,
+  the study persisted to ``optuna.db``) and the real scheduler (``search.sweep.build_scheduler``:
   ASHA) driven directly with simulated trials: no Ray, no training. Each simulated
   trial reports one score per epoch, drawn from its configuration plus noise, until ASHA
   stops it or it reaches ``max_epochs``. The bench times every call the driver makes
@@ -70,7 +70,7 @@ def simulate_driver(trials: int, concurrency: int, folder: Path, window: int = 1
     folder.mkdir(parents=True, exist_ok=True)
     study_file = str(folder / STUDY_FILE)
     searcher = build_searcher(space, study_file, "sim", seed, None)
-    scheduler = build_scheduler(space)
+    scheduler = build_scheduler(space, searcher)
     rng = np.random.default_rng(seed)
     running: dict[str, tuple[SimpleNamespace, dict, float, int]] = {}
     costs = {"suggest": [], "result": [], "complete": []}
@@ -115,7 +115,7 @@ def simulate_driver(trials: int, concurrency: int, folder: Path, window: int = 1
             running[trial_id] = (trial, config, mean, epoch)
     wall = time.perf_counter() - started
     tick = time.perf_counter()  # what the plain way paid per completion by now: a full copy
-    study_as_sqlite(searcher._ot_study)
+    study_as_sqlite(searcher.study)
     plain = time.perf_counter() - tick
     windows = []
     for start in range(0, trials, window):

@@ -25,8 +25,7 @@ from covid_tune.nn.models import WithFeatures, cam_spec
 from covid_tune.bundle.format import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,
                                      write_card)
 from covid_tune.data.preprocess import describe
-from covid_tune.runs.reader import RunInfo, TrialRecord, choose_datasets, read_run
-from covid_tune.results.rows import best_overall, chooser
+from covid_tune.runs.reader import best_overall, chooser, RunInfo, TrialRecord, choose_datasets, read_run
 from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
 
 RTOL, ATOL = 1e-3, 1e-4
@@ -56,7 +55,7 @@ def export_model(run: RunInfo, record: TrialRecord, folder: Path,
                  data_root: Path | None = None) -> Path:
     """Write the five files of one exported model; return the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = load_model(record.checkpoint)
+    model = load_model(record.local_checkpoint())
     size = int(record.config["image_size"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
     _, checks = write_program(model, folder / PROGRAM_FILE, size)

@@ -129,7 +129,9 @@ def multilabel_metrics(
 
 def compute_metrics(task: Task, targets: np.ndarray, outputs: np.ndarray,
                     threshold_logits: dict[str, float] | None = None) -> dict:
-    """Metrics of ``task`` from raw logits: binary (N, 2) or multilabel (N, K).
+    """Metrics of ``task`` from raw logits: binary (N, 2) or multilabel (N, K): the
+    names ``task.metrics`` declares (all but ``loss``, which training adds), and
+    ``confusion``.
 
     Binary targets are class indices, (N,) or (N, 1); multilabel targets are (N, K) bits.
     ``threshold_logits`` maps labels (binary: ``infected``) to their decision threshold

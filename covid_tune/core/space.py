@@ -55,7 +55,6 @@ TABLE_PARAMS = ("backbone", "loss")
 """Hyperparameters the assignment's tables group by; the others are extra columns."""
 
 FOCAL_PARAMS = ("focal_alpha", "focal_gamma")
-TASK_LOSSES = {"binary": ("ce",), "multilabel": ("bce", "focal")}
 PARAM_DEFAULTS: dict[str, Any] = {
     "frozen_layers": 0,
     "lr": 1e-3,
@@ -81,17 +80,6 @@ ASHA_KEYS = ("grace_period", "reduction_factor")
 AUGMENT_KEYS = ("rotation", "scale", "ratio", "flip")
 RANGE_KEYS = ("low", "high", "log", "step")
 
-TASK_METRICS = {
-    "binary": ("loss", "accuracy", "f1", "precision", "recall", "auroc", "ap"),
-    "multilabel": (
-        "loss", "accuracy", "f1", "macro_f1", "samples_f1", "hamming_loss",
-        "f1_covid", "f1_normal", "f1_pneumonia", "auroc", "ap",
-        "auroc_covid", "auroc_normal", "auroc_pneumonia",
-        "ap_covid", "ap_normal", "ap_pneumonia",
-    ),
-}
-"""What each task's trials report, prefixed ``train_``, ``val_`` and, when the space
-holds out a selection split, ``sel_``."""
 SPLIT_PREFIXES = {"train": "train", "selection": "sel", "validation": "val", "test": "test"}
 """Split name -> the prefix of its metrics."""
 LOWER_IS_BETTER = ("loss", "hamming_loss")
@@ -503,7 +491,7 @@ def _metric(raw: dict, task: str | None, selection: Selection, problems: Problem
     metric = raw.get("metric", default)
     if task is None:
         return metric if isinstance(metric, str) else default
-    names = TASK_METRICS[task]
+    names = TASKS[task].metrics
     if isinstance(metric, str) and metric.split("_", 1)[-1] in names:
         prefix = metric.split("_", 1)[0]
         if prefix == "val" and selection.holdout:
@@ -785,7 +773,7 @@ def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[
 def _check_loss(params: dict[str, Param], task: str | None, problems: Problems) -> None:
     if task is None:
         return
-    valid = TASK_LOSSES[task]
+    valid = TASKS[task].losses
     params.setdefault("loss", Fixed(valid[0]))
     losses = _values(params["loss"])
     for loss in losses:

@@ -31,6 +31,23 @@ class Task:
     """Splits with class sub-folders; any other split is a flat folder of images."""
     default_metric: str
     """The metric a space ranks by when it names none."""
+    losses: tuple[str, ...]
+    """The losses a space may name (``covid_tune.nn.losses.LOSSES`` builds them); the
+    first is the default."""
+    split_metrics: tuple[str, ...]
+    """What ``covid_tune.core.metrics.compute_metrics`` returns of the whole split
+    (``confusion`` aside), in its order."""
+    label_metrics: tuple[str, ...] = ()
+    """What it returns of each label too, as ``<metric>_<label>``."""
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric a trial reports of a split, prefixed ``train_``, ``val_`` and, when
+        the space holds out a selection split, ``sel_``: the epoch's mean ``loss``, then
+        ``split_metrics``, then each of ``label_metrics`` per label."""
+        per_label = tuple(f"{metric}_{label}" for metric in self.label_metrics
+                          for label in self.label_names)
+        return ("loss", *self.split_metrics, *per_label)
 
     @property
     def multilabel(self) -> bool:
@@ -52,6 +69,8 @@ BINARY = Task(
     targets={"normal": (0,), "infected": (1,)},
     labelled_splits=("train", "validation", "test"),
     default_metric="val_f1",
+    losses=("ce",),
+    split_metrics=("accuracy", "f1", "precision", "recall", "auroc", "ap"),
 )
 
 MULTILABEL = Task(
@@ -62,6 +81,9 @@ MULTILABEL = Task(
     targets={"covid-19": (1, 0, 1), "normal": (0, 1, 0), "pneumonia": (0, 0, 1)},
     labelled_splits=("train", "validation"),
     default_metric="val_macro_f1",
+    losses=("bce", "focal"),
+    split_metrics=("accuracy", "hamming_loss", "macro_f1", "samples_f1", "f1", "auroc", "ap"),
+    label_metrics=("f1", "auroc", "ap"),
 )
 
 TASKS = {t.name: t for t in (BINARY, MULTILABEL)}

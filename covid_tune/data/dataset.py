@@ -334,25 +334,22 @@ SPLIT_SEED = 0
 
 def split_collection(refs: list[ImageFileRef], root: Path, kind: FolderLayout,
                      assigned: dict[str, str]) -> dict[str, list[ImageFileRef]]:
-    """Split a collection into train and ``kind.made_splits``: each class on its own,
-    in name order, shuffled with ``SPLIT_SEED``; each made split takes its fraction
-    (at least one image of every class that has two or more). Files ``assigned`` a
-    split (a run's record) keep it."""
+    """Split a collection into train and ``kind.made_splits``, stratified by class
+    (``stratified_parts`` with ``SPLIT_SEED``, files in name order): each made split
+    takes its fraction of every class (at least one image of a class that has two or
+    more). Files ``assigned`` a split (a run's record) keep it."""
     files: dict[str, list[ImageFileRef]] = {"train": [], **{s: [] for s, _ in kind.made_splits}}
     pending = []
     for ref in refs:
         split = assigned.get(_rel(ref.path, root))
         (files[split] if split in files else pending).append(ref)
-    rng = np.random.default_rng(SPLIT_SEED)
-    for cls in sorted({ref.class_dir for ref in pending}):
-        members = sorted((r for r in pending if r.class_dir == cls),
-                         key=lambda r: _rel(r.path, root))
-        order = [members[i] for i in rng.permutation(len(members))]
-        for split, fraction in kind.made_splits:
-            count = min(max(round(fraction * len(members)), 1), len(order) - 1)
-            files[split] += order[:max(count, 0)]
-            order = order[max(count, 0):]
-        files["train"] += order
+    pending.sort(key=lambda r: _rel(r.path, root))
+    parts = stratified_parts([ref.class_dir for ref in pending],
+                             [fraction for _, fraction in kind.made_splits], SPLIT_SEED)
+    for (split, _), part in zip(kind.made_splits, parts):
+        files[split] += [pending[i] for i in part]
+    drawn = {i for part in parts for i in part}
+    files["train"] += [ref for i, ref in enumerate(pending) if i not in drawn]
     return {split: sorted(refs_, key=lambda r: _rel(r.path, root))
             for split, refs_ in files.items()}
 
@@ -468,14 +465,35 @@ def hold_out(split: Split, fraction: float, seed: int) -> list[str]:
     """
     order = np.argsort(np.asarray(split.names))
     targets = split.targets.reshape(len(split), -1)[order]
-    _, group = np.unique(targets, axis=0, return_inverse=True)
+    (picked,) = stratified_parts([tuple(row) for row in targets.tolist()], [fraction], seed)
+    return sorted(split.names[order[i]] for i in picked)
+
+
+def stratified_parts(strata: list, fractions: list[float], seed: int) -> list[list[int]]:
+    """Seeded, stratified parts of a list of items: for each fraction, the positions of
+    the items it takes; the items no part takes are the rest.
+
+    ``strata[i]`` is item ``i``'s stratum (a class, or a tuple of label bits); the
+    items come in a fixed order (by name), so the draw depends only on them and
+    ``seed``. Strata are taken in sorted order and each is shuffled with one
+    ``numpy.random.default_rng(seed)``; then each part in turn takes ``round(fraction
+    * n)`` of the stratum's ``n`` items, at least one, but always leaves one behind for
+    the rest (a stratum of a single item stays whole in the rest). ``hold_out`` and
+    ``split_collection`` both draw with it; runs record what it drew.
+    """
     rng = np.random.default_rng(seed)
-    picked = []
-    for g in range(int(group.max()) + 1 if len(group) else 0):
-        members = order[group.ravel() == g]
-        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
-        picked += members[rng.permutation(len(members))[:count]].tolist()
-    return sorted(split.names[i] for i in picked)
+    members: dict = {}
+    for i, stratum in enumerate(strata):
+        members.setdefault(stratum, []).append(i)
+    parts: list[list[int]] = [[] for _ in fractions]
+    for stratum in sorted(members):
+        group = members[stratum]
+        order = [group[i] for i in rng.permutation(len(group))]
+        for part, fraction in zip(parts, fractions):
+            count = max(min(max(round(fraction * len(group)), 1), len(order) - 1), 0)
+            part += order[:count]
+            order = order[count:]
+    return parts
 
 
 def with_selection(bundle: DataBundle, names: list[str]) -> DataBundle:

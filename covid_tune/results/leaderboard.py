@@ -32,9 +32,9 @@ from covid_tune.core.plots import write_chart, write_confusion, write_roc
 from covid_tune.bundle.cam import explain, grad_cam, write_overlays
 from covid_tune.results.render import (ROC_OF, cam_file, chart_file, confusion_file, reproduce_command,
                                roc_file, table_record, task_section, write_tables)
-from covid_tune.runs.reader import DataChoice, RunInfo, choose_datasets, read_run
-from covid_tune.results.rows import (TABLES, Row, TableSpec, best_overall, scored_splits,
-                                  select_rows, table_spec)
+from covid_tune.runs.folder import STUDY_FILE
+from covid_tune.runs.reader import best_overall, DataChoice, RunInfo, choose_datasets, read_run
+from covid_tune.results.rows import (TABLES, Row, TableSpec, scored_splits, pick_rows, table_spec)
 from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
 
 
@@ -48,7 +48,7 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     previous leaderboard as it was."""
     runs = [read_run(d) for d in run_dirs]
     choices = choose_datasets(runs, data or [], allow_changed_data)
-    folder = Path(out).resolve() if out else runs[0].path / "leaderboard"
+    folder = Path(out).resolve() if out else default_folder(runs[0])
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
@@ -56,12 +56,20 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
         raise UserError(cannot_write(folder, exc)) from None
     try:
         text = write_files(runs, choices, folder, stage)
-        publish(stage, folder)
+        move_staged(stage, folder)
     except OSError as exc:
         raise UserError(cannot_write(folder, exc)) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return text + f"\nWritten to {folder}/ (leaderboard.md, .csv, .parquet and PNGs)\n"
+
+
+def default_folder(run: RunInfo) -> Path:
+    """``<run>/leaderboard`` for a run on this machine; ``./leaderboard-<run name>`` for
+    one on object storage (the files are written here, where they are read)."""
+    if run.folder.is_local:
+        return run.folder.local("leaderboard")
+    return Path(f"leaderboard-{run.name}").resolve()
 
 
 def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Path,
@@ -72,7 +80,7 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
     for task in (t for t in TABLES if any(r.task == t for r in runs)):
         task_runs = [r for r in runs if r.task == task]
         spec = table_spec(task, task_runs)
-        rows = select_rows(spec, task_runs)
+        rows = pick_rows(spec, task_runs)
         for index, row in enumerate(rows):
             choice = choices[row.run.name]
             bundle = dataset_for(choice, row, bundles)
@@ -120,7 +128,7 @@ def write_cams(spec: TableSpec, row: Row, bundle: DataBundle | None, path: Path)
     from covid_tune.nn.device import Device
     from covid_tune.nn.models import cam_spec
 
-    model = load_model(row.record.checkpoint)
+    model = load_model(row.record.local_checkpoint())
     picks = cam_picks(data.targets, CAM_IMAGES)
     logits, features = logits_and_features(model, data.images[picks], Device.pick())
     cam = cam_spec(model)
@@ -148,7 +156,7 @@ def cam_picks(targets, count: int) -> list[int]:
     return (firsts + rest)[:count]
 
 
-def publish(stage: Path, folder: Path) -> None:
+def move_staged(stage: Path, folder: Path) -> None:
     """Move every file of ``stage`` to the same place under ``folder`` (renames on one
     file system: no space needed, each file replaced whole)."""
     for path in sorted(p for p in stage.rglob("*") if p.is_file()):
@@ -194,7 +202,7 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
     from covid_tune.nn.device import Device
 
     device = Device.pick()
-    model = load_model(record.checkpoint).to(device.torch)
+    model = load_model(record.local_checkpoint()).to(device.torch)
     task, scores = TASKS[record.task], {}
     for split in spec.splits:
         data = bundle.splits.get(split)
@@ -225,15 +233,25 @@ def param_importances(run: RunInfo) -> tuple[dict[str, float], str]:
     """Optuna's importances for the run's study, or a note saying why there are none."""
     import optuna
 
-    if not run.study_path.is_file():
-        return {}, f"No Optuna study found ({run.study_path.name} is missing)."
+    if not run.folder.exists(STUDY_FILE):
+        return {}, f"No Optuna study found ({STUDY_FILE} is missing)."
+    level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run.study_path}")
+        with run.folder.local_file(STUDY_FILE) as study_file:  # a copy, for object storage
+            return study_importances(optuna, study_file, run)
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def study_importances(optuna, study_file: Path, run: RunInfo) -> tuple[dict[str, float], str]:
+    """``param_importances`` on a local copy of the study file."""
+    try:
+        study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{study_file}")
         complete = study.get_trials(deepcopy=False,
                                     states=(optuna.trial.TrialState.COMPLETE,))
     except Exception as exc:  # a damaged SQLite file fails in SQLAlchemy's many ways
-        return {}, f"The Optuna study {run.study_path.name} cannot be read ({type(exc).__name__})."
+        return {}, f"The Optuna study {STUDY_FILE} cannot be read ({type(exc).__name__})."
     if len(complete) < 2:
         return {}, (f"Too few trials for importances: {len(complete)} ran to max_epochs, "
                     f"at least 2 are needed. Run more trials (--num-samples).")

@@ -92,12 +92,6 @@ def scored_splits(spec: TableSpec, rows: list[Row]) -> TableSpec:
                                       if any(s in row.scores for row in rows)))
 
 
-def chooser(run: RunInfo) -> str:
-    """The split that chose the run's trials, epochs and thresholds: ``selection`` or
-    ``validation``."""
-    return run.space.selection.split
-
-
 @dataclass
 class Row:
     """One table row: a group's best checkpoint, then its scores per split."""
@@ -124,7 +118,7 @@ class Row:
         return best_trial(trials, self.run.metric, self.run.mode) if trials else None
 
 
-def select_rows(spec: TableSpec, runs: list[RunInfo]) -> list[Row]:
+def pick_rows(spec: TableSpec, runs: list[RunInfo]) -> list[Row]:
     """Group every trial of the task's runs; each group's best checkpoint, in table order.
 
     Rows are chosen by the first run's metric (``notes`` says so if runs differ)."""
@@ -139,13 +133,6 @@ def select_rows(spec: TableSpec, runs: list[RunInfo]) -> list[Row]:
         best = best_trial(groups[key], metric, mode)
         rows.append(Row(best, by_name[best.run], spec.group_name(best.config), groups[key]))
     return rows
-
-
-def best_overall(runs: list[RunInfo]) -> tuple[RunInfo, TrialRecord]:
-    """The best trial over the runs of one task, by the first run's metric."""
-    trials = [t for run in runs for t in run.trials]
-    record = best_trial(trials, runs[0].metric, runs[0].mode)
-    return next(r for r in runs if r.name == record.run), record
 
 
 def extra_params(config: dict) -> dict:

@@ -26,7 +26,8 @@ the trial's seeded initialisation (recorded by the seed and the SHA-256 of those
 tensors). A reader rebuilds them (``covid_tune.nn.inference.load_model``) and refuses
 clearly when the base is missing or differs.
 
-One module per job: ``folder`` (file names), ``record`` (``sweep.json``, ``space.yaml``,
+One module per job: ``folder`` (file names, and ``RunFolder``, through which every
+reader opens a run wherever the sweep wrote it), ``record`` (``sweep.json``, ``space.yaml``,
 ``dataset.json``), ``checkpoint`` (the checkpoint format), ``retention`` (which
 checkpoints a trial keeps), ``reader`` (a whole run, ranking, the dataset to score on),
 ``ray_state`` (Ray Tune's snapshot), ``lock`` and ``storage``. The training side writes

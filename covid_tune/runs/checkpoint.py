@@ -64,8 +64,18 @@ RECIPE_KEYS = {"epoch": int, "config": dict, "metrics": dict}
 def parse_recipe(folder: Path) -> dict:
     """A checkpoint's ``recipe.json``, its shape checked, files not checked."""
     try:
-        recipe = json.loads((folder / RECIPE_FILE).read_text())
-    except (OSError, ValueError) as exc:
+        data = (folder / RECIPE_FILE).read_bytes()
+    except OSError as exc:
+        raise DamagedCheckpoint(f"{folder}: no readable {RECIPE_FILE} ({brief(exc)})") from None
+    return parse_recipe_bytes(data, folder)
+
+
+def parse_recipe_bytes(data: bytes, folder: str | Path) -> dict:
+    """``parse_recipe`` of a ``recipe.json`` already read (from any storage); ``folder``
+    names the checkpoint in messages."""
+    try:
+        recipe = json.loads(data)
+    except ValueError as exc:
         raise DamagedCheckpoint(f"{folder}: no readable {RECIPE_FILE} ({brief(exc)})") from None
     if not isinstance(recipe, dict) or not all(
             isinstance(recipe.get(k), t) for k, t in RECIPE_KEYS.items()):

@@ -12,10 +12,11 @@ from covid_tune.core.space import DataSpec, SearchSpace
 from covid_tune.data.csv_manifest import is_manifest
 from covid_tune.data.dataset import Layout, manifest, scan
 from covid_tune.core.numeric import logit
+from covid_tune.core.ranking import rank_key
 from covid_tune.errors import UserError
-from covid_tune.runs.checkpoint import RECIPE_FILE, DamagedCheckpoint, parse_recipe
-from covid_tune.runs.folder import DATASET_FILE, RESULT_FILE, STUDY_FILE
-from covid_tune.runs.ray_state import newest_ray_state
+from covid_tune.runs.checkpoint import RECIPE_FILE, DamagedCheckpoint, parse_recipe_bytes
+from covid_tune.runs.folder import DATASET_FILE, RESULT_FILE, STUDY_FILE, RunFolder
+from covid_tune.runs.ray_state import trial_states
 from covid_tune.runs.record import (
     SweepRecord,
     manifest_fingerprint,
@@ -25,7 +26,6 @@ from covid_tune.runs.record import (
     read_space,
     read_splits,
 )
-from covid_tune.runs.storage import is_uri, read_bytes
 
 # which dataset folder a run's results are scored on ------------------------------
 
@@ -40,7 +40,7 @@ class DataChoice:
     """The scan of ``root`` the check was made on, for ``load_dataset`` to decode."""
 
 
-def choose_data(run_dir: str, record: SweepRecord, task: str, data: str | None = None,
+def choose_data(run_dir: str | RunFolder, record: SweepRecord, task: str, data: str | None = None,
                 allow_changed: bool = False, required: bool = False,
                 spec: DataSpec | None = None) -> DataChoice:
     """The run's dataset: ``data`` (a moved copy) or the recorded folder, checked
@@ -95,7 +95,9 @@ class TrialRecord:
     trial_id: str
     config: dict
     """The resolved ``TrialConfig`` as a dict (from the checkpoint's recipe)."""
-    checkpoint: Path
+    checkpoint: Path | str
+    """The checkpoint folder: a local path, or a URI shown without query or credentials
+    (``local_checkpoint`` gives a copy on this machine)."""
     epoch: int
     metrics: dict
     """What the trial reported at that epoch (``train_*``, ``val_*``, timings)."""
@@ -112,10 +114,19 @@ class TrialRecord:
     threshold_rule: dict = field(default_factory=dict)
     """How they were tuned: ``rule``, ``target``, ``split`` and the ``untuned`` labels
     (no positive or no negative on that split, so left at 0.5)."""
+    source: RunFolder | None = field(default=None, repr=False, compare=False)
+    """The trial's folder, where the checkpoint is read from."""
 
     @property
     def task(self) -> str:
         return self.config["task"]
+
+    def local_checkpoint(self) -> Path:
+        """The checkpoint folder on this machine, for ``load_model``: itself, or a copy
+        checked against its recipe (``RunFolder.local_checkpoint``)."""
+        if self.source is None or self.source.is_local:
+            return Path(self.checkpoint)
+        return self.source.local_checkpoint(str(self.checkpoint).rsplit("/", 1)[-1])
 
     def score(self, metric: str) -> float:
         value = self.metrics.get(metric, math.nan)
@@ -126,7 +137,8 @@ class TrialRecord:
 class RunInfo:
     """What ``read_run`` found in one run folder."""
 
-    path: Path
+    path: Path | str
+    """The run folder: a local path, or a URI shown without query or credentials."""
     name: str
     record: SweepRecord
     space: SearchSpace
@@ -139,6 +151,12 @@ class RunInfo:
     snapshot; empty when there is none to read."""
     selection: list[str] = field(default_factory=list)
     """The Train images held out as the selection split (empty: validation chose)."""
+    folder: RunFolder | None = field(default=None, repr=False, compare=False)
+    """The run folder, opened (``path`` opened when not given)."""
+
+    def __post_init__(self):
+        if self.folder is None:
+            self.folder = RunFolder(self.path)
 
     def summary(self) -> str:
         """``12 trials, 2 failed`` (every trial Ray knows, not only the usable ones)."""
@@ -159,52 +177,39 @@ class RunInfo:
         return self.space.mode
 
     @property
-    def study_path(self) -> Path:
-        return self.path / STUDY_FILE
+    def study_path(self) -> Path | str:
+        """Where the run's Optuna study is (``folder.local_file`` gives a local copy)."""
+        return self.folder.local(STUDY_FILE) if self.folder.is_local else \
+            self.folder.where(STUDY_FILE)
 
 
-def read_run(run_dir: str | Path) -> RunInfo:
-    """Every trial of a run at its best checkpoint; UserError if there is none."""
-    if is_uri(str(run_dir)):
-        raise UserError(f"{run_dir}: read a local copy of the run; download it first (for "
-                        f"instance `aws s3 sync` or `gsutil rsync`) and pass that folder")
-    path = Path(run_dir).expanduser().resolve()
-    record = read_record(str(path))
-    space = read_space(str(path), record)
-    name = record.options.name or path.name
+def read_run(run_dir: str | Path | RunFolder) -> RunInfo:
+    """Every trial of a run at its best checkpoint, wherever the run is (a local path, or
+    a ``file://``, ``s3://`` or ``gs://`` URI); UserError if there is none."""
+    run = RunFolder(run_dir)
+    record = read_record(run)
+    space = read_space(run, record)
+    name = record.options.name or run.name
     trials, notes = [], []
-    for folder in sorted(path.glob("trial_*")):
-        record_, why = read_trial(folder, name, space)
+    for trial in run.trial_folders():
+        record_, why = read_trial(run.sub(trial), name, space)
         if record_ is None:
-            notes.append(f"{folder.name}: {why}; left out")
+            notes.append(f"{trial}: {why}; left out")
             continue
         if why:
-            notes.append(f"{folder.name}: {why}")
+            notes.append(f"{trial}: {why}")
         record_.hand_grid = any(matches(record_.config, row) for row in space.start_with)
         trials.append(record_)
     if not trials:
-        raise UserError(f"{path}: no trial of this run has a usable checkpoint yet; wait "
-                        f"for the first epoch to end, or check the trials' error.txt files")
-    states = trial_states(str(path))
+        raise UserError(f"{run.where()}: no trial of this run has a usable checkpoint yet; "
+                        f"wait for the first epoch to end, or check the trials' error.txt "
+                        f"files")
+    states = trial_states(run)
     if not states:
         notes.append("Ray Tune's snapshot of the run (experiment_state-*.json) is missing or "
                      "cannot be read, so failed trials are not counted")
-    return RunInfo(path, name, record, space, trials, notes, states,
-                   read_selection(str(path), space))
-
-
-def trial_states(run_dir: str) -> dict[str, str]:
-    """Trial id -> status from Ray Tune's newest snapshot of the run (plain JSON); empty
-    if there is none or it cannot be read (the leaderboard then counts what it finds)."""
-    newest = newest_ray_state(run_dir)
-    if newest is None:
-        return {}
-    try:
-        snapshot = json.loads(read_bytes(newest))
-        trials = [json.loads(entry[0]) for entry in snapshot["trial_data"]]
-        return {str(t["trial_id"]): str(t["status"]) for t in trials}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return {}
+    return RunInfo(run.local() if run.is_local else run.where(), name, record, space, trials,
+                   notes, states, read_selection(run, space), folder=run)
 
 
 def matches(config: dict, row: dict) -> bool:
@@ -220,17 +225,21 @@ def matches(config: dict, row: dict) -> bool:
     return True
 
 
-def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord | None, str]:
+def read_trial(folder: Path | str | RunFolder, run: str,
+               space: SearchSpace) -> tuple[TrialRecord | None, str]:
     """A trial's best kept checkpoint by the run's metric, or ``None``; and what a
     reader should know (why none, or which checkpoints were passed over).
 
     Checkpoints whose recipe is damaged are passed over; their weights are checked
     only when a reader loads them (``load_checkpoint``)."""
+    trial = RunFolder(folder)
     recipes, damaged = [], 0
-    for checkpoint in sorted(p for p in folder.glob("checkpoint_*") if p.is_dir()):
+    for checkpoint in trial.folders(prefix="checkpoint_"):
+        where = trial.local(checkpoint) if trial.is_local else trial.where(checkpoint)
         try:
-            recipes.append((parse_recipe(checkpoint), checkpoint))
-        except DamagedCheckpoint:
+            recipes.append((parse_recipe_bytes(trial.read_bytes(checkpoint, RECIPE_FILE),
+                                               where), where))
+        except (DamagedCheckpoint, OSError):
             damaged += 1
     if not recipes:
         return None, (f"{damaged} checkpoint(s), none with a readable {RECIPE_FILE}" if damaged
@@ -240,11 +249,12 @@ def read_trial(folder: Path, run: str, space: SearchSpace) -> tuple[TrialRecord 
     passed_over = (f"{damaged} checkpoint(s) without a readable {RECIPE_FILE} passed over"
                    if damaged else "")
     thresholds, threshold_logits = _thresholds(recipe)
-    return TrialRecord(run=run, trial_id=folder.name.removeprefix("trial_"),
+    return TrialRecord(run=run, trial_id=trial.name.removeprefix("trial_"),
                        config=recipe["config"], checkpoint=checkpoint, epoch=epoch,
-                       metrics=recipe["metrics"], seconds=training_seconds(folder, epoch),
+                       metrics=recipe["metrics"], seconds=training_seconds(trial, epoch),
                        thresholds=thresholds, threshold_logits=threshold_logits,
-                       threshold_rule=recipe.get("threshold_rule") or {}), passed_over
+                       threshold_rule=recipe.get("threshold_rule") or {},
+                       source=trial), passed_over
 
 
 def _thresholds(recipe: dict) -> tuple[dict[str, float], dict[str, float]]:
@@ -271,13 +281,6 @@ def _numbers(raw, low: float, high: float) -> dict[str, float]:
     return {str(k): float(v) for k, v in raw.items()}
 
 
-def rank_key(value: float, mode: str) -> float:
-    """A value to maximise: NaN ranks last in either mode."""
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        return -math.inf
-    return value if mode == "max" else -value
-
-
 CHECKPOINT_SCORE = "checkpoint_score"
 """The reported value Ray ranks a trial's checkpoints by (``tie_broken``)."""
 
@@ -294,7 +297,8 @@ def tie_broken(value: float, epoch: int, mode: str) -> float:
     return value - step if mode == "max" else value + step
 
 
-def best_recipe(recipes: list[tuple[dict, Path]], metric: str, mode: str) -> tuple[dict, Path]:
+def best_recipe(recipes: list[tuple[dict, Path | str]], metric: str,
+                mode: str) -> tuple[dict, Path | str]:
     """The best ``(recipe, folder)`` by ``metric``; on a tie the earlier epoch."""
     return max(recipes, key=lambda item: (rank_key(item[0]["metrics"].get(metric), mode),
                                           -int(item[0]["epoch"])))
@@ -305,10 +309,23 @@ def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord
     return max(trials, key=lambda t: (rank_key(t.score(metric), mode), -t.epoch))
 
 
-def training_seconds(folder: Path, epoch: int) -> float | None:
+def best_overall(runs: list[RunInfo]) -> tuple[RunInfo, TrialRecord]:
+    """The best trial over the runs of one task, by the first run's metric."""
+    trials = [t for run in runs for t in run.trials]
+    record = best_trial(trials, runs[0].metric, runs[0].mode)
+    return next(r for r in runs if r.name == record.run), record
+
+
+def chooser(run: RunInfo) -> str:
+    """The split that chose the run's trials, epochs and thresholds: ``selection`` or
+    ``validation``."""
+    return run.space.selection.split
+
+
+def training_seconds(folder: Path | str | RunFolder, epoch: int) -> float | None:
     """``time_total_s`` of the last result reported for ``epoch`` in ``result.json``."""
     try:
-        lines = (folder / RESULT_FILE).read_text(errors="replace").splitlines()
+        lines = RunFolder(folder).read_text(RESULT_FILE).splitlines()
     except OSError:
         return None
     seconds = None
@@ -331,6 +348,6 @@ def choose_datasets(runs: list[RunInfo], data: list[str],
         raise UserError(f"--data given {len(data)} times for {len(runs)} runs; give it once "
                         f"for every run, or once per run in the same order")
     given = data * len(runs) if len(data) == 1 else data or [None] * len(runs)
-    return {run.name: choose_data(str(run.path), run.record, run.task, folder, allow_changed,
+    return {run.name: choose_data(run.folder, run.record, run.task, folder, allow_changed,
                                   spec=run.space.data)
             for run, folder in zip(runs, given)}

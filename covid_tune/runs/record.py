@@ -14,8 +14,8 @@ from importlib import metadata
 from covid_tune.core.space import SearchSpace, dump_space, load_space, parse_space_text
 from covid_tune.errors import UserError
 from covid_tune.runs.checkpoint import bytes_digest
-from covid_tune.runs.folder import DATASET_FILE, SPACE_FILE, SWEEP_FILE, brief, read_json
-from covid_tune.runs.storage import exists, join, read_bytes, remove, write_bytes
+from covid_tune.runs.folder import DATASET_FILE, SPACE_FILE, SWEEP_FILE, RunFolder, brief
+from covid_tune.runs.storage import join, remove, write_bytes
 
 RECORD_FORMAT = "covid-tune run 2"
 """``sweep.json``'s ``format``; runs of an older format are refused with a message."""
@@ -24,39 +24,51 @@ VERSIONED = ("covid-tune", "torch", "torchvision", "ray", "optuna")
 
 # what a sweep was asked, and where it came from ----------------------------------
 
+def at_least(least: float, inclusive: bool = True) -> dict:
+    """Field metadata of a numeric option: its least value (``inclusive=False``: it must
+    be more than that). ``covid-tune`` refuses a flag below it, naming the flag."""
+    return {"least": least, "inclusive": inclusive}
+
+
 @dataclass(frozen=True)
 class SweepOptions:
-    """What ``covid-tune sweep`` was asked to do."""
+    """What ``covid-tune sweep`` was asked to do.
 
-    space_file: str
-    """The search-space YAML file as given (the run keeps its own copy, ``space.yaml``)."""
+    Each field is a flag of ``covid-tune sweep`` (``--num-samples`` for ``num_samples``;
+    ``metadata["flag"]`` where it is named otherwise), with the field's type, default,
+    least value (``at_least``) and, as its help, the docstring under the field."""
+
+    space_file: str = field(metadata={"flag": "--space"})
+    """The search-space YAML file, or a shipped space (binary, multilabel, demo), as
+    given (the run keeps its own copy, ``space.yaml``)."""
     data: str
-    """The dataset folder as given (the run records its absolute path too)."""
+    """The dataset folder, or a CSV manifest (path,labels[,split]), as given (the run
+    records its absolute path too)."""
     name: str = ""
     """The run's folder name under ``storage_path`` (default ``<task>-<time>``)."""
     storage_path: str = "runs"
     """A folder or an ``s3://`` / ``gs://`` URI holding run folders."""
-    num_samples: int | None = None
-    """Overrides the space's ``num_samples``."""
-    max_epochs: int | None = None
+    num_samples: int | None = field(default=None, metadata=at_least(1))
+    """Trials to run; overrides the space's ``num_samples``."""
+    max_epochs: int | None = field(default=None, metadata=at_least(1))
     """Overrides the space's ``max_epochs``."""
-    image_size: int | None = None
+    image_size: int | None = field(default=None, metadata=at_least(32))
     """Overrides the space's ``image_size``."""
     pretrained: str | None = None
-    """Overrides the space's ``pretrained``."""
-    max_concurrent: int | None = None
+    """Overrides the space's ``pretrained``: imagenet, none, or a local state-dict file."""
+    max_concurrent: int | None = field(default=None, metadata=at_least(1))
     """Most trials at once (default: as many as the cluster fits)."""
     address: str | None = None
-    """Ray cluster to join; ``None`` starts Ray on this machine."""
-    cpus_per_trial: float = 1.0
+    """The Ray cluster to join (``auto``, ``HOST:PORT``); none starts Ray on this machine."""
+    cpus_per_trial: float = field(default=1.0, metadata=at_least(0, inclusive=False))
     """CPUs Ray reserves for each trial (also its torch threads)."""
-    gpus_per_trial: float = 0.0
-    """GPUs per trial; a fraction packs several trials on one GPU."""
-    seed: int = 0
-    """Seeds TPE."""
-    max_failures: int = 2
-    """Retries of a crashed trial from its last checkpoint."""
-    keep_checkpoints: int = 1
+    gpus_per_trial: float = field(default=0.0, metadata=at_least(0))
+    """GPUs per trial; a fraction packs several trials on one GPU (0.25: four)."""
+    seed: int = field(default=0, metadata=at_least(0))
+    """Seeds TPE and the draw of a ``selection`` split."""
+    max_failures: int = field(default=2, metadata=at_least(-1))
+    """Retries of a crashed trial from its last checkpoint (-1: no limit)."""
+    keep_checkpoints: int = field(default=1, metadata=at_least(1))
     """Checkpoints Ray keeps per running trial, the best by the sweep's metric, besides
     its newest (a finished trial keeps its best only: ``sweep.CheckpointTrim``)."""
     strict: bool = False
@@ -166,13 +178,15 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
     return record
 
 
-def read_record(run_dir: str) -> SweepRecord:
+def read_record(run_dir: str | RunFolder) -> SweepRecord:
     """``sweep.json`` of a run folder (local or URI); UserError naming what is wrong."""
-    path = join(run_dir, SWEEP_FILE)
-    if not exists(path):
-        raise UserError(f"{run_dir}: not a covid-tune run (no {SWEEP_FILE}); pass the run "
-                        f"folder `covid-tune sweep` printed")
-    raw = read_json(path, "the run's record cannot be recovered; start the sweep again")
+    run = RunFolder(run_dir)
+    path = run.where(SWEEP_FILE)
+    if not run.exists(SWEEP_FILE):
+        raise UserError(f"{run.where()}: not a covid-tune run (no {SWEEP_FILE}); pass the "
+                        f"run folder `covid-tune sweep` printed")
+    raw = run.read_json(SWEEP_FILE, what="the run's record cannot be recovered; start the "
+                                         "sweep again")
     if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
         found = raw.get("format", "none") if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{path}: not a run record this version reads (format {found!r}, "
@@ -206,16 +220,17 @@ def _build(cls, raw: dict):
     return value
 
 
-def read_space(run_dir: str, record: SweepRecord) -> SearchSpace:
+def read_space(run_dir: str | RunFolder, record: SweepRecord) -> SearchSpace:
     """The run's own resolved search space, never the original YAML file; refused if it
     differs from the size and SHA-256 ``sweep.json`` recorded (a YAML file cut short
     at a line end may still parse, to another space)."""
-    path = join(run_dir, SPACE_FILE)
-    if not exists(path):
+    run = RunFolder(run_dir)
+    path = run.where(SPACE_FILE)
+    if not run.exists(SPACE_FILE):
         raise UserError(f"{path}: missing; this run's search space is gone, so its "
                         f"results cannot be read; start the sweep again")
     try:
-        data = read_bytes(path)
+        data = run.read_bytes(SPACE_FILE)
         text = data.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the file ({brief(exc)})") from None
@@ -227,11 +242,13 @@ def read_space(run_dir: str, record: SweepRecord) -> SearchSpace:
     return parse_space_text(text, path)
 
 
-def read_manifest(run_dir: str) -> dict[str, int]:
+def read_manifest(run_dir: str | RunFolder) -> dict[str, int]:
     """``dataset.json``'s files: relative path -> bytes."""
-    path = join(run_dir, DATASET_FILE)
-    raw = read_json(path, "the run's dataset cannot be checked; pass --allow-changed-data "
-                           "to use a dataset folder unchecked")
+    run = RunFolder(run_dir)
+    path = run.where(DATASET_FILE)
+    raw = run.read_json(DATASET_FILE, what="the run's dataset cannot be checked; pass "
+                                           "--allow-changed-data to use a dataset folder "
+                                           "unchecked")
     files = raw.get("files") if isinstance(raw, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
         raise UserError(f"{path}: damaged (no files mapping of path -> bytes); pass "
@@ -239,26 +256,28 @@ def read_manifest(run_dir: str) -> dict[str, int]:
     return files
 
 
-def read_splits(run_dir: str) -> dict[str, str]:
+def read_splits(run_dir: str | RunFolder) -> dict[str, str]:
     """The split of each image of a collection the run split itself (``dataset.json``);
     empty when the dataset has split folders, or the record cannot be read (the
     manifest check then says so)."""
     try:
-        raw = json.loads(read_bytes(join(run_dir, DATASET_FILE)))
+        raw = json.loads(RunFolder(run_dir).read_bytes(DATASET_FILE))
     except (OSError, ValueError):
         return {}
     splits = raw.get("splits") if isinstance(raw, dict) else None
     return splits if isinstance(splits, dict) else {}
 
 
-def read_selection(run_dir: str, space: SearchSpace) -> list[str]:
+def read_selection(run_dir: str | RunFolder, space: SearchSpace) -> list[str]:
     """The Train images the run held out as its selection split (``dataset.json``);
     empty when the space holds none out."""
     if not space.selection.holdout:
         return []
-    path = join(run_dir, DATASET_FILE)
-    raw = read_json(path, "the run's selection split is recorded there and cannot be "
-                           "rebuilt without it; start the sweep again")
+    run = RunFolder(run_dir)
+    path = run.where(DATASET_FILE)
+    raw = run.read_json(DATASET_FILE, what="the run's selection split is recorded there and "
+                                           "cannot be rebuilt without it; start the sweep "
+                                           "again")
     names = raw.get("selection") if isinstance(raw, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{path}: damaged (no list of the images held out for selection); "

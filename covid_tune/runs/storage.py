@@ -19,8 +19,22 @@ def is_uri(path: str) -> bool:
 
 
 def join(base: str, *names: str) -> str:
-    """``base/name/...`` for a local path or a URI."""
-    return "/".join([base.rstrip("/"), *names])
+    """``base/name/...`` for a local path or a URI; a URI's query (``?endpoint_override=``
+    and the like) stays at the end."""
+    base, query = base.split("?", 1) if is_uri(base) and "?" in base else (base, None)
+    joined = "/".join([base.rstrip("/"), *names])
+    return f"{joined}?{query}" if query is not None else joined
+
+
+def shown(path: str) -> str:
+    """A path or URI as messages show it: a URI without its query and credentials
+    (``s3://key:secret@bucket/runs?endpoint_override=...`` is ``s3://bucket/runs``)."""
+    if not is_uri(path):
+        return path
+    scheme, rest = path.split("://", 1)
+    rest = rest.split("?", 1)[0]
+    head, slash, tail = rest.partition("/")
+    return f"{scheme}://{head.rsplit('@', 1)[-1]}{slash}{tail}"
 
 
 def open_path(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -51,7 +65,11 @@ def write_bytes(path: str, data: bytes) -> None:
     A local file is written next to its target and renamed over it; an object store
     replaces an object in one PUT.
     """
-    fs, fs_path = open_path(path)
+    write_on(*open_path(path), data)
+
+
+def write_on(fs: pyarrow.fs.FileSystem, fs_path: str, data: bytes) -> None:
+    """``write_bytes`` on an open filesystem."""
     fs.create_dir(os.path.dirname(fs_path), recursive=True)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         partial = f"{fs_path}.{uuid.uuid4().hex[:8]}.partial"
@@ -91,7 +109,11 @@ def list_files(path: str) -> list[str]:
 def move_dir(source: str, destination: str) -> None:
     """Move a folder within one storage path (copy then delete on object stores)."""
     fs, source_path = open_path(source)
-    _, destination_path = open_path(destination)
+    move_on(fs, source_path, open_path(destination)[1])
+
+
+def move_on(fs: pyarrow.fs.FileSystem, source_path: str, destination_path: str) -> None:
+    """``move_dir`` on an open filesystem."""
     fs.create_dir(os.path.dirname(destination_path), recursive=True)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         os.replace(source_path, destination_path)

@@ -3,12 +3,44 @@
 Each function here reaches past a public API because none does the job; each has a test
 in ``tests/search/test_internals.py`` that fails if the name it relies on goes away, so
 an upgrade of Ray or Optuna breaks there first, with the name in the failure.
+``pyproject.toml`` pins Ray and Optuna to the minor versions those tests ran on.
+
+This module imports nothing from covid-tune, and nothing heavier than Ray and Optuna:
+the trainable (``covid_tune.training.trial``) imports it too, without the driver.
+
+The private names, and why no public route exists:
+
+Ray Tune
+- ``TrialRunnerWrapper._tune_controller``, ``TuneController._storage``
+  (``controller_storage``): a scheduler hook gets a wrapper that lets only a few names
+  through; the run's storage, where a resumed run folder is now, is not one of them.
+- ``_CheckpointManager._checkpoint_results``, ``._latest_checkpoint_result`` and
+  ``ray.train._internal.session._TrainingResult`` (``point_at_checkpoint``): Ray has no
+  call to point a restored trial at another checkpoint than the one its snapshot names.
+- ``ray.train._internal.session.get_session`` and ``_TrainSession.stop_event``
+  (``trial_session``, ``asked_to_stop``): Tune tells a trial to stop only through its
+  next ``report``; a trial that trains between reports has no public way to ask.
+- ``RAY_STORAGE_LOGGER`` (``ray.train._internal.storage``): the logger that notes every
+  artifact upload; only its private module name reaches it.
+
+Optuna inside Ray's ``OptunaSearch``
+- ``OptunaSearch._ot_study``, ``._ot_trials``, ``._completed_trials`` (``ot_study``,
+  ``ot_trials``, ``told``): the study, the Optuna trial of each Ray trial, and the Ray
+  trials already told; ``OptunaSearch`` keeps them and exposes none.
+- ``Study._storage``, ``Trial._trial_id`` and ``InMemoryStorage._set_trial``
+  (``reopen``): Optuna never lets a finished trial run again; ``resume`` re-runs failed
+  trials, and the study must hear their new outcome on the same trial.
 """
 
 from __future__ import annotations
 
 import copy
 
+RAY_STORAGE_LOGGER = "ray.train._internal.storage"
+"""The name of Ray's logger that notes each upload of a trial's files."""
+
+
+# Ray Tune: the driver ------------------------------------------------------------
 
 def controller_storage(tune_controller):
     """The run's storage (Ray's ``StorageContext``) seen from a scheduler hook.
@@ -38,3 +70,70 @@ def in_run_folder(trial, storage) -> bool:
     moved.experiment_dir_name = storage.experiment_dir_name
     trial.set_storage(moved)
     return True
+
+
+def point_at_checkpoint(trial, kept, checkpoint) -> None:
+    """Make ``checkpoint`` (a ``ray.tune.Checkpoint``, or None to start afresh) the
+    trial's latest, and drop the registered checkpoints ``kept`` refuses; the latest
+    result's metrics stay. Raises ImportError or AttributeError where Ray changed the
+    fields."""
+    from ray.train._internal.session import _TrainingResult
+
+    manager = trial.run_metadata.checkpoint_manager
+    metrics = manager.latest_checkpoint_result.metrics
+    manager._checkpoint_results = [r for r in manager._checkpoint_results
+                                   if kept(r.checkpoint)]
+    manager._latest_checkpoint_result = (
+        _TrainingResult(checkpoint=checkpoint, metrics=metrics) if checkpoint else None)
+    trial.run_metadata.invalidate_cache()
+    trial.invalidate_json_state()
+
+
+# Ray Tune: inside a trial --------------------------------------------------------
+
+def trial_session():
+    """This trial's Ray session (None outside Tune, or where Ray moved it)."""
+    try:
+        from ray.train._internal.session import get_session
+    except ImportError:
+        return None
+    return get_session()
+
+
+def asked_to_stop(session) -> bool:
+    """Whether Ray Tune has asked the trial of ``session`` to end: the session's stop
+    event, which Tune sets when it stops the trial or reuses its actor. False where the
+    field is missing (another Ray) or outside Tune; the stop then still arrives through
+    the next report."""
+    event = getattr(session, "stop_event", None)
+    return bool(event is not None and event.is_set())
+
+
+# Optuna inside Ray's OptunaSearch -------------------------------------------------
+
+def ot_study(searcher):
+    """The ``optuna.Study`` an ``OptunaSearch`` asks and tells."""
+    return searcher._ot_study
+
+
+def ot_trials(searcher) -> dict:
+    """Ray trial id -> the ``optuna.Trial`` it was asked as (each trial suggested)."""
+    return searcher._ot_trials
+
+
+def told(searcher) -> set:
+    """The Ray trial ids whose end the study has been told (``OptunaSearch`` adds one
+    per ``on_trial_complete``)."""
+    return searcher._completed_trials
+
+
+def reopen(study, trial) -> None:
+    """Make the finished ``trial`` (an ``optuna.Trial``) of an in-memory ``study``
+    RUNNING again, to be told a new outcome: the study still lists it once, under its
+    number."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    reopened = copy.copy(storage.get_trial(trial._trial_id))
+    reopened.state, reopened.datetime_complete = TrialState.RUNNING, None
+    storage._set_trial(trial._trial_id, reopened)

@@ -6,15 +6,14 @@ TPE's start-up trials run (Ray issue 52535); and the study is kept in ``optuna.d
 (SQLite) by ``StudyMirror``, one trial at a time, for ``optuna.load_study`` and
 optuna-dashboard.
 
-It reaches into ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``,
-``_completed_trials``), which is why ``pyproject.toml`` caps Ray and Optuna below their
-next major versions; ``tests/test_searcher.py`` holds the contract.
+What ``OptunaSearch`` keeps private (its study, its trials, the ones told) is reached
+through ``covid_tune.search._internals``, the one home of private Ray and Optuna names;
+everything else here is Optuna's public API.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import sqlite3
@@ -28,8 +27,10 @@ from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from covid_tune.core.ranking import rank_key
 from covid_tune.core.space import SearchSpace
 from covid_tune.runs.folder import STUDY_FILE
+from covid_tune.search._internals import ot_study, ot_trials, reopen, told
 from covid_tune.search.define_by_run import define_by_run, start_points
 from covid_tune.runs.storage import is_uri, write_bytes
 
@@ -63,17 +64,22 @@ class SweepSearch(OptunaSearch):
         searcher): asked to tell ends Ray missed before the start-up hold counts."""
         self.mirror = StudyMirror(study_file) if study_file else None
         if self.mirror:  # opening SQLite takes most of a second: before trials, not during
-            self.mirror.sync(self._ot_study, now=True)
+            self.mirror.sync(self.study, now=True)
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study, in the driver's memory (saved with Ray's snapshot)."""
+        return ot_study(self)
 
     def suggest(self, trial_id: str):
-        if trial_id not in self._ot_trials and self.waiting_for_startup():
+        if trial_id not in ot_trials(self) and self.waiting_for_startup():
             return None
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict):
         super().on_trial_result(trial_id, result)
         if self.mirror:
-            self.mirror.sync(self._ot_study)
+            self.mirror.sync(self.study)
 
     def waiting_for_startup(self) -> bool:
         """Whether to hold new trials while TPE is still drawing at random: fewer than
@@ -83,9 +89,9 @@ class SweepSearch(OptunaSearch):
         trials: what counts is the trials suggested and not yet ended in Ray (every end
         reaches ``on_trial_complete``; ``SweepScheduler`` tells the ones Ray misses),
         not the study's RUNNING trials."""
-        if len(self._ot_trials) < self.n_startup or getattr(self, "startup_done", False):
+        if len(ot_trials(self)) < self.n_startup or getattr(self, "startup_done", False):
             return False
-        states = [t.state for t in self._ot_study.get_trials(deepcopy=False)]
+        states = [t.state for t in self.study.get_trials(deepcopy=False)]
         learned = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
         self.startup_done = learned >= self.n_startup  # for good: no O(trials) scan per ask
         return not self.startup_done and self.in_ray() > 0
@@ -94,7 +100,8 @@ class SweepSearch(OptunaSearch):
         """How many of this search's trials Ray has not ended yet."""
         if getattr(self, "scheduler", None) is not None:
             self.scheduler.tell_missed_ends()
-        return sum(trial_id not in self._completed_trials for trial_id in self._ot_trials)
+        ended = told(self)
+        return sum(trial_id not in ended for trial_id in ot_trials(self))
 
     def save(self, checkpoint_path: str):
         """Saved with every snapshot of the run, the last one after Tune's loop ended:
@@ -110,7 +117,7 @@ class SweepSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         self.tell_optuna(trial_id, result, error)
         if self.mirror:
-            self.mirror.sync(self._ot_study, now=True)
+            self.mirror.sync(self.study, now=True)
 
     def restore(self, checkpoint_path: str):
         study_file, scheduler = self.study_file, getattr(self, "scheduler", None)
@@ -120,25 +127,20 @@ class SweepSearch(OptunaSearch):
         self.reopen_failed()
         if self.study_file:  # the file may hold trials the restored snapshot does not
             self.mirror = StudyMirror(self.study_file)
-            self.mirror.rebuild(self._ot_study)
+            self.mirror.rebuild(self.study)
 
     def reopen_failed(self) -> None:
         """``resume`` runs the failed trials again (``resume_errored``): their FAIL entries
         go back to RUNNING, so the study hears their new outcome and still lists each
-        trial once. Optuna has no public way to reopen a trial; this sets the in-memory
-        storage's record (pinned versions, held by tests/test_searcher.py)."""
-        storage = self._ot_study._storage
-        for trial_id, ot_trial in self._ot_trials.items():
-            frozen = storage.get_trial(ot_trial._trial_id)
-            if frozen.state != TrialState.FAIL:
-                continue
-            reopened = copy.copy(frozen)
-            reopened.state, reopened.datetime_complete = TrialState.RUNNING, None
-            storage._set_trial(ot_trial._trial_id, reopened)
-            self._completed_trials.discard(trial_id)
+        trial once (Optuna has no public way to reopen a trial: ``_internals.reopen``)."""
+        trials = self.study.get_trials(deepcopy=False)
+        for trial_id, ot_trial in ot_trials(self).items():
+            if trials[ot_trial.number].state == TrialState.FAIL:
+                reopen(self.study, ot_trial)
+                told(self).discard(trial_id)
 
     def tell_optuna(self, trial_id: str, result: dict | None, error: bool) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in told(self) or trial_id not in ot_trials(self):
             return super().on_trial_complete(trial_id, result, error)
         state = None
         if error and trial_id in getattr(self, "diverged", ()):
@@ -149,32 +151,36 @@ class SweepSearch(OptunaSearch):
             state = optuna.trial.TrialState.PRUNED
         if state is None:
             return super().on_trial_complete(trial_id, result, error)
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = ot_trials(self)[trial_id]
         step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
-        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        reported = self.frozen(ot_trial).intermediate_values
         if state == optuna.trial.TrialState.PRUNED and step is not None and step not in reported:
             # Ray passes the result that made ASHA stop only here, not to on_trial_result.
             ot_trial.report(result[self.metric], step)
         try:
-            self._ot_study.tell(ot_trial, state=state)
+            self.study.tell(ot_trial, state=state, skip_if_finished=True)
         except (ValueError, RuntimeError) as exc:
             warnings.warn(f"Optuna refused the result of {trial_id}: {exc}")
-        self._completed_trials.add(trial_id)
+        told(self).add(trial_id)
 
 
     def tell_diverged(self, trial_id: str) -> None:
         """PRUNED at the worst value the study has seen (TPE ignores FAIL, so it would
         never learn that this region of the space blows up)."""
-        ot_trial = self._ot_trials[trial_id]
-        seen = [v for t in self._ot_study.get_trials(deepcopy=False)
+        ot_trial = ot_trials(self)[trial_id]
+        seen = [v for t in self.study.get_trials(deepcopy=False)
                 for v in (*t.intermediate_values.values(), *(t.values or ()))
                 if math.isfinite(v)]
-        reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+        reported = self.frozen(ot_trial).intermediate_values
         if seen:
-            worst = max(seen) if self._mode == "min" else min(seen)
+            worst = min(seen, key=lambda v: rank_key(v, self.mode))
             ot_trial.report(worst, max(reported, default=0) + 1)
-        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+        self.study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+        told(self).add(trial_id)
+
+    def frozen(self, ot_trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+        """What the study holds of ``ot_trial`` now (its number is its place)."""
+        return self.study.get_trials(deepcopy=False)[ot_trial.number]
 
 
 def find_sweep_search(searcher) -> SweepSearch | None:
@@ -240,7 +246,7 @@ class StudyMirror:
         self.upload(study, clock)
 
     def write_changes(self, study: optuna.Study) -> None:
-        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        trials = study.get_trials(deepcopy=False)
         if self.db is None:
             self.open_file(study)
         for frozen in trials[len(self.rows):]:
@@ -286,7 +292,8 @@ class StudyMirror:
             self.db = quiet_storage(self.local)
             self.study_id = self.db.get_study_id_from_name(study.study_name)
             trials = self.db.get_all_trials(self.study_id, deepcopy=False)
-            self.rows = [t._trial_id for t in trials]
+            self.rows = [self.db.get_trial_id_from_study_id_trial_number(
+                self.study_id, t.number) for t in trials]
             self.written = {t.number: shown(t) for t in trials if not t.state.is_finished()}
         except Exception as exc:
             self.close()
@@ -299,8 +306,7 @@ class StudyMirror:
         """Copy the local file to the URI: when due, or when no trial is running."""
         if self.local == self.target:
             return
-        running = any(not t.state.is_finished()
-                      for t in study._storage.get_all_trials(study._study_id, deepcopy=False))
+        running = any(not t.state.is_finished() for t in study.get_trials(deepcopy=False))
         if not force and running and clock - self.last_upload < self.upload_every:
             return
         try:
@@ -360,8 +366,11 @@ def study_as_sqlite(study: optuna.Study) -> bytes:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
     try:
-        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
-                          to_storage=memory)
+        written = optuna.create_study(storage=memory, study_name=study.study_name,
+                                      directions=study.directions)
+        for key, value in study.user_attrs.items():
+            written.set_user_attr(key, value)
+        written.add_trials(study.get_trials(deepcopy=False))
     finally:
         optuna.logging.set_verbosity(verbosity)
     with tempfile.TemporaryDirectory() as folder:

@@ -34,6 +34,8 @@ from ray import tune
 
 from covid_tune.errors import Stalled
 from covid_tune.core.units import duration
+from covid_tune.core.ranking import better
+from covid_tune.core.tasks import MULTILABEL
 
 HEARTBEAT_SECONDS = 60.0
 MIN_GAP_SECONDS = 2.0
@@ -84,7 +86,7 @@ class SweepStatus(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and not math.isnan(value) and self.improves(value):
+        if self.improves(value):
             self.best = (float(value), trial.trial_id, int(result.get("epoch", 0)),
                          trial.config)
             self.show(trials)
@@ -133,10 +135,9 @@ class SweepStatus(tune.Callback):
                                f"trial(s) were left to start ({self.stall}); the limit is "
                                f"{duration(limit)} (COVID_TUNE_STALL_LIMIT, in seconds)")
 
-    def improves(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best[0] if self.mode == "max" else value < self.best[0]
+    def improves(self, value) -> bool:
+        """Whether ``value`` is a number better than the best so far (``core.ranking``)."""
+        return better(value, math.nan if self.best is None else self.best[0], self.mode)
 
     def show(self, trials, always: bool = False) -> None:
         """Print the line if more than its clock changed (or ``always``), and if the
@@ -192,7 +193,7 @@ def key_params(config: dict) -> str:
     words = [str(config.get("backbone", "?")), f"frozen {config.get('frozen_layers', '?')}"]
     if isinstance(config.get("lr"), float):
         words.append(f"lr {config['lr']:.3g}")
-    if config.get("loss") in ("bce", "focal"):
+    if config.get("loss") in MULTILABEL.losses:
         words.append(config["loss"])
     return ", ".join(words)
 

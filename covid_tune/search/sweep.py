@@ -44,6 +44,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.search.cluster import check_object_store, check_resources, check_storage, start_ray
+from covid_tune.core.ranking import rank_key
 from covid_tune.core.space import SearchSpace, find_space
 from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
                              load_dataset, manifest, scan, with_selection)
@@ -51,39 +52,52 @@ from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.runs.lock import hold
 from covid_tune.nn.models import check_pretrained
 from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
-from covid_tune.runs.folder import LOST_DIR, SWEEP_FILE, STUDY_FILE
+from covid_tune.runs.folder import DIVERGED_FILE, LOST_DIR, SWEEP_FILE, STUDY_FILE, RunFolder
 from covid_tune.runs.record import SweepOptions, read_record, read_selection, read_space, write_record
 from covid_tune.runs.ray_state import check_ray_state
 from covid_tune.runs.retention import checkpoint_folders, drop_resume_state, keep_best
-from covid_tune.search._internals import controller_storage, in_run_folder
+from covid_tune.search._internals import controller_storage, in_run_folder, point_at_checkpoint
 from covid_tune.search.searcher import build_searcher, find_sweep_search
 from covid_tune.search.status import SweepStatus
-from covid_tune.runs.storage import exists, exists_on, is_uri, join, list_dirs, move_dir, open_path
-from covid_tune.training.trial import train_trial
+from covid_tune.runs.storage import exists, exists_on, is_uri, join, open_path
+from covid_tune.training.trial import TrialDiverged, train_trial
 
 
 class SweepScheduler(ASHAScheduler):
     """ASHA, which also makes sure the searcher hears how every trial ended.
 
     - It hands the searcher the trials that failed by diverging (the scheduler hears
-      of a failed trial, with its error, before the searcher does).
+      of a failed trial before the searcher does).
     - It keeps the trials not yet ended (``open``) and, before Tune starts trials at
       each step, tells the searcher of any that Ray ended without telling it
       (``tell_missed_ends``): Ray fails a trial whose reused actor could not be reset
       without a word to the scheduler or the searcher, and the Optuna study would
       keep it RUNNING for good, holding TPE's start-up wait open.
+
+    ``search_alg`` is the sweep's searcher (in its ``ConcurrencyLimiter``, if any),
+    given when both are built (``build_scheduler``); Ray's snapshot of the run
+    (``tuner.pkl``) keeps the two together for ``resume``.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, search_alg=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.open: dict = {}
         """Trial id -> Ray's trial, for trials added and not yet ended."""
         self.search_alg = None
-        """Tune's search algorithm (the searcher in its wrappers), once a trial is added."""
+        """The searcher, in its wrappers: told of the ends Ray misses."""
+        self.serve(search_alg)
+
+    def serve(self, search_alg) -> None:
+        """Work with ``search_alg``: tell it the ends Ray misses, and let it ask for them
+        (its start-up hold counts the trials Ray still runs)."""
+        self.search_alg = search_alg
+        search = find_sweep_search(search_alg)
+        if search is not None:
+            search.scheduler = self
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self.open.pop(trial.trial_id, None)
-        search = find_sweep_search(getattr(tune_controller, "search_alg", None))
+        search = find_sweep_search(self.search_alg)
         if search is not None and diverged(trial):
             if not hasattr(search, "diverged"):  # a searcher restored from an older run
                 search.diverged = set()
@@ -96,11 +110,8 @@ class SweepScheduler(ASHAScheduler):
             go_on_from_a_kept_checkpoint(trial)
         if not trial.is_finished():
             self.open[trial.trial_id] = trial
-        if self.search_alg is None:
-            self.search_alg = getattr(tune_controller, "search_alg", None)
-            search = find_sweep_search(self.search_alg)
-            if search is not None:  # its start-up hold asks what Ray still runs
-                search.scheduler = self
+        if getattr(self, "search_alg", None) is None:  # a run written before 0.2
+            self.serve(tune_controller.search_alg)
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
@@ -142,27 +153,19 @@ def go_on_from_a_kept_checkpoint(trial) -> str | None:
     one: a better checkpoint made Ray delete the one the snapshot names
     (``num_to_keep``), or the trial finished and kept only its best (``CheckpointTrim``).
     Ray would refuse that trial on every try ("does not exist on storage anymore").
-    This reaches into Ray's checkpoint manager; should its fields change, the trial is
-    left as Ray restored it.
+    Ray has no public call for this (``_internals.point_at_checkpoint``); should the
+    fields it sets change, the trial is left as Ray restored it.
     """
     result = trial.latest_checkpoint_result
     if result is None or on_storage(result.checkpoint):
         return None
-    manager = trial.run_metadata.checkpoint_manager
     gone = result.checkpoint
     try:
-        from ray.train._internal.session import _TrainingResult
-
-        manager._checkpoint_results = [r for r in manager._checkpoint_results
-                                       if on_storage(r.checkpoint)]
         folders = checkpoint_folders(gone.filesystem, os.path.dirname(gone.path.rstrip("/")))
-        manager._latest_checkpoint_result = (_TrainingResult(
-            checkpoint=tune.Checkpoint(folders[-1], filesystem=gone.filesystem),
-            metrics=result.metrics) if folders else None)
+        point_at_checkpoint(trial, on_storage, tune.Checkpoint(
+            folders[-1], filesystem=gone.filesystem) if folders else None)
     except (ImportError, AttributeError, OSError):
         return None
-    trial.run_metadata.invalidate_cache()
-    trial.invalidate_json_state()
     print(f"note: trial {trial.trial_id}: its checkpoint {os.path.basename(gone.path)} went "
           f"after the run's last snapshot; it goes on from "
           f"{os.path.basename(folders[-1]) if folders else 'the start'}", flush=True)
@@ -213,18 +216,38 @@ class CheckpointTrim(tune.Callback):
 
 
 def diverged(trial) -> bool:
-    """Whether the trial's latest failure, in its error file, is ``TrialDiverged``."""
+    """Whether the trial failed by diverging: the trainable wrote ``diverged.txt`` in
+    its folder (``covid_tune.training.trial.diverged_marker``), which Ray uploads with
+    the trial's files once its actor stops, so it is on the run's storage for a retried
+    trial's last failure; a first failure, before that upload, is known by the error
+    Ray keeps on the driver (``Trial.pickled_error_file``) being ``TrialDiverged``."""
+    marker = join(trial.path, DIVERGED_FILE)
     try:
-        text = Path(trial.error_file).read_text() if trial.error_file else ""
+        if exists_on(trial.storage.storage_filesystem, marker):
+            return True
     except OSError:
-        return False
-    return "TrialDiverged" in text.rsplit("Failure #", 1)[-1]
+        pass
+    return isinstance(latest_error(trial), TrialDiverged)
 
 
-def build_scheduler(space: SearchSpace) -> ASHAScheduler:
+def latest_error(trial) -> BaseException | None:
+    """The error of the trial's latest failure, as Ray pickled it on the driver (an
+    ``ray.exceptions.RayTaskError`` that is also an instance of the trainable's error);
+    None if there is none or it cannot be read."""
+    try:
+        with open(trial.pickled_error_file, "rb") as stream:
+            return pickle.load(stream)
+    except (TypeError, OSError, EOFError, pickle.UnpicklingError, AttributeError,
+            ImportError):
+        return None
+
+
+def build_scheduler(space: SearchSpace, searcher=None) -> ASHAScheduler:
+    """ASHA for the space, serving ``searcher`` (``build_searcher``'s)."""
     return SweepScheduler(time_attr="epoch", metric=space.metric, mode=space.mode,
                           max_t=space.max_epochs, grace_period=space.asha.grace_period,
-                          reduction_factor=space.asha.reduction_factor)
+                          reduction_factor=space.asha.reduction_factor,
+                          search_alg=searcher)
 
 
 def trial_dirname(trial) -> str:
@@ -261,6 +284,24 @@ def without_ray_tensorboard() -> None:
     often: with ``keep_checkpoints`` and short epochs that is by design."""
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+@contextmanager
+def as_found():
+    """Leave the process as the sweep found it: ``os.environ`` (``without_ray_tensorboard``,
+    ``start_ray``'s and ``fit``'s switches for Ray) and Optuna's log level
+    (``build_searcher`` quiets it) are put back when the sweep ends, however it ends,
+    so a program that calls ``run_sweep`` or ``resume_sweep`` keeps its own settings."""
+    import optuna
+
+    environ, verbosity = dict(os.environ), optuna.logging.get_verbosity()
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
 
 
 def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
@@ -304,11 +345,12 @@ def _absolute(path: str) -> str:
 def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
     """Validate, decode the data once, record the run, then search; Ray's results.
 
-    The run folder is held (``covid_tune.runs.lock``) from before decoding to the end.
+    The run folder is held (``covid_tune.runs.lock``) from before decoding to the end;
+    ``os.environ`` and Optuna's log level are left as they were (``as_found``).
     ``trainable`` is the trial function (``train_trial``; tests wrap it)."""
     opts, space = resolve(opts)
     run_dir = opts.run_dir()
-    with hold(run_dir):
+    with hold(run_dir), as_found():
         if exists(join(run_dir, SWEEP_FILE)):
             raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name "
                             f"or continue it with `covid-tune resume {run_dir}`")
@@ -324,7 +366,8 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         without_ray_tensorboard()
         tuner = tune.Tuner(
             build_trainable(bundle, opts, trainable),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space),
+            tune_config=tune.TuneConfig(search_alg=searcher,
+                                        scheduler=build_scheduler(space, searcher),
                                         num_samples=space.num_samples, reuse_actors=True,
                                         trial_dirname_creator=trial_dirname),
             run_config=run_config(space, opts),
@@ -343,22 +386,26 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     last snapshot; trials it lists as unfinished restart from their last checkpoint.
     ``address`` overrides the cluster address the sweep was started with; ``data``
     points at a moved copy of the dataset (checked against the run's manifest).
+    ``run_dir`` is a local folder or a URI (``s3://bucket/runs/name?endpoint_override=...``),
+    read and continued where the sweep wrote it.
     """
-    run_dir = _absolute(str(run_dir)).rstrip("/")
-    record = read_record(run_dir)
+    run_dir = _absolute(str(run_dir).rstrip("/"))
+    run = RunFolder(run_dir)
+    record = read_record(run)
     opts = record.options
-    space = read_space(run_dir, record)
-    with hold(run_dir):
-        check_ray_state(run_dir)
-        choice = choose_data(run_dir, record, space.task, data, allow_changed_data,
+    space = read_space(run, record)
+    with hold(run_dir), as_found():
+        check_ray_state(run)
+        choice = choose_data(run, record, space.task, data, allow_changed_data,
                              required=True, spec=space.data)
         for note in choice.notes:
             print(f"note: {note}")
-        bundle, _ = decode(choice.layout, space, opts.strict, read_selection(run_dir, space))
+        bundle, _ = decode(choice.layout, space, opts.strict, read_selection(run, space))
         start_ray(address or opts.address)
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         check_object_store(bundle_bytes(bundle), space.image_size)
-        check_storage(run_dir.rsplit("/", 1)[0], opts.shared_storage)
+        check_storage(run_dir if is_uri(run_dir) else str(Path(run_dir).parent),
+                      opts.shared_storage)
         without_ray_tensorboard()
         try:
             tuner = tune.Tuner.restore(run_dir,
@@ -485,13 +532,13 @@ def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:
     their folders would otherwise be counted twice by anything reading the run.
     """
     known = {os.path.basename(result.path.rstrip("/")) for result in results}
-    lost = [name for name in list_dirs(run_dir) if name.startswith("trial_")
-            and name not in known]
+    run = RunFolder(run_dir)
+    lost = [name for name in run.trial_folders() if name not in known]
     for name in lost:
-        move_dir(join(run_dir, name), join(run_dir, LOST_DIR, name))
+        run.move((name,), (LOST_DIR, name))
     if lost:
         print(f"moved {len(lost)} folder(s) of trials lost with the old driver to "
-              f"{join(run_dir, LOST_DIR)}")
+              f"{run.where(LOST_DIR)}")
     return lost
 
 
@@ -539,4 +586,4 @@ def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> N
 
 def _best_value(result, space: SearchSpace) -> float:
     values = result.metrics_dataframe[space.metric]
-    return float(values.max() if space.mode == "max" else values.min())
+    return float(max(values, key=lambda v: rank_key(v, space.mode)))

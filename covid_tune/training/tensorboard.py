@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from covid_tune.core.ranking import better
 from covid_tune.core.space import PARAM_TYPES, TrialConfig
 from covid_tune.core.plots import confusion_image
 
@@ -69,10 +70,9 @@ class TrialWriter:
         self.writer.flush()
 
     def improves(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        best = self.best[self.metric]
-        return value > best if self.mode == "max" else value < best
+        """Whether this epoch beats the best so far (``core.ranking``: a NaN epoch
+        never does, and any number beats a NaN best); the first epoch always does."""
+        return self.best is None or better(value, self.best.get(self.metric), self.mode)
 
     def close(self) -> None:
         self.writer.close()

@@ -49,6 +49,7 @@ from covid_tune.runs.reader import CHECKPOINT_SCORE, tie_broken
 from covid_tune.runs.folder import DIVERGED_FILE
 from covid_tune.runs.checkpoint import DamagedCheckpoint, load_checkpoint, load_optimizer, save_checkpoint
 from covid_tune.runs.retention import checkpoint_folders
+from covid_tune.search._internals import RAY_STORAGE_LOGGER, asked_to_stop, trial_session
 from covid_tune.core.tasks import TASKS, Task
 from covid_tune.training.tensorboard import TrialWriter
 
@@ -96,7 +97,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
     device = Device.pick()
     _set_threads()
     # Ray logs a line for every checkpoint saved; the run folder says as much.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    logging.getLogger(RAY_STORAGE_LOGGER).setLevel(logging.WARNING)
     model, optimizer, scaler, loss_fn = build_training(cfg, device)
     base = Base.of(model, cfg)
     start, reached = restore(model, optimizer, tune.get_checkpoint(), base)
@@ -206,24 +207,6 @@ class Publisher:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
-
-
-def trial_session():
-    """This trial's Ray session (None outside Tune, or where Ray moved it)."""
-    try:
-        from ray.train._internal.session import get_session
-    except ImportError:
-        return None
-    return get_session()
-
-
-def asked_to_stop(session) -> bool:
-    """Whether Ray Tune has asked the trial of ``session`` to end: the session's stop
-    event, which Tune sets when it stops the trial or reuses its actor. Tune has no
-    public call for it; False where the field is missing (another Ray) or outside Tune,
-    and the stop then still arrives through the next report."""
-    event = getattr(session, "stop_event", None)
-    return bool(event is not None and event.is_set())
 
 
 TRAINING_THREADS: weakref.WeakSet = weakref.WeakSet()

@@ -117,6 +117,7 @@ def test_stall_lines_and_a_stalled_exit_are_found_in_the_output():
         "trial_processes_aborted": 0}
 
 
+@pytest.mark.slow
 def test_a_sweep_past_its_time_limit_is_stopped_and_its_output_kept(tmp_path):
     log = tmp_path / "sweep.log"
     ran = run_logged([sys.executable, "-c", "import time; print('started', flush=True); "

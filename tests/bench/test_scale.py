@@ -4,12 +4,14 @@ Ray of its own, so it is not run here)."""
 
 from __future__ import annotations
 
+import pytest
 import optuna
 
 from covid_tune.bench.scale import SCALE_TINY, measure_scale
 from covid_tune.runs.folder import STUDY_FILE
 
 
+@pytest.mark.slow
 def test_the_tiny_scale_parts_end_every_trial_once_and_give_the_jsons_figures(tmp_path):
     """20 simulated trials through the real searcher and ASHA: each ends once, some
     stopped at a rung, all in the study file; the figures the bench's JSON holds."""

@@ -24,6 +24,7 @@ def torch_grad_cam(model, x: torch.Tensor, direction: np.ndarray) -> np.ndarray:
     return heat / heat.max() if heat.max() > 0 else heat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, size, outputs", [("vgg16", 96, 3), ("resnet18", 128, 2)])
 def test_numpy_grad_cam_matches_torch(backbone, size, outputs):
     torch.manual_seed(0)

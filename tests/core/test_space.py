@@ -320,6 +320,7 @@ def space_path(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz-space") / "space.yaml"
 
 
+@pytest.mark.slow
 @FUZZ
 @given(doc=DOCUMENTS)
 def test_random_yaml_documents_load_or_are_refused(space_path, doc):
@@ -327,6 +328,7 @@ def test_random_yaml_documents_load_or_are_refused(space_path, doc):
     load_or_refuse(space_path)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(doc=mutated_space())
 def test_mutated_shipped_spaces_load_or_are_refused(space_path, doc):
@@ -337,6 +339,7 @@ def test_mutated_shipped_spaces_load_or_are_refused(space_path, doc):
 @FUZZ
 @given(text=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(":-[]{},&*!|>'\"#\n "),
                     max_size=200))
+@pytest.mark.slow
 def test_random_text_loads_or_is_refused(space_path, text):
     space_path.write_text(text, encoding="utf-8")
     load_or_refuse(space_path)
@@ -359,6 +362,7 @@ def test_random_text_loads_or_is_refused(space_path, text):
     ("task: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
 ], ids=["task-list", "backbone-list", "choice-list", "nan", "inf", "choices-and-range",
         "frozen-row-without-backbone", "control-character", "deep-nesting"])
+@pytest.mark.slow
 def test_mistakes_found_by_fuzzing(tmp_path, doc, expected):
     path = tmp_path / "space.yaml"
     path.write_text(doc)
@@ -404,12 +408,12 @@ def test_a_train_metric_is_allowed_when_asked_and_mode_follows_the_metric(tmp_pa
     assert load(tmp_path, {**MINIMAL, "metric": "val_hamming_loss"}).mode == "min"
 
 
-def test_the_readmes_example_space_is_valid():
-    """The search-space example in README.md parses to what its comments say."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text[text.index("## Search spaces"):]
+def test_the_example_space_in_the_docs_is_valid():
+    """The search-space example in docs/search-spaces.md parses to what its comments say."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "search-spaces.md").read_text()
+    section = text[text.index("## An example, every key"):]
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
-    space = parse_space_text(block, "README.md")
+    space = parse_space_text(block, "docs/search-spaces.md")
     assert (space.metric, space.selection.holdout, space.threshold) == (
         "sel_f1", 0.15, Threshold("f1"))
 

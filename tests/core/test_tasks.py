@@ -26,3 +26,23 @@ def test_covid_sets_the_pneumonia_bit_too():
 def test_test_is_labelled_for_part1_only():
     assert "test" in TASKS["binary"].labelled_splits
     assert "test" not in TASKS["multilabel"].labelled_splits
+
+
+def test_each_task_declares_exactly_the_metrics_compute_metrics_returns():
+    from covid_tune.core.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    targets = {"binary": np.array([0, 1, 1, 0]),
+               "multilabel": np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0]])}
+    for name, task in TASKS.items():
+        returned = compute_metrics(task, targets[name], rng.normal(size=(4, task.outputs)))
+        assert list(returned) != [] and "confusion" in returned
+        assert set(returned) - {"confusion"} == set(task.metrics) - {"loss"}, name
+        assert task.metrics[0] == "loss" and len(set(task.metrics)) == len(task.metrics)
+        assert task.default_metric.removeprefix("val_") in task.metrics
+
+
+def test_per_label_metrics_follow_the_label_names():
+    assert "f1_pneumonia" in MULTILABEL.metrics and "auroc_covid" in MULTILABEL.metrics
+    assert not any(m.endswith("_infected") for m in BINARY.metrics)
+    assert BINARY.losses == ("ce",) and MULTILABEL.losses == ("bce", "focal")

@@ -187,6 +187,7 @@ def test_a_folder_that_cannot_be_listed_names_it(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"),
                     reason="running as root, and no setpriv to drop root's capabilities")
+@pytest.mark.slow
 def test_files_and_folders_without_permission_as_an_ordinary_user(tmp_path):
     """Really denied: the commands run without root's power over permissions. An
     unreadable image is skipped and named, and refused under --strict (sweep's --strict
@@ -309,6 +310,22 @@ def test_the_selection_split_is_seeded_stratified_and_independent_of_order():
     tiny = selection_fixture(n_covid=2, n_normal=1, n_pneumonia=3).splits["train"]
     picked = hold_out(tiny, 0.01, seed=0)
     assert len(picked) == 2 and not any(n.endswith("002.png") for n in picked)
+
+
+def test_stratified_parts_take_each_fraction_of_every_stratum_and_the_same_draw_every_time():
+    """The one splitter behind ``hold_out`` and ``split_collection``: runs record what it
+    drew, so the pinned positions below fail a change that would split old data anew."""
+    from covid_tune.data.dataset import stratified_parts
+
+    strata = ["b"] * 6 + ["a"] * 4 + ["c"]  # positions 0-5 b, 6-9 a, 10 c
+    # strata in sorted order (a, then b), one rng: a 4 -> 2, b 6 -> 3, c 1 -> none
+    assert stratified_parts(strata, [0.5], seed=0) == [[8, 6, 5, 3, 2]]
+    two = stratified_parts(strata, [0.2, 0.3], seed=5)
+    assert two == [[9, 1], [7, 4, 2]]  # a: 1 and 1; b: round(1.2) = 1, round(1.8) = 2
+    assert not set(two[0]) & set(two[1])
+    assert stratified_parts(strata, [0.5], seed=1) != stratified_parts(strata, [0.5], seed=0)
+    # never the whole stratum: each leaves at least one item to the rest
+    assert stratified_parts(["x", "x"], [0.9, 0.9], seed=0) == [[0], []]
 
 
 def test_with_selection_moves_the_held_out_images_out_of_train():

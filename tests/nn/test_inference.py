@@ -29,6 +29,7 @@ def test_cpu_device_uses_no_gpu_only_speedups():
     assert not device.channels_last
 
 
+@pytest.mark.slow
 def test_a_model_from_its_checkpoint_gives_the_same_logits(tmp_path):
     torch.manual_seed(0)
     model = build_for(CONFIG)
@@ -41,6 +42,7 @@ def test_a_model_from_its_checkpoint_gives_the_same_logits(tmp_path):
         assert np.allclose(predict_logits(loaded, images, batch, CPU), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_short_is_refused(tmp_path):
     model = build_for(CONFIG)
     write_checkpoint(tmp_path, model, build_optimizer(model, CONFIG), 1, CONFIG, {})
@@ -71,6 +73,7 @@ def same_weights(a, b) -> bool:
     return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [20, 7])
 def test_frozen_layers_are_stored_by_reference_to_the_pretrained_file(tmp_path, frozen):
     """Tensors still as the pretrained file had them are not stored: the recipe names
@@ -105,6 +108,7 @@ def test_frozen_layers_are_stored_by_reference_to_the_pretrained_file(tmp_path, 
         load_model(tmp_path / "ckpt")
 
 
+@pytest.mark.slow
 def test_untrained_layers_of_a_random_start_are_stored_by_seed(tmp_path):
     """``pretrained: none``: frozen layers are the trial's seeded initialisation,
     recorded by seed and SHA-256 and rebuilt on load."""

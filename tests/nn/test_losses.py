@@ -81,3 +81,10 @@ def test_losses_accept_their_task_shapes():
     binary = build_loss("ce")(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))
     multilabel = build_loss("focal")(torch.randn(4, 3), torch.tensor([[1, 0, 1], [0, 1, 0]] * 2).float())
     assert binary.ndim == multilabel.ndim == 0
+
+
+def test_every_loss_a_task_allows_is_built_here():
+    from covid_tune.core.tasks import TASKS
+    from covid_tune.nn.losses import LOSSES
+
+    assert {loss for task in TASKS.values() for loss in task.losses} == set(LOSSES)

@@ -65,6 +65,7 @@ def assert_backbone_equal(model, state):
             assert torch.equal(loaded[key], value), key
 
 
+@pytest.mark.slow
 def test_config_conv_counts_match_the_built_nets():
     """The space validator's limits on frozen_layers (config, torch-free) are the
     Conv2d modules of the nets models.py builds."""
@@ -76,6 +77,7 @@ def test_config_conv_counts_match_the_built_nets():
     assert BACKBONE_CONVS == {"vgg16": 13, "resnet18": 20}
 
 
+@pytest.mark.slow
 def test_vgg_head_and_trainable_counts(vgg_free, vgg_first7):
     features = vgg_free.net.features
     head = 25088 * 256 + HEAD_256_2
@@ -89,6 +91,7 @@ def test_vgg_first7_freezes_exactly_features_17(vgg_first7):
     assert frozen_names(vgg_first7) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen, block", [(4, 10), (13, 31)])
 def test_vgg_first_n_convs_are_features_prefix(frozen, block):
     model = build_model("vgg16", outputs=2, frozen_layers=frozen)
@@ -127,6 +130,7 @@ def test_frozen_layers_out_of_range(backbone):
             build_model(backbone, outputs=2, frozen_layers=frozen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [32, 64])
 def test_output_shape(vgg_free, size):
     resnet = build_model("resnet18", outputs=3, hidden=16)
@@ -151,6 +155,7 @@ def test_frozen_batchnorm_stays_in_eval_mode():
     assert model.head.training
 
 
+@pytest.mark.slow
 def test_frozen_running_stats_do_not_move():
     model = build_model("resnet18", outputs=2, frozen_layers=1)
     before = model.net.bn1.running_mean.clone()
@@ -159,6 +164,7 @@ def test_frozen_running_stats_do_not_move():
     assert not torch.equal(model.net.layer1[0].bn1.running_mean, torch.zeros(64))
 
 
+@pytest.mark.slow
 def test_frozen_parameters_get_no_grad():
     model = build_model("resnet18", outputs=2, frozen_layers=5)
     model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -168,6 +174,7 @@ def test_frozen_parameters_get_no_grad():
     assert model.net.layer2[0].conv1.weight.grad is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_local_state_dict_loads(tmp_path, resnet_state, suffix):
     path = str(tmp_path / f"resnet18{suffix}")
@@ -178,6 +185,7 @@ def test_local_state_dict_loads(tmp_path, resnet_state, suffix):
     assert model.head[-1].out_features == 2
 
 
+@pytest.mark.slow
 def test_prefixed_state_dicts_load(tmp_path, resnet_state):
     path = tmp_path / "dp.pt"
     torch.save({f"module.{k}": v for k, v in resnet_state.items()}, path)
@@ -240,6 +248,7 @@ def test_imagenet_loads_from_the_hub_cache(hub_dir, resnet_state):
     assert_backbone_equal(build_model("resnet18", outputs=2, pretrained="imagenet"), resnet_state)
 
 
+@pytest.mark.slow
 def test_old_checkpoints_without_num_batches_tracked_load(tmp_path, resnet_state):
     """Pre-2018 torchvision files lack BatchNorm's num_batches_tracked."""
     path = tmp_path / "old.pth"

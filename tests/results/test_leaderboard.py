@@ -265,6 +265,15 @@ def test_too_few_trials_for_importances(swept, tmp_path):
     assert importances == {} and "Too few trials" in note
 
 
+def test_importances_leave_optunas_log_level_as_they_found_it(swept):
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        importances, _ = param_importances(read_run(swept.binary))
+        assert importances and optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+
+
 def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
     with pytest.raises(UserError, match="not a covid-tune run"):

@@ -10,7 +10,7 @@ import optuna
 from covid_tune.core.space import load_space
 from covid_tune.results.render import cell, display_row, markdown_table, optuna_label, reproduce_command
 from covid_tune.core.units import duration
-from covid_tune.results.rows import TABLES, select_rows
+from covid_tune.results.rows import TABLES, pick_rows
 from covid_tune.search.define_by_run import define_by_run
 from test_rows import run, trial
 
@@ -38,7 +38,7 @@ def test_optuna_labels():
 
 
 def test_display_row_shows_the_assignments_columns_then_the_rest():
-    row = select_rows(TABLES["binary"], [run([trial("a", "vgg16", 13, 0.8, hand_grid=True)])])[0]
+    row = pick_rows(TABLES["binary"], [run([trial("a", "vgg16", 13, 0.8, hand_grid=True)])])[0]
     row.scores = {"train": {"accuracy": 1.0, "f1": 1.0}}
     shown = display_row(TABLES["binary"], row)
     assert list(shown)[:4] == ["Backbone", "Frozen Layers", "Epochs", "Training Time"]
@@ -50,7 +50,7 @@ def test_display_row_shows_the_assignments_columns_then_the_rest():
 def test_reproduce_space_loads_back_to_the_rows_config(tmp_path):
     source = run([trial("a", "resnet18", 7, 0.8, epoch=2)],
                  augment={"rotation": 5.0, "flip": False})
-    row = select_rows(TABLES["binary"], [source])[0]
+    row = pick_rows(TABLES["binary"], [source])[0]
     command = reproduce_command(row, tmp_path, "/data set")
     assert "--data '/data set'" in command and "--seed 0 --cpus-per-trial 1" in command
     space = load_space(tmp_path / "reproduce" / "run-a.yaml")

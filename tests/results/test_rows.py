@@ -9,9 +9,8 @@ import pytest
 
 from covid_tune.core.space import parse_space
 from covid_tune.runs.record import Provenance, SweepOptions, SweepRecord
-from covid_tune.runs.reader import RunInfo, TrialRecord
-from covid_tune.results.rows import (EXTRA_PARAMS, TABLES, best_overall, extra_params,
-                                  frozen_name, select_rows)
+from covid_tune.runs.reader import best_overall, RunInfo, TrialRecord
+from covid_tune.results.rows import (EXTRA_PARAMS, TABLES, extra_params, frozen_name, pick_rows)
 
 SPACE = {"task": "binary", "metric": "val_f1", "mode": "max", "max_epochs": 3,
          "image_size": 32, "num_samples": 4,
@@ -48,7 +47,7 @@ def test_groups_follow_the_assignments_order_and_pick_each_best():
     trials = [trial("a", "resnet18", 0, 0.7), trial("b", "vgg16", 0, 0.5),
               trial("c", "vgg16", 13, 0.6), trial("d", "vgg16", 0, 0.8, hand_grid=True),
               trial("e", "resnet18", 0, math.nan)]
-    rows = select_rows(TABLES["binary"], [run(trials)])
+    rows = pick_rows(TABLES["binary"], [run(trials)])
     assert [(r.backbone, r.group) for r in rows] == [
         ("VGG16", "All Layers except FC"), ("VGG16", "None"), ("RESNET18", "None")]
     assert [r.record.trial_id for r in rows] == ["c", "d", "a"]  # NaN never wins
@@ -60,14 +59,14 @@ def test_groups_follow_the_assignments_order_and_pick_each_best():
 def test_min_metric_picks_the_lowest_and_ties_go_to_fewer_epochs():
     trials = [trial("a", "vgg16", 0, 0.3, epoch=3), trial("b", "vgg16", 0, 0.3, epoch=1),
               trial("c", "vgg16", 0, 0.9)]
-    rows = select_rows(TABLES["binary"], [run(trials, metric="val_loss", mode="min")])
+    rows = pick_rows(TABLES["binary"], [run(trials, metric="val_loss", mode="min")])
     assert rows[0].record.trial_id == "b"
 
 
 def test_rows_span_runs_and_the_best_run_is_named():
     first = run([trial("a", "vgg16", 0, 0.5)], name="one")
     second = run([trial("b", "vgg16", 0, 0.9)], name="two")
-    rows = select_rows(TABLES["binary"], [first, second])
+    rows = pick_rows(TABLES["binary"], [first, second])
     assert len(rows) == 1 and rows[0].run is second and len(rows[0].trials) == 2
     assert best_overall([first, second]) == (second, second.trials[0])
 

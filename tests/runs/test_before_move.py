@@ -44,6 +44,7 @@ def test_the_old_snapshot_unpickles_into_todays_classes():
     assert any(isinstance(getattr(v, "space", None), SearchSpace) for v in saved.values())
 
 
+@pytest.mark.slow
 def test_leaderboard_and_export_read_an_old_run(old_run, tmp_path):
     from covid_tune.bundle.export import export_best
     from covid_tune.results.leaderboard import write_leaderboard

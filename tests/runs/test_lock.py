@@ -104,6 +104,7 @@ RACER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_of_drivers_started_at_the_same_moment_exactly_one_holds_the_folder(tmp_path):
     """Six processes released at the same instant; the one that gets the folder holds it
     until every other has tried."""

@@ -310,13 +310,33 @@ def test_kuberay_pods_run_as_a_service_account_bound_to_the_runs_bucket():
             assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in sources)
 
 
-def readme_commands(program: str) -> list[list[str]]:
-    """Each ``PROGRAM SUBCOMMAND ...`` in cluster/README.md's code blocks, split into
+DOCS_WITH_COMMANDS = [CLUSTER_DIR / "README.md", ROOT / "README.md",
+                      *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def shell_blocks(text: str) -> list[str]:
+    """The fenced code blocks of a markdown text that hold shell commands (no info
+    string, or bash/sh), each with its continuation lines joined."""
+    blocks, block, fence = [], None, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if fence is None and stripped.startswith("```"):
+            fence = stripped[3:].strip()
+            block = [] if fence in ("", "bash", "sh") else None
+        elif fence is not None and stripped == "```":
+            if block is not None:
+                blocks.append("\n".join(block).replace("\\\n", " "))
+            fence, block = None, None
+        elif block is not None:
+            block.append(line)
+    return blocks
+
+
+def readme_commands(program: str, path: Path = CLUSTER_DIR / "README.md") -> list[list[str]]:
+    """Each ``PROGRAM SUBCOMMAND ...`` in a markdown file's shell code blocks, split into
     words, up to the end of the line or a shell operator (``|``, ``;``, ``&&``)."""
-    text = (CLUSTER_DIR / "README.md").read_text()
-    code = "\n".join(re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)).replace("\\\n", " ")
     commands = []
-    for line in code.splitlines():
+    for line in "\n".join(shell_blocks(path.read_text())).splitlines():
         if line.lstrip().startswith("#"):
             continue
         for words in re.findall(rf"(?:^|\s){program}\s+([a-z][^|;&#]*)", line):
@@ -325,12 +345,20 @@ def readme_commands(program: str) -> list[list[str]]:
 
 
 def test_readme_covid_tune_commands_parse():
+    """Every ``covid-tune ...`` in a shell block of the READMEs and docs/*.md parses; the
+    cluster walkthrough's sweeps all name the cluster."""
     commands = readme_commands("covid-tune")
     assert {c[0] for c in commands} >= {"sweep", "resume", "leaderboard", "export"}
-    for command in commands:
-        build_parser().parse_args(command)  # exits (fails the test) on an unknown flag
     sweeps = [c for c in commands if c[0] == "sweep"]
     assert all("--address" in c for c in sweeps)
+    for path in DOCS_WITH_COMMANDS:
+        for command in readme_commands("covid-tune", path):
+            try:
+                build_parser().parse_args(command)
+            except SystemExit:
+                pytest.fail(f"{path.name}: covid-tune {shlex.join(command)} does not parse")
+    in_readme = {c[0] for c in readme_commands("covid-tune", DOCS_WITH_COMMANDS[1])}
+    assert in_readme >= {"sweep", "leaderboard", "export", "predict"}
 
 
 # --- storage and resources -------------------------------------------------------------

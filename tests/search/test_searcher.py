@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from covid_tune.core.space import parse_space
+from covid_tune.search._internals import ot_trials
 from covid_tune.search.searcher import SweepSearch, build_searcher, n_startup_trials
 from helpers import can_mount_tmpfs, on_small_disk
 
@@ -85,22 +86,21 @@ def test_a_trial_ray_ends_without_telling_reaches_the_study_and_frees_the_hold(s
     trial starts."""
     from types import SimpleNamespace
 
-    from covid_tune.search.sweep import SweepScheduler
+    from covid_tune.search.sweep import build_scheduler
 
-    scheduler = SweepScheduler(time_attr="epoch", metric="val_loss", mode="min", max_t=3,
-                               grace_period=1, reduction_factor=2)
-    controller = SimpleNamespace(search_alg=searcher)
+    scheduler = build_scheduler(parse_space(SPACE, "space.yaml"), searcher)
+    assert searcher.scheduler is scheduler  # linked when both are built
+    controller = SimpleNamespace()  # nothing read off Tune's controller
     trials = [RayTrial(f"t{i}") for i in range(searcher.n_startup)]
     for trial in trials:
         assert searcher.suggest(trial.trial_id) is not None
         scheduler.on_trial_add(controller, trial)
-    assert searcher.scheduler is scheduler
     finish(searcher, "t0", 0.5, 3)
     scheduler.on_trial_complete(controller, trials[0], {"val_loss": 0.5})
     assert searcher.suggest("late") is None  # t1 runs: hold
     trials[1].status = RayTrial.ERROR  # failed reuse: no word to anyone
     assert searcher.suggest("late") is not None
-    states = [t.state.name for t in searcher._ot_study.get_trials()]
+    states = [t.state.name for t in searcher.study.get_trials()]
     assert states[:2] == ["COMPLETE", "FAIL"]
     assert scheduler.tell_missed_ends() == []  # told once
 
@@ -108,8 +108,37 @@ def test_a_trial_ray_ends_without_telling_reaches_the_study_and_frees_the_hold(s
     scheduler.on_trial_add(controller, late)
     late.status = RayTrial.ERROR  # in the sweep's last step: no next step will tell
     searcher.save(str(tmp_path / "searcher.pkl"))  # the run's last snapshot
-    assert searcher._ot_study.get_trials()[-1].state.name == "FAIL"
+    assert searcher.study.get_trials()[-1].state.name == "FAIL"
     assert searcher.scheduler is scheduler  # not saved, and kept
+
+
+def test_the_scheduler_and_its_searcher_stay_linked_in_rays_snapshot(tmp_path):
+    """Ray pickles both in ``tuner.pkl`` and ``resume`` unpickles them together: the
+    link made when they were built survives, through the ``ConcurrencyLimiter``."""
+    import pickle
+
+    from covid_tune.search.sweep import build_scheduler
+
+    space = parse_space(SPACE, "space.yaml")
+    limiter = build_searcher(space, str(tmp_path / "s.db"), "s", seed=0, max_concurrent=2)
+    scheduler, limiter = pickle.loads(pickle.dumps((build_scheduler(space, limiter),
+                                                    limiter)))
+    assert scheduler.search_alg is limiter and limiter.searcher.scheduler is scheduler
+
+
+def test_a_scheduler_from_a_run_written_before_finds_the_searcher_through_tune(searcher):
+    """A run's snapshot from before 0.3 holds a scheduler whose ``search_alg`` is None
+    (``tests/fixtures/before-0.2``): the first trial added links the two through Tune's
+    public ``search_alg``."""
+    from types import SimpleNamespace
+
+    from covid_tune.search.sweep import SweepScheduler
+
+    scheduler = SweepScheduler(time_attr="epoch", metric="val_loss", mode="min", max_t=3,
+                               grace_period=1, reduction_factor=2)
+    searcher.suggest("t0")
+    scheduler.on_trial_add(SimpleNamespace(search_alg=searcher), RayTrial("t0"))
+    assert scheduler.search_alg is searcher and searcher.scheduler is scheduler
 
 
 def test_a_diverged_trial_is_pruned_at_the_worst_value_seen(searcher, tmp_path):
@@ -125,6 +154,7 @@ def test_a_diverged_trial_is_pruned_at_the_worst_value_seen(searcher, tmp_path):
     assert diverged.state.name == "PRUNED" and diverged.intermediate_values == {1: 1.0}
 
 
+@pytest.mark.slow
 def test_a_failed_trial_that_resume_runs_again_is_told_its_new_outcome(searcher, tmp_path):
     """Ray's snapshot holds the searcher; resume re-runs errored trials. The restored
     study reopens the FAIL trial, records its new result, and still lists it once."""
@@ -181,7 +211,7 @@ def test_a_restored_searcher_brings_its_study_back(searcher, tmp_path):
                            max_concurrent=None)
     again.restore(str(tmp_path / "state.pkl"))
     assert [t.value for t in load(tmp_path).trials] == [0.3]
-    assert again.suggest("b") is not None and "b" in again._ot_trials
+    assert again.suggest("b") is not None and "b" in ot_trials(again)
 
 
 STUDY_ON_FULL_DISK = '''
@@ -209,6 +239,7 @@ print(json.dumps({"kept": kept, "parts": parts, "on_full": on_full, "after": cou
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a tmpfs here (unshare -Urm)")
 def test_a_full_disk_keeps_the_last_study_copy_and_the_sweep_goes_on(tmp_path):
     """optuna.db on a real full tmpfs: SQLite keeps the previous file whole, one note is
@@ -260,7 +291,7 @@ def test_the_file_mirrors_the_study_one_trial_at_a_time(tmp_path, monkeypatch):
             calls.append(len(writes))
             for name, method in counted.items():
                 monkeypatch.setattr(db, name, method)
-    same_trials(load(tmp_path), searcher._ot_study)
+    same_trials(load(tmp_path), searcher.study)
     assert [t.state.name for t in load(tmp_path).trials][-2:] == ["RUNNING", "RUNNING"]
     assert load(tmp_path).trials[1].params == {"frozen_layers_resnet18": 5, "lr": 0.02}
     assert max(calls) <= 4 and calls[-1] == calls[0], calls
@@ -282,7 +313,7 @@ def test_a_study_behind_a_uri_is_uploaded_when_due_and_at_the_end(tmp_path, monk
     assert target.read_bytes() == first
     finish(searcher, "b", 0.1, 3)  # nothing runs any more: the sweep's end is uploaded
     same_trials(optuna.load_study(study_name="s", storage=f"sqlite:///{target}"),
-                searcher._ot_study)
+                searcher.study)
 
 
 def test_a_restored_searcher_rewrites_a_file_that_went_astray(searcher, tmp_path):
@@ -295,7 +326,7 @@ def test_a_restored_searcher_rewrites_a_file_that_went_astray(searcher, tmp_path
     again = build_searcher(parse_space(SPACE, "s"), str(tmp_path / "s.db"), "s", seed=0,
                            max_concurrent=None)
     again.restore(str(tmp_path / "state.pkl"))
-    same_trials(load(tmp_path), again._ot_study)
+    same_trials(load(tmp_path), again.study)
     again.suggest("c")
     finish(again, "c", 0.2, 3)
     assert [t.value for t in load(tmp_path).trials] == [0.3, 0.2]

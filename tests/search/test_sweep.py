@@ -369,6 +369,7 @@ def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs
     assert min(first_epoch) > 1.5 * REUSE_TIMEOUT  # longer than Ray's reuse timeout
 
 
+@pytest.mark.slow
 def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data, tmp_path):
     """val_f1 the same at every epoch (a learning rate too small to change a single
     prediction): Ray keeps the epoch-1 checkpoint, not the last one, and the trial's
@@ -392,6 +393,43 @@ def test_a_trial_whose_metric_does_not_move_keeps_its_earliest_epoch(binary_data
     assert [read_recipe(folder)["epoch"] for folder in kept] == [1]
     [row] = read_run(tmp_path / "runs" / "flat").trials
     assert row.epoch == 1
+
+
+def test_a_trial_that_diverges_on_its_only_try_is_pruned_not_failed(ray_cluster,
+                                                                    binary_data, tmp_path):
+    """With no retries (``--max-failures 0``) the scheduler hears of a diverged trial
+    before Ray uploads its ``diverged.txt``: it knows it by the error Ray keeps on the
+    driver, so TPE is still told PRUNED (it ignores FAIL and would try the region
+    again). The retried case is ``test_cluster.py``'s crash test.
+
+    The sweep leaves the caller's process as it found it: ``os.environ`` (Ray's switches
+    the sweep sets) and Optuna's log level (which the searcher quiets)."""
+    import os
+
+    from covid_tune.runs.folder import DIVERGED_FILE
+    from covid_tune.runs.record import SweepOptions
+    from covid_tune.search.sweep import run_sweep
+
+    doc = {**BINARY_SPACE, "num_samples": 2, "max_epochs": 1, "augment": False,
+           "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 10,
+                      "lr": {"low": 1e-3, "high": 1e7, "log": True}, "hidden": 16,
+                      "dropout": 0.0},
+           "start_with": [{"lr": 0.01}, {"lr": 1e6}]}
+    opts = SweepOptions(space_file=str(write_space(tmp_path, doc)), data=str(binary_data),
+                        name="nan", storage_path=str(tmp_path / "runs"), seed=1,
+                        max_failures=0)
+    environ, verbosity = dict(os.environ), optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        results = run_sweep(opts)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        assert dict(os.environ) == environ
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    bad = next(r for r in results if r.config["lr"] == 1e6)
+    assert bad.error is not None and (Path(bad.path) / DIVERGED_FILE).is_file()
+    assert sorted(t.state.name for t in study(tmp_path / "runs" / "nan").trials) == [
+        "COMPLETE", "PRUNED"]
 
 
 def stubborn(folder: Path, batch_seconds: float):
@@ -439,6 +477,7 @@ def test_trials_ray_fails_without_telling_the_search_reach_the_study_and_nothing
     assert sum(t.state.name == "FAIL" for t in trials) == len(errors)
 
 
+@pytest.mark.slow
 def test_a_graceful_stop_that_hangs_is_cut_short_with_the_resume_command(monkeypatch):
     """Ray Tune's own stop should end a sweep within seconds; should it hang (a searcher
     or an actor that does not answer), the driver stops at once after the grace period

@@ -121,6 +121,7 @@ def test_every_torch_load_is_weights_only():
                 assert "weights_only=True" in line, f"{path.name}:{number}: {line.strip()}"
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     cfg = trial_config(lr=0.01, hidden=8, metric="val_loss", mode="min")
     model = build_model("resnet18", 2, 8, 0.0, 0, "none")
@@ -141,6 +142,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     assert epoch == 1
 
 
+@pytest.mark.slow
 def test_a_trial_goes_on_from_its_newest_checkpoint_with_the_optimizer_or_warns(tmp_path):
     """The newest checkpoint (with ``optimizer.pt``) restores weights and momentum; an
     older one, trimmed to weights, restores the weights and starts the optimizer
@@ -244,6 +246,7 @@ def test_the_publisher_runs_one_epoch_at_a_time_and_raises_what_it_raised():
 
 # --- one epoch: training and evaluation -------------------------------------------------
 
+@pytest.mark.slow
 def test_a_last_batch_of_one_never_reaches_batchnorm():
     """ResNet-18 at 32 px, 17 images in batches of 8: the 17th joins the second batch
     (BatchNorm raises on a training batch of one), and every image is still seen."""
@@ -306,6 +309,7 @@ def test_each_split_a_trial_sees_is_reported_and_the_choosing_one_tunes_threshol
     assert 0.55 < chosen["thresholds"]["infected"] < 0.6
 
 
+@pytest.mark.slow
 def test_evaluating_the_object_stores_read_only_arrays_warns_of_nothing():
     """Ray hands trials read-only arrays; torch warned once per trial about them."""
     import warnings
