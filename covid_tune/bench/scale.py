@@ -235,7 +235,7 @@ def measure_checkpoints(work: Path, hidden: int = 256, image_size: int = 64,
     from torchvision import models as tv
 
     from covid_tune.core.space import PARAM_DEFAULTS, TrialConfig
-    from covid_tune.nn.inference import Base, build_for
+    from covid_tune.nn.weights import Base, build_for
     from covid_tune.runs.checkpoint import OPTIMIZER_FILE
     from covid_tune.training.trial import build_optimizer, write_checkpoint
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from covid_tune.data.dataset import scan
-from covid_tune.nn.inference import load_model
+from covid_tune.nn.weights import load_model
 from covid_tune.core.metrics import threshold_labels
 from covid_tune.nn.models import WithFeatures, cam_spec
 from covid_tune.bundle.format import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,

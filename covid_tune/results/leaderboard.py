@@ -3,7 +3,7 @@
 ``write_leaderboard`` reads the runs (``covid_tune.runs.record``), picks each group's best
 checkpoint (``covid_tune.results.rows``), re-scores it with the deterministic evaluation
 transform on the run's own dataset, checked against the run's manifest, with its
-selection split held out of Train as the sweep held it (``covid_tune.nn.inference``), at
+selection split held out of Train as the sweep held it (``covid_tune.nn.weights``, ``covid_tune.nn.logits``), at
 the checkpoint's tuned thresholds and at 0.5, with 95% bootstrap intervals
 (``covid_tune.core.metrics``), and
 writes ``leaderboard.md``, ``.csv`` and ``.parquet`` (``covid_tune.results.render``), a
@@ -124,7 +124,8 @@ def write_cams(spec: TableSpec, row: Row, bundle: DataBundle | None, path: Path)
     data = bundle.splits.get(spec.chart_split) if bundle is not None else None
     if data is None or not data.targets.size:
         return False
-    from covid_tune.nn.inference import load_model, logits_and_features
+    from covid_tune.nn.weights import load_model
+    from covid_tune.nn.logits import logits_and_features
     from covid_tune.nn.device import Device
     from covid_tune.nn.models import cam_spec
 
@@ -198,7 +199,8 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
                     for split in spec.splits if split != "test"}
         return {split: {**scores, "at_0.5": dict(scores)} for split, scores in recorded.items()
                 if f"{SPLIT_PREFIXES[split]}_f1" in record.metrics}
-    from covid_tune.nn.inference import load_model, predict_logits
+    from covid_tune.nn.weights import load_model
+    from covid_tune.nn.logits import predict_logits
     from covid_tune.nn.device import Device
 
     device = Device.pick()

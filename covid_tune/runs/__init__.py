@@ -23,7 +23,7 @@ running one also its newest, the only one with ``optimizer.pt`` (``drop_resume_s
 A checkpoint does not store the tensors that are still as the trial started them from
 its *base*: the pretrained file (recorded by its SHA-256) or, with ``pretrained: none``,
 the trial's seeded initialisation (recorded by the seed and the SHA-256 of those
-tensors). A reader rebuilds them (``covid_tune.nn.inference.load_model``) and refuses
+tensors). A reader rebuilds them (``covid_tune.nn.weights.load_model``) and refuses
 clearly when the base is missing or differs.
 
 One module per job: ``folder`` (file names, and ``RunFolder``, through which every

@@ -40,7 +40,8 @@ from ray import tune
 from covid_tune.nn.augment import to_model_input
 from covid_tune.core.space import SPLIT_PREFIXES, TrialConfig
 from covid_tune.data.dataset import SELECTION, DataBundle, Split
-from covid_tune.nn.inference import Base, build_for, predict_logits, put_weights
+from covid_tune.nn.weights import Base, build_for, put_weights
+from covid_tune.nn.logits import predict_logits
 from covid_tune.nn.device import Device
 from covid_tune.nn.losses import build_loss
 from covid_tune.core.metrics import compute_metrics, tune_thresholds

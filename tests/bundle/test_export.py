@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from covid_tune.data.dataset import load_dataset
 from covid_tune.errors import UserError
 from covid_tune.bundle.export import export_best
-from covid_tune.nn.inference import load_model, predict_logits
+from covid_tune.nn.weights import load_model
+from covid_tune.nn.logits import predict_logits
 from covid_tune.nn.device import Device
 from covid_tune.nn.models import WithFeatures, build_model, cam_spec
 from covid_tune.data.preprocess import normalize

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from covid_tune.errors import UserError
-from covid_tune.nn.inference import load_model, predict_logits
+from covid_tune.nn.weights import load_model
+from covid_tune.nn.logits import predict_logits
 from covid_tune.nn.device import Device
 from covid_tune.bundle.predict import predict, prediction_rows, safe_cell
 from covid_tune.data.preprocess import read_gray

@@ -370,7 +370,8 @@ def stand_in_arithmetic(monkeypatch) -> None:
     import torch
 
     import covid_tune.bundle.export
-    import covid_tune.nn.inference
+    import covid_tune.nn.logits
+    import covid_tune.nn.weights
     import covid_tune.results.leaderboard
     from covid_tune.runs.checkpoint import load_checkpoint
     from covid_tune.core.tasks import TASKS
@@ -382,8 +383,8 @@ def stand_in_arithmetic(monkeypatch) -> None:
     def predict_logits(model, images, batch_size, device):
         return np.zeros((len(images), model.out_features), np.float32)
 
-    monkeypatch.setattr(covid_tune.nn.inference, "load_model", load_model)
-    monkeypatch.setattr(covid_tune.nn.inference, "predict_logits", predict_logits)
+    monkeypatch.setattr(covid_tune.nn.weights, "load_model", load_model)
+    monkeypatch.setattr(covid_tune.nn.logits, "predict_logits", predict_logits)
     monkeypatch.setattr(covid_tune.bundle.export, "load_model", load_model)
     for name in ("write_chart", "write_confusion", "write_cams"):
         monkeypatch.setattr(covid_tune.results.leaderboard, name, lambda *args, **kwargs: None)

@@ -226,7 +226,8 @@ def test_a_part_2_csv_manifest_with_a_labelled_test_split_is_scored_on_test(
 
     from covid_tune.cli import main
     from covid_tune.data.dataset import load_dataset, scan
-    from covid_tune.nn.inference import load_model, predict_logits
+    from covid_tune.nn.weights import load_model
+    from covid_tune.nn.logits import predict_logits
     from covid_tune.nn.device import Device
     from covid_tune.data.synth import generate
 

@@ -17,7 +17,7 @@ from covid_tune.errors import UserError
 from covid_tune.nn.models import build_model
 from covid_tune.runs.checkpoint import CHECKPOINT_FILE, RECIPE_FILE, DamagedCheckpoint, is_intact, load_checkpoint, load_optimizer, read_recipe
 from covid_tune.core.tasks import TASKS
-from covid_tune.nn.inference import Base
+from covid_tune.nn.weights import Base
 from covid_tune.training.trial import (EpochState, Publisher, build_optimizer, restore,
                               write_checkpoint)
 

@@ -1,11 +1,11 @@
-"""Running a trained model with PyTorch, and no Ray: where trials, re-scoring and export meet.
+"""A model and its checkpoint, on the torch side: where trials, re-scoring and export meet.
 
-``Device`` picks the CPU or a GPU and the GPU-only speed-ups (mixed precision,
-channels-last). ``predict_logits`` runs a model over decoded uint8 images with the
-deterministic evaluation transform. ``load_model`` rebuilds a trial's model from a
-checkpoint folder (through ``covid_tune.runs.record``, which owns that format): the stored
-tensors on top of the trial's base (``Base``: its pretrained file or seeded
-initialisation), which a checkpoint records instead of storing it again.
+``covid_tune.runs.checkpoint`` owns the checkpoint's files; this module owns what the
+tensors in them mean. A checkpoint stores only the tensors that moved from the trial's
+base (``Base``: its pretrained file or seeded initialisation), which it records instead
+of storing again. ``put_weights`` lays the stored tensors over the base, ``load_model``
+rebuilds a trial's model from a checkpoint folder, ``build_for`` the untrained model of a
+trial config.
 """
 
 from __future__ import annotations
@@ -14,43 +14,13 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from covid_tune.nn.augment import to_model_input
-from covid_tune.nn.device import Device
 from covid_tune.core.space import TrialConfig
 from covid_tune.errors import UserError
-from covid_tune.nn.models import BACKBONES, Classifier, WithFeatures, build_model, imagenet_cache_path
+from covid_tune.nn.models import BACKBONES, Classifier, build_model, imagenet_cache_path
 from covid_tune.runs.checkpoint import base_file, cached_digest, load_checkpoint
 from covid_tune.core.tasks import TASKS
-
-
-@torch.no_grad()
-def predict_logits(model, images: np.ndarray, batch_size: int, device: Device,
-                   before_batch=None) -> np.ndarray:
-    """Logits for uint8 (N, S, S) images with the deterministic evaluation transform;
-    ``before_batch`` (if given) is called before each batch (a trial's stop check)."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        if before_batch is not None:
-            before_batch()
-        x = torch.from_numpy(images[start:start + batch_size].copy()).to(device.torch)
-        x = to_model_input(x, augment=None, channels_last=device.channels_last)
-        with device.autocast():
-            outputs.append(model(x).float().cpu())
-    return torch.cat(outputs).numpy()
-
-
-@torch.no_grad()
-def logits_and_features(model: Classifier, images: np.ndarray,
-                        device: Device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and last feature maps (for Grad-CAM) of a few uint8 images."""
-    wrapped = WithFeatures(model).eval()
-    x = torch.from_numpy(images.copy()).to(device.torch)
-    logits, features = wrapped(to_model_input(x, augment=None))
-    return logits.float().cpu().numpy(), features.float().cpu().numpy().astype(np.float64)
 
 
 def build_for(cfg: TrialConfig, pretrained: str = "none") -> Classifier:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from covid_tune.core.space import TrialConfig
-from covid_tune.nn.inference import build_for, load_model, predict_logits
+from covid_tune.nn.weights import build_for, load_model
+from covid_tune.nn.logits import predict_logits
 from covid_tune.nn.device import Device
 from covid_tune.runs.checkpoint import DamagedCheckpoint
 from covid_tune.training.trial import build_optimizer, write_checkpoint
@@ -55,7 +56,7 @@ def test_a_checkpoint_cut_short_is_refused(tmp_path):
 def trained_with_base(folder, cfg: TrialConfig):
     """A trial's start as the trainable makes it (seeded, from ``cfg.pretrained``), one
     step of training, and its checkpoint written with its base."""
-    from covid_tune.nn.inference import Base
+    from covid_tune.nn.weights import Base
 
     torch.manual_seed(cfg.seed)
     model = build_for(cfg, cfg.pretrained)
