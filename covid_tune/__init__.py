@@ -20,7 +20,7 @@ def __getattr__(name):
         from covid_tune.errors import UserError
         return UserError
     if name == "load_space":
-        from covid_tune.core.space import load_space
+        from covid_tune.core.space_file import load_space
         return load_space
     if name == "load_dataset":
         from covid_tune.data.dataset import load_dataset

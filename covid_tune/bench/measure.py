@@ -46,8 +46,8 @@ import torch
 
 from covid_tune.nn.augment import to_model_input
 from covid_tune.bench.scale import SCALE_FULL, SCALE_QUICK, ScaleSizes, measure_scale
-from covid_tune.core.space import (PARAM_DEFAULTS, Augment, TrialConfig, dump_space, load_space,
-                               parse_space)
+from covid_tune.core.space import PARAM_DEFAULTS, Augment, TrialConfig
+from covid_tune.core.space_file import dump_space, load_space, parse_space
 from covid_tune.data.dataset import Split, load_dataset
 from covid_tune.nn.device import Device
 from covid_tune.data.preprocess import MEAN, STD

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import covid_tune
 from covid_tune.bench.measure import decode_cache, load_average, machine
-from covid_tune.core.space import find_space, load_space
+from covid_tune.core.space_file import find_space, load_space
 from covid_tune.runs.folder import RESULT_FILE
 from covid_tune.runs.reader import trial_states
 from covid_tune.data.synth import generate

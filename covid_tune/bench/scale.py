@@ -25,7 +25,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from covid_tune.core.space import SearchSpace, parse_space
+from covid_tune.core.space import SearchSpace
+from covid_tune.core.space_file import parse_space
 from covid_tune.runs.folder import STUDY_FILE
 
 SIM_SPACE = {

@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from covid_tune.core.units import duration
-from covid_tune.core.space import (FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace, dump_space,
-                               load_space)
+from covid_tune.core.space import FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace
+from covid_tune.core.space_file import dump_space, load_space
 from covid_tune.runs.reader import chooser, RunInfo, TrialRecord
 from covid_tune.results.rows import (EXTRA_PARAMS, Row, TableSpec, extra_params, frozen_name, loss_name)
 

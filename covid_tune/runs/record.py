@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 
-from covid_tune.core.space import SearchSpace, dump_space, load_space, parse_space_text
+from covid_tune.core.space import SearchSpace
+from covid_tune.core.space_file import dump_space, load_space, parse_space_text
 from covid_tune.errors import UserError
 from covid_tune.runs.checkpoint import bytes_digest
 from covid_tune.runs.folder import DATASET_FILE, SPACE_FILE, SWEEP_FILE, RunFolder, brief

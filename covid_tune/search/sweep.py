@@ -45,7 +45,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.search.cluster import check_object_store, check_resources, check_storage, start_ray
 from covid_tune.core.ranking import rank_key
-from covid_tune.core.space import SearchSpace, find_space
+from covid_tune.core.space import SearchSpace
+from covid_tune.core.space_file import find_space
 from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
                              load_dataset, manifest, scan, with_selection)
 from covid_tune.errors import Stalled, Stopped, UserError

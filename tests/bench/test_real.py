@@ -11,7 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from covid_tune.bench import real as soak
 from covid_tune.cli import build_parser, main
-from covid_tune.core.space import find_space
+from covid_tune.core.space_file import find_space
 from covid_tune.bench.real import REAL, read_outcomes, run_logged, scan_log, sweep_command
 
 REUSE_ERROR = ("ray.tune.error._AbortTrialExecution: Trainable runner reuse requires "

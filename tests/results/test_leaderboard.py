@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from covid_tune.core.space import load_space
+from covid_tune.core.space_file import load_space
 from covid_tune.errors import UserError
 from covid_tune.results.leaderboard import param_importances, write_leaderboard
 from covid_tune.results.render import SPLIT_COLUMNS

@@ -7,7 +7,7 @@ import math
 
 import optuna
 
-from covid_tune.core.space import load_space
+from covid_tune.core.space_file import load_space
 from covid_tune.results.render import cell, display_row, markdown_table, optuna_label, reproduce_command
 from covid_tune.core.units import duration
 from covid_tune.results.rows import TABLES, pick_rows

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from covid_tune.core.space import parse_space
+from covid_tune.core.space_file import parse_space
 from covid_tune.runs.record import Provenance, SweepOptions, SweepRecord
 from covid_tune.runs.reader import best_overall, RunInfo, TrialRecord
 from covid_tune.results.rows import (EXTRA_PARAMS, TABLES, extra_params, frozen_name, pick_rows)

@@ -29,7 +29,7 @@ from PIL import Image
 from conftest import BINARY_SPACE, write_space
 from helpers import can_mount_tmpfs, on_small_disk
 from covid_tune.cli import main
-from covid_tune.core.space import load_space, parse_space, parse_space_text
+from covid_tune.core.space_file import load_space, parse_space, parse_space_text
 from covid_tune.data.dataset import manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.bundle.format import read_card

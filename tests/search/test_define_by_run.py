@@ -9,7 +9,7 @@ from dataclasses import replace
 import optuna
 import pytest
 
-from covid_tune.core.space import load_space, parse_space
+from covid_tune.core.space_file import load_space, parse_space
 from covid_tune.search.define_by_run import define_by_run, start_points
 
 

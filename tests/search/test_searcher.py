@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from covid_tune.core.space import parse_space
+from covid_tune.core.space_file import parse_space
 from covid_tune.search._internals import ot_trials
 from covid_tune.search.searcher import SweepSearch, build_searcher, n_startup_trials
 from helpers import can_mount_tmpfs, on_small_disk
@@ -216,7 +216,7 @@ def test_a_restored_searcher_brings_its_study_back(searcher, tmp_path):
 
 STUDY_ON_FULL_DISK = '''
 import optuna
-from covid_tune.core.space import parse_space
+from covid_tune.core.space_file import parse_space
 from covid_tune.search.searcher import build_searcher
 space = parse_space(SPACE, "space.yaml")
 study_file = DISK + "/optuna.db"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-from covid_tune.core.space import parse_space
+from covid_tune.core.space_file import parse_space
 from covid_tune.runs.record import SweepOptions
 from covid_tune.search.status import SweepStatus, key_params
 from covid_tune.search.sweep import run_config

@@ -126,7 +126,7 @@ def test_a_messy_dataset_is_decoded_for_the_sweep_and_the_skips_are_said(binary_
     """Other sizes and modes, junk and a corrupt file: the sweep's decoding step gives
     every trial the same uniform uint8 images and says what it skipped (what follows,
     training on uint8 arrays, is the shared sweeps' path)."""
-    from covid_tune.core.space import load_space
+    from covid_tune.core.space_file import load_space
     from covid_tune.data.dataset import scan
     from covid_tune.search.sweep import decode
 

@@ -13,25 +13,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from covid_tune.core.space import (
-    ASHA_KEYS,
-    AUGMENT_KEYS,
-    PARAM_TYPES,
-    RANGE_KEYS,
-    TOP_KEYS,
-    Augment,
-    Choice,
-    Fixed,
-    Range,
-    SearchSpace,
-    Selection,
-    Threshold,
-    TrialConfig,
-    dump_space,
-    load_space,
-    parse_space,
-    parse_space_text,
-)
+from covid_tune.core.space import (PARAM_TYPES, Augment, Choice, Fixed, Range, SearchSpace, Selection,
+                                   Threshold, TrialConfig)
+from covid_tune.core.space_file import (ASHA_KEYS, AUGMENT_KEYS, RANGE_KEYS, TOP_KEYS, dump_space,
+                                        load_space, parse_space, parse_space_text)
 from covid_tune.errors import UserError
 from covid_tune.search.define_by_run import define_by_run, start_points
 from helpers import loaded_after
@@ -228,7 +213,7 @@ def test_augment_mistakes_are_reported_together(tmp_path):
 # --- typed, torch-free, and written back the same ---------------------------------------
 
 def test_loading_a_space_imports_neither_torch_nor_ray():
-    code = f"from covid_tune.core.space import load_space\nload_space({str(ROOT / 'search_spaces' / 'binary.yaml')!r})"
+    code = f"from covid_tune.core.space_file import load_space\nload_space({str(ROOT / 'search_spaces' / 'binary.yaml')!r})"
     assert loaded_after(code, ("torch", "ray", "torchvision")) == []
 
 
@@ -422,7 +407,7 @@ def test_shipped_spaces_are_found_by_name_from_any_folder(tmp_path, monkeypatch)
     """``--space binary`` is the shipped file (the package's copy once installed); a
     file of that name in the working folder wins; anything else is refused with the
     names."""
-    from covid_tune.core.space import SHIPPED_SPACES, find_space
+    from covid_tune.core.space_file import SHIPPED_SPACES, find_space
 
     monkeypatch.chdir(tmp_path)
     for name in SHIPPED_SPACES:
