@@ -25,13 +25,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/covid-tune demo
 
+# Two test processes (pytest-xdist): every test that uses the Ray cluster runs in the
+# one that holds it (tests/conftest.py), the other takes the rest.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The tests that need no Ray cluster and take under a few seconds each (markers cluster,
 # slow): under a minute here.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not cluster and not slow and not soak and not realistic"
+	$(BIN)/python -m pytest -q -n 2 -m "not cluster and not slow and not soak and not realistic"
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m realistic

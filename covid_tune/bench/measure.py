@@ -133,7 +133,7 @@ FULL = BenchSizes(loader_scale=0.1, overhead_scale=0.1, overhead_size=224,
                   search_samples=30, loader_seconds=3.0, repeats=5)
 """For a GPU machine: larger images and the assignment's 15 epochs."""
 TINY = BenchSizes(loader_scale=0.004, overhead_scale=0.004, overhead_size=32,
-                  overhead_epochs=2, search_scale=0.004, search_size=32, search_epochs=2,
+                  overhead_epochs=2, search_scale=0.004, search_size=32, search_epochs=1,
                   search_samples=2, loader_sources=(("png", 64), ("jpeg", 96)),
                   loader_out=32, loader_seconds=0.0,
                   repeats=1, grid_rows=1)
