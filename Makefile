@@ -25,10 +25,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/covid-tune demo
 
-# Two test processes (pytest-xdist): every test that uses the Ray cluster runs in the
-# one that holds it (tests/conftest.py), the other takes the rest.
+# Two test processes (pytest-xdist), each with its own two-node Ray cluster, started
+# once by the first test that needs it (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2
 
 # The tests that need no Ray cluster and take under a few seconds each (markers cluster,
 # slow): under a minute here.

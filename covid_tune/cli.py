@@ -118,7 +118,7 @@ def require_writable(path: str, flag: str, file: bool = False) -> None:
 def cmd_check(args) -> int:
     from covid_tune.data.check import check_dataset
 
-    report = check_dataset(args.data, args.task, progress=not args.quiet)
+    report = check_dataset(args.data, args.task, progress=not args.quiet, patient=args.patient)
     print("\n".join(report.lines()))
     if not report.usable:
         empty = [split for split, classes in report.counts.items() if not sum(classes.values())]
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset root folder, or a CSV manifest (path,labels[,split])")
     p.add_argument("--task", choices=["binary", "multilabel"])
     p.add_argument("--strict", action="store_true", help="exit 2 if any file is unreadable")
+    p.add_argument("--patient", metavar="REGEX",
+                   help="a regular expression on file names whose first group is the "
+                        "patient (default: the layout's own rule, where it has one)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_check)
 

@@ -18,8 +18,10 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two test processes share the machine's cores (make test: -n 2): one torch thread
-    # each, so neither starves the other (a trial uses one thread per CPU it reserves).
+    # make test runs two pytest processes (pytest-xdist, -n 2), each with its own Ray
+    # cluster (``ray_cluster``, started once, by the first test that needs it): one torch
+    # thread each, so neither starves the other (a trial uses one thread per CPU it
+    # reserves).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -29,9 +31,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
-            # Under pytest-xdist (make test: -n 2 --dist loadgroup) every such test runs
-            # in the one worker that holds the Ray cluster; the others share the rest.
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session", autouse=True)

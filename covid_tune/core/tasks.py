@@ -114,6 +114,9 @@ class FolderLayout:
     class, and recorded in the run."""
     left_out: tuple[str, ...] = ()
     """Class folders of the collection that are not read (named by ``check``)."""
+    patient_pattern: str = ""
+    """A regular expression on a file name whose first group that matched is the
+    patient (``covid_tune.data.patients``), or empty: the names carry no patient."""
 
     def mapping(self) -> str:
         """``NORMAL -> normal, PNEUMONIA -> infected`` (identity shown as the name)."""
@@ -133,7 +136,8 @@ LAYOUTS = {layout.name: layout for layout in (
                  'Kaggle "Chest X-Ray Images (Pneumonia)" (chest_xray/)',
                  {"train": "train", "validation": "val", "test": "test"},
                  {"normal": "normal", "pneumonia": "infected"},
-                 ("train", "validation", "test")),
+                 ("train", "validation", "test"),
+                 patient_pattern=r"^(person\d+)_|^((?:NORMAL2-)?IM-\d+)-"),
     FolderLayout("covid-radiography", "multilabel",
                  'the "COVID-19 Radiography Database" (COVID-19_Radiography_Dataset/)',
                  {}, {"covid": "covid-19", "normal": "normal", "viral pneumonia": "pneumonia"},

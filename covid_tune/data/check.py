@@ -1,20 +1,30 @@
 """``covid-tune check``: is this folder a usable dataset, and what is in it?
 
 Counts per split and class, junk skipped, files that cannot be decoded (by path),
-the range of image sizes, and exact-duplicate images across splits (a known leak in
-the public COVID-19 collections).
+the range of image sizes, and the leaks between splits: exact-duplicate images (a known
+leak in the public COVID-19 collections), near-duplicates by perceptual hash, and
+patients with images in more than one split (``covid_tune.data.patients``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from covid_tune.data.dataset import decode_all, scan
+import numpy as np
 
-PROBE_SIZE = 32
-"""Every file is fully decoded (and resized to this) to prove it is readable."""
+from covid_tune.data.dataset import decode_all, scan
+from covid_tune.data.patients import (HASH_PIXELS, NEAR_BITS, NearDuplicate, SpanningPatient,
+                                      near_duplicates, patient_of, patient_rule,
+                                      patients_across_splits, perceptual_hash)
+
+PROBE_SIZE = HASH_PIXELS
+"""Every file is fully decoded (and resized to this) to prove it is readable; the
+perceptual hash is taken of that."""
+EXAMPLES = 10
+"""Leaks listed by name; the counts cover all."""
 
 
 @dataclass
@@ -30,6 +40,16 @@ class CheckReport:
     """Groups of byte-identical files found in more than one split."""
     layout: str = ""
     """Which published layout was found, with its folders and class mapping."""
+    near: list[NearDuplicate] = field(default_factory=list)
+    """Pairs of images in different splits that are near-duplicates by perceptual hash."""
+    patient_rule: str = ""
+    """The file-name rule patients were read by, or empty: none known."""
+    patients: int = 0
+    """Patients found by the rule."""
+    unkeyed: int = 0
+    """Readable files the rule found no patient in."""
+    spanning: list[SpanningPatient] = field(default_factory=list)
+    """Patients with images in more than one split."""
 
     @property
     def usable(self) -> bool:
@@ -47,15 +67,43 @@ class CheckReport:
         out.append(f"  unreadable files: {len(self.unreadable)}")
         out += [f"    {path}: {why}" for path, why in self.unreadable]
         out.append(f"  duplicate images across splits: {len(self.duplicates)}")
-        out += [f"    {' = '.join(group)}" for group in self.duplicates[:20]]
+        out += [f"    {' = '.join(group)}" for group in self.duplicates[:EXAMPLES]]
+        out.append(f"  near-duplicate pairs across splits (perceptual hash, at most "
+                   f"{NEAR_BITS} of 256 bits apart): {len(self.near)}")
+        out += [f"    {pair.first} ~ {pair.second} ({pair.bits} bits)"
+                for pair in self.near[:EXAMPLES]]
+        out += self.patient_lines()
+        return out
+
+    def patient_lines(self) -> list[str]:
+        if not self.patient_rule:
+            return ["  patients: the file names carry none this layout knows; pass "
+                    "--patient REGEX (its first group is the patient) to check for "
+                    "patients across splits"]
+        out = [f"  patients ({self.patient_rule}): {self.patients}, "
+               f"{self.unkeyed} file(s) matched no patient"]
+        out.append(f"  patients with images in more than one split: {len(self.spanning)}")
+        for leak in self.spanning[:EXAMPLES]:
+            where = "; ".join(f"{split}: {', '.join(files[:3])}"
+                              + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+                              for split, files in leak.files.items())
+            out.append(f"    {leak.patient}: {where}")
         return out
 
 
-def check_dataset(root: str, task: str | None = None, progress: bool = True) -> CheckReport:
-    """Scan and fully decode every image of a dataset folder."""
+def check_dataset(root: str, task: str | None = None, progress: bool = True,
+                  patient: str | None = None) -> CheckReport:
+    """Scan and fully decode every image of a dataset folder. ``patient`` is a regular
+    expression on file names whose first group is the patient; by default the layout's
+    own rule, where it has one."""
     layout = scan(root, task)
+    pattern = patient or layout.kind.patient_pattern
+    rule = patient_rule(patient) if patient else re.compile(pattern) if pattern else None
     counts: dict[str, dict[str, int]] = {}
     unreadable, sizes, by_hash = [], [], defaultdict(list)
+    hashes, names, splits = [], [], []
+    keyed: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    unkeyed = 0
     for split, refs in layout.files.items():
         results = decode_all([r.path for r in refs], PROBE_SIZE, f"checking {split}", progress)
         tally: Counter = Counter()
@@ -66,6 +114,14 @@ def check_dataset(root: str, task: str | None = None, progress: bool = True) -> 
                 continue
             tally[ref.class_dir or "(unlabelled)"] += 1
             sizes.append(size)
+            hashes.append(perceptual_hash(pixels))
+            names.append(rel)
+            splits.append(split)
+            key = patient_of(ref.path.name, rule)
+            if key is None:
+                unkeyed += 1
+            else:
+                keyed[split].append((rel, key))
             by_hash[hashlib.blake2b(ref.path.read_bytes(), digest_size=16).digest()].append(
                 (split, rel))
         counts[split] = dict(sorted(tally.items()))
@@ -76,7 +132,11 @@ def check_dataset(root: str, task: str | None = None, progress: bool = True) -> 
         root=str(layout.root), task=layout.task.name, counts=counts,
         junk=[p.relative_to(layout.root).as_posix() for p in layout.junk],
         unreadable=unreadable, sizes=(by_area[0], by_area[-1]) if by_area else None,
-        duplicates=duplicates, layout=describe_layout(layout))
+        duplicates=duplicates, layout=describe_layout(layout),
+        near=near_duplicates(np.array(hashes), names, splits) if hashes else [],
+        patient_rule=pattern if rule else "",
+        patients=len({key for items in keyed.values() for _, key in items}),
+        unkeyed=unkeyed if rule else 0, spanning=patients_across_splits(keyed))
 
 
 SMALL_VALIDATION = 100
