@@ -1,5 +1,5 @@
-"""The import rules of the layers (``.importlinter``, docs/architecture.md) hold, and
-breaking one fails them."""
+"""The import rules of the layers (``[tool.importlinter]`` in pyproject.toml,
+docs/architecture.md) hold, and breaking one fails them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTRACTS = ROOT / ".importlinter"
+CONTRACTS = ROOT / "pyproject.toml"
 
 
 def lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
