@@ -41,9 +41,9 @@ from pathlib import Path
 import covid_tune
 from covid_tune.bench.measure import decode_cache, load_average, machine
 from covid_tune.core.space_file import find_space, load_space
-from covid_tune.runs.folder import RESULT_FILE
-from covid_tune.runs.reader import trial_states
 from covid_tune.data.synth import generate
+from covid_tune.runs.folder import RESULT_FILE
+from covid_tune.runs.ray_state import trial_states
 
 STALL_NOTE = "nothing running for"
 """What the sweep's status line says while nothing runs (``covid_tune.search.status``)."""

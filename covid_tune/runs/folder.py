@@ -15,13 +15,11 @@ import pyarrow.fs
 
 from covid_tune.errors import UserError
 from covid_tune.runs.storage import (
-    exists,
     exists_on,
     is_uri,
     join,
     move_on,
     open_path,
-    read_bytes,
     shown,
     write_on,
 )
@@ -37,17 +35,6 @@ RESULT_FILE = "result.json"
 DIVERGED_FILE = "diverged.txt"
 """Written in a trial folder when the trial diverges: its retries then fail at once."""
 RAY_STATE_GLOB = "experiment_state-*.json"
-
-
-def read_json(path: str, what: str) -> object:
-    """A JSON file of the run; UserError naming it if it is missing or damaged."""
-    if not exists(path):
-        raise UserError(f"{shown(path)}: missing; {what}")
-    try:
-        return json.loads(read_bytes(path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{shown(path)}: damaged, not readable JSON ({brief(exc)}); "
-                        f"{what}") from None
 
 
 class RunFolder:

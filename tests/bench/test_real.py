@@ -39,7 +39,7 @@ def make_trial(run, trial_id: str, reported: int, logged: int, error: str = "") 
 
 
 def write_snapshot(run, states: dict[str, str]) -> None:
-    """Ray Tune's snapshot of the run, as ``covid_tune.runs.reader.trial_states`` reads it."""
+    """Ray Tune's snapshot of the run, as ``covid_tune.runs.ray_state.trial_states`` reads it."""
     entries = [[json.dumps({"trial_id": t, "status": s}), "{}"] for t, s in states.items()]
     (run / "experiment_state-2026-11-22_10-00-00.json").write_text(
         json.dumps({"trial_data": entries}))

@@ -640,7 +640,7 @@ def test_a_full_disk_while_recording_the_run_leaves_nothing_behind(ray_cluster, 
 def test_failed_trials_are_counted_from_rays_snapshot(tmp_path):
     """Ray Tune's snapshot lists every trial with its status: a trial that failed before
     any checkpoint has no row, but it is counted."""
-    from covid_tune.runs.reader import trial_states
+    from covid_tune.runs.ray_state import trial_states
 
     entries = [[json.dumps({"trial_id": i, "status": status}), "{}"]
                for i, status in (("a", "TERMINATED"), ("b", "ERROR"), ("c", "TERMINATED"))]
