@@ -130,6 +130,12 @@ class DataSpec:
     split: tuple[tuple[str, float], ...] = ()
     """Splits drawn from train (seeded, stratified by class) instead of read from
     folders, as (split, fraction); e.g. ``{validation: 0.15}`` for a tiny ``val/``."""
+    patient: str | None = None
+    """A regular expression whose first group, searched in each file's relative path,
+    is its patient key; every drawn split keeps a patient on one side."""
+    views: tuple[str, ...] = ()
+    """The views kept (``PA``, ``AP``, ``LATERAL``, ...: DICOM's ``ViewPosition`` or a
+    manifest's ``view`` column), upper case; empty keeps every image."""
 
     def to_raw(self) -> dict:
         raw = {}
@@ -137,6 +143,10 @@ class DataSpec:
             raw["classes"] = dict(self.classes)
         if self.split:
             raw["split"] = dict(self.split)
+        if self.patient:
+            raw["patient"] = self.patient
+        if self.views:
+            raw["views"] = list(self.views)
         return raw
 
 

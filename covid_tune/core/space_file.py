@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import reprlib
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +42,7 @@ TOP_KEYS = (
     "num_samples", "asha", "params", "start_with", "allow_train_metric", "trial_seed",
     "selection", "threshold", "data",
 )
-DATA_KEYS = ("classes", "split")
+DATA_KEYS = ("classes", "split", "patient", "views")
 SPLIT_KEYS = ("validation", "test")
 SELECTION_KEYS = ("holdout",)
 THRESHOLD_KEYS = ("rule", "target")
@@ -270,7 +271,41 @@ def _data(raw: Any, task: str | None, problems: Problems) -> DataSpec:
         problems.add("data.split", "the drawn splits leave too little to train on")
     return DataSpec(tuple((str(k).lower(), v) for k, v in classes.items()),
                     tuple((str(k), float(v)) for k, v in split.items()
-                          if isinstance(v, (int, float))))
+                          if isinstance(v, (int, float))),
+                    _patient_rule(raw.get("patient"), problems),
+                    _views(raw.get("views"), problems))
+
+
+def _patient_rule(raw: Any, problems: Problems) -> str | None:
+    """``data.patient``: a regular expression with a group, or None."""
+    if raw is None:
+        return None
+    fix = "give a regular expression whose first group is the patient, e.g. '^(person\\d+)_'"
+    if not isinstance(raw, str):
+        problems.add("data.patient", f"expected a regular expression, got {_show(raw)}; {fix}")
+        return None
+    try:
+        groups = re.compile(raw).groups
+    except re.error as exc:
+        problems.add("data.patient", f"{raw!r} is not a regular expression ({exc}); {fix}")
+        return None
+    if groups < 1:
+        problems.add("data.patient", f"{raw!r} has no group; {fix}")
+        return None
+    return raw
+
+
+def _views(raw: Any, problems: Problems) -> tuple[str, ...]:
+    """``data.views``: a list of view names (``PA``, ``AP``, ``LATERAL``...), upper case."""
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v.strip()
+                                                         for v in raw):
+        problems.add("data.views", f"expected a list of views such as [PA, AP], got {_show(raw)}")
+        return ()
+    return tuple(dict.fromkeys(v.strip().upper() for v in raw))
 
 
 def _threshold(raw: Any, problems: Problems) -> Threshold:

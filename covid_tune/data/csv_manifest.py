@@ -1,6 +1,7 @@
 """A CSV manifest: a dataset in any folder layout, listed one image per row.
 
-The header is ``path,labels`` and may add ``split``::
+The header is ``path,labels`` and may add ``split``, ``patient``, ``view`` and
+``source``, in any order after the first two::
 
     path,labels,split
     images/0001.png,normal,train
@@ -15,6 +16,12 @@ The header is ``path,labels`` and may add ``split``::
   ``data: {classes: {...}}``. Empty: unlabelled, allowed in the test split only.
 * ``split``: ``train``, ``validation`` (or ``val``) or ``test``. Without the column,
   validation is drawn from the rows (``covid_tune.data.dataset.split_collection``).
+* ``patient``: the patient (or study) an image belongs to; every split covid-tune
+  draws keeps a patient's images on one side. Empty: the image is its own patient.
+* ``view``: the radiograph's view (``PA``, ``AP``, ``LATERAL``, ...), upper case;
+  the space's ``data: {views: [PA, AP]}`` keeps only those. Empty: unknown.
+* ``source``: the collection or hospital an image comes from; the leaderboard and
+  ``evaluate`` give a row of metrics per source. Empty: none.
 
 This module reads and checks the file; ``covid_tune.data.dataset.scan`` turns it into a
 ``Layout``. Nothing here imports torch.
@@ -30,7 +37,7 @@ from pathlib import Path
 from covid_tune.errors import UserError
 from covid_tune.core.tasks import TASKS, Task
 
-COLUMNS = ("path", "labels", "split")
+COLUMNS = ("path", "labels", "split", "patient", "view", "source")
 SPLIT_WORDS = {"train": "train", "validation": "validation", "val": "validation",
                "test": "test"}
 SEPARATOR = "|"
@@ -45,6 +52,12 @@ class Row:
     """The labels as written, lower case, sorted; empty for an unlabelled image."""
     split: str | None
     """``train``, ``validation`` or ``test``; None when the CSV has no split column."""
+    patient: str | None = None
+    """The ``patient`` column; None when absent or empty."""
+    view: str | None = None
+    """The ``view`` column, upper case; None when absent or empty."""
+    source: str | None = None
+    """The ``source`` column; None when absent or empty."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,8 @@ def read(path: Path) -> CsvManifest:
     header = [c.strip().lower() for c in table[0]] if table else []
     if header[:2] != ["path", "labels"] or not set(header) <= set(COLUMNS) \
             or len(set(header)) != len(header):
-        raise UserError(f"{path}: the header must be path,labels or path,labels,split; found "
-                        f"{','.join(header) or 'an empty file'}")
+        raise UserError(f"{path}: the header must be path,labels, then any of "
+                        f"{','.join(COLUMNS[2:])}; found {','.join(header) or 'an empty file'}")
     has_split = "split" in header
     folder = Path(os.path.abspath(path.parent))
     rows, seen, missing = [], {}, []
@@ -102,7 +115,8 @@ def read(path: Path) -> CsvManifest:
                                 f"validation, val, test")
         words = tuple(sorted(w.strip().lower() for w in cell["labels"].split(SEPARATOR)
                              if w.strip()))
-        rows.append(Row(line, image, words, split))
+        rows.append(Row(line, image, words, split, cell.get("patient") or None,
+                        (cell.get("view") or "").upper() or None, cell.get("source") or None))
     if missing:
         line, name = missing[0]
         raise UserError(f"{path}:{line}: {name}: no such file ({len(missing)} such row(s) in "

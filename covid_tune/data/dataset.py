@@ -42,6 +42,13 @@ class ImageFileRef:
     class_dir: str | None
     """The task's class its folder maps to (``FolderLayout.class_dirs``), or ``None``
     for an unlabelled split."""
+    patient: str | None = None
+    """The patient (or study) key, where one is known (a manifest's ``patient`` column,
+    DICOM's ``PatientID``, a file-name rule); None: the image is its own patient."""
+    view: str | None = None
+    """The view (``PA``, ``AP``, ``LATERAL``, ...), where known."""
+    source: str | None = None
+    """The collection it comes from (a manifest's ``source`` column), where known."""
 
 
 @dataclass
@@ -300,7 +307,8 @@ def scan_csv(path: Path, task: str | None, assigned: dict[str, str] | None,
         elif split != "test":
             raise UserError(f"{path}:{row.line}: no labels; only test images may be "
                             f"unlabelled (give this row its labels or split test)")
-        files.setdefault(split, []).append(ImageFileRef(row.path, cls))
+        files.setdefault(split, []).append(ImageFileRef(row.path, cls, row.patient, row.view,
+                                                        row.source))
     labelled = tuple(s for s, refs in files.items() if any(r.class_dir for r in refs))
     if "test" in labelled and not all(r.class_dir for r in files["test"]):
         raise UserError(f"{path}: some test rows have labels and some do not; label every "

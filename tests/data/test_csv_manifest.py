@@ -87,7 +87,7 @@ def test_a_spaces_classes_map_other_words_and_leave_rows_out(tmp_path):
 
 @pytest.mark.parametrize("header, rows, message", [
     ("file,label", [("a.png", "normal", None)],
-     "the header must be path,labels or path,labels,split; found file,label"),
+     "the header must be path,labels, then any of split,patient,view,source; found file,label"),
     ("path,labels,split", [("a.png", "normal", "holdout")],
      "manifest.csv:2: split 'holdout' is not one of train, validation, val, test"),
     ("path,labels,split", [("a.png", "normal", "train"), ("./a.png", "infected", "val")],
