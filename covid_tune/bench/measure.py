@@ -52,8 +52,8 @@ from covid_tune.data.dataset import Split, load_dataset
 from covid_tune.nn.device import Device
 from covid_tune.data.preprocess import MEAN, STD
 from covid_tune.data.synth import generate
-from covid_tune.training.trial import (batches, build_training, epoch_metrics, evaluate, to_device,
-                              train_one_epoch)
+from covid_tune.training.trial import (batches, build_training, choose_thresholds,
+                                      epoch_metrics, evaluate, to_device, train_one_epoch)
 from covid_tune.core.tasks import TASKS
 
 AUGMENT = {"rotation": 10.0, "scale": [0.8, 1.0], "ratio": [0.9, 1.1], "flip": True}
@@ -421,8 +421,10 @@ def bare_epochs(cfg: TrialConfig, bundle) -> list[tuple[float, float]]:
             train = train_one_epoch(model, bundle.splits["train"], loss_fn, optimizer, scaler,
                                     cfg, device, epoch)
             val = evaluate(model, bundle.splits["validation"], loss_fn, cfg, device)
-            epoch_metrics(TASKS[cfg.task], {"train": train, "validation": val}, epoch,
-                          optimizer.param_groups[0]["lr"])
+            results = {"train": train, "validation": val}
+            chosen = choose_thresholds(TASKS[cfg.task], results, cfg)
+            epoch_metrics(TASKS[cfg.task], results, epoch, optimizer.param_groups[0]["lr"],
+                          chosen["threshold_logits"])
             timings.append((train.seconds + val.seconds, time.perf_counter() - started))
         return timings
     finally:

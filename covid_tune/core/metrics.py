@@ -42,6 +42,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from covid_tune.core import calibration as calibration_module
 from covid_tune.core.tasks import POSITIVE_CLASS, Task
 
 
@@ -84,28 +85,55 @@ def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(truth, scores))
 
 
-def _mean(values: list[float]) -> float:
-    """The mean of the defined values; NaN when none is."""
-    defined = [v for v in values if not math.isnan(v)]
-    return float(np.mean(defined)) if defined else math.nan
+def macro(values: list[float]) -> float:
+    """The mean over every label; NaN when any label's value is undefined (a label with
+    one class only on the split), so a macro figure always averages the same labels and
+    stays comparable across splits. ``undefined_labels`` names the culprits."""
+    return math.nan if any(math.isnan(v) for v in values) else float(np.mean(values))
+
+
+def decide(values: np.ndarray, limits: float | np.ndarray,
+           implied: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """Decisions from (..., K) log-odds: above the label's threshold, then each
+    (label, implied label) column pair applied (COVID-19 predicted -> pneumonia too)."""
+    predicted = np.asarray(values) > limits
+    for source, target in implied:
+        predicted[..., target] |= predicted[..., source]
+    return predicted
+
+
+def _pairs(label_names: Sequence[str], implies: Sequence[tuple[str, str]]
+           ) -> list[tuple[int, int]]:
+    index = {name: k for k, name in enumerate(label_names)}
+    return [(index[a], index[b]) for a, b in implies if a in index and b in index]
+
+
+def undefined_labels(task: Task, targets: np.ndarray) -> list[str]:
+    """The labels whose AUROC is undefined on this split (one class only): the reason a
+    macro AUROC is NaN."""
+    truth = _bits(targets, ndim=2) if task.multilabel else _bits(targets, ndim=1)[:, None]
+    return [label for k, label in enumerate(threshold_labels(task))
+            if truth[:, k].all() or not truth[:, k].any()]
 
 
 def multilabel_metrics(
     targets: np.ndarray, scores: np.ndarray, label_names: Sequence[str],
-    threshold: float | np.ndarray = 0.0
+    threshold: float | np.ndarray = 0.0, implies: Sequence[tuple[str, str]] = ()
 ) -> dict:
     """Exact-match accuracy, Hamming loss, macro and per-sample F1, per-label F1 and confusion.
 
     ``targets``, ``scores``: (N, K) in the order of ``label_names``, the scores each
     label's log-odds (its logit); ``threshold``, log-odds too, one for every label or
-    (K,) in that order. ``f1`` is the macro F1. In ``samples_f1`` a sample with no true and
-    no predicted label scores 1.0.
+    (K,) in that order; ``implies``, (label, implied label) pairs applied to the
+    decisions (``decide``). ``f1`` is the macro F1. In ``samples_f1`` a sample with no
+    true and no predicted label scores 1.0. ``auroc`` and ``ap`` are the means over
+    **every** label, NaN when any label's is undefined (``macro``).
     """
     truth = _bits(targets, ndim=2)
     if truth.shape[1] != len(label_names):
         raise ValueError(f"{truth.shape[1]} label columns but {len(label_names)} label names")
     scores = np.asarray(scores, dtype=np.float64).reshape(truth.shape)
-    predicted = scores > threshold
+    predicted = decide(scores, threshold, _pairs(label_names, implies))
     confusions = {name: _confusion(truth[:, k], predicted[:, k]) for k, name in enumerate(label_names)}
     label_f1 = {name: _f1(c) for name, c in confusions.items()}
     macro_f1 = float(np.mean(list(label_f1.values())))
@@ -119,8 +147,8 @@ def multilabel_metrics(
         "samples_f1": _samples_f1(truth, predicted),
         "f1": macro_f1,
         **{f"f1_{name}": value for name, value in label_f1.items()},
-        "auroc": _mean(list(label_auroc.values())),
-        "ap": _mean(list(label_ap.values())),
+        "auroc": macro(list(label_auroc.values())),
+        "ap": macro(list(label_ap.values())),
         **{f"auroc_{name}": value for name, value in label_auroc.items()},
         **{f"ap_{name}": value for name, value in label_ap.items()},
         "confusion": confusions,
@@ -177,7 +205,7 @@ def _score_binary(task: Task, targets: np.ndarray, values: np.ndarray,
 
 def _score_multilabel(task: Task, targets: np.ndarray, values: np.ndarray,
                       limits: np.ndarray) -> dict:
-    return multilabel_metrics(targets, values, task.label_names, limits)
+    return multilabel_metrics(targets, values, task.label_names, limits, task.implies)
 
 
 _SCORERS: dict[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], dict]] = {
@@ -223,27 +251,51 @@ def _samples_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
 
 # --- intervals and curves (the leaderboard's re-scoring) ---------------------------------
 
-INTERVAL_METRICS = ("accuracy", "f1", "auroc")
+INTERVAL_METRICS = ("accuracy", "f1", "auroc", "ece", "brier")
 RESAMPLES = 1000
+MIN_PER_CLASS = 10
+"""Intervals are left out when a label has fewer positive or negative images than this
+on the split: a resample of so few gives an interval that looks exact and is not."""
+
+
+def interval_note(task: Task, targets: np.ndarray) -> str | None:
+    """Why a split gets no intervals (a label with fewer than ``MIN_PER_CLASS`` positive
+    or negative images), or None when it gets them."""
+    truth = _bits(targets, ndim=2) if task.multilabel else _bits(targets, ndim=1)[:, None]
+    for k, label in enumerate(threshold_labels(task)):
+        positives = int(truth[:, k].sum())
+        negatives = len(truth) - positives
+        if min(positives, negatives) < MIN_PER_CLASS:
+            which = "positive" if positives < negatives else "negative"
+            return (f"no intervals: {min(positives, negatives)} {which} image(s) of "
+                    f"{label}, fewer than {MIN_PER_CLASS}")
+    return None
 
 
 def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
                         resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95,
-                        threshold_logits: dict[str, float] | None = None
-                        ) -> dict[str, tuple[float, float]]:
+                        threshold_logits: dict[str, float] | None = None,
+                        temperatures: dict[str, float] | None = None,
+                        groups: Sequence | None = None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of accuracy, F1 (at ``threshold_logits``, as
-    ``compute_metrics``) and AUROC, from raw logits (ranked as log-odds, ``log_odds``).
+    ``compute_metrics``), AUROC, ECE and Brier score (after ``temperatures``, when
+    given), from raw logits (ranked as log-odds, ``log_odds``).
 
-    Resampling is stratified: each resample draws, with replacement, as many images of
-    every label combination (a class for Part 1, a set of label bits for Part 2) as the
-    split has, so a rare class is never left out by chance. Seeded: the same split and
-    outputs give the same interval. Every resample is scored at once, in numpy; AUROC
-    is the Mann-Whitney rank form of the same area scikit-learn computes.
+    A plain bootstrap: each resample draws as many images as the split has, with
+    replacement, so class counts vary as they would in another sample of the same
+    population. With ``groups`` (one key per image: its patient), whole groups are
+    drawn instead (a cluster bootstrap), since a patient's images are not independent.
+    A resample in which a label has one class only has no AUROC and is left out of the
+    AUROC interval. Seeded: the same split and outputs give the same interval. Every
+    resample is scored at once, in numpy; AUROC is the Mann-Whitney rank form of the
+    area scikit-learn computes. The caller leaves intervals out where
+    ``interval_note`` says so.
     """
     truth, values = _truth_and_log_odds(task, targets, outputs)
-    index = _stratified_resamples(truth, resamples, np.random.default_rng(seed))
+    index = _resamples(len(truth), groups, resamples, np.random.default_rng(seed))
     picked, picked_values = truth[index], values[index]  # (B, N, K)
-    predicted = picked_values > threshold_array(task, threshold_logits)
+    predicted = decide(picked_values, threshold_array(task, threshold_logits),
+                       _pairs(task.label_names, task.implies))
     if task.multilabel:
         accuracy = np.all(picked == predicted, axis=2).mean(axis=1)
     else:
@@ -253,11 +305,80 @@ def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
     f1 = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(tp.shape), where=(2 * tp + wrong) > 0)
     auroc_ = np.stack([_rank_auroc(picked[:, :, k], picked_values[:, :, k])
                        for k in range(truth.shape[1])], axis=1)
+    probs = calibration_module.probabilities(picked_values, temperature_array(task, temperatures))
     with np.errstate(all="ignore"):
         figures = {"accuracy": accuracy, "f1": f1.mean(axis=1),
-                   "auroc": _nanmean_rows(auroc_)}
+                   "auroc": auroc_.mean(axis=1),
+                   "ece": calibration_module.ece(picked, probs),
+                   "brier": calibration_module.brier(picked, probs)}
     tail = 100 * (1 - level) / 2
     return {name: _percentiles(values, tail) for name, values in figures.items()}
+
+
+def _resamples(count: int, groups: Sequence | None, resamples: int, rng) -> np.ndarray:
+    """(resamples, count) row indices: images drawn with replacement, or, with
+    ``groups``, whole groups drawn with replacement until ``count`` images are taken
+    (the last group cut short) so every resample has the split's size."""
+    if groups is None:
+        return rng.integers(0, count, (resamples, count))
+    _, group = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    members = [np.flatnonzero(group == g) for g in range(group.max() + 1)]
+    rows = np.empty((resamples, count), dtype=np.int64)
+    for b in range(resamples):
+        order = rng.integers(0, len(members), count)  # never more groups than images
+        rows[b] = np.concatenate([members[g] for g in order])[:count]
+    return rows
+
+
+def temperature_array(task: Task, temperatures: dict[str, float] | None) -> np.ndarray | None:
+    """(K,) temperatures in the order of ``threshold_labels`` (1 where not given), or
+    None when there are none."""
+    if not temperatures:
+        return None
+    return np.array([float(temperatures.get(label, 1.0)) for label in threshold_labels(task)])
+
+
+def calibration(task: Task, targets: np.ndarray, outputs: np.ndarray,
+                temperatures: dict[str, float] | None = None) -> dict[str, float]:
+    """ECE and Brier score of a split (``covid_tune.core.calibration``), after
+    ``temperatures`` when given."""
+    truth, values = _truth_and_log_odds(task, targets, outputs)
+    return calibration_module.calibration(truth, values, temperature_array(task, temperatures))
+
+
+def reliability(task: Task, targets: np.ndarray, outputs: np.ndarray,
+                temperatures: dict[str, float] | None = None) -> list[tuple[float, float, int]]:
+    """The reliability diagram's points (``covid_tune.core.calibration.reliability``)."""
+    truth, values = _truth_and_log_odds(task, targets, outputs)
+    return calibration_module.reliability(truth, values, temperature_array(task, temperatures))
+
+
+def fit_temperatures(task: Task, targets: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    """A temperature per label (``threshold_labels``) fitted on these outputs (the split
+    that chooses); 1.0 for a label with one class only there."""
+    truth, values = _truth_and_log_odds(task, targets, outputs)
+    fitted = {}
+    for k, label in enumerate(threshold_labels(task)):
+        value = calibration_module.fit_temperature(truth[:, k], values[:, k])
+        fitted[label] = 1.0 if value is None else value
+    return fitted
+
+
+def degenerate_labels(task: Task, targets: np.ndarray, outputs: np.ndarray,
+                      threshold_logits: dict[str, float] | None) -> dict[str, str]:
+    """Labels whose threshold calls every image of this split positive, or none:
+    label -> ``all positive`` / ``all negative``. Such a threshold says nothing about
+    the image, whatever F1 it reaches."""
+    truth, values = _truth_and_log_odds(task, targets, outputs)
+    predicted = decide(values, threshold_array(task, threshold_logits),
+                       _pairs(task.label_names, task.implies))
+    flagged = {}
+    for k, label in enumerate(threshold_labels(task)):
+        if predicted[:, k].all():
+            flagged[label] = "all positive"
+        elif not predicted[:, k].any():
+            flagged[label] = "all negative"
+    return flagged
 
 
 def roc_points(task: Task, targets: np.ndarray, outputs: np.ndarray
@@ -279,16 +400,6 @@ def _truth_and_log_odds(task: Task, targets: np.ndarray, outputs: np.ndarray):
     return truth, log_odds(task, outputs)
 
 
-def _stratified_resamples(truth: np.ndarray, resamples: int, rng) -> np.ndarray:
-    """(resamples, N) row indices: each label combination resampled within itself."""
-    _, group = np.unique(truth, axis=0, return_inverse=True)
-    parts = []
-    for g in np.unique(group):
-        members = np.flatnonzero(group.ravel() == g)
-        parts.append(members[rng.integers(0, len(members), (resamples, len(members)))])
-    return np.concatenate(parts, axis=1)
-
-
 def _rank_auroc(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC of each row (B, N): (sum of positives' ranks - P(P+1)/2) / (P * Q), ties
     ranked as their mean; NaN for a row with one class only."""
@@ -299,13 +410,6 @@ def _rank_auroc(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         area = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
     return np.where((positives > 0) & (negatives > 0), area, np.nan)
-
-
-def _nanmean_rows(values: np.ndarray) -> np.ndarray:
-    defined = ~np.isnan(values)
-    total = np.where(defined, values, 0).sum(axis=1)
-    count = defined.sum(axis=1)
-    return np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0)
 
 
 def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:
@@ -324,9 +428,12 @@ def tune_thresholds(task: Task, targets: np.ndarray, outputs: np.ndarray, rule: 
     split that chooses), and the labels left at 0 (probability 0.5) because the split
     has no positive or no negative of them.
 
-    ``f1`` maximises the label's F1; ``youden`` maximises sensitivity + specificity - 1;
+    ``youden`` (the default) maximises sensitivity + specificity - 1; ``f1`` maximises
+    the label's F1 among thresholds that call some image negative (the guard: calling
+    every image positive often has the best F1 at a high prevalence, and says nothing);
     ``sensitivity`` takes the highest threshold whose sensitivity reaches ``target``,
     which is the best specificity at that sensitivity. Ties go to the higher threshold.
+    Why Youden by default: ``covid_tune.bench.statistics`` and ``docs/results.md``.
     """
     truth, values = _truth_and_log_odds(task, targets, outputs)
     chosen, untuned = {}, []
@@ -358,6 +465,7 @@ def tuned_threshold(truth: np.ndarray, scores: np.ndarray, rule: str,
     tp, fp = tpr * positives, fpr * negatives
     if rule == "f1":
         merit = 2 * tp / (positives + tp + fp)  # 2TP / (2TP + FP + FN)
+        merit = np.where(fp < negatives, merit, -np.inf)  # not every image positive
     elif rule == "youden":
         merit = tpr - fpr
     elif rule == "sensitivity":

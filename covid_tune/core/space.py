@@ -154,10 +154,12 @@ class DataSpec:
 class Threshold:
     """How each label's decision threshold is tuned on the selection split."""
 
-    rule: str = "f1"
-    """``f1``: the threshold with the best F1; ``youden``: the best sensitivity +
-    specificity - 1; ``sensitivity``: the highest threshold whose sensitivity reaches
-    ``target`` (so the best specificity at that sensitivity)."""
+    rule: str = "youden"
+    """``youden`` (default): the best sensitivity + specificity - 1; ``f1``: the best F1
+    among thresholds that leave some image negative; ``sensitivity``: the highest
+    threshold whose sensitivity reaches ``target`` (so the best specificity at that
+    sensitivity). Youden never makes a label all-positive and does not follow the
+    prevalence up; the evidence is in ``docs/results.md``."""
     target: float | None = None
     """The sensitivity the ``sensitivity`` rule must reach (0 < target <= 1)."""
 

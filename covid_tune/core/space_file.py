@@ -46,7 +46,7 @@ DATA_KEYS = ("classes", "split", "patient", "views")
 SPLIT_KEYS = ("validation", "test")
 SELECTION_KEYS = ("holdout",)
 THRESHOLD_KEYS = ("rule", "target")
-THRESHOLD_RULES = ("f1", "youden", "sensitivity")
+THRESHOLD_RULES = ("youden", "f1", "sensitivity")
 ASHA_KEYS = ("grace_period", "reduction_factor")
 AUGMENT_KEYS = ("rotation", "scale", "ratio", "flip")
 RANGE_KEYS = ("low", "high", "log", "step")
@@ -309,11 +309,11 @@ def _views(raw: Any, problems: Problems) -> tuple[str, ...]:
 
 
 def _threshold(raw: Any, problems: Problems) -> Threshold:
-    raw = _section(raw, "threshold", THRESHOLD_KEYS, "{rule: f1} or "
+    raw = _section(raw, "threshold", THRESHOLD_KEYS, "{rule: youden} or "
                                                      "{rule: sensitivity, target: 0.95}", problems)
     if raw is None:
         return Threshold()
-    rule, target = raw.get("rule", "f1"), raw.get("target")
+    rule, target = raw.get("rule", "youden"), raw.get("target")
     if rule not in THRESHOLD_RULES:
         problems.add("threshold.rule", f"{_show(rule)} is not a rule; use one of: "
                                        f"{', '.join(THRESHOLD_RULES)}")

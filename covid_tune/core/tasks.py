@@ -39,6 +39,9 @@ class Task:
     (``confusion`` aside), in its order."""
     label_metrics: tuple[str, ...] = ()
     """What it returns of each label too, as ``<metric>_<label>``."""
+    implies: tuple[tuple[str, str], ...] = ()
+    """(label, implied label) pairs: a prediction of the first also predicts the second
+    (Part 2: COVID-19 is a pneumonia), so no decision contradicts the label encoding."""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -84,6 +87,7 @@ MULTILABEL = Task(
     losses=("bce", "focal"),
     split_metrics=("accuracy", "hamming_loss", "macro_f1", "samples_f1", "f1", "auroc", "ap"),
     label_metrics=("f1", "auroc", "ap"),
+    implies=(("covid", "pneumonia"),),
 )
 
 TASKS = {t.name: t for t in (BINARY, MULTILABEL)}

@@ -44,7 +44,8 @@ from covid_tune.nn.weights import Base, build_for, put_weights
 from covid_tune.nn.logits import predict_logits
 from covid_tune.nn.device import Device
 from covid_tune.nn.losses import build_loss
-from covid_tune.core.metrics import compute_metrics, tune_thresholds
+from covid_tune.core.metrics import (compute_metrics, degenerate_labels, fit_temperatures,
+                                     tune_thresholds)
 from covid_tune.core.numeric import sigmoid
 from covid_tune.runs.reader import CHECKPOINT_SCORE, tie_broken
 from covid_tune.runs.folder import DIVERGED_FILE
@@ -119,7 +120,9 @@ def train_trial(config: dict, data: DataBundle) -> None:
                                                 optimizer, scaler, cfg, device, epoch, stop)}
             results.update({s: evaluate(model, data.splits[s], loss_fn, cfg, device, stop)
                             for s in scored})
-            metrics, confusion = epoch_metrics(task, results, epoch, lr)
+            thresholds = choose_thresholds(task, results, cfg)
+            metrics, confusion = epoch_metrics(task, results, epoch, lr,
+                                               thresholds["threshold_logits"])
             metrics["node_id"] = node_id
             metrics[CHECKPOINT_SCORE] = tie_broken(metrics.get(cfg.metric), epoch, cfg.mode)
             # Tune would time an epoch from one report to the next, which the publisher
@@ -127,8 +130,8 @@ def train_trial(config: dict, data: DataBundle) -> None:
             now = time.perf_counter()
             metrics["time_this_iter_s"], started = now - started, now
             state = EpochState.take(model, optimizer, base)
-            publisher.submit(functools.partial(publish, writer, task, results, metrics,
-                                               confusion, state, epoch, cfg, base, stop))
+            publisher.submit(functools.partial(publish, writer, metrics, confusion, thresholds,
+                                               state, epoch, cfg, base, stop))
     finally:
         try:
             publisher.wait()
@@ -136,14 +139,12 @@ def train_trial(config: dict, data: DataBundle) -> None:
             writer.close()
 
 
-def publish(writer: TrialWriter, task: Task, results: dict[str, EpochResult], metrics: dict,
-            confusion, state: EpochState, epoch: int, cfg: TrialConfig, base: Base,
-            stop) -> None:
-    """Log an epoch to TensorBoard, tune its thresholds, write its checkpoint and report
-    both to Tune; ``stop`` first (stopped while the epoch trained: Tune takes no more
-    results)."""
+def publish(writer: TrialWriter, metrics: dict, confusion, thresholds: dict,
+            state: EpochState, epoch: int, cfg: TrialConfig, base: Base, stop) -> None:
+    """Log an epoch to TensorBoard, write its checkpoint (with its thresholds and
+    temperatures) and report both to Tune; ``stop`` first (stopped while the epoch
+    trained: Tune takes no more results)."""
     writer.log_epoch(epoch, metrics, confusion)
-    thresholds = choose_thresholds(task, results, cfg)
     stop()
     with tempfile.TemporaryDirectory() as folder:
         save_epoch(Path(folder), state, epoch, cfg, metrics, thresholds, base)
@@ -319,11 +320,12 @@ def evaluate(model, split: Split, loss_fn, cfg: TrialConfig, device: Device,
     return EpochResult(loss, outputs, split.targets, len(split), time.perf_counter() - started)
 
 
-def epoch_metrics(task: Task, results: dict[str, EpochResult], epoch: int,
-                  lr: float) -> tuple[dict, object]:
+def epoch_metrics(task: Task, results: dict[str, EpochResult], epoch: int, lr: float,
+                  threshold_logits: dict[str, float]) -> tuple[dict, object]:
     """The flat dict reported to Tune (``train_*``, ``sel_*``, ``val_*`` scalars and
-    timings, at the 0.5 threshold), and the validation confusion matrix (or matrices)
-    for TensorBoard."""
+    timings, at the epoch's thresholds tuned on the choosing split, so what chooses
+    epochs, trials and rows is what the leaderboard reports), and the validation
+    confusion matrix (or matrices) for TensorBoard."""
     train = results["train"]
     metrics = {"epoch": epoch, "lr": lr,
                "epoch_seconds": sum(r.seconds for r in results.values()),
@@ -332,7 +334,7 @@ def epoch_metrics(task: Task, results: dict[str, EpochResult], epoch: int,
     for split, result in results.items():
         prefix = SPLIT_PREFIXES[split]
         metrics[f"{prefix}_loss"] = result.loss
-        scores = compute_metrics(task, result.targets, result.outputs)
+        scores = compute_metrics(task, result.targets, result.outputs, threshold_logits)
         confusion[split] = scores.pop("confusion")
         metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
     if not math.isfinite(metrics["val_loss"]):
@@ -342,17 +344,24 @@ def epoch_metrics(task: Task, results: dict[str, EpochResult], epoch: int,
 
 def choose_thresholds(task: Task, results: dict[str, EpochResult], cfg: TrialConfig) -> dict:
     """Each label's decision threshold, tuned by the space's rule on the split that
-    chooses (the selection split, else validation), for the checkpoint's recipe: as
-    log-odds (``threshold_logits``, exact, what the metrics and ``predict`` apply) and
-    as probabilities (``thresholds``, for people to read)."""
+    chooses (the selection split, else validation), and its temperature fitted there,
+    for the checkpoint's recipe: thresholds as log-odds (``threshold_logits``, exact,
+    what the metrics and ``predict`` apply) and as probabilities after the temperature
+    (``thresholds``, for people to read); labels whose threshold calls every image of
+    that split positive (or none) under ``degenerate``."""
     split = SELECTION if SELECTION in results else "validation"
     result = results[split]
     chosen, untuned = tune_thresholds(task, result.targets, result.outputs,
                                       cfg.threshold.rule, cfg.threshold.target)
-    return {"thresholds": {label: float(sigmoid(value)) for label, value in chosen.items()},
+    temperatures = fit_temperatures(task, result.targets, result.outputs)
+    return {"thresholds": {label: float(sigmoid(value / temperatures[label]))
+                           for label, value in chosen.items()},
             "threshold_logits": chosen,
+            "temperatures": temperatures,
             "threshold_rule": {"rule": cfg.threshold.rule, "target": cfg.threshold.target,
-                               "split": split, "untuned": untuned}}
+                               "split": split, "untuned": untuned,
+                               "degenerate": degenerate_labels(task, result.targets,
+                                                               result.outputs, chosen)}}
 
 
 @dataclass

@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from covid_tune.core.metrics import binary_metrics, compute_metrics, multilabel_metrics
+from covid_tune.core.metrics import (binary_metrics, calibration, compute_metrics,
+                                     multilabel_metrics)
 from covid_tune.core.tasks import BINARY, MULTILABEL
 
 # 10 images, 1 = infected. Scores may be on any increasing scale with the threshold on
@@ -131,19 +132,38 @@ def test_auroc_and_average_precision_by_hand():
     assert scores["ap"] == pytest.approx(5 / 6)
 
 
-def test_auroc_is_nan_where_undefined_and_left_out_of_the_macro_mean():
+def test_macro_auroc_is_nan_when_a_label_is_undefined_so_splits_stay_comparable():
+    """A macro mean over two labels on one split and three on another would compare
+    different things: with pneumonia undefined the macro figures are NaN, and
+    ``undefined_labels`` says why."""
+    from covid_tune.core.metrics import undefined_labels
+
     truth = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])  # no pneumonia at all
     probs = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.2], [0.6, 0.7, 0.3], [0.1, 0.1, 0.4]])
     scores = multilabel_metrics(truth, probs, ("covid", "normal", "pneumonia"))
     assert scores["auroc_covid"] == 1.0 and scores["auroc_normal"] == 1.0
     assert math.isnan(scores["auroc_pneumonia"]) and math.isnan(scores["ap_pneumonia"])
-    assert scores["auroc"] == 1.0 and scores["ap"] == 1.0
+    assert math.isnan(scores["auroc"]) and math.isnan(scores["ap"])
+    assert undefined_labels(MULTILABEL, truth) == ["pneumonia"]
+    full = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0]])
+    assert multilabel_metrics(full, probs, ("covid", "normal", "pneumonia"))["auroc"] == \
+        pytest.approx(np.mean([1.0, 0.5, 0.25]))
 
 
-def test_bootstrap_intervals_are_seeded_stratified_and_hold_the_estimate():
+def test_covid_predicted_means_pneumonia_predicted():
+    """Part 2's labels say COVID-19 is a pneumonia; a decision that calls an image covid
+    but not pneumonia would contradict them, so covid implies pneumonia."""
+    truth = np.array([[1, 0, 1], [0, 0, 1]])
+    logits = np.array([[3.0, -3.0, -1.0], [-3.0, -3.0, 2.0]])  # covid yes, pneumonia no
+    scores = compute_metrics(MULTILABEL, truth, logits)
+    assert scores["accuracy"] == 1.0
+    assert scores["confusion"]["pneumonia"] == [[0, 0], [0, 2]]
+
+
+def test_bootstrap_intervals_are_seeded_plain_and_hold_the_estimate():
     from sklearn.metrics import roc_auc_score
 
-    from covid_tune.core.metrics import _rank_auroc, _stratified_resamples, bootstrap_intervals
+    from covid_tune.core.metrics import _rank_auroc, _resamples, bootstrap_intervals
 
     rng = np.random.default_rng(3)
     targets = (rng.random(300) < 0.2).astype(int)  # a rare positive class
@@ -151,27 +171,54 @@ def test_bootstrap_intervals_are_seeded_stratified_and_hold_the_estimate():
     first = bootstrap_intervals(BINARY, targets, logits, seed=0)
     assert first == bootstrap_intervals(BINARY, targets, logits, seed=0)
     assert first != bootstrap_intervals(BINARY, targets, logits, seed=1)
-    point = compute_metrics(BINARY, targets, logits)
-    for name in ("accuracy", "f1", "auroc"):
+    point = {**compute_metrics(BINARY, targets, logits),
+             **calibration(BINARY, targets, logits)}
+    for name in ("accuracy", "f1", "auroc", "ece", "brier"):
         low, high = first[name]
         assert low < point[name] < high, name
         assert high - low < 0.25, name
-    index = _stratified_resamples(targets[:, None].astype(bool), 50, rng)
-    assert (targets[index].sum(axis=1) == targets.sum()).all()  # class counts kept
+    index = _resamples(300, None, 50, rng)
+    counts = targets[index].sum(axis=1)
+    assert counts.min() < targets.sum() < counts.max()  # class counts vary, as in a new sample
     scores = logits[:, 1][index[:5]]
     assert np.allclose(_rank_auroc(targets[index[:5]].astype(bool), scores),
                        [roc_auc_score(targets[i], logits[i, 1]) for i in index[:5]])
 
 
+def test_a_grouped_bootstrap_draws_whole_patients():
+    from covid_tune.core.metrics import _resamples
+
+    groups = np.repeat([f"p{i}" for i in range(40)], 3)  # 40 patients, 3 images each
+    index = _resamples(len(groups), groups, 20, np.random.default_rng(0))
+    assert index.shape == (20, 120)
+    for row in index:
+        whole = row[: 120 - 3]  # the last patient drawn may be cut short
+        for start in range(0, len(whole), 3):
+            assert len({groups[i] for i in whole[start:start + 3]}) == 1
+
+
 def test_perfect_predictions_have_a_point_interval_and_an_roc_corner():
     from covid_tune.core.metrics import bootstrap_intervals, roc_points
 
-    truth = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1]])
+    truth = np.tile([[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1]], (10, 1))
     logits = np.where(truth == 1, 4.0, -4.0)
     intervals = bootstrap_intervals(MULTILABEL, truth, logits, resamples=200)
-    assert intervals == {"accuracy": (1.0, 1.0), "f1": (1.0, 1.0), "auroc": (1.0, 1.0)}
+    assert {k: intervals[k] for k in ("accuracy", "f1", "auroc")} == \
+        {"accuracy": (1.0, 1.0), "f1": (1.0, 1.0), "auroc": (1.0, 1.0)}
     fpr, tpr = roc_points(MULTILABEL, truth, logits)
     assert fpr[0] == 0.0 and [f for f, t in zip(fpr, tpr) if t == 1.0][0] == 0.0
+
+
+def test_intervals_are_left_out_below_ten_images_of_a_class():
+    from covid_tune.core.metrics import interval_note
+
+    assert interval_note(BINARY, np.array([1] * 9 + [0] * 50)) == \
+        "no intervals: 9 positive image(s) of infected, fewer than 10"
+    assert interval_note(BINARY, np.array([1] * 10 + [0] * 10)) is None
+    truth = np.tile([[0, 0, 1], [0, 1, 0]], (20, 1))
+    assert interval_note(MULTILABEL, np.vstack([truth, [[1, 0, 1]] * 10])) is None
+    assert interval_note(MULTILABEL, np.vstack([truth, [[1, 0, 1]] * 5])) == \
+        "no intervals: 5 positive image(s) of covid, fewer than 10"
 
 
 def logits_of(prob: np.ndarray) -> np.ndarray:

@@ -81,7 +81,7 @@ def test_part_2_chooses_on_a_held_out_selection_split_and_part_1_on_validation()
     assert multilabel.selection.split == "selection"
     binary = load_space("search_spaces/binary.yaml")
     assert (binary.metric, binary.selection.split) == ("val_f1", "validation")
-    assert binary.threshold == multilabel.threshold == Threshold("f1")
+    assert binary.threshold == multilabel.threshold == Threshold("youden")
 
 
 @pytest.mark.parametrize("changes, key, words", [
@@ -91,7 +91,7 @@ def test_part_2_chooses_on_a_held_out_selection_split_and_part_1_on_validation()
     ({"selection": {"holdout": True}}, "selection.holdout", "from 0 to 0.5"),
     ({"selection": {"hold_out": 0.1}}, "selection.hold_out", "did you mean 'holdout'"),
     ({"selection": 0.15}, "selection", "{holdout: 0.15}"),
-    ({"threshold": {"rule": "max"}}, "threshold.rule", "f1, youden, sensitivity"),
+    ({"threshold": {"rule": "max"}}, "threshold.rule", "youden, f1, sensitivity"),
     ({"threshold": {"rule": "sensitivity"}}, "threshold.target", "such as 0.95"),
     ({"threshold": {"rule": "sensitivity", "target": 1.5}}, "threshold.target", "(0, 1]"),
     ({"threshold": {"rule": "f1", "target": 0.9}}, "threshold.target", "only the sensitivity"),

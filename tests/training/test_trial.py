@@ -289,24 +289,25 @@ def test_each_split_a_trial_sees_is_reported_and_the_choosing_one_tunes_threshol
     results = {"train": result([0, 1, 0, 1], np.array([0.2, 0.7, 0.4, 0.9])),
                "selection": result([0, 1, 0, 1], np.array([0.3, 0.35, 0.1, 0.8])),
                "validation": result([1, 0, 1, 0], np.array([0.6, 0.2, 0.9, 0.55]))}
-    metrics, confusion = epoch_metrics(BINARY, results, 3, 0.01)
-    assert {"train_f1", "sel_f1", "sel_auroc", "val_f1", "val_auroc"} <= set(metrics)
-    assert metrics["sel_f1"] == pytest.approx(2 / 3) and metrics["val_accuracy"] == 0.75
-    assert confusion == [[1, 1], [0, 2]]  # validation's, for TensorBoard
     cfg = trial_config(threshold=Threshold("f1"))
     chosen = choose_thresholds(BINARY, results, cfg)
-    assert chosen["threshold_logits"]["infected"] == pytest.approx(halfway(0.3, 0.35))
-    assert 0.3 < chosen["thresholds"]["infected"] < 0.35  # the same, as a probability
-    assert chosen["thresholds"]["infected"] == pytest.approx(
-        1 / (1 + np.exp(-halfway(0.3, 0.35))))
+    cut = chosen["threshold_logits"]["infected"]
+    assert cut == pytest.approx(halfway(0.3, 0.35))
+    temperature = chosen["temperatures"]["infected"]
+    assert chosen["thresholds"]["infected"] == pytest.approx(1 / (1 + np.exp(-cut / temperature)))
     assert chosen["threshold_rule"] == {"rule": "f1", "target": None, "split": "selection",
-                                        "untuned": []}
+                                        "untuned": [], "degenerate": {}}
+    # every split is scored at the thresholds tuned on the choosing split
+    metrics, confusion = epoch_metrics(BINARY, results, 3, 0.01, chosen["threshold_logits"])
+    assert {"train_f1", "sel_f1", "sel_auroc", "val_f1", "val_auroc"} <= set(metrics)
+    assert metrics["sel_f1"] == 1.0  # 0.35 and 0.8 called infected, both are
+    assert metrics["val_accuracy"] == 0.75  # 0.55 called infected too
+    assert confusion == [[1, 1], [0, 2]]  # validation's, for TensorBoard
     del results["selection"]
     chosen = choose_thresholds(BINARY, results, trial_config(
         threshold=Threshold("sensitivity", 1.0)))
     assert chosen["threshold_rule"]["split"] == "validation"
     assert chosen["threshold_logits"]["infected"] == pytest.approx(halfway(0.6, 0.55))
-    assert 0.55 < chosen["thresholds"]["infected"] < 0.6
 
 
 @pytest.mark.slow
