@@ -13,6 +13,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -136,7 +137,8 @@ def cmd_synth(args) -> int:
 
     require_writable(args.out, "out")
     counts = generate(Path(args.out), args.task, scale=args.scale, size=args.size,
-                      seed=args.seed, progress=not args.quiet, layout=args.layout)
+                      seed=args.seed, progress=not args.quiet, layout=args.layout,
+                      fmt=args.format, contrast=args.contrast, noise=args.noise)
     total = sum(sum(c.values()) for c in counts.values())
     print(f"wrote {total} images to {args.out} ({args.layout or args.task} layout)")
     print(PHANTOM_NOTE)
@@ -173,8 +175,25 @@ def cmd_leaderboard(args) -> int:
 
     if args.out:
         require_writable(args.out, "--out")
-    print(write_leaderboard(args.run_dirs, args.out, args.data, args.allow_changed_data))
+    print(write_leaderboard(args.run_dirs, args.out, args.data, args.allow_changed_data,
+                            external_collections(args.external)))
     return 0
+
+
+def external_collections(pairs: list[str]) -> dict[str, str]:
+    """``--external NAME=DIR ...`` as name -> folder (or CSV); UserError for a pair
+    that is not one, a name that cannot head a column, or a name given twice."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not path or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+            raise UserError(f"--external {pair}: expected NAME=DIR, a short name (letters, "
+                            f"digits, _ . -) and a labelled collection, e.g. site2=/data/site2")
+        if name in found:
+            raise UserError(f"--external {pair}: the name {name} is given twice; name each "
+                            f"collection once")
+        found[name] = path
+    return found
 
 
 def cmd_export(args) -> int:
@@ -194,6 +213,14 @@ def cmd_predict(args) -> int:
         require_writable(args.cam, "--cam")
     summary = predict(args.model_dir, args.input, args.out, args.cam)
     print(summary)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from covid_tune.bundle.evaluate import evaluate
+
+    require_writable(args.out or ".", "--out")
+    print(evaluate(args.model_dir, args.data, args.out, args.classes))
     return 0
 
 
@@ -276,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, action=AtLeast, least=0)
     p.add_argument("--layout", help="a published layout to write instead of the "
                                     "assignment's, e.g. kaggle-pneumonia, or csv-manifest")
+    p.add_argument("--format", choices=["png", "dicom"], default="png",
+                   help="write PNGs, or DICOM files (.dcm) with patients and views")
+    p.add_argument("--contrast", type=float, default=1.0, action=AtLeast, least=0,
+                   inclusive=False, help="another scanner: each image's range around its "
+                                         "mean times this (default: 1, as always drawn)")
+    p.add_argument("--noise", type=float, default=0.0, action=AtLeast, least=0,
+                   help="another scanner: Gaussian noise of this standard deviation, in "
+                        "8-bit units (default: 0)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -296,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: <first run>/leaderboard; for a run in object "
                                  "storage, ./leaderboard-<name>)")
     add_data_flags(p, many=True)
+    p.add_argument("--external", action="append", default=[], metavar="NAME=DIR",
+                   help="also score every row on this labelled collection (a folder or "
+                        "CSV manifest), shown as columns External NAME ...; repeatable")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("export", help="export the best model of each task")
@@ -311,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam", metavar="DIR",
                    help="also write a Grad-CAM overlay PNG per image into DIR")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score an exported model on another labelled "
+                                        "collection (external validation)")
+    p.add_argument("model_dir", help="a folder written by export: OUT/<task>, or OUT")
+    p.add_argument("--data", required=True, metavar="DIR|CSV",
+                   help="a labelled collection: a folder in a layout covid-tune reads, or "
+                        "a CSV manifest (path,labels[,split,patient,view,source])")
+    p.add_argument("--classes", nargs="+", action="extend", default=[], metavar="WORD=CLASS",
+                   help="map class folders or labels to the task's classes, as a space's "
+                        "data: {classes: ...} (WORD= leaves them out)")
+    p.add_argument("--out", metavar="FOLDER",
+                   help="folder for evaluation.md and evaluation.json "
+                        "(default: ./evaluation-<collection name>)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="measure the fast paths against the plain ones")
     size = p.add_mutually_exclusive_group()

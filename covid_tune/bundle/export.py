@@ -139,6 +139,8 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
                              for name in threshold_labels(task)},
         "threshold_rule": record.threshold_rule or {"rule": "none", "target": None,
                                                     "split": None, "untuned": []},
+        "temperatures": {name: record.temperatures.get(name, 1.0)
+                         for name in threshold_labels(task)},
         "preprocessing": describe(size),
         "hyperparameters": record.config,
         "epoch": record.epoch,
@@ -158,8 +160,10 @@ def outputs_spec(task) -> dict:
         return {"name": "logits", "activation": "sigmoid per label",
                 "label_order": list(task.label_names),
                 "label_encoding": {k: list(v) for k, v in task.targets.items()},
+                "implies": [list(pair) for pair in task.implies],
                 "rule": "a label is on when its probability is above its threshold "
-                        "(compared as log-odds: its logit above threshold_logits)"}
+                        "(compared as log-odds: its logit above threshold_logits), and "
+                        "a label another implies is on with it (implies)"}
     other = next(name for name in task.label_names if name != POSITIVE_CLASS)
     return {"name": "logits", "activation": "softmax", "class_order": list(task.label_names),
             "positive_class": POSITIVE_CLASS,
@@ -179,6 +183,17 @@ def threshold_text(card: dict) -> str:
     untuned = (f"; left at 0.5 for {', '.join(rule['untuned'])} (one class only on that "
                f"split)" if rule.get("untuned") else "")
     return f"{values}, tuned by the `{rule['rule']}` rule{target} on {rule['split']}{untuned}"
+
+
+def temperature_text(card: dict) -> str:
+    """What the card's temperatures do, in words."""
+    scale = card.get("temperatures") or {}
+    if not scale or all(t == 1.0 for t in scale.values()):
+        return "the model's own (no temperature was fitted)."
+    values = ", ".join(f"{label} {t:.3g}" for label, t in scale.items())
+    return (f"calibrated by a temperature per label ({values}), fitted on "
+            f"{card['threshold_rule'].get('split') or 'the choosing split'}: "
+            f"P = sigmoid(log-odds / T). Decisions are the same with or without it.")
 
 
 def data_counts(root: Path | None, task: str, spec=None) -> dict[str, dict[str, int]]:
@@ -213,6 +228,7 @@ def readme(card: dict, counts: dict) -> str:
         f"{card['output']['activation']} over {', '.join(card['label_names'])}; "
         f"{card['output']['rule']}.", "",
         f"Thresholds: {threshold_text(card)}.", "",
+        f"Probabilities: {temperature_text(card)}", "",
         f"## Validation metrics (epoch {card['epoch']}, chosen by best "
         f"`{card['selected_by']['metric']}`)", "",
         "| metric | value |", "|---|---|",

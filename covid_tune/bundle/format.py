@@ -15,9 +15,13 @@ The card's thresholds are label -> number twice over: ``thresholds`` as probabil
 for people to read, and ``threshold_logits`` as log-odds, exact, which ``predict``
 compares with each image's log-odds (binary: ``logit_infected - logit_normal``;
 multilabel: the label's logit), so a decision holds where a probability has rounded to
-0 or 1. The two must agree; a card without ``threshold_logits`` (written before they
-were recorded) is read with the log-odds of its ``thresholds`` instead, so the key is
-optional and the format did not change for it.
+0 or 1. ``temperatures`` (label -> T, fitted on the choosing split; optional, 1 when
+absent) calibrate the probabilities: P = sigmoid(log-odds / T). ``thresholds`` are on
+that calibrated scale, so sigmoid(threshold_logits / T) must equal them. A card
+without ``threshold_logits`` (written before they were recorded) is read with the
+log-odds of its ``thresholds`` instead, so the keys are optional and the format did
+not change for them. ``output.implies`` (optional) lists (label, implied label) pairs
+that every decision applies: Part 2's covid implies pneumonia.
 
 Format 2 (``covid-tune model 2``): ``model.pt2`` replaced the deprecated TorchScript
 file, ``model.onnx`` gained a second output (``features``, the last feature maps, for
@@ -96,12 +100,18 @@ def check_card(card: dict) -> None:
     logits = card.get("threshold_logits")
     if logits is not None and not isinstance(logits, dict):
         raise ValueError("threshold_logits is not a label -> log-odds mapping")
+    scale = temperatures(card)
     for label in labels:
         probability = float(card["thresholds"][label])
         if not 0 <= probability <= 1:
             raise ValueError(f"threshold of {label} is not a probability")
+        if not (math.isfinite(scale.get(label, 1.0)) and scale.get(label, 1.0) > 0):
+            raise ValueError(f"temperature of {label} is not a positive number")
         if logits is not None:
-            check_logit(label, float(logits[label]), probability)
+            check_logit(label, float(logits[label]), probability, scale.get(label, 1.0))
+    for pair in card["output"].get("implies", []):
+        if len(pair) != 2 or not set(pair) <= set(card["label_names"]):
+            raise ValueError(f"output.implies: {pair} is not a pair of labels")
     cam = card["cam"]
     if not (isinstance(cam.get("output"), str) and len(cam["pool"]) == 2
             and all(int(n) >= 1 for n in cam["pool"]) and len(cam["head"]) == 2
@@ -109,20 +119,33 @@ def check_card(card: dict) -> None:
         raise ValueError("cam needs an output name, two pool cells and two head layers")
 
 
-def check_logit(label: str, value: float, probability: float) -> None:
-    """Raise unless ``value`` is log-odds whose probability is ``probability``."""
+def check_logit(label: str, value: float, probability: float, temperature: float = 1.0) -> None:
+    """Raise unless ``value`` is log-odds whose probability, after ``temperature``, is
+    ``probability``."""
     if math.isnan(value):
         raise ValueError(f"threshold log-odds of {label} is not a number")
-    if not math.isclose(float(sigmoid(value)), probability, rel_tol=1e-6):
+    if not math.isclose(float(sigmoid(value / temperature)), probability, rel_tol=1e-6):
+        scaled = f" at temperature {temperature:g}" if temperature != 1.0 else ""
         raise ValueError(f"threshold of {label} ({probability:g}) disagrees with its "
-                         f"log-odds ({value:g}); edit both, or remove threshold_logits to "
-                         f"apply thresholds")
+                         f"log-odds ({value:g}){scaled}; edit both, or remove "
+                         f"threshold_logits to apply thresholds")
 
 
 def threshold_logits(card: dict) -> dict[str, float]:
-    """A checked card's thresholds as log-odds: its ``threshold_logits``, or the log-odds
-    of its ``thresholds`` for a card written before those were recorded."""
+    """A checked card's thresholds as raw log-odds: its ``threshold_logits``, or the
+    log-odds of its ``thresholds`` (times the temperature) for a card written before
+    those were recorded."""
     given = card.get("threshold_logits")
     if given is not None:
         return {label: float(value) for label, value in given.items()}
-    return {label: float(logit(value)) for label, value in card["thresholds"].items()}
+    scale = temperatures(card)
+    return {label: float(logit(value)) * scale.get(label, 1.0)
+            for label, value in card["thresholds"].items()}
+
+
+def temperatures(card: dict) -> dict[str, float]:
+    """Label -> temperature (``temperatures``; empty for a card without them: 1)."""
+    given = card.get("temperatures") or {}
+    if not isinstance(given, dict):
+        raise ValueError("temperatures is not a label -> number mapping")
+    return {label: float(value) for label, value in given.items()}

@@ -19,7 +19,7 @@ import numpy as np
 
 from covid_tune.data.dataset import IMAGE_SUFFIXES, is_junk
 from covid_tune.errors import UserError
-from covid_tune.bundle.format import read_card, threshold_logits
+from covid_tune.bundle.format import read_card, temperatures, threshold_logits
 from covid_tune.data.preprocess import normalize, try_read
 from covid_tune.core.numeric import sigmoid
 
@@ -168,19 +168,23 @@ def prediction_rows(card: dict, names: list[str], logits: np.ndarray) -> list[li
     Decisions compare log-odds with the card's threshold log-odds, so they hold for
     logits far past where a probability rounds to 0 or 1; probabilities are written
     with 6 significant digits (``1.2e-50``, not ``0.000000``)."""
-    limits = threshold_logits(card)
+    limits, scale = threshold_logits(card), temperatures(card)
     if card["task"] == "multilabel":
         order = card["output"]["label_order"]
         bits = logits > np.asarray([limits[label] for label in order])
+        for source, target in card["output"].get("implies", []):
+            bits[:, order.index(target)] |= bits[:, order.index(source)]
+        calibrated = logits / np.asarray([scale.get(label, 1.0) for label in order])
         return [[n, *(int(b) for b in row), *(f"{v:.6g}" for v in p)]
-                for n, row, p in zip(names, bits, sigmoid(logits))]
+                for n, row, p in zip(names, bits, sigmoid(calibrated))]
     classes = card["output"]["class_order"]
     positive = card["output"]["positive_class"]
     index = classes.index(positive)
     other = classes[1 - index]
     odds = logits[:, index].astype(np.float64) - logits[:, 1 - index]  # softmax of two logits
+    calibrated = odds / scale.get(positive, 1.0)
     return [[n, positive if score > limits[positive] else other, f"{p:.6g}"]
-            for n, score, p in zip(names, odds, sigmoid(odds))]
+            for n, score, p in zip(names, odds, sigmoid(calibrated))]
 
 
 def safe_cell(value: str) -> str:

@@ -369,7 +369,7 @@ def degenerate_labels(task: Task, targets: np.ndarray, outputs: np.ndarray,
     """Labels whose threshold calls every image of this split positive, or none:
     label -> ``all positive`` / ``all negative``. Such a threshold says nothing about
     the image, whatever F1 it reaches."""
-    truth, values = _truth_and_log_odds(task, targets, outputs)
+    _, values = _truth_and_log_odds(task, targets, outputs)
     predicted = decide(values, threshold_array(task, threshold_logits),
                        _pairs(task.label_names, task.implies))
     flagged = {}
@@ -379,6 +379,44 @@ def degenerate_labels(task: Task, targets: np.ndarray, outputs: np.ndarray,
         elif not predicted[:, k].any():
             flagged[label] = "all negative"
     return flagged
+
+
+def scorecard(task: Task, targets: np.ndarray, outputs: np.ndarray,
+              threshold_logits: dict[str, float] | None = None,
+              temperatures: dict[str, float] | None = None, groups: Sequence | None = None,
+              intervals: bool = True) -> dict:
+    """Everything a reporting split is scored with, from raw logits: ``compute_metrics``
+    at ``threshold_logits``, ``at_0.5`` (accuracy and F1 at probability 0.5), the
+    calibration before (``calibration``: ECE, Brier) and after the temperatures
+    (``calibrated``), ``ci`` (``bootstrap_intervals``, by patient when ``groups`` are
+    given) unless ``intervals`` is off (a split that trained or chose) or the split is
+    too small (``interval_note``, then in ``notes``), ``undefined`` (labels with one
+    class only: macro AUROC is NaN), the ROC curve (``roc``), and the reliability
+    diagram's points after scaling (``reliability``) and before (``reliability_raw``)."""
+    scores = compute_metrics(task, targets, outputs, threshold_logits)
+    half = compute_metrics(task, targets, outputs)
+    scores["at_0.5"] = {k: half[k] for k in ("accuracy", "f1")}
+    scores["calibration"] = calibration(task, targets, outputs)
+    scores["calibrated"] = calibration(task, targets, outputs, temperatures)
+    notes, scores["ci"] = [], {}
+    undefined = undefined_labels(task, targets)
+    if undefined:
+        notes.append(f"AUROC undefined for {', '.join(undefined)} (one class only), so "
+                     f"the macro AUROC is not given")
+    if intervals:
+        note = interval_note(task, targets)
+        if note:
+            notes.append(note)
+        else:
+            scores["ci"] = bootstrap_intervals(task, targets, outputs,
+                                               threshold_logits=threshold_logits,
+                                               temperatures=temperatures, groups=groups)
+    scores["undefined"] = undefined
+    scores["notes"] = notes
+    scores["roc"] = roc_points(task, targets, outputs)
+    scores["reliability"] = reliability(task, targets, outputs, temperatures)
+    scores["reliability_raw"] = reliability(task, targets, outputs)
+    return scores
 
 
 def roc_points(task: Task, targets: np.ndarray, outputs: np.ndarray

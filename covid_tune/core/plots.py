@@ -105,3 +105,33 @@ def write_roc(labels: list[str], curves: list[tuple[list, list] | None], title: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_reliability(curves: dict[str, list[tuple[float, float, int]]], title: str,
+                      path: Path) -> None:
+    """A reliability diagram: for each curve (name -> the points of
+    ``covid_tune.core.calibration.reliability``), the fraction of positives against
+    the mean predicted probability per bin, each point sized by its images; a perfectly
+    calibrated model lies on the diagonal."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    for (name, points), style in zip(curves.items(), ("o:", "s-", "^-", "d-")):
+        if points:
+            claimed, observed, count = zip(*points)
+            ax.plot(claimed, observed, style, linewidth=1.2, label=name,
+                    markersize=3)
+            ax.scatter(claimed, observed, s=[8 + 60 * c / max(count) for c in count],
+                       alpha=0.35)
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel("fraction positive")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=9)
+    if any(curves.values()):
+        ax.legend(fontsize=7, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "not scored (the dataset was not found)", ha="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

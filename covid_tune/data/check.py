@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from covid_tune.core.space import DataSpec
 from covid_tune.data.dataset import decode_all, scan
+from covid_tune.data.groups import SOURCES, patient_key
 from covid_tune.data.patients import (HASH_PIXELS, NEAR_BITS, NearDuplicate, SpanningPatient,
-                                      near_duplicates, patient_of, patient_rule,
-                                      patients_across_splits, perceptual_hash)
+                                      near_duplicates, patient_rule, patients_across_splits,
+                                      perceptual_hash)
 
 PROBE_SIZE = HASH_PIXELS
 """Every file is fully decoded (and resized to this) to prove it is readable; the
@@ -93,12 +95,17 @@ class CheckReport:
 
 def check_dataset(root: str, task: str | None = None, progress: bool = True,
                   patient: str | None = None) -> CheckReport:
-    """Scan and fully decode every image of a dataset folder. ``patient`` is a regular
-    expression on file names whose first group is the patient; by default the layout's
-    own rule, where it has one."""
-    layout = scan(root, task)
-    pattern = patient or layout.kind.patient_pattern
-    rule = patient_rule(patient) if patient else re.compile(pattern) if pattern else None
+    """Scan and fully decode every image of a dataset folder. Each image's patient is
+    found as a drawn split finds it (``covid_tune.data.groups.patient_key``): a
+    manifest's ``patient`` column or DICOM's ``PatientID``, then ``patient`` (a regular
+    expression whose first group is the patient, searched in the relative path, then
+    the file name), then the layout's own file-name rule."""
+    regex = patient_rule(patient) if patient else None
+    layout = scan(root, task, spec=DataSpec(patient=patient) if patient else None)
+    pattern = layout.kind.patient_pattern
+    rule = re.compile(pattern) if pattern else None
+    listed = layout.listing is not None
+    sources: set[str] = set()
     counts: dict[str, dict[str, int]] = {}
     unreadable, sizes, by_hash = [], [], defaultdict(list)
     hashes, names, splits = [], [], []
@@ -117,7 +124,8 @@ def check_dataset(root: str, task: str | None = None, progress: bool = True,
             hashes.append(perceptual_hash(pixels))
             names.append(rel)
             splits.append(split)
-            key = patient_of(ref.path.name, rule)
+            key, source = patient_key(ref.patient, rel, regex, rule, listed)
+            sources.add(source)
             if key is None:
                 unkeyed += 1
             else:
@@ -134,9 +142,17 @@ def check_dataset(root: str, task: str | None = None, progress: bool = True,
         unreadable=unreadable, sizes=(by_area[0], by_area[-1]) if by_area else None,
         duplicates=duplicates, layout=describe_layout(layout),
         near=near_duplicates(np.array(hashes), names, splits) if hashes else [],
-        patient_rule=pattern if rule else "",
+        patient_rule=rules_used(sources, patient, pattern),
         patients=len({key for items in keyed.values() for _, key in items}),
-        unkeyed=unkeyed if rule else 0, spanning=patients_across_splits(keyed))
+        unkeyed=unkeyed if rules_used(sources, patient, pattern) else 0,
+        spanning=patients_across_splits(keyed))
+
+
+def rules_used(sources: set[str], patient: str | None, pattern: str) -> str:
+    """Where the patient keys come from, in order of precedence (``the manifest's
+    patient column, then`` a regex); empty when nothing could give one."""
+    rules = [SOURCES[s] for s in ("manifest", "dicom") if s in sources]
+    return ", then ".join(rules + [rule for rule in (patient, pattern) if rule])
 
 
 SMALL_VALIDATION = 100
@@ -156,7 +172,8 @@ def describe_layout(layout) -> str:
     if drawn:
         made = ", ".join(f"{split} {fraction:.0%}" for split, fraction in drawn.items())
         splits += (f"; {made} of each class drawn from {'the rows' if listed else 'train'} "
-                   f"with a fixed seed (a run records the split)")
+                   f"with a fixed seed, a patient's images on one side (a run records the "
+                   f"split)")
     text = f"{kind.title} ({splits}; classes {kind.mapping()})"
     size = len(layout.files.get("validation", []))
     if size < SMALL_VALIDATION:

@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,14 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from covid_tune.data import csv_manifest
+from covid_tune.data import csv_manifest, dicom
 from covid_tune.core.space import DataSpec
 from covid_tune.core.units import human_bytes
 from covid_tune.errors import UserError
+from covid_tune.data.groups import Grouping, group_images
 from covid_tune.data.preprocess import try_read
 from covid_tune.core.tasks import LAYOUTS, TASKS, FolderLayout, Task
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", dicom.SUFFIX)
 JUNK_NAMES = ("desktop.ini", ".ds_store", "thumbs.db", "ehthumbs.db", "icon\r")
 CACHE_VERSION = "3"
 """Bumped when decoding changes (2: PNG/JPEG decoders only, bombs refused per image;
@@ -64,6 +66,11 @@ class Layout:
     junk: list[Path] = field(default_factory=list)
     listing: Path | None = None
     """The CSV manifest the images were listed in (``covid_tune.data.csv_manifest``)."""
+    patient: str | None = None
+    """The space's ``data.patient`` regex, if any (``covid_tune.data.groups``)."""
+    grouping: Grouping | None = None
+    """How the images of the splits drawn here (or of Train, for the selection holdout:
+    ``train_grouping``) were grouped by patient; None: nothing drawn yet."""
 
 
 @dataclass
@@ -94,8 +101,12 @@ class DataBundle:
 
 
 def is_junk(path: Path) -> bool:
+    """Not an image: a junk name, or neither an image suffix nor a DICOM file of
+    another name (``DICM`` at byte 128, as files named by their UID often are)."""
     name = path.name.lower()
-    return name in JUNK_NAMES or name.startswith("._") or path.suffix.lower() not in IMAGE_SUFFIXES
+    if name in JUNK_NAMES or name.startswith("._"):
+        return True
+    return path.suffix.lower() not in IMAGE_SUFFIXES and not dicom.has_magic(path)
 
 
 def _entries(folder: Path) -> list[tuple[Path, bool]]:
@@ -199,7 +210,8 @@ def scan(root: str | Path, task: str | None = None, assigned: dict[str, str] | N
         raise UserError(f"{root}: {what}; pass the dataset root (holding train/ and "
                         f"validation/) or a CSV manifest (path,labels[,split])")
     kind = with_spec(detect_layout(root, task), spec, root)
-    layout = Layout(root=root, task=TASKS[kind.task], files={}, kind=kind)
+    layout = Layout(root=root, task=TASKS[kind.task], files={}, kind=kind,
+                    patient=spec.patient if spec else None)
     splits = _children(root)
     drawn = dict(kind.made_splits)
     for split, dirname in kind.split_dirs.items():
@@ -211,10 +223,14 @@ def scan(root: str | Path, task: str | None = None, assigned: dict[str, str] | N
                 continue
             raise UserError(f"{root}: missing the {dirname}/ folder of {kind.title}")
         layout.files[split] = _scan_split(folder, split, kind, layout.junk)
+    if drawn and not kind.split_dirs:
+        layout.files["train"] = _class_refs(root, kind, layout.junk, "the collection")
+    layout.files = by_view(layout.files, spec, root)
     if drawn:
-        pool = (layout.files.pop("train") if kind.split_dirs
-                else _class_refs(root, kind, layout.junk, "the collection"))
-        layout.files.update(split_collection(pool, root, kind, assigned or {}))
+        pool = layout.files.pop("train")
+        made, layout.grouping = split_collection(pool, root, kind, assigned or {},
+                                                 layout.patient)
+        layout.files.update(made)
     layout.files = {s: layout.files[s] for s in ("train", "validation", "test")
                     if s in layout.files}
     return layout
@@ -253,7 +269,7 @@ def _scan_split(folder: Path, split: str, kind: FolderLayout,
     else:
         refs = _class_refs(folder, kind, junk, split)
     if not refs:
-        raise UserError(f"{folder}: no .png/.jpg images in this split")
+        raise UserError(f"{folder}: no .png/.jpg/.dcm images in this split")
     return refs
 
 
@@ -272,10 +288,57 @@ def _class_refs(folder: Path, kind: FolderLayout, junk: list[Path],
         images, skipped = _files(images_folder)
         junk += skipped
         if not images:
-            raise UserError(f"{images_folder}: no .png/.jpg images in this class folder; a "
+            raise UserError(f"{images_folder}: no .png/.jpg/.dcm images in this class folder; a "
                             f"{kind.task} dataset needs every class")
         refs += [ImageFileRef(p, target) for p in images]
     return refs
+
+
+def by_view(files: dict[str, list[ImageFileRef]], spec: DataSpec | None,
+            where: Path) -> dict[str, list[ImageFileRef]]:
+    """Each split's images with the patient and view of their DICOM header filled in
+    where they have none (a manifest's columns win), then, when the space lists
+    ``data.views``, only the images of those views.
+
+    An image of no known view (a DICOM file without ``ViewPosition``, another format
+    with no manifest ``view``) is left out too, and a warning says how many. A split
+    left empty, or a training class left without an image, is refused."""
+    files = {split: [_with_header(ref) for ref in refs] for split, refs in files.items()}
+    views = spec.views if spec else ()
+    if not views:
+        return files
+    kept = {split: [r for r in refs if r.view in views] for split, refs in files.items()}
+    out = Counter(r.view or "unknown" for refs in files.values() for r in refs
+                  if r.view not in views)
+    listed = f"data.views [{', '.join(views)}]"
+    for split, refs in kept.items():
+        if not refs:
+            found = Counter(r.view or "unknown" for r in files[split])
+            raise UserError(f"{where}: {listed} keeps no image of the {split} split; its "
+                            f"views are {_tally(found)}; list the views you want in data.views")
+    lost = sorted({r.class_dir for r in files.get("train", [])}
+                  - {r.class_dir for r in kept.get("train", [])}, key=str)
+    if lost:
+        raise UserError(f"{where}: {listed} keeps no training image of class {lost[0]}; "
+                        f"list more views in data.views")
+    if out["unknown"]:
+        warnings.warn(f"{where}: {listed} leaves out {sum(out.values())} image(s): "
+                      f"{_tally(out)}; an image of unknown view has no DICOM ViewPosition "
+                      f"and no view column in a manifest")
+    return kept
+
+
+def _with_header(ref: ImageFileRef) -> ImageFileRef:
+    """``ref`` with the ``PatientID`` and ``ViewPosition`` of its DICOM header where it
+    has no patient or view of its own."""
+    if (ref.patient and ref.view) or not dicom.is_dicom(ref.path):
+        return ref
+    patient, view = dicom.header(ref.path)
+    return replace(ref, patient=ref.patient or patient, view=ref.view or view)
+
+
+def _tally(counts: Counter) -> str:
+    return ", ".join(f"{view} {n}" for view, n in sorted(counts.items()))
 
 
 def scan_csv(path: Path, task: str | None, assigned: dict[str, str] | None,
@@ -309,6 +372,7 @@ def scan_csv(path: Path, task: str | None, assigned: dict[str, str] | None,
                             f"unlabelled (give this row its labels or split test)")
         files.setdefault(split, []).append(ImageFileRef(row.path, cls, row.patient, row.view,
                                                         row.source))
+    files = by_view(files, spec, path)
     labelled = tuple(s for s, refs in files.items() if any(r.class_dir for r in refs))
     if "test" in labelled and not all(r.class_dir for r in files["test"]):
         raise UserError(f"{path}: some test rows have labels and some do not; label every "
@@ -321,8 +385,10 @@ def scan_csv(path: Path, task: str | None, assigned: dict[str, str] | None,
         made_splits=tuple(made),
         left_out=tuple(sorted(w for w, c in mapped.items() if c is None)))
     root = listing.folder
+    patient, grouping = spec.patient if spec else None, None
     if made:
-        drawn = split_collection(files.get("train", []), root, kind, assigned or {})
+        drawn, grouping = split_collection(files.get("train", []), root, kind, assigned or {},
+                                           patient, listed=True)
         files = {**{s: r for s, r in files.items() if s not in drawn}, **drawn}
     for split in ("train", "validation"):
         if not files.get(split):
@@ -333,7 +399,8 @@ def scan_csv(path: Path, task: str | None, assigned: dict[str, str] | None,
         raise UserError(f"{path}: no train row is labelled {missing[0]}; a {the_task.name} "
                         f"dataset needs every class ({', '.join(the_task.targets)})")
     order = {s: files[s] for s in ("train", "validation", "test") if s in files}
-    return Layout(root=root, task=the_task, files=order, kind=kind, listing=path)
+    return Layout(root=root, task=the_task, files=order, kind=kind, listing=path,
+                  patient=patient, grouping=grouping)
 
 
 SPLIT_SEED = 0
@@ -341,25 +408,32 @@ SPLIT_SEED = 0
 
 
 def split_collection(refs: list[ImageFileRef], root: Path, kind: FolderLayout,
-                     assigned: dict[str, str]) -> dict[str, list[ImageFileRef]]:
-    """Split a collection into train and ``kind.made_splits``, stratified by class
-    (``stratified_parts`` with ``SPLIT_SEED``, files in name order): each made split
-    takes its fraction of every class (at least one image of a class that has two or
-    more). Files ``assigned`` a split (a run's record) keep it."""
+                     assigned: dict[str, str], patient: str | None = None,
+                     listed: bool = False) -> tuple[dict[str, list[ImageFileRef]],
+                                                    Grouping | None]:
+    """Split a collection into train and ``kind.made_splits``, stratified by class and
+    grouped by patient (``stratified_parts`` with ``SPLIT_SEED``, files in name order):
+    each made split takes about its fraction of every class, in whole groups
+    (``covid_tune.data.groups``: the patient key, by ``patient``, the space's regex, and
+    the layout's rule, with near-duplicates joined). Files ``assigned`` a split (a
+    run's record) keep it; the grouping of the others is returned (None: none left)."""
     files: dict[str, list[ImageFileRef]] = {"train": [], **{s: [] for s, _ in kind.made_splits}}
     pending = []
     for ref in refs:
         split = assigned.get(_rel(ref.path, root))
         (files[split] if split in files else pending).append(ref)
     pending.sort(key=lambda r: _rel(r.path, root))
+    grouping = group_images(pending, root, patient=patient, layout_rule=kind.patient_pattern,
+                            listed=listed, cache=cache_dir()) if pending else None
+    groups = [grouping.groups[_rel(ref.path, root)] for ref in pending] if grouping else None
     parts = stratified_parts([ref.class_dir for ref in pending],
-                             [fraction for _, fraction in kind.made_splits], SPLIT_SEED)
+                             [fraction for _, fraction in kind.made_splits], SPLIT_SEED, groups)
     for (split, _), part in zip(kind.made_splits, parts):
         files[split] += [pending[i] for i in part]
     drawn = {i for part in parts for i in part}
     files["train"] += [ref for i, ref in enumerate(pending) if i not in drawn]
     return {split: sorted(refs_, key=lambda r: _rel(r.path, root))
-            for split, refs_ in files.items()}
+            for split, refs_ in files.items()}, grouping
 
 
 def assignment(layout: Layout) -> dict[str, str]:
@@ -462,46 +536,100 @@ SELECTION = "selection"
 """The split held out of Train to choose with (``selection: {holdout: F}``)."""
 
 
-def hold_out(split: Split, fraction: float, seed: int) -> list[str]:
+def hold_out(split: Split, fraction: float, seed: int,
+             groups: dict[str, str] | None = None) -> list[str]:
     """The names of a seeded part ``fraction`` of ``split``, stratified by label
-    combination (a class for Part 1, a set of label bits for Part 2).
+    combination (a class for Part 1, a set of label bits for Part 2) and drawn in whole
+    groups: ``groups`` maps a name to its patient group (``train_grouping``; a name it
+    lacks is its own group).
 
-    Each combination gives ``round(fraction * n)`` images, at least one and never all
-    of them when it has two or more, so a rare label is on both sides. The draw depends
-    only on the names, their labels, ``fraction`` and ``seed``: the same dataset gives
-    the same split in any order, on any machine.
+    Each combination gives about ``round(fraction * n)`` images, at least one group and
+    never all of them when it has two or more, so a rare label is on both sides. The
+    draw depends only on the names, their labels, their groups, ``fraction`` and
+    ``seed``: the same dataset gives the same split in any order, on any machine.
     """
     order = np.argsort(np.asarray(split.names))
     targets = split.targets.reshape(len(split), -1)[order]
-    (picked,) = stratified_parts([tuple(row) for row in targets.tolist()], [fraction], seed)
+    keys = [groups.get(split.names[i], split.names[i]) for i in order] if groups else None
+    (picked,) = stratified_parts([tuple(row) for row in targets.tolist()], [fraction], seed,
+                                 keys)
     return sorted(split.names[order[i]] for i in picked)
 
 
-def stratified_parts(strata: list, fractions: list[float], seed: int) -> list[list[int]]:
-    """Seeded, stratified parts of a list of items: for each fraction, the positions of
-    the items it takes; the items no part takes are the rest.
+def train_grouping(layout: Layout) -> Grouping:
+    """How Train's images are grouped for the selection holdout: the grouping of the
+    collection they were drawn from (``scan``), or one made now of Train and kept on
+    the layout, which the run records."""
+    train = layout.files.get("train", [])
+    known = layout.grouping.groups if layout.grouping else {}
+    if layout.grouping is None or any(_rel(r.path, layout.root) not in known for r in train):
+        layout.grouping = group_images(train, layout.root, patient=layout.patient,
+                                       layout_rule=layout.kind.patient_pattern,
+                                       listed=layout.listing is not None, cache=cache_dir())
+    return layout.grouping
 
-    ``strata[i]`` is item ``i``'s stratum (a class, or a tuple of label bits); the
-    items come in a fixed order (by name), so the draw depends only on them and
-    ``seed``. Strata are taken in sorted order and each is shuffled with one
-    ``numpy.random.default_rng(seed)``; then each part in turn takes ``round(fraction
-    * n)`` of the stratum's ``n`` items, at least one, but always leaves one behind for
-    the rest (a stratum of a single item stays whole in the rest). ``hold_out`` and
-    ``split_collection`` both draw with it; runs record what it drew.
+
+def stratified_parts(strata: list, fractions: list[float], seed: int,
+                     groups: list | None = None) -> list[list[int]]:
+    """Seeded, stratified parts of a list of items, in whole groups: for each fraction,
+    the positions of the items it takes; the items no part takes are the rest.
+
+    ``strata[i]`` is item ``i``'s stratum (a class, or a tuple of label bits) and
+    ``groups[i]`` its group (a patient; None: every item its own group); the items come
+    in a fixed order (by name), so the draw depends only on them and ``seed``. A group
+    goes wholly to one part or to the rest; its stratum is its items' most common one
+    (a tie: the first in sorted order). Strata are taken in sorted order and the groups
+    of each are shuffled with one ``numpy.random.default_rng(seed)``; then each part in
+    turn walks the shuffled groups and takes one when that brings its count of the
+    stratum's items (from groups taken before too) closer to ``round(fraction * n)``
+    of the stratum's ``n`` items. It takes at least one group (the smallest, when none
+    fits), but always leaves one group behind for the rest (a stratum of a single
+    group stays whole in the rest). With every item its own group this is the per-item
+    draw: ``round(fraction * n)`` items, at least one, one left behind.
+    ``hold_out`` and ``split_collection`` both draw with it; runs record what it drew.
     """
     rng = np.random.default_rng(seed)
     members: dict = {}
-    for i, stratum in enumerate(strata):
-        members.setdefault(stratum, []).append(i)
+    for i, key in enumerate(range(len(strata)) if groups is None else groups):
+        members.setdefault(key, []).append(i)
+    tally = {key: Counter(strata[i] for i in items) for key, items in members.items()}
+    by_stratum: dict = {}
+    for key, counts in tally.items():
+        most = max(counts.values())
+        by_stratum.setdefault(min(s for s, n in counts.items() if n == most), []).append(key)
+    totals = Counter(strata)
+    have = [Counter() for _ in fractions]
     parts: list[list[int]] = [[] for _ in fractions]
-    for stratum in sorted(members):
-        group = members[stratum]
-        order = [group[i] for i in rng.permutation(len(group))]
-        for part, fraction in zip(parts, fractions):
-            count = max(min(max(round(fraction * len(group)), 1), len(order) - 1), 0)
-            part += order[:count]
-            order = order[count:]
+    for stratum in sorted(by_stratum):
+        keys = by_stratum[stratum]
+        left = [keys[i] for i in rng.permutation(len(keys))]
+        for part, fraction, held in zip(parts, fractions, have):
+            quota = max(round(fraction * totals[stratum]), 1)
+            taken, left = _take_groups(left, quota, stratum, held, tally)
+            for key in taken:
+                part += members[key]
+                held.update(tally[key])
     return parts
+
+
+def _take_groups(left: list, quota: int, stratum, held: Counter,
+                 tally: dict) -> tuple[list, list]:
+    """(taken, still left) of the shuffled groups ``left`` for one part that holds
+    ``held`` items per stratum and wants ``quota`` of ``stratum``."""
+    taken, kept, count = [], [], held[stratum]
+    for position, key in enumerate(left):
+        room, size = quota - count, tally[key][stratum]
+        behind = len(kept) + len(left) - position - 1
+        if room > 0 and size < 2 * room and behind >= 1:
+            taken.append(key)
+            count += size
+        else:
+            kept.append(key)
+    if count == 0 and len(kept) >= 2:
+        smallest = min(kept, key=lambda k: tally[k][stratum])
+        taken.append(smallest)
+        kept.remove(smallest)
+    return taken, kept
 
 
 def with_selection(bundle: DataBundle, names: list[str]) -> DataBundle:

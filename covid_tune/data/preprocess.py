@@ -6,7 +6,8 @@ Training (through the decode cache), evaluation, export and prediction all decod
 they agree to the pixel. ``describe`` is the same recipe in words and numbers, as
 ``model.json`` records it. ``sigmoid`` and ``logit`` live in ``covid_tune.core.numeric``.
 
-Only numpy and PIL are imported, so ``covid-tune predict`` stays light.
+Only numpy and PIL are imported (pydicom only inside ``covid_tune.data.dicom``'s
+functions, when a DICOM file is read), so ``covid-tune predict`` stays light.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from covid_tune.data import dicom
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 """What PIL may decode, whatever the suffix (a .png that is really a JPEG is common);
@@ -55,20 +58,30 @@ def read_gray(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]
 
     Returns the ``(size, size)`` uint8 array and the original (width, height). The same
     function serves training, evaluation, export and prediction, so they agree.
-    Only PIL's PNG and JPEG decoders are used. Raises ``OSError``/``ValueError``/
-    ``SyntaxError`` or PIL's ``DecompressionBombError`` for a file that cannot be decoded.
+    Only PIL's PNG and JPEG decoders are used, and pydicom for DICOM files
+    (``covid_tune.data.dicom``). Raises ``OSError``/``ValueError``/``SyntaxError`` or
+    PIL's ``DecompressionBombError`` for a file that cannot be decoded.
     """
+    if dicom.is_dicom(path):
+        gray = Image.fromarray(dicom.decode(path))
+        return fit(gray, size), gray.size
     with Image.open(path, formats=IMAGE_FORMATS) as image:
         refuse_bomb(image)
         original = image.size
         image.draft("L", (size, size))
         gray = to_gray8(image)
+    return fit(gray, size), original
+
+
+def fit(gray: Image.Image, size: int) -> np.ndarray:
+    """An 8-bit image's shorter side resized to ``size`` (bilinear), centre-cropped to
+    ``size`` x ``size``, as uint8."""
     scale = size / min(gray.size)
     width, height = max(size, round(gray.width * scale)), max(size, round(gray.height * scale))
     gray = gray.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     left, top = (width - size) // 2, (height - size) // 2
     gray = gray.crop((left, top, left + size, top + size))
-    return np.asarray(gray, dtype=np.uint8), original
+    return np.asarray(gray, dtype=np.uint8)
 
 
 def refuse_bomb(image: Image.Image) -> None:

@@ -1,11 +1,12 @@
 """Synthetic chest-radiograph phantoms in the assignment's exact folder layouts.
 
-``generate`` writes 8-bit grayscale PNGs so every other module (data loading, the
-search, export) can be run end to end without the real data set. Each image is a
-drawn phantom: a torso, two dark lung fields, the mediastinum and heart, the spine
-and ribs. Pneumonia adds dense one-sided blobs in a lower zone; COVID-19 adds faint,
-wide, bilateral opacities near the outer lung edges. A random per-image brightness
-that ignores the class keeps the classes from being told apart by mean intensity.
+``generate`` writes 8-bit grayscale PNGs (or DICOM files that decode to the same
+pixels) so every other module (data loading, the search, export) can be run end to end
+without the real data set. Each image is a drawn phantom: a torso, two dark lung
+fields, the mediastinum and heart, the spine and ribs. Pneumonia adds dense one-sided
+blobs in a lower zone; COVID-19 adds faint, wide, bilateral opacities near the outer
+lung edges. A random per-image brightness that ignores the class keeps the classes
+from being told apart by mean intensity.
 
 Every image draws from its own generator, seeded by (seed, split, class, index), so
 the same arguments give byte-identical files whatever order they are written in.
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from covid_tune.data import dicom
 from covid_tune.errors import UserError
 from covid_tune.core.tasks import LAYOUTS, FolderLayout
 
@@ -58,6 +60,9 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     layout: str | None = None,
+    fmt: str = "png",
+    contrast: float = 1.0,
+    noise: float = 0.0,
 ) -> dict[str, dict[str, int]]:
     """Write a synthetic data set for ``task`` under the empty folder ``out``, in the
     task's assignment layout or in ``layout`` (a name in ``covid_tune.core.tasks.LAYOUTS``).
@@ -65,18 +70,29 @@ def generate(
     Returns ``{split folder: {class folder: images}}``, split folders as on disk
     (``train`` or ``Train``). For the flat multilabel ``Test`` folder the counts
     still say how many images of each class it holds; the disk does not.
+    ``fmt`` ``dicom`` writes each image as a ``.dcm`` file (``save_phantom``) instead of
+    a PNG, with the same names and pixels. ``contrast`` and ``noise`` draw the same
+    phantoms as another scanner would show them (``acquire``); the defaults change nothing.
     """
     out = Path(out)
     check_args(out, task, scale, size, seed)
+    if fmt not in FORMATS:
+        raise UserError(f"format: {fmt!r} is not a format; use one of: {', '.join(FORMATS)}")
+    if not contrast > 0:
+        raise UserError(f"contrast: {contrast} is out of range; use a factor above 0 (1: as drawn)")
+    if not noise >= 0:
+        raise UserError(f"noise: {noise} is out of range; use 0 or more (8-bit units)")
     counts = scaled_counts(task, scale)
+    shift = (contrast, noise)
     if layout == CSV_LAYOUT:
-        return write_listed(out, task, counts, seed, size, progress)
+        return write_listed(out, task, counts, seed, size, progress, fmt, shift)
     kind = folder_layout(task, layout)
     jobs = plan_images(out, kind, counts, seed)
     for path, split, cls, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, SPLIT_IDS.index(split), CLASS_IDS.index(cls), index])
-        Image.fromarray(draw_phantom(rng, size, phantom_kind(cls, index))).save(path)
+        pixels = acquire(draw_phantom(rng, size, phantom_kind(cls, index)), *shift, rng)
+        save_phantom(pixels, path, fmt, (seed, split, cls, index))
     folders = {cls: folder for folder, cls in kind.class_dirs.items()}
     if kind.made_splits:  # one pool, as the collection is published
         for folder in (*folders.values(), *kind.left_out):
@@ -96,7 +112,8 @@ CSV_LAYOUT = "csv-manifest"
 
 
 def write_listed(out: Path, task: str, counts: dict[str, dict[str, int]], seed: int,
-                 size: int, progress: bool) -> dict[str, dict[str, int]]:
+                 size: int, progress: bool, fmt: str = "png",
+                 shift: tuple[float, float] = (1.0, 0.0)) -> dict[str, dict[str, int]]:
     """Every image in ``out/images``, listed with its labels and split (every split
     labelled, Part 2's test too) in ``out/manifest.csv`` (``covid_tune.data.csv_manifest``).
     Part 2's labels are written as label names: ``covid|pneumonia``."""
@@ -111,12 +128,44 @@ def write_listed(out: Path, task: str, counts: dict[str, dict[str, int]], seed: 
                 rng = np.random.default_rng([seed, SPLIT_IDS.index(split),
                                              CLASS_IDS.index(cls), index])
                 (out / "images").mkdir(parents=True, exist_ok=True)
-                Image.fromarray(draw_phantom(rng, size, phantom_kind(cls, index))).save(
-                    out / name)
-                lines.append(f"{name},{words.get(cls, cls)},{split}")
+                pixels = acquire(draw_phantom(rng, size, phantom_kind(cls, index)), *shift, rng)
+                written = save_phantom(pixels, out / name, fmt, (seed, split, cls, index))
+                lines.append(f"{written.relative_to(out).as_posix()},{words.get(cls, cls)},{split}")
     (out / "manifest.csv").write_text("\n".join(lines) + "\n")
     return {"manifest.csv": {f"{split}/{cls}": n for split, classes in counts.items()
                              for cls, n in classes.items()}}
+
+
+FORMATS = ("png", "dicom")
+"""``--format``: 8-bit PNGs, or DICOM files (``covid_tune.data.dicom.write_dicom``)."""
+VIEWS = ("PA", "AP", "PA", "PA", "AP", "PA", "LATERAL", "PA", "AP", "PA")
+"""The DICOM view of a class's image ``index``: ``VIEWS[index % 10]``."""
+
+
+def save_phantom(pixels: np.ndarray, path: Path, fmt: str,
+                 key: tuple[int, str, str, int]) -> Path:
+    """Write one phantom as a PNG at ``path`` or, for ``dicom``, as a DICOM file of the
+    same name with the suffix ``.dcm`` (``dicom_traits`` of ``key``: seed, split, class,
+    index); the path written."""
+    if fmt == "png":
+        Image.fromarray(pixels).save(path)
+        return path
+    path = path.with_suffix(dicom.SUFFIX)
+    dicom.write_dicom(path, pixels, **dicom_traits(*key))
+    return path
+
+
+def dicom_traits(seed: int, split: str, cls: str, index: int) -> dict:
+    """How a class's image ``index`` is stored as DICOM, so that every kind occurs in a
+    few images: 2 or 3 images per patient (patient ``index * 2 // 5`` of its split and
+    class), ``VIEWS`` (mostly PA and AP, every tenth LATERAL), every third MONOCHROME1,
+    every other one 16-bit (else 12-bit), every fourth with a rescale slope and
+    intercept. Each decodes to the phantom's exact pixels."""
+    ids = [seed, SPLIT_IDS.index(split), CLASS_IDS.index(cls), index]
+    return {"patient": f"PH{seed}-{ids[1]}{ids[2]}-{index * 2 // 5:05d}",
+            "view": VIEWS[index % len(VIEWS)], "bits": 16 if index % 2 else 12,
+            "monochrome1": index % 3 == 1,
+            "rescale": (2.0, -1024.0) if index % 4 == 3 else None, "seed": ids}
 
 
 def folder_layout(task: str, layout: str | None) -> FolderLayout:
@@ -315,6 +364,20 @@ def blur(image: np.ndarray, sigma: float) -> np.ndarray:
     padded = np.pad(image, radius, mode="edge")
     rows = sum(w * padded[:, k : k + size] for k, w in enumerate(taps))
     return sum(w * rows[k : k + size, :] for k, w in enumerate(taps))
+
+
+def acquire(pixels: np.ndarray, contrast: float, noise: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """The phantom as another acquisition shows it (``synth --contrast --noise``): its
+    range around its mean times ``contrast``, then Gaussian noise of standard deviation
+    ``noise`` in 8-bit units, drawn from ``rng`` after the phantom, so the anatomy is
+    the one the same seed draws. ``pixels`` itself, byte for byte, at 1 and 0."""
+    if contrast == 1 and noise == 0:
+        return pixels
+    image = pixels.astype(np.float64)
+    image = (image - image.mean()) * contrast + image.mean()
+    image += noise * rng.standard_normal(image.shape)
+    return np.round(np.clip(image, 0, 255)).astype(np.uint8)
 
 
 def expose(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:

@@ -27,27 +27,33 @@ from pathlib import Path
 from covid_tune.core.space import SPLIT_PREFIXES
 from covid_tune.data.dataset import DataBundle, check_memory, load_dataset, with_selection
 from covid_tune.errors import UserError
-from covid_tune.core.metrics import bootstrap_intervals, compute_metrics, roc_points
-from covid_tune.core.plots import write_chart, write_confusion, write_roc
+from covid_tune.core.metrics import scorecard
+from covid_tune.core.plots import write_chart, write_confusion, write_reliability, write_roc
 from covid_tune.bundle.cam import explain, grad_cam, write_overlays
-from covid_tune.results.render import (ROC_OF, cam_file, chart_file, confusion_file, reproduce_command,
-                               roc_file, table_record, task_section, write_tables)
+from covid_tune.results.render import (ROC_OF, cam_file, chart_file, confusion_file,
+                                      reliability_file, reproduce_command, roc_file,
+                                      table_record, task_section, write_tables)
 from covid_tune.runs.folder import STUDY_FILE
-from covid_tune.runs.reader import best_overall, DataChoice, RunInfo, choose_datasets, read_run
-from covid_tune.results.rows import (TABLES, Row, TableSpec, scored_splits, pick_rows, table_spec)
+from covid_tune.runs.reader import (DataChoice, RunInfo, TrialRecord, best_overall,
+                                    choose_datasets, chooser, read_run)
+from covid_tune.results.rows import (TABLES, Row, TableSpec, pick_rows, reporting_splits,
+                                     scored_splits, table_spec)
 from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
 
 
 def write_leaderboard(run_dirs: list[str], out: str | None = None,
-                      data: list[str] | None = None, allow_changed_data: bool = False) -> str:
+                      data: list[str] | None = None, allow_changed_data: bool = False,
+                      external: dict[str, str] | None = None) -> str:
     """Write the leaderboard files into ``out``; return the markdown (also printed).
 
     ``data`` is one dataset folder for every run, or one per run in order (moved copies
     of the datasets the runs recorded). The files are written into a new folder beside
     ``out`` and moved into it only when all are written: a full disk leaves the
-    previous leaderboard as it was."""
+    previous leaderboard as it was. ``external`` (name -> collection, ``--external``)
+    adds columns scoring each row on another labelled collection (``score_external``)."""
     runs = [read_run(d) for d in run_dirs]
     choices = choose_datasets(runs, data or [], allow_changed_data)
+    externals = read_externals(external or {}, runs)
     folder = Path(out).resolve() if out else default_folder(runs[0])
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +61,7 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     except OSError as exc:
         raise UserError(cannot_write(folder, exc)) from None
     try:
-        text = write_files(runs, choices, folder, stage)
+        text = write_files(runs, choices, folder, stage, externals)
         move_staged(stage, folder)
     except OSError as exc:
         raise UserError(cannot_write(folder, exc)) from None
@@ -73,7 +79,7 @@ def default_folder(run: RunInfo) -> Path:
 
 
 def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Path,
-                stage: Path) -> str:
+                stage: Path, externals: dict | None = None) -> str:
     """Every file of the leaderboard, written into ``stage``, naming ``folder`` where
     a file refers to another; the markdown."""
     sections, table_rows, bundles = [], [], {}
@@ -85,6 +91,7 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
             choice = choices[row.run.name]
             bundle = dataset_for(choice, row, bundles)
             row.scores, row.recorded = score_row(spec, row, bundle), bundle is None
+            row.external = score_external(row, externals or {})
             row.reproduce = reproduce_command(
                 row, folder, str(choice.root or row.run.record.provenance.data), stage)
             write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
@@ -96,9 +103,16 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
         write_roc(labels, [r.scores.get(spec.chart_split, {}).get("roc") for r in rows],
                   f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
         importances = {run.name: param_importances(run) for run in task_runs}
-        notes = task_notes(task_runs, choices)
+        notes = task_notes(task_runs, choices) + score_notes(spec, rows) + external_notes(rows)
         best = best_row(rows, task_runs)
         bundle = dataset_for(choices[best.run.name], best, bundles)
+        write_reliability(reliability_curves(spec, best),
+                          f"Reliability, {best.backbone}, {best.group} "
+                          f"({reporting_split(spec, best) or 'not scored'})",
+                          stage / reliability_file(task))
+        for row in rows:
+            row.hand_grid = score_hand_grid(spec, row, dataset_for(choices[row.run.name], row,
+                                                                    bundles))
         drawn = write_cams(spec, best, bundle, stage / cam_file(task))
         sections.append(task_section(spec, task_runs, rows, importances, notes,
                                      best if drawn else None))
@@ -190,8 +204,10 @@ def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
 
 
 def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str, dict]:
-    """Metrics per split: re-scored at the checkpoint's tuned thresholds (``at_0.5``
-    beside them) when the data is there, else as the trial recorded them (at 0.5)."""
+    """Metrics per split (``covid_tune.core.metrics.scorecard``): re-scored at the
+    checkpoint's tuned thresholds and temperatures (``at_0.5`` beside them) when the
+    data is there, with intervals on the splits that only report; else as the trial
+    recorded them (``at_0.5`` then holds the recorded values too)."""
     record = row.record
     if bundle is None:
         recorded = {split: {k: record.metrics.get(f"{SPLIT_PREFIXES[split]}_{k}", math.nan)
@@ -199,25 +215,92 @@ def score_row(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict[str,
                     for split in spec.splits if split != "test"}
         return {split: {**scores, "at_0.5": dict(scores)} for split, scores in recorded.items()
                 if f"{SPLIT_PREFIXES[split]}_f1" in record.metrics}
-    from covid_tune.nn.weights import load_model
-    from covid_tune.nn.logits import predict_logits
+    reporting = reporting_splits(spec, row.run)
+    return score_trial(record, bundle, spec.splits, reporting)
+
+
+def score_trial(record: TrialRecord, bundle: DataBundle, splits, reporting) -> dict[str, dict]:
+    """``scorecard`` of a trial's checkpoint on each labelled split of ``splits`` in
+    ``bundle``; intervals only on the ``reporting`` ones."""
     from covid_tune.nn.device import Device
+    from covid_tune.nn.logits import predict_logits
+    from covid_tune.nn.weights import load_model
 
     device = Device.pick()
     model = load_model(record.local_checkpoint()).to(device.torch)
     task, scores = TASKS[record.task], {}
-    for split in spec.splits:
+    for split in splits:
         data = bundle.splits.get(split)
         if data is not None and data.targets.size:
             logits = predict_logits(model, data.images, 128, device)
-            scores[split] = compute_metrics(task, data.targets, logits,
-                                            record.threshold_logits)
-            half = compute_metrics(task, data.targets, logits)
-            scores[split]["at_0.5"] = {k: half[k] for k in ("accuracy", "f1")}
-            scores[split]["ci"] = bootstrap_intervals(task, data.targets, logits,
-                                                      threshold_logits=record.threshold_logits)
-            scores[split]["roc"] = roc_points(task, data.targets, logits)
+            scores[split] = scorecard(task, data.targets, logits, record.threshold_logits,
+                                      record.temperatures, groups=patient_groups(bundle, split),
+                                      intervals=split in reporting)
     return scores
+
+
+def patient_groups(bundle: DataBundle, split: str) -> list[str] | None:
+    """Each image's patient group on ``split`` for a bootstrap by patient; None when the
+    dataset has no patient keys (each image then stands alone)."""
+    groups = getattr(bundle, "groups", None) or {}
+    names = bundle.splits[split].names
+    if not any(name in groups for name in names):
+        return None
+    return [groups.get(name, name) for name in names]
+
+
+def reporting_split(spec: TableSpec, row: Row) -> str | None:
+    """The split a row is judged on: test where scored, else the last split that only
+    reports; None when every scored split also trained or chose."""
+    reporting = [s for s in reporting_splits(spec, row.run) if s in row.scores]
+    return reporting[-1] if reporting else None
+
+
+def reliability_curves(spec: TableSpec, row: Row) -> dict[str, list]:
+    """The best row's reliability on its reporting split, before and after its
+    temperatures."""
+    split = reporting_split(spec, row)
+    scores = row.scores.get(split) or {}
+    if "reliability" not in scores:
+        return {}
+    return {"as trained": scores["reliability_raw"], "temperature-scaled": scores["reliability"]}
+
+
+def score_hand_grid(spec: TableSpec, row: Row, bundle: DataBundle | None) -> dict:
+    """The group's best hand-grid and best searched trial (by the run's metric), each
+    scored on the row's reporting split with intervals: ``{"split": ..., "hand grid":
+    (record, scores), "searched": (record, scores)}``; empty without data or a
+    reporting split."""
+    split = reporting_split(spec, row)
+    if bundle is None or split is None:
+        return {}
+    found = {"split": split}
+    for name, hand in (("hand grid", True), ("searched", False)):
+        record = row.best_of(hand)
+        if record is None:
+            continue
+        scores = (row.scores if record is row.record
+                  else score_trial(record, bundle, (split,), (split,)))
+        found[name] = (record, scores.get(split))
+    return found
+
+
+def score_notes(spec: TableSpec, rows: list[Row]) -> list[str]:
+    """What the scoring left out, per row and split (intervals, macro AUROC), and the
+    thresholds that call a whole label positive or negative on the choosing split."""
+    notes = []
+    for row in rows:
+        name = f"{row.backbone}, {row.group}"
+        for split in spec.splits:
+            for note in (row.scores.get(split) or {}).get("notes", []):
+                notes.append(f"{name}, {split}: {note}.")
+        rule = row.record.threshold_rule
+        for label, what in (rule.get("degenerate") or {}).items():
+            notes.append(f"{name}: **the threshold of {label} calls every image "
+                         f"{what.removeprefix('all ')} on {rule.get('split')}**; it says "
+                         f"nothing about the image (use another threshold rule, or more "
+                         f"images to choose with).")
+    return notes
 
 
 def task_notes(runs: list[RunInfo], choices: dict[str, DataChoice]) -> list[str]:
@@ -267,3 +350,85 @@ def study_importances(optuna, study_file: Path, run: RunInfo) -> tuple[dict[str,
             return {}, f"Optuna could not compute importances: {exc}"
     extra = " ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning))
     return importances, f"{basis} {extra}".strip()
+
+
+# --- external collections (--external NAME=DIR) -----------------------------------------
+
+class External:
+    """A labelled collection scored beside the run's own splits, decoded once per image
+    size (``covid_tune.bundle.evaluate`` reads it as ``covid-tune evaluate`` does)."""
+
+    def __init__(self, path: str, collection):
+        self.path, self.collection, self.decoded = path, collection, {}
+
+    def images(self, size: int) -> dict:
+        if size not in self.decoded:
+            from covid_tune.bundle.evaluate import decode_collection
+
+            self.decoded[size] = decode_collection(self.collection, size)
+        return self.decoded[size]
+
+
+def read_externals(external: dict[str, str], runs: list[RunInfo]) -> dict[str, External]:
+    """Each collection read (not yet decoded) for the task of its layout, before any
+    work: UserError when it is missing, unreadable, or of a task no run has."""
+    from covid_tune.bundle.evaluate import collection_task, read_collection
+
+    tasks = sorted({run.task for run in runs})
+    found = {}
+    for name, path in external.items():
+        task = collection_task(Path(path))
+        if task not in tasks:
+            raise UserError(f"--external {name}={path}: a {task} collection, but the runs "
+                            f"are {', '.join(tasks)}; pass a collection of their task")
+        found[name] = External(path, read_collection(Path(path), TASKS[task]))
+    return found
+
+
+def score_external(row: Row, externals: dict[str, External]) -> dict[str, dict]:
+    """Name -> the row's checkpoint scored on each external collection of its task, every
+    labelled image pooled (``score_collection``'s headline): ``{"path", "layout",
+    "split", "scores", "sources"}``. Run with torch, as ``score_trial``."""
+    wanted = {n: e for n, e in externals.items()
+              if e.collection.layout.task.name == row.record.task}
+    if not wanted:
+        return {}
+    from covid_tune.bundle.evaluate import headline, score_collection
+    from covid_tune.nn.device import Device
+    from covid_tune.nn.logits import predict_logits
+    from covid_tune.nn.weights import load_model
+
+    record, device = row.record, Device.pick()
+    model = load_model(record.local_checkpoint()).to(device.torch)
+    found = {}
+    for name, external in wanted.items():
+        images = external.images(int(record.config["image_size"]))
+        logits = {split: predict_logits(model, part.pixels, 128, device)
+                  for split, part in images.items()}
+        split, scores, sources = headline(score_collection(
+            TASKS[record.task], images, logits, record.threshold_logits, record.temperatures))
+        found[name] = {"path": external.path, "layout": external.collection.layout.kind.title,
+                       "split": split, "scores": scores, "sources": sources}
+    return found
+
+
+def external_notes(rows: list[Row]) -> list[str]:
+    """What each external column holds, then each row's figures per source and what
+    the scoring left out."""
+    from covid_tune.results.render import auroc_cell
+
+    notes = []
+    for name, ext in (rows[0].external if rows else {}).items():
+        notes.append(f"External `{name}`: `{ext['path']}` ({ext['layout']}), "
+                     f"{ext['scores']['images']} labelled images (split `{ext['split']}`), "
+                     f"scored with each row's checkpoint at its thresholds; the model saw "
+                     f"none of them, so the drop from the row's test (or validation) figures "
+                     f"is what a new site would see.")
+    for row in rows:
+        for name, ext in row.external.items():
+            label = f"{row.backbone}, {row.group}, external `{name}`"
+            notes += [f"{label}: {note}." for note in ext["scores"].get("notes", [])]
+            notes += [f"{label}, source `{source}`: {s['images']} images, accuracy "
+                      f"{s['accuracy']:.3f}, F1 {s['f1']:.3f}, AUROC {auroc_cell(s)}."
+                      for source, s in ext["sources"].items()]
+    return notes

@@ -17,7 +17,8 @@ from covid_tune.core.units import duration
 from covid_tune.core.space import FOCAL_PARAMS, PARAM_TYPES, Asha, Fixed, SearchSpace
 from covid_tune.core.space_file import dump_space, load_space
 from covid_tune.runs.reader import chooser, RunInfo, TrialRecord
-from covid_tune.results.rows import (EXTRA_PARAMS, Row, TableSpec, extra_params, frozen_name, loss_name)
+from covid_tune.results.rows import (EXTRA_PARAMS, Row, TableSpec, extra_params, frozen_name,
+                                     loss_name, reporting_splits)
 
 SPLIT_COLUMNS = {
     "train": "Training Set Accuracy/F1 Score",
@@ -59,8 +60,20 @@ def thresholds_text(record: TrialRecord) -> str:
     if not record.thresholds:
         return "0.5 (not tuned)"
     untuned = set(record.threshold_rule.get("untuned") or ())
+    degenerate = record.threshold_rule.get("degenerate") or {}
     return ", ".join(f"{label} {value:.2f}" + (" (untuned)" if label in untuned else "")
+                     + (f" (**{degenerate[label]}**)" if label in degenerate else "")
                      for label, value in record.thresholds.items())
+
+
+def calibration_cell(scores: dict | None) -> str:
+    """``ECE 0.121 → 0.043 [0.031, 0.060], Brier 0.105 → 0.098``: before and after the
+    temperatures, with the interval of the scaled ECE where there is one."""
+    if not scores or "calibration" not in scores:
+        return "n/a"
+    before, after = scores["calibration"], scores["calibrated"]
+    return (f"ECE {before['ece']:.3f} → {after['ece']:.3f}{interval_text(scores, 'ece')}, "
+            f"Brier {before['brier']:.3f} → {after['brier']:.3f}")
 
 
 def rule_text(rule: dict) -> str:
@@ -77,6 +90,10 @@ def cam_file(task: str) -> str:
 
 def roc_file(task: str) -> str:
     return f"roc-{task}.png"
+
+
+def reliability_file(task: str) -> str:
+    return f"reliability-{task}.png"
 
 
 def source(record: TrialRecord) -> str:
@@ -98,21 +115,25 @@ def chart_file(task: str) -> str:
 def display_row(spec: TableSpec, row: Row) -> dict:
     """The markdown row: the assignment's columns, then the rest."""
     record = row.record
+    reporting = [s for s in reporting_splits(spec, row.run) if s in spec.splits]
+    judged = reporting[-1] if reporting else None
     shown = {
         "Backbone": row.backbone,
         spec.group_column: row.group,
         "Epochs": record.epoch,
         "Training Time": duration(record.seconds),
         **{SPLIT_COLUMNS[s]: cell(spec, row.scores.get(s)) for s in spec.splits},
-        f"F1 95% CI ({'/'.join(spec.splits)})": " / ".join(
-            interval_text(row.scores.get(s), "f1").strip() or "n/a" for s in spec.splits),
+        f"F1 95% CI ({'/'.join(reporting) or 'no reporting split'})": " / ".join(
+            interval_text(row.scores.get(s), "f1").strip() or "n/a" for s in reporting),
         f"AUROC ({'/'.join(spec.splits)})": " / ".join(
             auroc_cell(row.scores.get(s)) for s in spec.splits),
+        f"Calibration ({judged or 'n/a'})": calibration_cell(row.scores.get(judged)),
         "Thresholds": thresholds_text(record),
         f"At 0.5 ({'/'.join(spec.splits)})": " / ".join(
             cell(spec, (row.scores.get(s) or {}).get("at_0.5")) for s in spec.splits),
     }
     shown.update({k: format_value(v) for k, v in extra_params(record.config).items()})
+    shown.update(external_columns(spec, row))
     shown.update({"Source": source(record), "Trial": f"{record.run}/{record.trial_id}",
                   "Reproduce": f"`{row.reproduce}`"})
     return shown
@@ -133,22 +154,61 @@ def table_record(spec: TableSpec, row: Row, index: int) -> dict:
         plain[f"{split}_f1"] = float(scores["f1"]) if scores else None
         for name in ("auroc", "ap"):
             plain[f"{split}_{name}"] = float(scores.get(name, math.nan)) if scores else None
-        for name in ("accuracy", "f1", "auroc"):
+        for name in ("ece", "brier"):
+            before = (scores or {}).get("calibration", {}).get(name)
+            after = (scores or {}).get("calibrated", {}).get(name)
+            plain[f"{split}_{name}"], plain[f"{split}_{name}_scaled"] = before, after
+        for name in ("accuracy", "f1", "auroc", "ece", "brier"):
             low, high = (scores or {}).get("ci", {}).get(name, (None, None))
             plain[f"{split}_{name}_ci_low"], plain[f"{split}_{name}_ci_high"] = low, high
         half = (scores or {}).get("at_0.5") or {}
         for name in ("accuracy", "f1"):
             plain[f"{split}_{name}_at_0_5"] = float(half[name]) if name in half else None
+    plain.update(external_record(row))
     unused = FOCAL_PARAMS if record.config["loss"] != "focal" else ()
     plain.update({k: None if k in unused else record.config.get(k) for k in EXTRA_PARAMS})
     plain.update({
         "metric": row.run.metric, "metric_value": record.score(row.run.metric),
         "selected_on": chooser(row.run), "thresholds": thresholds_text(record),
         "threshold_rule": rule_text(record.threshold_rule),
+        "degenerate_thresholds": ", ".join(f"{label} {what}" for label, what in
+                                           (record.threshold_rule.get("degenerate") or {}).items()),
+        "temperatures": ", ".join(f"{label} {t:.3g}" for label, t in record.temperatures.items()),
         "source": source(record), "run": record.run, "trial_id": record.trial_id,
         "checkpoint": str(record.checkpoint), "scores": "recorded" if row.recorded else
         "re-scored", "confusion_png": confusion_file(record.task, index),
         "reproduce": row.reproduce})
+    return plain
+
+
+def external_columns(spec: TableSpec, row: Row) -> dict:
+    """``External NAME Acc/F1`` and ``External NAME AUROC [CI]`` for each external
+    collection the row was scored on (``--external``), every labelled image pooled."""
+    shown = {}
+    for name, external in row.external.items():
+        shown[f"External {name} Acc/F1"] = cell(spec, external["scores"])
+        shown[f"External {name} AUROC [CI]"] = auroc_cell(external["scores"])
+    return shown
+
+
+def external_record(row: Row) -> dict:
+    """The external scores as plain numbers for the CSV/parquet row:
+    ``external_<name>_<metric>`` (with ``_ci_low``/``_ci_high``, ``_at_0_5`` and the
+    calibration before and after the temperatures)."""
+    plain = {}
+    for name, external in row.external.items():
+        scores, key = external["scores"], f"external_{name}"
+        plain[f"{key}_images"] = scores["images"]
+        for metric in ("accuracy", "f1", "auroc", "ap"):
+            plain[f"{key}_{metric}"] = float(scores.get(metric, math.nan))
+        for metric in ("accuracy", "f1", "auroc"):
+            low, high = scores.get("ci", {}).get(metric, (None, None))
+            plain[f"{key}_{metric}_ci_low"], plain[f"{key}_{metric}_ci_high"] = low, high
+        for metric in ("accuracy", "f1"):
+            plain[f"{key}_{metric}_at_0_5"] = float(scores["at_0.5"][metric])
+        for metric in ("ece", "brier"):
+            plain[f"{key}_{metric}"] = scores["calibration"][metric]
+            plain[f"{key}_{metric}_scaled"] = scores["calibrated"][metric]
     return plain
 
 
@@ -194,17 +254,31 @@ def task_section(spec: TableSpec, runs: list[RunInfo], rows: list[Row],
     lines += ["", f"Confusion matrices ({spec.chart_split}): {links}", "",
               f"![Accuracy and F1 per row]({chart_file(rows[0].record.task)})", "",
               f"![ROC curves, {spec.chart_split}]({roc_file(rows[0].record.task)})", "",
+              f"![Reliability of the best row]({reliability_file(rows[0].record.task)})", "",
               *([f"![Grad-CAM of the best row, {cam_row.backbone}, {cam_row.group}]"
                  f"({cam_file(cam_row.record.task)})", ""] if cam_row else []),
-              "Intervals are 95% percentile bootstrap intervals: 1000 resamples of the "
-              "split, stratified by label combination, seeded (the same files give the "
-              "same intervals).", ""]
+              INTERVALS_TEXT, "", CALIBRATION_TEXT, ""]
     lines += hand_grid_section(spec, rows, metric)
     for run in runs:
         lines += importance_section(run.name, *importances[run.name])
     if notes:
         lines += ["### Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines) + "\n"
+
+
+INTERVALS_TEXT = (
+    "Intervals are 95% percentile bootstrap intervals, on the splits that only report: "
+    "1000 resamples of the split's images (of its patients, when the data has patient "
+    "keys) drawn with replacement, seeded (the same files give the same intervals). None "
+    "is given on train or the choosing split, where a score is not an estimate of how the "
+    "model does on new images, nor where a label has fewer than 10 positive or negative "
+    "images (see Notes).")
+CALIBRATION_TEXT = (
+    "Calibration: ECE (15 equal-width probability bins; the mean gap between predicted "
+    "probability and observed frequency, per label then averaged) and the Brier score "
+    "(mean squared error of the probabilities), before → after each label's temperature, "
+    "fitted on the choosing split and applied by `predict`. Lower is better for both; "
+    "the temperature changes no decision and no AUROC.")
 
 
 def selection_text(spec: TableSpec, run: RunInfo) -> str:
@@ -225,8 +299,10 @@ def selection_text(spec: TableSpec, run: RunInfo) -> str:
                                 "to choose, so it is optimistic.")
     return (f"- `{run.name}` chose on {where}: ASHA's rungs, TPE, each trial's best epoch, "
             f"each group's best trial and the thresholds (rule `{rule_text(run_rule(run))}`) "
-            f"all used `{run.metric}` there. {report} Accuracy/F1 cells apply each "
-            f"checkpoint's thresholds (column Thresholds); \"At 0.5\" shows them at 0.5.")
+            f"all used `{run.metric}` there, scored at the thresholds tuned there each "
+            f"epoch: the rows are chosen by the figure the table reports. {report} "
+            f"Accuracy/F1 cells apply each checkpoint's thresholds (column Thresholds); "
+            f"\"At 0.5\" shows them at 0.5.")
 
 
 def run_rule(run: RunInfo) -> dict:
@@ -235,12 +311,35 @@ def run_rule(run: RunInfo) -> dict:
 
 
 def hand_grid_section(spec: TableSpec, rows: list[Row], metric: str) -> list[str]:
-    """Each group's best hand-grid trial beside its best searched trial."""
-    table = [{"Backbone": row.backbone, spec.group_column: row.group,
-              f"Hand grid `{metric}`": best_text(row.best_of(True), metric),
-              f"Best searched `{metric}`": best_text(row.best_of(False), metric),
-              "Trials": len(row.trials)} for row in rows]
-    return ["### Hand grid (start_with) beside the search", "", *markdown_table(table), ""]
+    """Each group's best hand-grid trial beside its best searched trial, both chosen by
+    ``metric`` and compared on a split that chose neither, with intervals: on the
+    choosing split the best of ~20 searched trials beats the best of 1-2 hand-picked
+    ones by the winner's curse alone."""
+    table = []
+    for row in rows:
+        found = row.hand_grid
+        split = found.get("split")
+        table.append({"Backbone": row.backbone, spec.group_column: row.group,
+                      "Compared on": split or "—",
+                      "Hand grid": compared_text(spec, found.get("hand grid"), split),
+                      "Best searched": compared_text(spec, found.get("searched"), split),
+                      f"By `{metric}` (choosing split)": " vs ".join(
+                          best_text(row.best_of(hand), metric) for hand in (True, False)),
+                      "Trials": len(row.trials)})
+    return ["### Hand grid (start_with) beside the search", "",
+            "Each group's best hand-picked and best searched trial, chosen on the choosing "
+            "split and compared on a split that only reports, with 95% intervals. Where the "
+            "intervals overlap, the search has not shown it is better.", "",
+            *markdown_table(table), ""]
+
+
+def compared_text(spec: TableSpec, found: tuple | None, split: str | None) -> str:
+    """``89/0.907, F1 [0.85, 0.95], AUROC 0.93 [0.90, 0.96]`` of one trial on ``split``."""
+    if not found or found[1] is None:
+        return "—"
+    record, scores = found
+    return (f"{cell(spec, scores)}, F1{interval_text(scores, 'f1') or ' (no interval)'}, "
+            f"AUROC {auroc_cell(scores)} (`{record.trial_id}`)")
 
 
 def best_text(trial: TrialRecord | None, metric: str) -> str:

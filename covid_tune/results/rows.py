@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from covid_tune.core.space import BACKBONE_CONVS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS
 from covid_tune.data.dataset import SELECTION
-from covid_tune.runs.reader import RunInfo, TrialRecord, best_trial
+from covid_tune.runs.reader import RunInfo, TrialRecord, best_trial, chooser
 
 LOSS_NAMES = {"ce": "Cross Entropy Loss", "bce": "BCE With Logits Loss", "focal": "Focal Loss"}
 EXTRA_PARAMS = tuple(k for k in PARAM_TYPES if k not in TABLE_PARAMS)
@@ -92,6 +92,12 @@ def scored_splits(spec: TableSpec, rows: list[Row]) -> TableSpec:
                                       if any(s in row.scores for row in rows)))
 
 
+def reporting_splits(spec: TableSpec, run: RunInfo) -> tuple[str, ...]:
+    """The splits of ``spec`` that only report for ``run``: neither trained on nor used
+    to choose. Only these get intervals; scores elsewhere are not inference."""
+    return tuple(s for s in spec.splits if s not in ("train", chooser(run)))
+
+
 @dataclass
 class Row:
     """One table row: a group's best checkpoint, then its scores per split."""
@@ -107,6 +113,12 @@ class Row:
     """True when the dataset was not found and the scores are the recorded ones."""
     reproduce: str = ""
     """A command that trains this row again."""
+    hand_grid: dict = field(default_factory=dict)
+    """The group's best hand-grid and searched trials scored on the reporting split
+    (``covid_tune.results.leaderboard.score_hand_grid``)."""
+    external: dict = field(default_factory=dict)
+    """Name -> the checkpoint scored on an external collection (``--external``;
+    ``covid_tune.results.leaderboard.score_external``)."""
 
     @property
     def backbone(self) -> str:

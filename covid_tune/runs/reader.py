@@ -11,6 +11,7 @@ from pathlib import Path
 from covid_tune.core.space import DataSpec, SearchSpace
 from covid_tune.data.csv_manifest import is_manifest
 from covid_tune.data.dataset import Layout, manifest, scan
+from covid_tune.data.groups import grouping_line
 from covid_tune.core.numeric import logit
 from covid_tune.core.ranking import rank_key
 from covid_tune.errors import UserError
@@ -20,6 +21,7 @@ from covid_tune.runs.ray_state import trial_states
 from covid_tune.runs.record import (
     SweepRecord,
     manifest_fingerprint,
+    read_grouping,
     read_manifest,
     read_record,
     read_selection,
@@ -112,8 +114,12 @@ class TrialRecord:
     """The same thresholds as log-odds, exact: what the metrics apply (empty: 0, that is
     0.5, for every label)."""
     threshold_rule: dict = field(default_factory=dict)
-    """How they were tuned: ``rule``, ``target``, ``split`` and the ``untuned`` labels
-    (no positive or no negative on that split, so left at 0.5)."""
+    """How they were tuned: ``rule``, ``target``, ``split``, the ``untuned`` labels (no
+    positive or no negative on that split, so left at 0.5) and the ``degenerate`` ones
+    (label -> ``all positive``/``all negative`` on that split)."""
+    temperatures: dict[str, float] = field(default_factory=dict)
+    """Label -> the temperature fitted on the choosing split (log-odds / T are the
+    calibrated log-odds); empty for a run written before they were (1 for every label)."""
     source: RunFolder | None = field(default=None, repr=False, compare=False)
     """The trial's folder, where the checkpoint is read from."""
 
@@ -208,6 +214,9 @@ def read_run(run_dir: str | Path | RunFolder) -> RunInfo:
     if not states:
         notes.append("Ray Tune's snapshot of the run (experiment_state-*.json) is missing or "
                      "cannot be read, so failed trials are not counted")
+    grouping = read_grouping(run)
+    if grouping:
+        notes.append(f"Patients: {grouping_line(grouping)}.")
     return RunInfo(run.local() if run.is_local else run.where(), name, record, space, trials,
                    notes, states, read_selection(run, space), folder=run)
 
@@ -248,18 +257,20 @@ def read_trial(folder: Path | str | RunFolder, run: str,
     epoch = int(recipe["epoch"])
     passed_over = (f"{damaged} checkpoint(s) without a readable {RECIPE_FILE} passed over"
                    if damaged else "")
-    thresholds, threshold_logits = _thresholds(recipe)
+    temperatures = _numbers(recipe.get("temperatures"), 1e-6, math.inf)
+    thresholds, threshold_logits = _thresholds(recipe, temperatures)
     return TrialRecord(run=run, trial_id=trial.name.removeprefix("trial_"),
                        config=recipe["config"], checkpoint=checkpoint, epoch=epoch,
                        metrics=recipe["metrics"], seconds=training_seconds(trial, epoch),
                        thresholds=thresholds, threshold_logits=threshold_logits,
                        threshold_rule=recipe.get("threshold_rule") or {},
-                       source=trial), passed_over
+                       temperatures=temperatures, source=trial), passed_over
 
 
-def _thresholds(recipe: dict) -> tuple[dict[str, float], dict[str, float]]:
-    """A recipe's tuned thresholds as (probabilities, log-odds), label -> number; both
-    empty when they are not usable.
+def _thresholds(recipe: dict, temperatures: dict[str, float]
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """A recipe's tuned thresholds as (probabilities after the label's temperature,
+    raw log-odds), label -> number; both empty when they are not usable.
 
     The log-odds are the recipe's ``threshold_logits`` when they name the same labels;
     a recipe written before they were recorded has the probabilities only, turned into
@@ -269,7 +280,8 @@ def _thresholds(recipe: dict) -> tuple[dict[str, float], dict[str, float]]:
     if not probabilities:
         return {}, {}
     if logits.keys() != probabilities.keys():
-        logits = {label: float(logit(p)) for label, p in probabilities.items()}
+        logits = {label: float(logit(p)) * temperatures.get(label, 1.0)
+                  for label, p in probabilities.items()}
     return probabilities, logits
 
 

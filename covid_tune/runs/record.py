@@ -141,10 +141,12 @@ def versions() -> dict[str, str]:
 
 def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
                  files: dict[str, int], selection: list[str] = (),
-                 splits: dict[str, str] | None = None) -> SweepRecord:
+                 splits: dict[str, str] | None = None,
+                 grouping: dict | None = None) -> SweepRecord:
     """Write ``space.yaml``, ``dataset.json`` (with the names held out of Train as the
-    selection split, if any, and the split of each image of a collection split here,
-    ``data.assignment``) and, last, ``sweep.json`` (whose presence marks the folder as
+    selection split, if any, the split of each image of a collection split here,
+    ``data.assignment``, and how the drawn splits grouped images by patient,
+    ``Grouping.record``) and, last, ``sweep.json`` (whose presence marks the folder as
     a run); UserError if the storage refuses them."""
     run_dir = opts.run_dir()
     provenance = Provenance(
@@ -158,7 +160,7 @@ def write_record(opts: SweepOptions, space: SearchSpace, data_root: str,
         SPACE_FILE: space_text,
         DATASET_FILE: json.dumps({"root": data_root, "fingerprint": provenance.data_fingerprint,
                                   "files": files, "selection": list(selection),
-                                  "splits": splits or {}},
+                                  "splits": splits or {}, "grouping": grouping or {}},
                                  indent=0).encode(),
         SWEEP_FILE: json.dumps({"format": RECORD_FORMAT, "options": asdict(opts),
                                 "provenance": asdict(provenance), "files": record.files},
@@ -267,6 +269,18 @@ def read_splits(run_dir: str | RunFolder) -> dict[str, str]:
         return {}
     splits = raw.get("splits") if isinstance(raw, dict) else None
     return splits if isinstance(splits, dict) else {}
+
+
+def read_grouping(run_dir: str | RunFolder) -> dict:
+    """How the run's drawn splits grouped images by patient (``dataset.json``,
+    ``covid_tune.data.groups.Grouping.record``); empty when it drew none, or the record
+    cannot be read."""
+    try:
+        raw = json.loads(RunFolder(run_dir).read_bytes(DATASET_FILE))
+    except (OSError, ValueError):
+        return {}
+    grouping = raw.get("grouping") if isinstance(raw, dict) else None
+    return grouping if isinstance(grouping, dict) else {}
 
 
 def read_selection(run_dir: str | RunFolder, space: SearchSpace) -> list[str]:

@@ -48,7 +48,7 @@ from covid_tune.core.ranking import rank_key
 from covid_tune.core.space import SearchSpace
 from covid_tune.core.space_file import find_space
 from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
-                             load_dataset, manifest, scan, with_selection)
+                             load_dataset, manifest, scan, train_grouping, with_selection)
 from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.runs.lock import hold
 from covid_tune.nn.models import check_pretrained
@@ -323,19 +323,22 @@ def decode(layout: Layout, space: SearchSpace, strict: bool,
            held: list[str] | None = None, seed: int = 0) -> tuple[DataBundle, list[str]]:
     """The dataset decoded once for every trial, after checking that it fits in memory
     twice (this process's copy and the object store's), with the space's selection
-    split moved out of Train: the ``held`` names a run recorded, or a new seeded draw.
-    Also the held-out names."""
+    split moved out of Train: the ``held`` names a run recorded, or a new seeded draw
+    in whole patient groups (``train_grouping``). Also the held-out names."""
     check_memory(layout, space.image_size, copies=2,
                  fix="pass --image-size with that size or less")
     bundle = load_dataset(layout, space.task, space.image_size, strict=strict)
     if held is None and space.selection.holdout:
-        held = hold_out(bundle.splits["train"], space.selection.holdout, seed)
+        held = hold_out(bundle.splits["train"], space.selection.holdout, seed,
+                        train_grouping(layout).groups)
         if not held:
             raise UserError(f"{space.source}: selection.holdout: the training split of "
-                            f"{bundle.root} has too few images per class to hold any out; "
-                            f"add images or drop the selection key")
+                            f"{bundle.root} has too few images (or patient groups) per class "
+                            f"to hold any out; add images or drop the selection key")
     bundle = with_selection(bundle, held or [])
     report_data(bundle)
+    if layout.grouping is not None:  # a split drawn here: by patient group
+        print(f"  patients: {layout.grouping.line()}")
     return bundle, held or []
 
 
@@ -361,7 +364,8 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         check_object_store(bundle_bytes(bundle), space.image_size)
         check_storage(opts.storage_path, opts.shared_storage)
-        write_record(opts, space, opts.data, manifest(layout), held, assignment(layout))
+        write_record(opts, space, opts.data, manifest(layout), held, assignment(layout),
+                     layout.grouping.record() if layout.grouping else None)
         searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
                                   opts.max_concurrent)
         without_ray_tensorboard()

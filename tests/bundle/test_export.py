@@ -60,13 +60,15 @@ def test_model_json_documents_labels_preprocessing_and_provenance(swept, exporte
         assert info["thresholds"] == recipe["thresholds"] != {}
         assert info["threshold_logits"] == recipe["threshold_logits"]  # exact log-odds
         assert info["threshold_logits"].keys() == info["thresholds"].keys()
+        assert info["temperatures"] == recipe["temperatures"]  # fitted on the choosing split
         for label, value in info["threshold_logits"].items():
-            assert sigmoid(value) == pytest.approx(info["thresholds"][label])
+            temperature = info["temperatures"][label]
+            assert sigmoid(value / temperature) == pytest.approx(info["thresholds"][label])
         assert info["threshold_rule"] == recipe["threshold_rule"]
     assert list(binary["thresholds"]) == ["infected"]
     assert binary["threshold_rule"]["split"] == binary["selected_by"]["split"] == "validation"
     assert multilabel["threshold_rule"]["split"] == "selection"
-    assert "tuned by the `f1` rule on selection" in (exported / "multilabel" /
+    assert "tuned by the `youden` rule on selection" in (exported / "multilabel" /
                                                       "README.md").read_text()
     assert multilabel["output"]["label_order"] == ["covid", "normal", "pneumonia"]
     assert multilabel["output"]["label_encoding"]["covid-19"] == [1, 0, 1]

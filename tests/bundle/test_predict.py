@@ -50,12 +50,16 @@ def test_predict_folder_matches_training_evaluation(exported, multilabel_data, t
     assert "'=cmd.png" in [r[0] for r in rows]
     model = source_model(exported / "multilabel")
     by_name = {r[0]: [int(b) for b in r[1:4]] for r in rows[1:]}
-    thresholds = json.loads((exported / "multilabel" / "model.json").read_text())["thresholds"]
-    limits = np.array([thresholds[label] for label in ("covid", "normal", "pneumonia")])
+    card = json.loads((exported / "multilabel" / "model.json").read_text())
+    order = ("covid", "normal", "pneumonia")
+    limits = np.array([card["thresholds"][label] for label in order])
+    scale = np.array([card["temperatures"][label] for label in order])
     for source in sources:
         logits = predict_logits(model, read_gray(source, 32)[0][None], 1, CPU)
-        probs = 1 / (1 + np.exp(-logits[0]))
-        assert by_name[source.name][:3] == [int(p) for p in probs > limits]
+        probs = 1 / (1 + np.exp(-logits[0] / scale))  # calibrated by the card's temperatures
+        bits = [int(p) for p in probs > limits]
+        bits[2] |= bits[0]  # covid implies pneumonia
+        assert by_name[source.name][:3] == bits
         row = next(r for r in rows if r[0] == source.name)
         assert np.allclose([float(v) for v in row[4:]], probs, atol=1e-4)
 
@@ -68,10 +72,10 @@ def test_predict_one_binary_image(exported, binary_data, tmp_path):
     assert header == ["file", "class", "p_infected"]
     logits = predict_logits(source_model(exported / "binary"), read_gray(image, 32)[0][None],
                             1, CPU)[0]
-    probability = 1 / (1 + np.exp(logits[0] - logits[1]))
+    card = json.loads((exported / "binary" / "model.json").read_text())
+    probability = 1 / (1 + np.exp((logits[0] - logits[1]) / card["temperatures"]["infected"]))
     assert row[0] == image.name and float(row[2]) == pytest.approx(probability, abs=1e-4)
-    threshold = json.loads((exported / "binary" / "model.json").read_text())["thresholds"]
-    assert row[1] == ("infected" if probability > threshold["infected"] else "normal")
+    assert row[1] == ("infected" if probability > card["thresholds"]["infected"] else "normal")
 
 
 def test_predict_applies_the_cards_thresholds(exported, binary_data, tmp_path):
@@ -99,7 +103,8 @@ def test_predict_applies_the_cards_thresholds(exported, binary_data, tmp_path):
     with pytest.raises(UserError, match="threshold of infected is not a probability"):
         predicted({"infected": 1.5}, None)
     with pytest.raises(UserError, match=r"threshold of infected \(0\.3\) disagrees with its "
-                                        r"log-odds \(3\); edit both, or remove threshold_logits"):
+                                        r"log-odds \(3\)( at temperature [0-9.]+)?; edit both, or remove "
+                                        r"threshold_logits"):
         predicted({"infected": 0.3}, {"infected": 3.0})
 
 

@@ -400,7 +400,7 @@ def test_the_example_space_in_the_docs_is_valid():
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     space = parse_space_text(block, "docs/search-spaces.md")
     assert (space.metric, space.selection.holdout, space.threshold) == (
-        "sel_f1", 0.15, Threshold("f1"))
+        "sel_f1", 0.15, Threshold("youden"))
 
 
 def test_shipped_spaces_are_found_by_name_from_any_folder(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def test_class_of_only_junk_is_refused(tmp_path):
     for path in (root / "Train" / "normal").iterdir():
         path.unlink()
     (root / "Train" / "normal" / "desktop.ini").write_text("x")
-    with pytest.raises(UserError, match="normal: no .png/.jpg images in this class folder"):
+    with pytest.raises(UserError, match="normal: no .png/.jpg/.dcm images in this class folder"):
         scan(root)
 
 
@@ -215,7 +215,7 @@ def test_an_empty_unlabelled_test_split_is_refused(tmp_path):
     root = multilabel_tree(tmp_path / "d")
     for path in (root / "Test").iterdir():
         path.unlink()
-    with pytest.raises(UserError, match="Test: no .png/.jpg images in this split"):
+    with pytest.raises(UserError, match="Test: no .png/.jpg/.dcm images in this split"):
         scan(root)
 
 

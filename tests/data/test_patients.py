@@ -135,7 +135,10 @@ def test_check_takes_a_users_patient_rule_and_refuses_a_bad_one(leaky, tmp_path,
         next((copy / "test" / "normal").glob("case9_*.png")).read_bytes())
     assert main(["check", str(copy), "--quiet", "--patient", r"^(case\d+)_"]) == 0
     out = capsys.readouterr().out
-    assert "patients with images in more than one split: 1" in out and "case9: " in out
+    # --patient comes before the layout's own rule, which still keys the files it does
+    # not match (person7), as a drawn split keys them (covid_tune.data.groups)
+    assert "patients with images in more than one split: 2" in out
+    assert "case9: " in out and "person7: " in out
     assert "duplicate images across splits: 1" in out
     err = refused(capsys, "check", str(copy), "--quiet", "--patient", "case(")
     assert "--patient 'case(': not a regular expression" in err
@@ -147,3 +150,24 @@ def test_check_says_when_the_names_carry_no_patient(tmp_path):
     report = check_dataset(str(binary_tree(tmp_path / "data")), progress=False)
     assert report.patient_rule == "" and report.spanning == []
     assert "pass --patient REGEX" in "\n".join(report.lines())
+
+
+def test_check_reads_patients_as_a_drawn_split_does_a_manifest_column_first(tmp_path):
+    """A manifest's patient column comes before ``--patient``, which comes before the
+    layout's rule (``covid_tune.data.groups.patient_key``)."""
+    from helpers import save
+
+    lines = ["path,labels,split,patient"]
+    for i, (split, patient) in enumerate([("train", "A"), ("train", ""), ("validation", "A"),
+                                          ("validation", ""), ("train", "B"),
+                                          ("validation", "")]):
+        name = f"case{i % 2}_{i}.png"
+        save(tmp_path / name, size=(24, 24), value=i)
+        lines.append(f"{name},{('normal', 'infected')[i % 2]},{split},{patient}")
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    report = check_dataset(str(tmp_path / "list.csv"), progress=False)
+    assert [leak.patient for leak in report.spanning] == ["A"]
+    assert report.patient_rule == "the manifest's patient column" and report.unkeyed == 3
+    report = check_dataset(str(tmp_path / "list.csv"), progress=False, patient=r"^(case\d)_")
+    assert [leak.patient for leak in report.spanning] == ["case1", "A"]  # most images first
+    assert report.patient_rule == r"the manifest's patient column, then ^(case\d)_"

@@ -453,7 +453,9 @@ def fuzz(swept, tmp_path_factory):
     area.markdown = (area.board / "leaderboard.md").read_text()
     area.rows = table_rows(area.board / "leaderboard.csv")
     area.card = read_card(area.model / "binary")
-    assert notes_of(area.markdown) == [] and "cannot be read" not in area.markdown
+    # a clean run's only notes are the tiny test split's: too few images for intervals
+    assert all("no intervals" in note for note in notes_of(area.markdown))
+    assert "cannot be read" not in area.markdown
     return area
 
 
@@ -675,3 +677,34 @@ def test_a_collection_the_sweep_split_is_split_the_same_way_by_every_reader(tmp_
     assert read_splits(opts.run_dir()) == recorded
     choice = choose_data(opts.run_dir(), record, "multilabel")
     assert assignment(choice.layout) == recorded
+
+
+def test_the_run_records_how_its_drawn_splits_grouped_patients(tmp_path):
+    """``dataset.json`` keeps the grouping of the drawn splits (which rule gave the
+    patient keys, how many groups, how many near-duplicate merges); the leaderboard's
+    notes say it in one line; a run that drew nothing says nothing of it."""
+    from helpers import save
+    from covid_tune.data.dataset import assignment
+    from covid_tune.runs.record import read_grouping
+
+    lines = ["path,labels,patient"]
+    for i in range(24):
+        save(tmp_path / "d" / f"{i}.png", size=(24, 24), value=i)
+        lines.append(f"{i}.png,{('normal', 'infected')[i % 2]},p{i // 4}")
+    (tmp_path / "d" / "list.csv").write_text("\n".join(lines) + "\n")
+    layout = scan(tmp_path / "d" / "list.csv", "binary")
+    opts = SweepOptions(space_file="s.yaml", data=str(tmp_path / "d"), name="r",
+                        storage_path=str(tmp_path / "runs"))
+    write_record(opts, SPACE, opts.data, manifest(layout), splits=assignment(layout),
+                 grouping=layout.grouping.record())
+    recorded = read_grouping(opts.run_dir())
+    assert recorded["keyed"] == {"manifest": 24} and recorded["groups"] == 6
+    assert recorded["near_merges"] == 0 and recorded["near_bits"] == 12
+    checkpoint(Path(opts.run_dir()) / "trial_a", 0, 1, val_loss=0.5)
+    notes = read_run(opts.run_dir()).notes
+    assert ("Patients: 24 images in 6 patient groups (keys: the manifest's patient column 24; "
+            "0 near-duplicate merge(s)); a split drawn from them keeps each group on one "
+            "side.") in notes
+    opts = replace(opts, name="plain")
+    write_record(opts, SPACE, opts.data, FILES)
+    assert read_grouping(opts.run_dir()) == {}

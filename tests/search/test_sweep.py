@@ -84,11 +84,13 @@ def test_a_held_out_selection_split_chooses_and_validation_only_reports(swept,
     """``selection: {holdout: 0.15}``: the run records which Train images it held out;
     every trial reports ``sel_*`` beside ``val_*``; TPE was told ``sel_f1``; each
     trial's kept best checkpoint and its thresholds come from the selection split."""
-    from covid_tune.data.dataset import hold_out, load_dataset
+    from covid_tune.data.dataset import hold_out, load_dataset, scan, train_grouping
 
     held = json.loads((swept.multilabel / "dataset.json").read_text())["selection"]
-    train = load_dataset(multilabel_data, "multilabel", 32, progress=False).splits["train"]
-    assert held == hold_out(train, 0.15, seed=3)  # the sweep's --seed
+    layout = scan(multilabel_data, "multilabel")
+    train = load_dataset(layout, "multilabel", 32, progress=False).splits["train"]
+    groups = train_grouping(layout).groups  # phantoms: every image its own patient
+    assert held == hold_out(train, 0.15, seed=3, groups=groups)  # the sweep's --seed
     assert 0 < len(held) < 0.25 * len(train)
     for result in swept.multilabel_results:
         history = result.metrics_dataframe
@@ -119,6 +121,35 @@ def test_a_training_split_too_small_to_hold_out_is_refused(tmp_path, capsys):
                   "--storage-path", str(tmp_path / "runs"))
     assert "selection.holdout: the training split" in err and "too few images" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("sweep.json"))
+
+
+def test_the_selection_holdout_keeps_a_patient_on_one_side_and_says_how(tmp_path, capsys):
+    """Kaggle's file names (personN_bacteria_K): the sweep's holdout takes whole
+    patients, and its data lines say how the images were grouped."""
+    from helpers import save
+    from covid_tune.core.space_file import load_space
+    from covid_tune.data.dataset import scan
+    from covid_tune.search.sweep import decode
+
+    root, value = tmp_path / "chest_xray", 0
+    for split, patients in (("train", 16), ("val", 2), ("test", 2)):
+        for p in range(patients):
+            for k in range(1 + p % 3):
+                for cls, name in (("PNEUMONIA", f"person{p}_bacteria_{k}.jpeg"),
+                                  ("NORMAL", f"IM-{p:04d}-{k:04d}.jpeg")):
+                    value += 1
+                    save(root / split / cls / name, size=(32, 32), value=value)
+    space = load_space(write_space(tmp_path, {**BINARY_SPACE, "metric": "sel_loss",
+                                              "selection": {"holdout": 0.25}}))
+    layout = scan(root, "binary")
+    bundle, held = decode(layout, space, strict=False, seed=0)
+    person = {name.split("/")[-1].split("_")[0] for name in held if "person" in name}
+    kept = {name.split("/")[-1].split("_")[0] for name in bundle.splits["train"].names
+            if "person" in name}
+    assert person and not person & kept
+    out = capsys.readouterr().out
+    assert "  patients: 62 images in 32 patient groups (keys: the layout's file-name rule " \
+           "62; 0 near-duplicate merge(s))" in out
 
 
 def test_a_messy_dataset_is_decoded_for_the_sweep_and_the_skips_are_said(binary_data,
