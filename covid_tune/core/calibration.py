@@ -38,7 +38,7 @@ def probabilities(values: np.ndarray, temperatures: np.ndarray | None = None) ->
     values = np.asarray(values, dtype=np.float64)
     if temperatures is not None:
         values = values / np.asarray(temperatures, dtype=np.float64)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         return np.exp(-np.logaddexp(0.0, -values))
 
 
