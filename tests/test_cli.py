@@ -22,8 +22,8 @@ from covid_tune.runs.record import SweepOptions, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPACE = ROOT / "search_spaces" / "demo.yaml"
-COMMANDS = ("check", "synth", "sweep", "resume", "leaderboard", "export", "predict", "bench",
-            "demo")
+COMMANDS = ("check", "synth", "sweep", "resume", "leaderboard", "export", "predict", "evaluate",
+            "bench", "demo")
 
 
 def no_ray(monkeypatch) -> None:
@@ -159,6 +159,12 @@ def test_every_sweep_option_is_a_flag_with_the_field_default_and_docstring(capsy
 @pytest.mark.parametrize("argv, expected", [
     (["synth", "out", "--task", "binary", "--scale", "0"], "--scale 0.0: out of range"),
     (["synth", "out", "--task", "binary", "--size", "16"], "--size 16: out of range"),
+    (["synth", "out", "--task", "binary", "--contrast", "0"], "--contrast 0.0: out of range"),
+    (["synth", "out", "--task", "binary", "--noise", "-1"], "--noise -1.0: out of range"),
+    (["leaderboard", "run", "--external", "site2"], "--external site2: expected NAME=DIR"),
+    (["leaderboard", "run", "--external", "a b=x"], "--external a b=x: expected NAME=DIR"),
+    (["leaderboard", "run", "--external", "s=x", "--external", "s=y"],
+     "--external s=y: the name s is given twice"),
     (["demo", "--seed", "-1"], "--seed -1: out of range; use at least 0"),
 ])
 def test_out_of_range_flags_of_other_commands(capsys, argv, expected):
@@ -194,8 +200,9 @@ def read_only_folder(tmp_path) -> Path:
     (["export", "run", "--out", "{out}"], "--out {out}: "),
     (["leaderboard", "run", "--out", "{out}"], "--out {out}: "),
     (["predict", "model", "x.png", "--out", "{out}/preds.csv"], "--out {out}/preds.csv: "),
+    (["evaluate", "model", "--data", "x", "--out", "{out}"], "--out {out}: "),
     (["demo", "--out", "{out}"], "--out {out}: "),
-], ids=["synth", "sweep", "export", "leaderboard", "predict", "demo"])
+], ids=["synth", "sweep", "export", "leaderboard", "predict", "evaluate", "demo"])
 def test_output_folder_that_cannot_be_written(capsys, read_only_folder, tmp_path, argv, flag):
     out = str(read_only_folder / "runs")
     message = refused(capsys, *[a.format(out=out) for a in argv])

@@ -98,6 +98,9 @@ class DataBundle:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(relative path, reason) of files that could not be decoded."""
     fingerprint: str = ""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Name -> patient group (``covid_tune.data.groups``) where a reader grouped the
+    images (the leaderboard, for a bootstrap by patient); empty: each image alone."""
 
 
 def is_junk(path: Path) -> bool:
@@ -652,7 +655,8 @@ def with_selection(bundle: DataBundle, names: list[str]) -> DataBundle:
     splits = {"train": part["train"], SELECTION: part[SELECTION],
               **{k: v for k, v in bundle.splits.items() if k != "train"}}
     return DataBundle(task=bundle.task, root=bundle.root, image_size=bundle.image_size,
-                      splits=splits, skipped=bundle.skipped, fingerprint=bundle.fingerprint)
+                      splits=splits, skipped=bundle.skipped, fingerprint=bundle.fingerprint,
+                      groups=bundle.groups)
 
 
 def cache_dir() -> Path:

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 from covid_tune.core.space import SPLIT_PREFIXES
-from covid_tune.data.dataset import DataBundle, check_memory, load_dataset, with_selection
+from covid_tune.data.dataset import (DataBundle, cache_dir, check_memory, load_dataset,
+                                     with_selection)
+from covid_tune.data.groups import group_images
 from covid_tune.errors import UserError
 from covid_tune.core.metrics import scorecard
 from covid_tune.core.plots import write_chart, write_confusion, write_reliability, write_roc
@@ -198,6 +201,7 @@ def dataset_for(choice: DataChoice, row: Row, cache: dict) -> DataBundle | None:
                      fix="free memory, or run the leaderboard on a machine with more")
         cache[key] = load_dataset(choice.layout, row.run.task,
                                   row.record.config["image_size"], progress=False)
+        cache[key].groups = patient_map(choice.layout)
     if (*key, row.run.name) not in cache:
         cache[(*key, row.run.name)] = with_selection(cache[key], row.run.selection)
     return cache[(*key, row.run.name)]
@@ -239,14 +243,24 @@ def score_trial(record: TrialRecord, bundle: DataBundle, splits, reporting) -> d
     return scores
 
 
+def patient_map(layout) -> dict[str, str]:
+    """Name -> patient group of every image of the layout (its patient key, joined with
+    near-duplicates: ``covid_tune.data.groups``), hashes from the cache after the first
+    time; only the names that share their group with another image."""
+    refs = [ref for split_refs in layout.files.values() for ref in split_refs]
+    grouping = group_images(refs, layout.root, patient=layout.patient,
+                            layout_rule=layout.kind.patient_pattern,
+                            listed=layout.listing is not None, cache=cache_dir())
+    sizes = Counter(grouping.groups.values())
+    return {name: group for name, group in grouping.groups.items() if sizes[group] > 1}
+
+
 def patient_groups(bundle: DataBundle, split: str) -> list[str] | None:
-    """Each image's patient group on ``split`` for a bootstrap by patient; None when the
-    dataset has no patient keys (each image then stands alone)."""
-    groups = getattr(bundle, "groups", None) or {}
+    """Each image's patient group on ``split`` for a bootstrap by patient; None when no
+    two images of the split share a patient (each image then stands alone)."""
     names = bundle.splits[split].names
-    if not any(name in groups for name in names):
-        return None
-    return [groups.get(name, name) for name in names]
+    groups = [bundle.groups.get(name, name) for name in names]
+    return groups if len(set(groups)) < len(groups) else None
 
 
 def reporting_split(spec: TableSpec, row: Row) -> str | None:
@@ -408,8 +422,18 @@ def score_external(row: Row, externals: dict[str, External]) -> dict[str, dict]:
         split, scores, sources = headline(score_collection(
             TASKS[record.task], images, logits, record.threshold_logits, record.temperatures))
         found[name] = {"path": external.path, "layout": external.collection.layout.kind.title,
-                       "split": split, "scores": scores, "sources": sources}
+                       "split": split, "scores": scores, "sources": sources,
+                       "own": same_folder(external.path, row.run.record.provenance.data)}
     return found
+
+
+def same_folder(path: str, other: str | None) -> bool:
+    """Whether two local paths name the same folder or file (a run's own dataset)."""
+    try:
+        return bool(other) and "://" not in str(other) and \
+            Path(path).resolve() == Path(str(other)).resolve()
+    except OSError:
+        return False
 
 
 def external_notes(rows: list[Row]) -> list[str]:
@@ -419,11 +443,14 @@ def external_notes(rows: list[Row]) -> list[str]:
 
     notes = []
     for name, ext in (rows[0].external if rows else {}).items():
+        own = sorted({row.run.name for row in rows if row.external[name]["own"]})
+        seen = (f"**it is the dataset run(s) {', '.join(own)} trained and chose on**, so "
+                f"these are not external figures" if own else
+                "the model saw none of them, so the drop from the row's test (or "
+                "validation) figures is what a new site would see")
         notes.append(f"External `{name}`: `{ext['path']}` ({ext['layout']}), "
                      f"{ext['scores']['images']} labelled images (split `{ext['split']}`), "
-                     f"scored with each row's checkpoint at its thresholds; the model saw "
-                     f"none of them, so the drop from the row's test (or validation) figures "
-                     f"is what a new site would see.")
+                     f"scored with each row's checkpoint at its thresholds; {seen}.")
     for row in rows:
         for name, ext in row.external.items():
             label = f"{row.backbone}, {row.group}, external `{name}`"

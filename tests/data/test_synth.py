@@ -3,6 +3,7 @@ structure rather than by mean brightness."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image
 
 from covid_tune.errors import UserError
-from covid_tune.data.synth import PHANTOM_NOTE, generate
+from covid_tune.data.synth import (CLASS_IDS, PHANTOM_NOTE, SPLIT_IDS, draw_phantom,
+                                   folder_layout, generate, phantom_kind, plan_images,
+                                   scaled_counts)
 
 SIZE = 48
 
@@ -120,6 +123,8 @@ def test_mean_brightness_does_not_separate_classes_but_lung_structure_does(binar
         ({"scale": 0}, "scale"),
         ({"scale": 1.5}, "scale"),
         ({"size": 16}, "size"),
+        ({"contrast": 0}, "contrast"),
+        ({"noise": -1}, "noise"),
     ],
 )
 def test_bad_arguments_are_user_errors(tmp_path, kwargs, argument):
@@ -190,3 +195,27 @@ def test_phantoms_in_the_covid_radiography_layout_are_split_and_the_split_kept(t
     text = "\n".join(check_dataset(str(root), progress=False).lines())
     assert "COVID-19 Radiography Database" in text and "lung_opacity left out" in text
     assert "covid -> covid-19" in text and "viral pneumonia -> pneumonia" in text
+
+
+
+def test_the_default_acquisition_is_the_drawn_phantom_and_another_shifts_it(tmp_path):
+    """Without --contrast and --noise every file is the PNG of the phantom as drawn,
+    byte for byte, as before the flags; with them, the same anatomy with a narrower
+    range and noise."""
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    generate(plain, "binary", scale=0.003, size=SIZE, seed=4, progress=False)
+    generate(shifted, "binary", scale=0.003, size=SIZE, seed=4, progress=False,
+             contrast=0.5, noise=10)
+    jobs = plan_images(plain, folder_layout("binary", None), scaled_counts("binary", 0.003), 4)
+    for path, split, cls, index in jobs:
+        rng = np.random.default_rng([4, SPLIT_IDS.index(split), CLASS_IDS.index(cls), index])
+        png = io.BytesIO()
+        Image.fromarray(draw_phantom(rng, SIZE, phantom_kind(cls, index))).save(png, "PNG")
+        assert path.read_bytes() == png.getvalue()
+    before = np.stack([np.asarray(Image.open(p)) for p, *_ in jobs]).astype(float)
+    after = np.stack([np.asarray(Image.open(shifted / p.relative_to(plain)))
+                      for p, *_ in jobs]).astype(float)
+    assert not np.array_equal(before, after)
+    assert np.all(after.std(axis=(1, 2)) < before.std(axis=(1, 2)))  # half the range, + noise
+    correlation = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(before, after)]
+    assert min(correlation) > 0.8  # the same phantoms

@@ -26,18 +26,30 @@ from helpers import can_mount_tmpfs, on_small_disk
 
 
 @pytest.fixture(scope="module")
-def board(swept, tmp_path_factory):
+def board(swept, binary_data, tmp_path_factory):
     """One leaderboard over both shared sweeps, written from another working directory
-    with relative paths (nothing may resolve against it): (runs, output folder, markdown)."""
+    with relative paths (nothing may resolve against it): (runs, output folder, markdown).
+    Two external collections (``--external``): ``same``, the Part 1 data itself, and
+    ``site2``, phantoms drawn as another scanner would (``external_site``)."""
     out = tmp_path_factory.mktemp("board")
+    external = {"same": str(binary_data), "site2": str(external_site(out / "site2"))}
     here = os.getcwd()
     os.chdir(out)
     try:
         runs = [os.path.relpath(swept.binary), os.path.relpath(swept.multilabel)]
-        text = write_leaderboard(runs, "files")
+        text = write_leaderboard(runs, "files", external=external)
     finally:
         os.chdir(here)
     return (swept.binary, swept.multilabel), out / "files", text
+
+
+def external_site(folder: Path) -> Path:
+    """A small Part 1 collection of phantoms at another seed, contrast and noise."""
+    from covid_tune.data.synth import generate
+
+    generate(folder, "binary", scale=0.006, size=48, seed=5, progress=False,
+             layout="kaggle-pneumonia", contrast=0.5, noise=10)
+    return folder
 
 
 def section_rows(text: str, title: str) -> list[dict]:
@@ -358,3 +370,42 @@ def test_cam_images_show_each_label_combination_first():
     assert cam_picks(np.array([0, 0, 1, 1, 0]), 4) == [0, 2, 1, 3]
     bits = np.array([[0, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1]])
     assert cam_picks(bits, 3) == [0, 2, 3]
+
+
+def test_external_collections_are_columns_of_every_row_of_their_task(board, binary_data):
+    """``--external``: two columns per collection in Part 1's table, none in Part 2's
+    (the collections are Part 1's), numbers in the CSV/parquet rows and a note each.
+    ``same`` is the Part 1 data itself: its pooled accuracy is the image-weighted mean
+    of the row's own train, validation and test accuracies, scored the same way."""
+    from covid_tune.data.dataset import scan
+
+    _, out, text = board
+    part1 = section_rows(text, "## Part 1")
+    part2 = section_rows(text, "## Part 2")
+    for name in ("same", "site2"):
+        assert all(r[f"External {name} Acc/F1"] != "n/a" for r in part1)
+        assert all(r[f"External {name} AUROC [CI]"] != "n/a" for r in part1)
+        assert all(f"External {name} Acc/F1" not in r for r in part2)
+        assert f"External `{name}`: `" in text
+    assert "trained and chose on**, so these are not external figures" in text  # same
+    assert "so the drop from the row's test (or validation) figures" in text  # site2
+    counts = {split: len(refs) for split, refs in scan(binary_data, "binary").files.items()}
+    records = pq.read_table(out / "leaderboard.parquet").to_pylist()
+    for record in records:
+        if record["task"] == "multilabel":
+            assert record.get("external_same_accuracy") is None
+            continue
+        assert record["external_same_images"] == sum(counts.values()) == 90
+        pooled = sum(record[f"{split}_accuracy"] * n for split, n in counts.items()) / 90
+        assert record["external_same_accuracy"] == pytest.approx(pooled, abs=1e-9)
+        low, high = record["external_site2_auroc_ci_low"], record["external_site2_auroc_ci_high"]
+        assert 0 <= low < high <= 1 and 0 <= record["external_site2_auroc"] <= 1
+        assert record["external_site2_ece_scaled"] is not None
+
+
+def test_an_external_collection_of_another_task_is_refused(swept, multilabel_data, tmp_path):
+    with pytest.raises(UserError, match=r"--external x=.*: a multilabel collection, but the "
+                                        r"runs are binary; pass a collection of their task"):
+        write_leaderboard([str(swept.binary)], str(tmp_path / "board"),
+                          external={"x": str(multilabel_data)})
+    assert not (tmp_path / "board").exists()
