@@ -90,33 +90,16 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
         task_runs = [r for r in runs if r.task == task]
         spec = table_spec(task, task_runs)
         rows = pick_rows(spec, task_runs)
-        for index, row in enumerate(rows):
-            choice = choices[row.run.name]
-            bundle = dataset_for(choice, row, bundles)
-            row.scores, row.recorded = score_row(spec, row, bundle), bundle is None
-            row.external = score_external(row, externals or {})
-            row.reproduce = reproduce_command(
-                row, folder, str(choice.root or row.run.record.provenance.data), stage)
-            write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
-                            f"{row.backbone}, {row.group} ({spec.chart_split})",
-                            stage / confusion_file(task, index))
+        score_rows(spec, rows, choices, bundles, externals or {})
         spec = scored_splits(spec, rows)
-        labels = [f"{r.backbone}\n{r.group}" for r in rows]
-        write_chart(labels, [r.scores for r in rows], spec.splits, stage / chart_file(task))
-        write_roc(labels, [r.scores.get(spec.chart_split, {}).get("roc") for r in rows],
-                  f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
+        for row in rows:
+            data = choices[row.run.name].root or row.run.record.provenance.data
+            row.reproduce = reproduce_command(row, folder, str(data), stage)
+        best = best_row(rows, task_runs)
+        drawn = write_pictures(spec, rows, best,
+                               dataset_for(choices[best.run.name], best, bundles), stage)
         importances = {run.name: param_importances(run) for run in task_runs}
         notes = task_notes(task_runs, choices) + score_notes(spec, rows) + external_notes(rows)
-        best = best_row(rows, task_runs)
-        bundle = dataset_for(choices[best.run.name], best, bundles)
-        write_reliability(reliability_curves(spec, best),
-                          f"Reliability, {best.backbone}, {best.group} "
-                          f"({reporting_split(spec, best) or 'not scored'})",
-                          stage / reliability_file(task))
-        for row in rows:
-            row.hand_grid = score_hand_grid(spec, row, dataset_for(choices[row.run.name], row,
-                                                                    bundles))
-        drawn = write_cams(spec, best, bundle, stage / cam_file(task))
         sections.append(task_section(spec, task_runs, rows, importances, notes,
                                      best if drawn else None))
         table_rows += [table_record(spec, row, i) for i, row in enumerate(rows)]
@@ -124,6 +107,38 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
     (stage / "leaderboard.md").write_text(text)
     write_tables(table_rows, stage)
     return text
+
+
+def score_rows(spec: TableSpec, rows: list[Row], choices: dict[str, DataChoice],
+               bundles: dict, externals: dict) -> None:
+    """Each row's scores on its run's splits, on the external collections, and its
+    group's best hand-grid and searched trials on the reporting split."""
+    for row in rows:
+        bundle = dataset_for(choices[row.run.name], row, bundles)
+        row.scores, row.recorded = score_row(spec, row, bundle), bundle is None
+        row.external = score_external(row, externals)
+        row.hand_grid = score_hand_grid(spec, row, bundle)
+
+
+def write_pictures(spec: TableSpec, rows: list[Row], best: Row, bundle: DataBundle | None,
+                   stage: Path) -> bool:
+    """The task's PNGs: a confusion matrix per row, the comparison chart, the ROC
+    curves, the best row's reliability diagram and Grad-CAM overlays; whether the
+    overlays were drawn (not without data)."""
+    task = best.record.task
+    for index, row in enumerate(rows):
+        write_confusion(row.scores.get(spec.chart_split, {}).get("confusion"),
+                        f"{row.backbone}, {row.group} ({spec.chart_split})",
+                        stage / confusion_file(task, index))
+    labels = [f"{r.backbone}\n{r.group}" for r in rows]
+    write_chart(labels, [r.scores for r in rows], spec.splits, stage / chart_file(task))
+    write_roc(labels, [r.scores.get(spec.chart_split, {}).get("roc") for r in rows],
+              f"ROC, {spec.chart_split} ({ROC_OF[task]})", stage / roc_file(task))
+    write_reliability(reliability_curves(spec, best),
+                      f"Reliability, {best.backbone}, {best.group} "
+                      f"({reporting_split(spec, best) or 'not scored'})",
+                      stage / reliability_file(task))
+    return write_cams(spec, best, bundle, stage / cam_file(task))
 
 
 def best_row(rows: list[Row], runs: list[RunInfo]) -> Row:
