@@ -27,7 +27,7 @@ from covid_tune.data import csv_manifest, dicom
 from covid_tune.core.space import DataSpec
 from covid_tune.core.units import human_bytes
 from covid_tune.errors import UserError
-from covid_tune.data.groups import Grouping, group_images
+from covid_tune.data.groups import Grouping, file_stamp, group_images
 from covid_tune.data.preprocess import try_read
 from covid_tune.core.tasks import LAYOUTS, TASKS, FolderLayout, Task
 
@@ -479,17 +479,8 @@ def fingerprint(layout: Layout) -> str:
     for split in sorted(layout.files):
         for ref in layout.files[split]:
             rel = ref.path.relative_to(layout.root).as_posix()
-            digest.update(f"|{rel}|{ref.class_dir}|{_stamp(ref.path)}".encode())
+            digest.update(f"|{rel}|{ref.class_dir}|{file_stamp(ref.path)}".encode())
     return digest.hexdigest()
-
-
-def _stamp(path: Path) -> str:
-    """Size and modification time; a fixed word for a file that cannot be stat'ed."""
-    try:
-        info = path.stat()
-    except OSError:
-        return "unreadable"
-    return f"{info.st_size}|{info.st_mtime_ns}"
 
 
 def decoded_bytes(layout: Layout, size: int) -> int:

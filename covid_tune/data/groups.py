@@ -188,7 +188,7 @@ def image_hashes(paths: list[Path], names: list[str], root: Path,
     where the file's size and modification time still match, else decoded at
     ``HASH_PIXELS`` (on every core) and added to the cache."""
     stored = _read_hashes(cache, root) if cache else {}
-    stamps = [_stamp(path) for path in paths]
+    stamps = [file_stamp(path) for path in paths]
     found: list[np.ndarray | None] = [None] * len(paths)
     todo = []
     for i, (name, stamp) in enumerate(zip(names, stamps)):
@@ -217,7 +217,8 @@ def _hash_file(path: Path) -> np.ndarray | None:
     return None if pixels is None else perceptual_hash(pixels)
 
 
-def _stamp(path: Path) -> str:
+def file_stamp(path: Path) -> str:
+    """Size and modification time; a fixed word for a file that cannot be stat'ed."""
     try:
         info = path.stat()
     except OSError:

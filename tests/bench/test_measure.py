@@ -8,6 +8,7 @@ import json
 import math
 
 import pandas as pd
+import pytest
 
 from covid_tune.bench.measure import TINY, compare_search, epochs_until, run_bench
 from covid_tune.bench.scale import SCALE_TINY
@@ -21,6 +22,7 @@ def rows(*results):
     return pd.DataFrame(results, columns=["trial_id", "epoch", "timestamp", "val_f1"])
 
 
+@pytest.mark.realistic  # eight small sweeps, 40 s: with the benchmarks in make soak
 def test_tiny_bench_writes_the_three_figures(ray_cluster, tmp_path, capsys):
     path = tmp_path / "bench.json"
     report = run_bench(json_path=str(path), sizes=TINY, scale_sizes=SCALE_TINY)
