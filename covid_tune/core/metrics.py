@@ -286,7 +286,8 @@ def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
     population. With ``groups`` (one key per image: its patient), whole groups are
     drawn instead (a cluster bootstrap), since a patient's images are not independent.
     A resample in which a label has one class only has no AUROC and is left out of the
-    AUROC interval. Seeded: the same split and outputs give the same interval. Every
+    AUROC interval. The ECE interval is moved by the resamples' median bias
+    (``_recentred``). Seeded: the same split and outputs give the same interval. Every
     resample is scored at once, in numpy; AUROC is the Mann-Whitney rank form of the
     area scikit-learn computes. The caller leaves intervals out where
     ``interval_note`` says so.
@@ -312,7 +313,20 @@ def bootstrap_intervals(task: Task, targets: np.ndarray, outputs: np.ndarray,
                    "ece": calibration_module.ece(picked, probs),
                    "brier": calibration_module.brier(picked, probs)}
     tail = 100 * (1 - level) / 2
-    return {name: _percentiles(values, tail) for name, values in figures.items()}
+    found = {name: _percentiles(resampled, tail) for name, resampled in figures.items()}
+    point = calibration_module.ece(truth, calibration_module.probabilities(
+        values, temperature_array(task, temperatures)))
+    found["ece"] = _recentred(found["ece"], figures["ece"], float(point))
+    return found
+
+
+def _recentred(interval: tuple[float, float], resampled: np.ndarray,
+               point: float) -> tuple[float, float]:
+    """A percentile interval moved by the resamples' median bias: a binned ECE is
+    larger on a resample than on the split (repeated images fill the bins unevenly),
+    so the plain interval can lie wholly above the estimate. Clipped at 0."""
+    bias = float(np.median(resampled)) - point
+    return max(interval[0] - bias, 0.0), max(interval[1] - bias, 0.0)
 
 
 def _resamples(count: int, groups: Sequence | None, resamples: int, rng) -> np.ndarray:
