@@ -263,24 +263,24 @@ def read_splits(run_dir: str | RunFolder) -> dict[str, str]:
     """The split of each image of a collection the run split itself (``dataset.json``);
     empty when the dataset has split folders, or the record cannot be read (the
     manifest check then says so)."""
-    try:
-        raw = json.loads(RunFolder(run_dir).read_bytes(DATASET_FILE))
-    except (OSError, ValueError):
-        return {}
-    splits = raw.get("splits") if isinstance(raw, dict) else None
-    return splits if isinstance(splits, dict) else {}
+    return _dataset_mapping(run_dir, "splits")
 
 
 def read_grouping(run_dir: str | RunFolder) -> dict:
     """How the run's drawn splits grouped images by patient (``dataset.json``,
     ``covid_tune.data.groups.Grouping.record``); empty when it drew none, or the record
     cannot be read."""
+    return _dataset_mapping(run_dir, "grouping")
+
+
+def _dataset_mapping(run_dir: str | RunFolder, key: str) -> dict:
+    """``dataset.json``'s mapping under ``key``; empty when absent or unreadable."""
     try:
         raw = json.loads(RunFolder(run_dir).read_bytes(DATASET_FILE))
     except (OSError, ValueError):
         return {}
-    grouping = raw.get("grouping") if isinstance(raw, dict) else None
-    return grouping if isinstance(grouping, dict) else {}
+    found = raw.get(key) if isinstance(raw, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def read_selection(run_dir: str | RunFolder, space: SearchSpace) -> list[str]:
