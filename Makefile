@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast soak venv clean
+.PHONY: demo test test-fast test-backbones soak venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(STAMP)
 # slow): under a minute here.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not cluster and not slow and not soak and not realistic"
+
+# Every registered backbone built, trained a step at 32 px, loaded from a test-made
+# state dict, exported (ONNX, .pt2), predicted and explained (marker backbones; make
+# test leaves them out): about a minute or two on 2 CPU cores (docs/benchmarks.md).
+test-backbones: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m backbones
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m realistic

@@ -7,7 +7,8 @@ weights are in ``model.safetensors``. So the gradient of a class score with resp
 ``A`` is a few lines of numpy, and Grad-CAM (Selvaraju et al., 2017) follows: each
 channel is weighted by the mean of its gradient, the weighted sum is passed through a
 ReLU and scaled to 0..1. ``model.json``'s ``cam`` entry names the output, the pool and
-the head's two layers. Nothing here imports torch.
+the head's two layers (and ConvNeXt's LayerNorm before the head). Nothing here imports
+torch.
 """
 
 from __future__ import annotations
@@ -55,8 +56,17 @@ def score_gradient(features: np.ndarray, weights: dict[str, np.ndarray], cam: di
     w2 = weights[f"{last}.weight"]
     cells = tuple(cam["pool"])
     pooled = adaptive_pool(features, cells).reshape(-1)
+    norm = cam.get("norm")
+    if norm:  # ConvNeXt: a LayerNorm over the channels of the (1 x 1) pooled features
+        gamma, beta = weights[f"{norm}.weight"], weights[f"{norm}.bias"]
+        scale = 1.0 / np.sqrt(pooled.var() + cam["norm_eps"])
+        unit = (pooled - pooled.mean()) * scale
+        pooled = unit * gamma + beta
     active = (w1 @ pooled + b1) > 0  # ReLU; Dropout is the identity at inference
     grad_pooled = ((direction @ w2) * active) @ w1
+    if norm:  # back through the LayerNorm
+        g = grad_pooled * gamma
+        grad_pooled = scale * (g - g.mean() - unit * (g * unit).mean())
     return pool_backward(grad_pooled.reshape(features.shape[0], *cells), features.shape[1:])
 
 

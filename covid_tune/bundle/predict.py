@@ -58,7 +58,8 @@ def head_weights(model_dir: Path, card: dict) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     path = model_dir / card["files"]["weights"]
-    names = [f"{layer}.{kind}" for layer in card["cam"]["head"] for kind in ("weight", "bias")]
+    layers = card["cam"]["head"] + ([card["cam"]["norm"]] if card["cam"].get("norm") else [])
+    names = [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
     try:
         with safe_open(str(path), framework="np") as weights:
             return {name: weights.get_tensor(name) for name in names}

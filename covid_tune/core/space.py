@@ -22,9 +22,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-BACKBONE_CONVS: dict[str, int] = {"vgg16": 13, "resnet18": 20}
-"""The backbones a space may name, and each one's conv layers (the largest
-``frozen_layers``). ``covid_tune.nn.models`` builds them; a test counts the convs."""
+BACKBONE_UNITS: dict[str, int] = {
+    "vgg16": 13,
+    "resnet18": 20,
+    "densenet121": 8,
+    "resnet50": 17,
+    "efficientnet_b0": 9,
+    "convnext_tiny": 8,
+    "mobilenet_v3_large": 17,
+}
+"""The backbones a space may name, in the leaderboard's order, and each one's freezable
+units (the largest ``frozen_layers``): conv layers for vgg16 and resnet18, as the
+assignment counted them, blocks for the others (``docs/search-spaces.md``).
+``covid_tune.nn.models.BACKBONES`` builds them; a test counts the units."""
+BACKBONE_CONVS = BACKBONE_UNITS
+"""The old name (vgg16 and resnet18 count conv layers)."""
+UNIT_WORDS: dict[str, str] = {"vgg16": "conv", "resnet18": "conv"}
+"""What a unit of a backbone is, where it is a conv layer; ``block`` otherwise."""
 
 PARAM_TYPES: dict[str, type] = {
     "backbone": str,
@@ -64,9 +78,13 @@ LOWER_IS_BETTER = ("loss", "hamming_loss")
 ranked by ``mode: max``."""
 
 
-def conv_count(backbone: str) -> int:
-    """Number of conv layers of ``backbone``: vgg16 13, resnet18 20."""
-    return BACKBONE_CONVS[backbone]
+def unit_count(backbone: str) -> int:
+    """Number of freezable units of ``backbone``: vgg16 13 convs, resnet18 20, ..."""
+    return BACKBONE_UNITS[backbone]
+
+
+conv_count = unit_count
+"""The old name."""
 
 
 @dataclass(frozen=True)

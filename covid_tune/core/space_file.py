@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from covid_tune.core.space import (
-    BACKBONE_CONVS,
+    BACKBONE_UNITS,
     FOCAL_PARAMS,
     LOWER_IS_BETTER,
     PARAM_TYPES,
@@ -32,7 +32,7 @@ from covid_tune.core.space import (
     SearchSpace,
     Selection,
     Threshold,
-    conv_count,
+    unit_count,
 )
 from covid_tune.core.tasks import TASKS
 from covid_tune.errors import UserError
@@ -437,10 +437,10 @@ def _params(raw: Any, task: str | None, problems: Problems) -> dict[str, Param]:
         return params
     backbones = _values(params["backbone"])
     for backbone in backbones:
-        if not isinstance(backbone, str) or backbone not in BACKBONE_CONVS:
+        if not isinstance(backbone, str) or backbone not in BACKBONE_UNITS:
             problems.add("params.backbone", f"unknown backbone {_show(backbone)}; use one of: "
-                         f"{', '.join(BACKBONE_CONVS)}")
-    known = [b for b in backbones if isinstance(b, str) and b in BACKBONE_CONVS]
+                         f"{', '.join(BACKBONE_UNITS)}")
+    known = [b for b in backbones if isinstance(b, str) and b in BACKBONE_UNITS]
     params["frozen_layers"] = _frozen(raw.get("frozen_layers", 0), known, problems)
     _check_loss(params, task, problems)
     return params
@@ -490,7 +490,7 @@ def _range(raw: dict, where: str, kind: type, problems: Problems) -> Range:
 
 
 def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[str, Param]:
-    if isinstance(raw, dict) and raw and set(raw) <= set(BACKBONE_CONVS):
+    if isinstance(raw, dict) and raw and set(raw) <= set(BACKBONE_UNITS):
         per = {b: _param(v, f"frozen_layers.{b}", int, problems) for b, v in raw.items()}
         for backbone in backbones:
             if backbone not in per:
@@ -500,7 +500,7 @@ def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[
         param = _param(raw, "frozen_layers", int, problems)
         per = {b: param for b in backbones}
     for backbone, param in per.items():
-        most = conv_count(backbone)
+        most = unit_count(backbone)
         if any(v < 0 or v > most for v in _values(param) if isinstance(v, int)):
             problems.add(f"params.frozen_layers.{backbone}",
                          f"{backbone} has {most} conv layers; keep frozen_layers within 0..{most}")

@@ -12,6 +12,7 @@ No download ever happens: ``imagenet`` weights must already be in
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from covid_tune.core.space import BACKBONE_CONVS
+from covid_tune.core.space import BACKBONE_UNITS
 from covid_tune.errors import UserError
 
 _PREFIXES = ("module.", "net.")
@@ -30,29 +31,119 @@ _PREFIXES = ("module.", "net.")
 
 @dataclass(frozen=True)
 class Backbone:
+    """One registry entry: everything ``build_model``, freezing, loading and Grad-CAM
+    need to know of a torchvision net (timm's ``_registry.py`` style)."""
+
     name: str
     factory: Callable[..., nn.Module]
     """torchvision constructor, called with ``weights=None``."""
     weights: WeightsEnum
     """The ImageNet weights used for ``pretrained="imagenet"``."""
     head_attr: str
-    """Attribute of the torchvision net that the new head replaces."""
+    """Dotted path of the torchvision module that the new head replaces."""
     head_in: int
-    """Input features of the head."""
+    """Input features of the head (the width of the pooled features)."""
+    units: Callable[[nn.Module], list[list[nn.Module]]]
+    """The freezable units in forward order, each a list of modules frozen together."""
+    body: Callable[[nn.Module], nn.Module]
+    """The part of the net that gives the last feature maps before pooling (Grad-CAM's
+    target layer)."""
+    pooled: Callable[[nn.Module], nn.Module]
+    """From those feature maps to the head's input: an adaptive average pool, a flatten
+    (and ConvNeXt's LayerNorm)."""
+    state_key: Callable[[str], str] = lambda key: key
+    """Renames a key of a saved state dict (DenseNet's files use pre-0.4 names)."""
 
     @property
     def convs(self) -> int:
-        """Number of ``nn.Conv2d`` modules: the largest valid ``frozen_layers``."""
-        return BACKBONE_CONVS[self.name]
+        """Number of freezable units: the largest valid ``frozen_layers``."""
+        return BACKBONE_UNITS[self.name]
+
+
+def _conv_units(net: nn.Module) -> list[list[nn.Module]]:
+    """Every ``nn.Conv2d`` in registration order, with the BatchNorm registered right
+    after it (resnet18 registers every conv's norm next): the assignment's layers."""
+    modules = list(net.modules())
+    return [[m, *([after] if isinstance(after, nn.BatchNorm2d) else [])]
+            for m, after in zip(modules, modules[1:] + [None]) if isinstance(m, nn.Conv2d)]
+
+
+def _resnet_body(net: nn.Module) -> nn.Module:
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                         net.layer1, net.layer2, net.layer3, net.layer4)
+
+
+def _resnet50_units(net: nn.Module) -> list[list[nn.Module]]:
+    """The stem, then each bottleneck block of layer1..layer4 (3 + 4 + 6 + 3)."""
+    blocks = [[b] for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    return [[net.conv1, net.bn1], *blocks]
+
+
+def _densenet_units(net: nn.Module) -> list[list[nn.Module]]:
+    """The stem (conv0, norm0), then dense blocks and transitions in turn; the last
+    dense block carries the final norm5."""
+    f = net.features
+    return [[f.conv0, f.norm0], [f.denseblock1], [f.transition1], [f.denseblock2],
+            [f.transition2], [f.denseblock3], [f.transition3], [f.denseblock4, f.norm5]]
+
+
+def _features_units(net: nn.Module) -> list[list[nn.Module]]:
+    """Each entry of ``features`` (EfficientNet and MobileNetV3: the stem, the
+    inverted-residual stages or blocks, the last 1x1 conv)."""
+    return [[m] for m in net.features]
+
+
+def _convnext_units(net: nn.Module) -> list[list[nn.Module]]:
+    """The stem, then stages and downsamplers in turn (``features``); the last stage
+    carries the classifier's LayerNorm."""
+    units = _features_units(net)
+    units[-1].append(net.classifier[0])
+    return units
+
+
+def _densenet_key(key: str) -> str:
+    """``denselayer1.norm.1.weight`` -> ``denselayer1.norm1.weight`` (torchvision's own
+    fix for its ImageNet file)."""
+    return re.sub(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",
+                  lambda m: m.group(1) + m.group(2), key)
+
+
+def _pool_flatten(net: nn.Module) -> nn.Module:
+    return nn.Sequential(net.avgpool, nn.Flatten(1))
+
+
+def _global_pool(net: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def _features(net: nn.Module) -> nn.Module:
+    return net.features
 
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier", 512 * 7 * 7),
-        Backbone("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", 512),
+        Backbone("vgg16", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier", 512 * 7 * 7,
+                 _conv_units, _features, _pool_flatten),
+        Backbone("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", 512,
+                 _conv_units, _resnet_body, _pool_flatten),
+        Backbone("densenet121", tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1,
+                 "classifier", 1024, _densenet_units,
+                 lambda net: nn.Sequential(net.features, nn.ReLU()), _global_pool, _densenet_key),
+        Backbone("resnet50", tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "fc", 2048,
+                 _resnet50_units, _resnet_body, _pool_flatten),
+        Backbone("efficientnet_b0", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
+                 "classifier", 1280, _features_units, _features, _pool_flatten),
+        Backbone("convnext_tiny", tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1,
+                 "classifier.2", 768, _convnext_units, _features,
+                 lambda net: nn.Sequential(net.avgpool, net.classifier[0], nn.Flatten(1))),
+        Backbone("mobilenet_v3_large", tvm.mobilenet_v3_large,
+                 tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2, "classifier", 960,
+                 _features_units, _features, _pool_flatten),
     )
 }
+"""The backbones, in the leaderboard's order (``covid_tune.core.space.BACKBONE_UNITS``
+holds the same names and unit counts without torch; a test compares them)."""
 
 
 class Classifier(nn.Module):
@@ -69,7 +160,7 @@ class Classifier(nn.Module):
 
     @property
     def head(self) -> nn.Module:
-        return getattr(self.net, BACKBONES[self.backbone].head_attr)
+        return self.net.get_submodule(BACKBONES[self.backbone].head_attr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` (H, W >= 32) -> logits ``[B, outputs]``."""
@@ -83,27 +174,34 @@ class Classifier(nn.Module):
 
 
 class WithFeatures(nn.Module):
-    """A classifier that also gives its last convolutional feature maps (for Grad-CAM,
-    ``covid_tune.bundle.cam``): torchvision's VGG and ResNet both end in feature layers, an
-    adaptive average pool and the classifier, which is our head."""
+    """A classifier that also gives its last feature maps before pooling (for Grad-CAM,
+    ``covid_tune.bundle.cam``): the registry's ``body``, ``pooled`` and the head, sharing
+    the classifier's modules."""
 
     def __init__(self, model: Classifier):
         super().__init__()
-        *body, self.pool, self.head = model.net.children()
-        self.body = nn.Sequential(*body)
+        spec = BACKBONES[model.backbone]
+        self.body, self.pool, self.head = spec.body(model.net), spec.pooled(model.net), model.head
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
-        return self.head(torch.flatten(self.pool(features), 1)), features
+        return self.head(self.pool(features)), features
 
 
 def cam_spec(model: Classifier) -> dict:
     """What ``covid_tune.bundle.cam`` needs to know of the network after its feature maps: the
-    pool's cells and the state-dict names of the head's two linear layers."""
-    cells = WithFeatures(model).pool.output_size
+    pool's cells, the state-dict names of the head's two linear layers and, for ConvNeXt,
+    of the LayerNorm between pool and head (with its epsilon)."""
+    pooled = WithFeatures(model).pool
+    cells = next(m for m in pooled if isinstance(m, nn.AdaptiveAvgPool2d)).output_size
     cells = [cells, cells] if isinstance(cells, int) else list(cells)
     head = f"net.{BACKBONES[model.backbone].head_attr}"
-    return {"output": "features", "pool": cells, "head": [f"{head}.0", f"{head}.3"]}
+    spec = {"output": "features", "pool": cells, "head": [f"{head}.0", f"{head}.3"]}
+    norms = [m for m in pooled if isinstance(m, nn.LayerNorm)]
+    if norms:
+        names = {id(m): name for name, m in model.named_modules()}
+        spec["norm"], spec["norm_eps"] = names[id(norms[0])], norms[0].eps
+    return spec
 
 
 def build_model(
@@ -114,9 +212,10 @@ def build_model(
     frozen_layers: int = 0,
     pretrained: str = "none",
 ) -> Classifier:
-    """Build a classifier with a new head and the first ``frozen_layers`` convs frozen.
+    """Build a classifier with a new head and the first ``frozen_layers`` units frozen
+    (convs for vgg16 and resnet18, blocks for the others: ``Backbone.units``).
 
-    ``frozen_layers`` 0 trains everything; ``conv_count(backbone)`` trains only the head.
+    ``frozen_layers`` 0 trains everything; ``unit_count(backbone)`` trains only the head.
     ``pretrained`` is ``"none"``, ``"imagenet"`` or a path to a ``.pth``/``.pt`` or
     ``.safetensors`` state dict of the plain torchvision model; its classifier
     weights, if any, are ignored.
@@ -130,8 +229,9 @@ def build_model(
     net = spec.factory(weights=None)
     if state is not None:
         _load_backbone(net, spec, state, source)
-    setattr(net, spec.head_attr, _head(spec.head_in, hidden, dropout, outputs))
-    _freeze_convs(net, frozen_layers)
+    parent, _, attr = spec.head_attr.rpartition(".")
+    setattr(net.get_submodule(parent), attr, _head(spec.head_in, hidden, dropout, outputs))
+    _freeze_units(spec.units(net), frozen_layers)
     return Classifier(net, spec.name).train()
 
 
@@ -150,7 +250,7 @@ def check_pretrained(backbone: str, pretrained: str) -> None:
         return
     with torch.device("meta"):
         net = spec.factory(weights=None)
-    _check_backbone_keys(net, spec, _read_state_dict(pretrained), pretrained)
+    _check_backbone_keys(net, spec, _renamed(spec, _read_state_dict(pretrained)), pretrained)
 
 
 def imagenet_cache_path(backbone: str) -> str:
@@ -179,20 +279,12 @@ def _head(features: int, hidden: int, dropout: float, outputs: int) -> nn.Sequen
     )
 
 
-def _freeze_convs(net: nn.Module, count: int) -> None:
-    """Freeze the first ``count`` convs in registration order, and each BatchNorm
-    registered right after a frozen conv (resnet18 registers every conv's norm next).
-    """
-    modules = list(net.modules())
-    frozen = 0
-    for module, following in zip(modules, modules[1:] + [None]):
-        if frozen == count:
-            return
-        if isinstance(module, nn.Conv2d):
+def _freeze_units(units: list[list[nn.Module]], count: int) -> None:
+    """Freeze every parameter of the first ``count`` units (their BatchNorms then stay in
+    eval mode: ``Classifier.train``)."""
+    for unit in units[:count]:
+        for module in unit:
             module.requires_grad_(False)
-            frozen += 1
-            if isinstance(following, nn.BatchNorm2d):
-                following.requires_grad_(False)
 
 
 def _frozen_norms(net: nn.Module) -> list[nn.BatchNorm2d]:
@@ -208,8 +300,12 @@ def _pretrained_state(spec: Backbone, pretrained: str) -> tuple[dict[str, torch.
     if pretrained == "none":
         return None, "none"
     if pretrained == "imagenet":
-        return _imagenet_state(spec), imagenet_cache_path(spec.name)
-    return _read_state_dict(pretrained), pretrained
+        return _renamed(spec, _imagenet_state(spec)), imagenet_cache_path(spec.name)
+    return _renamed(spec, _read_state_dict(pretrained)), pretrained
+
+
+def _renamed(spec: Backbone, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {spec.state_key(key): value for key, value in state.items()}
 
 
 def _imagenet_state(spec: Backbone) -> dict[str, torch.Tensor]:

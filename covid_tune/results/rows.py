@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from covid_tune.core.space import BACKBONE_CONVS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS
+from covid_tune.core.space import BACKBONE_UNITS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS
 from covid_tune.data.dataset import SELECTION
 from covid_tune.runs.reader import RunInfo, TrialRecord, best_trial, chooser
 
@@ -29,7 +29,7 @@ EXTRA_PARAMS = tuple(k for k in PARAM_TYPES if k not in TABLE_PARAMS)
 def frozen_name(config: dict) -> str:
     """The assignment's "Frozen Layers" wording for a trial's ``frozen_layers``."""
     frozen = int(config["frozen_layers"])
-    if frozen == BACKBONE_CONVS[config["backbone"]]:
+    if frozen == BACKBONE_UNITS[config["backbone"]]:
         return "All Layers except FC"
     return f"First {frozen} CNN Layers" if frozen else "None"
 
@@ -39,7 +39,7 @@ def loss_name(config: dict) -> str:
 
 
 def backbone_rank(config: dict) -> int:
-    return list(BACKBONE_CONVS).index(config["backbone"])
+    return list(BACKBONE_UNITS).index(config["backbone"])
 
 
 @dataclass(frozen=True)

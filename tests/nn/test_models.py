@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from covid_tune.core.space import BACKBONE_CONVS, conv_count
+from covid_tune.core.space import BACKBONE_UNITS, unit_count
 from covid_tune.errors import UserError
 from covid_tune.nn.models import (
     BACKBONES,
@@ -65,16 +66,49 @@ def assert_backbone_equal(model, state):
             assert torch.equal(loaded[key], value), key
 
 
-@pytest.mark.slow
-def test_config_conv_counts_match_the_built_nets():
-    """The space validator's limits on frozen_layers (config, torch-free) are the
-    Conv2d modules of the nets models.py builds."""
-    assert set(BACKBONE_CONVS) == set(BACKBONES)
-    for backbone, convs in BACKBONE_CONVS.items():
-        net = build_model(backbone, outputs=2)
-        assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == convs, backbone
-        assert BACKBONES[backbone].convs == convs == conv_count(backbone)
-    assert BACKBONE_CONVS == {"vgg16": 13, "resnet18": 20}
+def test_config_unit_counts_match_the_registry():
+    """The space validator's limits on frozen_layers (config, torch-free) are the units
+    the registry declares, in the same (leaderboard) order; vgg16 and resnet18 keep the
+    assignment's conv counts."""
+    assert list(BACKBONE_UNITS) == list(BACKBONES)
+    for backbone, units in BACKBONE_UNITS.items():
+        with torch.device("meta"):
+            net = BACKBONES[backbone].factory(weights=None)
+        assert len(BACKBONES[backbone].units(net)) == units == unit_count(backbone), backbone
+        if backbone in ("vgg16", "resnet18"):
+            assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == units
+    assert {k: BACKBONE_UNITS[k] for k in ("vgg16", "resnet18")} == {"vgg16": 13, "resnet18": 20}
+
+
+NEW_BACKBONES = ["densenet121", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large"]
+
+
+@pytest.mark.parametrize("backbone", NEW_BACKBONES)
+def test_freezing_n_blocks_freezes_exactly_those(backbone):
+    """The first N units' parameters, and nothing else, stop requiring grad; their
+    BatchNorms stay in eval mode after train(), every other one trains."""
+    spec = BACKBONES[backbone]
+    frozen = unit_count(backbone) // 2
+    model = build_model(backbone, outputs=2, hidden=8, frozen_layers=frozen)
+    units = spec.units(model.net)
+    expected = {id(p) for unit in units[:frozen] for m in unit for p in m.parameters()}
+    assert {id(p) for p in model.parameters() if not p.requires_grad} == expected
+    assert trainable_parameters(model) == params(model) - params(*(m for u in units[:frozen] for m in u))
+    model.eval().train()
+    frozen_norms = {id(m) for u in units[:frozen] for n in u for m in n.modules()
+                    if isinstance(m, nn.BatchNorm2d)}
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(m.training == (id(m) not in frozen_norms) for m in norms)
+    assert bool(frozen_norms) == (backbone != "convnext_tiny")  # ConvNeXt: LayerNorms only
+    assert model.head.training
+
+
+@pytest.mark.parametrize("backbone", NEW_BACKBONES)
+def test_freezing_all_blocks_trains_only_the_head(backbone):
+    model = build_model(backbone, outputs=3, hidden=8, frozen_layers=unit_count(backbone))
+    width = BACKBONES[backbone].head_in
+    assert [m.in_features for m in model.head if isinstance(m, nn.Linear)] == [width, 8]
+    assert trainable_parameters(model) == params(model.head) == width * 8 + 8 + 8 * 3 + 3
 
 
 @pytest.mark.slow
@@ -123,9 +157,9 @@ def test_resnet_trainable_counts(frozen):
         assert trainable_parameters(model) == 512 * 256 + 256 + 256 * 3 + 3
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet18"])
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "densenet121"])
 def test_frozen_layers_out_of_range(backbone):
-    for frozen in (-1, conv_count(backbone) + 1):
+    for frozen in (-1, unit_count(backbone) + 1):
         with pytest.raises(ValueError, match="frozen_layers"):
             build_model(backbone, outputs=2, frozen_layers=frozen)
 
@@ -220,7 +254,7 @@ def test_unreadable_or_missing_file_is_a_user_error(tmp_path):
 
 
 def test_unknown_backbone_lists_valid_ones():
-    with pytest.raises(UserError, match="valid: vgg16, resnet18"):
+    with pytest.raises(UserError, match="valid: vgg16, resnet18, densenet121"):
         check_pretrained("vgg19", "none")
     with pytest.raises(UserError, match="valid"):
         build_model("alexnet", outputs=2)
@@ -254,3 +288,50 @@ def test_old_checkpoints_without_num_batches_tracked_load(tmp_path, resnet_state
     path = tmp_path / "old.pth"
     torch.save({k: v for k, v in resnet_state.items() if "num_batches_tracked" not in k}, path)
     assert_backbone_equal(build_model("resnet18", outputs=2, pretrained=str(path)), resnet_state)
+
+
+@pytest.mark.backbones
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_every_backbone_trains_a_step_at_32px(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, outputs=3, hidden=8, frozen_layers=1, pretrained="none")
+    logits = model.train()(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (not p.requires_grad), name
+    assert model.head[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.backbones
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_every_backbone_loads_a_local_state_dict(tmp_path, backbone, suffix):
+    """A randomly initialised torchvision net saved by the test, as a user's file would be."""
+    torch.manual_seed(1)
+    state = BACKBONES[backbone].factory(weights=None).state_dict()
+    path = str(tmp_path / f"{backbone}{suffix}")
+    (torch.save if suffix == ".pth" else save_file)({k: v.contiguous() for k, v in state.items()}, path)
+    check_pretrained(backbone, path)
+    model = build_model(backbone, outputs=2, hidden=8, pretrained=path)
+    head = BACKBONES[backbone].head_attr + "."
+    loaded = model.net.state_dict()
+    for key, value in state.items():
+        if not key.startswith(head):
+            assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.backbones
+def test_densenet_imagenet_file_with_old_key_names_loads(hub_dir):
+    """torchvision's densenet121 ImageNet file names ``denselayer1.norm.1``, not ``norm1``,
+    and predates BatchNorm's ``num_batches_tracked``."""
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+           for k, v in state.items() if "num_batches_tracked" not in k}  # a 2017 file
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    path = imagenet_cache_path("densenet121")
+    os.makedirs(os.path.dirname(path))
+    torch.save(old, path)
+    check_pretrained("densenet121", "imagenet")
+    loaded = build_model("densenet121", outputs=2, pretrained="imagenet").net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("classifier."))
