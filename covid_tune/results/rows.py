@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from covid_tune.core.space import BACKBONE_UNITS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS
+from covid_tune.core.space import (BACKBONE_UNITS, FOCAL_PARAMS, PARAM_TYPES, TABLE_PARAMS,
+                                   UNIT_WORDS)
 from covid_tune.data.dataset import SELECTION
 from covid_tune.runs.reader import RunInfo, TrialRecord, best_trial, chooser
 
@@ -27,11 +28,17 @@ EXTRA_PARAMS = tuple(k for k in PARAM_TYPES if k not in TABLE_PARAMS)
 
 
 def frozen_name(config: dict) -> str:
-    """The assignment's "Frozen Layers" wording for a trial's ``frozen_layers``."""
+    """The assignment's "Frozen Layers" wording for a trial's ``frozen_layers``
+    (``First 7 CNN Layers``); backbones frozen by blocks say ``First 3 Blocks`` and
+    ``All Blocks except FC``."""
     frozen = int(config["frozen_layers"])
+    if UNIT_WORDS.get(config["backbone"]) == "conv":
+        everything, some = "All Layers except FC", f"First {frozen} CNN Layers"
+    else:
+        everything, some = "All Blocks except FC", f"First {frozen} Block{'s' * (frozen > 1)}"
     if frozen == BACKBONE_UNITS[config["backbone"]]:
-        return "All Layers except FC"
-    return f"First {frozen} CNN Layers" if frozen else "None"
+        return everything
+    return some if frozen else "None"
 
 
 def loss_name(config: dict) -> str:
@@ -39,6 +46,7 @@ def loss_name(config: dict) -> str:
 
 
 def backbone_rank(config: dict) -> int:
+    """The backbone's place in the registry (``BACKBONE_UNITS``' order)."""
     return list(BACKBONE_UNITS).index(config["backbone"])
 
 

@@ -38,7 +38,10 @@ def run(trials: list[TrialRecord], name: str = "run", **space) -> RunInfo:
 
 @pytest.mark.parametrize(("backbone", "frozen", "name"), [
     ("vgg16", 13, "All Layers except FC"), ("vgg16", 7, "First 7 CNN Layers"),
-    ("vgg16", 0, "None"), ("resnet18", 20, "All Layers except FC")])
+    ("vgg16", 0, "None"), ("resnet18", 20, "All Layers except FC"),
+    ("resnet18", 1, "First 1 CNN Layers"), ("densenet121", 8, "All Blocks except FC"),
+    ("resnet50", 1, "First 1 Block"), ("convnext_tiny", 3, "First 3 Blocks"),
+    ("mobilenet_v3_large", 0, "None")])
 def test_frozen_layer_names(backbone, frozen, name):
     assert frozen_name({"backbone": backbone, "frozen_layers": frozen}) == name
 
@@ -54,6 +57,14 @@ def test_groups_follow_the_assignments_order_and_pick_each_best():
     assert [len(r.trials) for r in rows] == [1, 2, 2]
     assert rows[1].best_of(True).trial_id == "d" and rows[1].best_of(False).trial_id == "b"
     assert rows[0].best_of(True) is None
+
+
+def test_new_backbones_follow_the_registrys_order():
+    trials = [trial("a", "mobilenet_v3_large", 0, 0.7), trial("b", "densenet121", 8, 0.5),
+              trial("c", "resnet18", 0, 0.6), trial("d", "convnext_tiny", 2, 0.8)]
+    rows = pick_rows(TABLES["binary"], [run(trials)])
+    assert [r.record.trial_id for r in rows] == ["c", "b", "d", "a"]
+    assert rows[1].group == "All Blocks except FC"
 
 
 def test_min_metric_picks_the_lowest_and_ties_go_to_fewer_epochs():

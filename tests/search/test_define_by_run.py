@@ -99,3 +99,19 @@ def test_every_trial_has_its_own_seed_from_the_sweeps_seed():
 
     assert len(set(seeds(0))) == 4 and seeds(7) == seeds(7) != seeds(0)
     assert seeds(7, fixed=123) == [123] * 4
+
+
+def test_the_backbones_space_samples_every_backbone_within_its_own_units():
+    """search_spaces/backbones.yaml: each backbone's frozen_layers range is its own, up to
+    all its units (the registry's counts, kept torch-free in core.space)."""
+    from covid_tune.core.space import BACKBONE_UNITS
+
+    space = load_space("search_spaces/backbones.yaml")
+    configs = ask_many(space, 300)
+    assert {c["backbone"] for c in configs} == set(BACKBONE_UNITS)
+    for config in configs:
+        assert 0 <= config["frozen_layers"] <= BACKBONE_UNITS[config["backbone"]]
+    tops = {c["backbone"] for c in configs if c["frozen_layers"] == BACKBONE_UNITS[c["backbone"]]}
+    assert {c["backbone"] for c in configs if c["frozen_layers"] > 9} == {
+        "vgg16", "resnet18", "resnet50", "mobilenet_v3_large"}
+    assert len(tops) >= 5
