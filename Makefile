@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 
 # Every registered backbone built, trained a step at 32 px, loaded from a test-made
 # state dict, exported (ONNX, .pt2), predicted and explained (marker backbones; make
-# test leaves them out): about a minute or two on 2 CPU cores (docs/benchmarks.md).
+# test leaves them out): about a minute on 2 CPU cores (docs/benchmarks.md).
 test-backbones: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m backbones
 

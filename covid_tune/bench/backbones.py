@@ -55,16 +55,18 @@ def backbone_throughput(backbone: str, size: int, batch: int, threads: int,
     return {"train": batch / train, "infer": batch / infer}
 
 
-def throughput_table(size: int, batch: int, iterations: int, threads=(1, 2)) -> str:
-    """A Markdown table: one row per backbone, images/s per phase and thread count."""
+def throughput_table(size: int, batch: int, iterations: int, threads=(1, 2)) -> list[str]:
+    """A Markdown table, printed line by line as it is measured: one row per backbone,
+    images/s per phase and thread count."""
     columns = [f"{phase} {t} thr" for phase in ("train", "infer") for t in threads]
     lines = ["| backbone | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    print("\n".join(lines), flush=True)
     for backbone in BACKBONES:
         runs = {t: backbone_throughput(backbone, size, batch, t, iterations) for t in threads}
         cells = [f"{runs[t][phase]:.1f}" for phase in ("train", "infer") for t in threads]
         lines.append(f"| {backbone} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"images/s, {args.size} px, batch {args.batch}, median of {args.iterations} steps",
           flush=True)
-    print(throughput_table(args.size, args.batch, args.iterations))
+    throughput_table(args.size, args.batch, args.iterations)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,15 @@ def torch_grad_cam(model, x: torch.Tensor, direction: np.ndarray) -> np.ndarray:
     return heat / heat.max() if heat.max() > 0 else heat
 
 
+NEW_BACKBONES = [("densenet121", 96, 3), ("resnet50", 96, 2), ("efficientnet_b0", 96, 3),
+                 ("convnext_tiny", 96, 3), ("mobilenet_v3_large", 96, 2)]
+"""3 x 3 feature maps each; ConvNeXt's gradient also passes its LayerNorm."""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone, size, outputs", [("vgg16", 96, 3), ("resnet18", 128, 2)])
+@pytest.mark.parametrize("backbone, size, outputs", [
+    ("vgg16", 96, 3), ("resnet18", 128, 2),
+    *(pytest.param(*case, marks=pytest.mark.backbones) for case in NEW_BACKBONES)])
 def test_numpy_grad_cam_matches_torch(backbone, size, outputs):
     torch.manual_seed(0)
     model = build_model(backbone, outputs, hidden=32, dropout=0.5).eval()
@@ -35,7 +42,7 @@ def test_numpy_grad_cam_matches_torch(backbone, size, outputs):
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
     spec = cam_spec(model)
     maps = features[0].numpy().astype(np.float64)
-    assert maps.shape[1:] == ((3, 3) if backbone == "vgg16" else (4, 4))
+    assert maps.shape[1:] == ((4, 4) if backbone == "resnet18" else (3, 3))
     for k in range(outputs):
         direction = np.eye(outputs)[k] if outputs > 2 else np.array([-1.0, 1.0]) * (1 - 2 * k)
         ours = grad_cam(maps, weights, spec, direction)
