@@ -124,3 +124,23 @@ def test_untrained_layers_of_a_random_start_are_stored_by_seed(tmp_path):
     stored = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)["model"]
     assert sorted(stored) == sorted(k for k in model.state_dict() if k.startswith("net.fc."))
     assert same_weights(load_model(tmp_path / "ckpt"), model)
+
+
+@pytest.mark.backbones
+@pytest.mark.parametrize("backbone", ["densenet121", "resnet50", "efficientnet_b0",
+                                      "convnext_tiny", "mobilenet_v3_large"])
+def test_every_backbone_round_trips_through_a_checkpoint(tmp_path, backbone):
+    """Half the units frozen from a seeded start: the frozen tensors are recorded by seed
+    and left out of the file, and ``load_model`` rebuilds the very model."""
+    from dataclasses import replace
+
+    from covid_tune.core.space import unit_count
+    from covid_tune.runs.checkpoint import CHECKPOINT_FILE, read_recipe
+
+    cfg = replace(CONFIG, backbone=backbone, frozen_layers=unit_count(backbone) // 2, seed=3)
+    model = trained_with_base(tmp_path / "ckpt", cfg)
+    recipe = read_recipe(tmp_path / "ckpt")
+    stored = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)["model"]
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen <= set(recipe["base"]["tensors"]) and frozen.isdisjoint(stored)
+    assert same_weights(load_model(tmp_path / "ckpt"), model)
