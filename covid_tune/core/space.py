@@ -83,6 +83,12 @@ def unit_count(backbone: str) -> int:
     return BACKBONE_UNITS[backbone]
 
 
+def units_phrase(backbone: str) -> str:
+    """What ``frozen_layers`` counts, in words: ``13 conv layers``, ``8 blocks``."""
+    word = "conv layers" if UNIT_WORDS.get(backbone) == "conv" else "blocks"
+    return f"{BACKBONE_UNITS[backbone]} {word}"
+
+
 conv_count = unit_count
 """The old name."""
 

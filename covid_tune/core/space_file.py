@@ -33,6 +33,7 @@ from covid_tune.core.space import (
     Selection,
     Threshold,
     unit_count,
+    units_phrase,
 )
 from covid_tune.core.tasks import TASKS
 from covid_tune.errors import UserError
@@ -503,7 +504,8 @@ def _frozen(raw: Any, backbones: list[str], problems: Problems) -> Param | dict[
         most = unit_count(backbone)
         if any(v < 0 or v > most for v in _values(param) if isinstance(v, int)):
             problems.add(f"params.frozen_layers.{backbone}",
-                         f"{backbone} has {most} conv layers; keep frozen_layers within 0..{most}")
+                         f"{backbone} has {units_phrase(backbone)}; keep frozen_layers "
+                         f"within 0..{most}")
     return per
 
 
