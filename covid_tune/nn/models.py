@@ -3,7 +3,9 @@
 ``build_model`` is the one factory: it builds a torchvision net, loads its weights
 (``none``, ``imagenet`` from torch hub's cache, or a local state dict), replaces the
 classifier with ``Linear(in, hidden) -> ReLU -> Dropout -> Linear(hidden, outputs)``
-and freezes the first N conv layers, as the assignment's "Frozen Layers" column did.
+and freezes the first N units: conv layers for VGG-16 and ResNet-18, as the assignment's
+"Frozen Layers" column did, blocks for the other backbones (``BACKBONES``, one entry
+each; ``docs/search-spaces.md`` lists their units).
 
 No download ever happens: ``imagenet`` weights must already be in
 ``<torch.hub.get_dir()>/checkpoints/<file name of the weights URL>``.
@@ -55,7 +57,7 @@ class Backbone:
     """Renames a key of a saved state dict (DenseNet's files use pre-0.4 names)."""
 
     @property
-    def convs(self) -> int:
+    def unit_count(self) -> int:
         """Number of freezable units: the largest valid ``frozen_layers``."""
         return BACKBONE_UNITS[self.name]
 
@@ -221,9 +223,9 @@ def build_model(
     weights, if any, are ignored.
     """
     spec = _spec(backbone)
-    if not 0 <= frozen_layers <= spec.convs:
+    if not 0 <= frozen_layers <= spec.unit_count:
         raise ValueError(
-            f"frozen_layers for {backbone} must be in [0, {spec.convs}], got {frozen_layers}"
+            f"frozen_layers for {backbone} must be in [0, {spec.unit_count}], got {frozen_layers}"
         )
     state, source = _pretrained_state(spec, pretrained)
     net = spec.factory(weights=None)
