@@ -87,24 +87,12 @@ def write_chart(labels: list[str], scores: list[dict[str, dict]], splits: list[s
 def write_roc(labels: list[str], curves: list[tuple[list, list] | None], title: str,
               path: Path) -> None:
     """One ROC curve per row on one chart (rows with no curve are left out)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    plt, fig, ax = unit_square()
     for label, curve in zip(labels, curves):
         if curve is not None:
             ax.plot(*curve, linewidth=1.2, label=label.replace("\n", ", "))
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_title(title, fontsize=9)
-    if any(curve is not None for curve in curves):
-        ax.legend(fontsize=7, loc="lower right")
-    else:
-        ax.text(0.5, 0.5, "not scored (the dataset was not found)", ha="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_unit_square(plt, fig, ax, ("false positive rate", "true positive rate"), title,
+                     any(curve is not None for curve in curves), "lower right", path)
 
 
 def write_reliability(curves: dict[str, list[tuple[float, float, int]]], title: str,
@@ -113,23 +101,36 @@ def write_reliability(curves: dict[str, list[tuple[float, float, int]]], title: 
     ``covid_tune.core.calibration.reliability``), the fraction of positives against
     the mean predicted probability per bin, each point sized by its images; a perfectly
     calibrated model lies on the diagonal."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    plt, fig, ax = unit_square()
     for (name, points), style in zip(curves.items(), ("o:", "s-", "^-", "d-")):
         if points:
             claimed, observed, count = zip(*points)
-            ax.plot(claimed, observed, style, linewidth=1.2, label=name,
-                    markersize=3)
+            ax.plot(claimed, observed, style, linewidth=1.2, label=name, markersize=3)
             ax.scatter(claimed, observed, s=[8 + 60 * c / max(count) for c in count],
                        alpha=0.35)
-    ax.set_xlabel("mean predicted probability (bin)")
-    ax.set_ylabel("fraction positive")
+    save_unit_square(plt, fig, ax, ("mean predicted probability (bin)", "fraction positive"),
+                     title, any(curves.values()), "upper left", path)
+
+
+def unit_square():
+    """A 5 x 5 inch chart of [0, 1] x [0, 1] with its diagonal dashed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    return plt, fig, ax
+
+
+def save_unit_square(plt, fig, ax, axes: tuple[str, str], title: str, drawn: bool,
+                     legend: str, path: Path) -> None:
+    """Label, limit and save a ``unit_square`` chart; "not scored" on it when no curve
+    was drawn (the dataset was not found)."""
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_title(title, fontsize=9)
-    if any(curves.values()):
-        ax.legend(fontsize=7, loc="upper left")
+    if drawn:
+        ax.legend(fontsize=7, loc=legend)
     else:
         ax.text(0.5, 0.5, "not scored (the dataset was not found)", ha="center", fontsize=8)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
 from covid_tune.core.plots import confusion_image, write_chart, write_confusion
@@ -32,3 +33,16 @@ def test_roc_chart_with_curves_and_with_none(tmp_path):
     for name in ("roc.png", "empty.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.size == (500, 500)
+
+
+def test_reliability_diagram_with_curves_and_with_none(tmp_path):
+    from covid_tune.core.plots import write_reliability
+
+    points = [(0.1, 0.2, 5), (0.8, 0.7, 9)]
+    write_reliability({"as trained": points, "temperature-scaled": points[:1]}, "R",
+                      tmp_path / "rel.png")
+    write_reliability({}, "R", tmp_path / "empty.png")
+    drawn, empty = (np.asarray(Image.open(tmp_path / n).convert("L")) for n in
+                    ("rel.png", "empty.png"))
+    assert drawn.shape == empty.shape == (500, 500)
+    assert (drawn != empty).any()  # the curves and legend are on it
