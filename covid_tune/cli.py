@@ -156,7 +156,8 @@ def cmd_resume(args) -> int:
     from covid_tune.search.sweep import resume_sweep
 
     return exit_code(resume_sweep(args.run_dir, address=args.address, data=args.data,
-                                  allow_changed_data=args.allow_changed_data))
+                                  allow_changed_data=args.allow_changed_data,
+                                  mlflow=args.mlflow))
 
 
 def exit_code(results) -> int:
@@ -200,8 +201,15 @@ def cmd_export(args) -> int:
     from covid_tune.bundle.export import export_best
 
     require_writable(args.out, "--out")
+    registry = None
+    if args.mlflow:
+        from covid_tune.bundle.registry import open_registry, register_bundle
+
+        registry = open_registry(args.mlflow)  # refused before anything is exported
     for folder in export_best(args.run_dirs, args.out, args.data, args.allow_changed_data):
         print(f"exported {folder}")
+        if registry is not None:
+            print(register_bundle(registry, folder, args.registered_name))
     return 0
 
 
@@ -320,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
     p.add_argument("run_dir")
-    add_option_flags(p, ("address",), address="The Ray cluster to join (auto, HOST:PORT); "
-                                               "none: the one the sweep used.")
+    add_option_flags(p, ("address", "mlflow"),
+                     address="The Ray cluster to join (auto, HOST:PORT); none: the one the "
+                             "sweep used.",
+                     mlflow="Track the sweep in this MLflow server (http://HOST:PORT) or "
+                            "store; by default a tracked sweep goes on in its own runs.")
     add_data_flags(p, many=False)
     p.set_defaults(func=cmd_resume)
 
@@ -340,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="writes OUT/<task>/model.onnx, ...")
     add_data_flags(p, many=True)
+    p.add_argument("--mlflow", metavar="URI",
+                   help="also register each bundle in this MLflow's model registry "
+                        "(http://HOST:PORT, or a store such as sqlite:///mlflow.db)")
+    p.add_argument("--registered-name", metavar="NAME",
+                   help="the registered model's name (default: covid-tune-<task>)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="run an exported model on an image or a folder")

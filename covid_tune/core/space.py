@@ -14,7 +14,9 @@ A search-space file looks like ``search_spaces/binary.yaml``:
 - ``selection: {holdout: F}``: a seeded, stratified part F of Train held out to choose
   with (``sel_*`` metrics), so validation only reports;
 - ``threshold: {rule: f1 | youden | sensitivity, target: T}``: how each label's
-  decision threshold is tuned on the selection split.
+  decision threshold is tuned on the selection split;
+- ``mlflow: {tracking_uri: URI, experiment: NAME}``: where the sweep is tracked in
+  MLflow (``--mlflow URI`` overrides the URI).
 """
 
 from __future__ import annotations
@@ -174,6 +176,42 @@ class DataSpec:
         return raw
 
 
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql",
+                    "databricks")
+"""The tracking URI schemes MLflow reads (a plain folder path is a file store too)."""
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with an MLflow tracking URI, with the fix; None when MLflow can take
+    it (``http(s)://HOST:PORT`` for a server, ``sqlite:///FILE``, a database URL, or a
+    folder)."""
+    scheme, sep, rest = uri.partition("://")
+    if not uri.strip():
+        return "empty; give http://HOST:PORT, sqlite:///FILE or a folder"
+    if sep and scheme.split("+")[0].lower() not in TRACKING_SCHEMES:
+        return (f"{scheme}:// is not a tracking store MLflow reads; use http(s)://HOST:PORT "
+                f"(a tracking server), sqlite:///FILE, a database URL or a folder")
+    if scheme in ("http", "https") and not rest.split("/")[0]:
+        return "no host; give http://HOST:PORT"
+    return None
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a sweep is tracked in MLflow (``mlflow:`` in the space): one parent run per
+    sweep, a nested run per trial (``covid_tune.search.tracking``)."""
+
+    tracking_uri: str | None = None
+    """The tracking server (``http://HOST:PORT``) or store; None: not tracked, unless
+    ``--mlflow URI`` is given."""
+    experiment: str = "covid-tune"
+    """The MLflow experiment the sweep's runs go in (made if missing)."""
+
+    def to_raw(self) -> dict:
+        raw = {"tracking_uri": self.tracking_uri} if self.tracking_uri else {}
+        return raw if self.experiment == "covid-tune" else {**raw, "experiment": self.experiment}
+
+
 @dataclass(frozen=True)
 class Threshold:
     """How each label's decision threshold is tuned on the selection split."""
@@ -279,6 +317,8 @@ class SearchSpace:
     """How the labels' decision thresholds are tuned on the choosing split."""
     data: DataSpec = DataSpec()
     """Class map and drawn splits that override the detected layout's."""
+    mlflow: Tracking = Tracking()
+    """Where the sweep is tracked in MLflow (nowhere by default)."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""

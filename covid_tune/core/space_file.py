@@ -32,6 +32,8 @@ from covid_tune.core.space import (
     SearchSpace,
     Selection,
     Threshold,
+    Tracking,
+    tracking_uri_problem,
     unit_count,
     units_phrase,
 )
@@ -41,8 +43,9 @@ from covid_tune.errors import UserError
 TOP_KEYS = (
     "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
     "num_samples", "asha", "params", "start_with", "allow_train_metric", "trial_seed",
-    "selection", "threshold", "data",
+    "selection", "threshold", "data", "mlflow",
 )
+MLFLOW_KEYS = ("tracking_uri", "experiment")
 DATA_KEYS = ("classes", "split", "patient", "views")
 SPLIT_KEYS = ("validation", "test")
 SELECTION_KEYS = ("holdout",)
@@ -147,6 +150,7 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         selection=selection,
         threshold=_threshold(raw.get("threshold"), problems),
         data=_data(raw.get("data"), task, problems),
+        mlflow=_mlflow(raw.get("mlflow"), problems),
     )
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
@@ -275,6 +279,24 @@ def _data(raw: Any, task: str | None, problems: Problems) -> DataSpec:
                           if isinstance(v, (int, float))),
                     _patient_rule(raw.get("patient"), problems),
                     _views(raw.get("views"), problems))
+
+
+def _mlflow(raw: Any, problems: Problems) -> Tracking:
+    """``mlflow: {tracking_uri: URI, experiment: NAME}``."""
+    raw = _section(raw, "mlflow", MLFLOW_KEYS, "{tracking_uri: http://127.0.0.1:5000, "
+                                               "experiment: chest-xray}", problems)
+    if raw is None:
+        return Tracking()
+    uri, experiment = raw.get("tracking_uri"), raw.get("experiment", "covid-tune")
+    if uri is not None and (not isinstance(uri, str) or tracking_uri_problem(uri)):
+        problems.add("mlflow.tracking_uri", f"{_show(uri)}: " + (
+            tracking_uri_problem(uri) if isinstance(uri, str) else
+            "expected a URI such as http://127.0.0.1:5000"))
+        uri = None
+    if not isinstance(experiment, str) or not experiment.strip():
+        problems.add("mlflow.experiment", f"expected an experiment name, got {_show(experiment)}")
+        experiment = "covid-tune"
+    return Tracking(uri, experiment.strip())
 
 
 def _patient_rule(raw: Any, problems: Problems) -> str | None:
@@ -617,6 +639,7 @@ def to_raw(space: SearchSpace) -> dict:
         **({"trial_seed": space.trial_seed} if space.trial_seed is not None else {}),
         **({"selection": asdict(space.selection)} if space.selection.holdout else {}),
         **({"data": space.data.to_raw()} if space.data.to_raw() else {}),
+        **({"mlflow": space.mlflow.to_raw()} if space.mlflow.to_raw() else {}),
     }
 
 

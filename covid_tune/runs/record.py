@@ -78,6 +78,10 @@ class SweepOptions:
     """Skip the check that every node sees a local ``storage_path``."""
     verbose: bool = False
     """Ray Tune's own per-trial tables instead of covid-tune's one status line."""
+    mlflow: str | None = None
+    """An MLflow tracking server (http://HOST:PORT) or store: the sweep is logged there,
+    one parent run with a nested run per trial; overrides the space's
+    mlflow.tracking_uri."""
 
     def space(self) -> SearchSpace:
         """The space file with this sweep's overrides applied."""

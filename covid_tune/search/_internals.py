@@ -20,6 +20,9 @@ Ray Tune
 - ``ray.train._internal.session.get_session`` and ``_TrainSession.stop_event``
   (``trial_session``, ``asked_to_stop``): Tune tells a trial to stop only through its
   next ``report``; a trial that trains between reports has no public way to ask.
+- ``Tuner._local_tuner`` (``run_callbacks``): ``Tuner.restore`` brings back the run's
+  ``RunConfig``, callbacks included, and takes no new one; ``resume --mlflow`` must
+  change where the sweep is tracked.
 - ``RAY_STORAGE_LOGGER`` (``ray.train._internal.storage``): the logger that notes every
   artifact upload; only its private module name reaches it.
 
@@ -49,6 +52,15 @@ def controller_storage(tune_controller):
     through; the storage is not one of them."""
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     return getattr(controller, "_storage", None)
+
+
+def run_callbacks(tuner) -> list:
+    """The callbacks a restored ``Tuner`` will run with: the list itself, to change in
+    place."""
+    run_config = tuner._local_tuner.get_run_config()
+    if run_config.callbacks is None:
+        run_config.callbacks = []
+    return run_config.callbacks
 
 
 def in_run_folder(trial, storage) -> bool:

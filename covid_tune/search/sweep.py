@@ -45,7 +45,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.search.cluster import check_object_store, check_resources, check_storage, start_ray
 from covid_tune.core.ranking import rank_key
-from covid_tune.core.space import SearchSpace
+from covid_tune.core.space import SearchSpace, tracking_uri_problem
 from covid_tune.core.space_file import find_space
 from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
                              load_dataset, manifest, scan, train_grouping, with_selection)
@@ -55,11 +55,14 @@ from covid_tune.nn.models import check_pretrained
 from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
 from covid_tune.runs.folder import DIVERGED_FILE, LOST_DIR, SWEEP_FILE, STUDY_FILE, RunFolder
 from covid_tune.runs.record import SweepOptions, read_record, read_selection, read_space, write_record
+from covid_tune.runs.tracking import read_tracking
 from covid_tune.runs.ray_state import check_ray_state
 from covid_tune.runs.retention import checkpoint_folders, drop_resume_state, keep_best
-from covid_tune.search._internals import controller_storage, in_run_folder, point_at_checkpoint
+from covid_tune.search._internals import (controller_storage, in_run_folder, point_at_checkpoint,
+                                          run_callbacks)
 from covid_tune.search.searcher import build_searcher, find_sweep_search
 from covid_tune.search.status import SweepStatus
+from covid_tune.search.tracking import MlflowTracking
 from covid_tune.runs.storage import exists, exists_on, is_uri, join, open_path
 from covid_tune.training.trial import TrialDiverged, train_trial
 
@@ -262,13 +265,14 @@ def build_trainable(bundle: DataBundle, opts: SweepOptions, trainable=train_tria
     return tune.with_resources(tune.with_parameters(trainable, data=bundle), resources)
 
 
-def run_config(space: SearchSpace, opts: SweepOptions) -> tune.RunConfig:
+def run_config(space: SearchSpace, opts: SweepOptions,
+               tracker: MlflowTracking | None = None) -> tune.RunConfig:
     return tune.RunConfig(
         name=opts.name,
         storage_path=opts.storage_path,
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
                    SweepStatus(space.metric, space.mode, space.max_epochs),
-                   CheckpointTrim(space.metric, space.mode)],
+                   CheckpointTrim(space.metric, space.mode), *([tracker] if tracker else [])],
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=CHECKPOINT_SCORE,
             checkpoint_score_order=space.mode),
@@ -313,6 +317,8 @@ def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
                    data=_absolute(opts.data),
                    space_file=_absolute(str(find_space(opts.space_file))))
     open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
+    if opts.mlflow is not None and tracking_uri_problem(opts.mlflow):
+        raise UserError(f"--mlflow {opts.mlflow}: {tracking_uri_problem(opts.mlflow)}")
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:
         check_pretrained(backbone, space.pretrained)
@@ -369,21 +375,56 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
                                   opts.max_concurrent)
         without_ray_tensorboard()
+        tracker = tracking(space, opts, run_dir, opts.mlflow or space.mlflow.tracking_uri)
         tuner = tune.Tuner(
             build_trainable(bundle, opts, trainable),
             tune_config=tune.TuneConfig(search_alg=searcher,
                                         scheduler=build_scheduler(space, searcher),
                                         num_samples=space.num_samples, reuse_actors=True,
                                         trial_dirname_creator=trial_dirname),
-            run_config=run_config(space, opts),
+            run_config=run_config(space, opts, tracker),
         )
-        results = fit(tuner, run_dir)
+        results = fit(tuner, run_dir, tracker)
+        attach_leaderboard(tracker, run_dir)
     report_best(results, space, run_dir)
     return results
 
 
+def tracking(space: SearchSpace, opts: SweepOptions, run_dir: str,
+             uri: str | None) -> MlflowTracking | None:
+    """The sweep's MLflow tracking at ``uri`` (``covid_tune.search.tracking``); None
+    when it is not tracked."""
+    if not uri:
+        return None
+    settings = {**space.fixed_settings(), "num_samples": space.num_samples,
+                "asha": {"grace_period": space.asha.grace_period,
+                         "reduction_factor": space.asha.reduction_factor},
+                "seed": opts.seed, "data": opts.data, "space_file": opts.space_file}
+    return MlflowTracking(uri, space.mlflow.experiment, run_dir, opts.name, space.metric,
+                          space.mode, space.max_epochs, settings)
+
+
+def attach_leaderboard(tracker: MlflowTracking | None, run_dir: str) -> None:
+    """With tracking on, the finished sweep's leaderboard, uploaded to its parent run
+    (written in a temporary folder: the run folder is left as the sweep left it)."""
+    if tracker is None or not tracker.on:
+        return
+    import tempfile
+
+    from covid_tune.results.leaderboard import write_leaderboard
+
+    with tempfile.TemporaryDirectory(prefix="covid-tune-leaderboard-") as folder:
+        try:
+            write_leaderboard([run_dir], folder)
+        except UserError as exc:
+            print(f"note: no leaderboard for MLflow ({exc})", flush=True)
+            return
+        tracker.attach_leaderboard(folder)
+
+
 def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | None = None,
-                 allow_changed_data: bool = False, trainable=train_trial) -> tune.ResultGrid:
+                 allow_changed_data: bool = False, trainable=train_trial,
+                 mlflow: str | None = None) -> tune.ResultGrid:
     """Continue a sweep whose driver died or was stopped: finished trials kept, the rest
     resumed.
 
@@ -392,8 +433,12 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     ``address`` overrides the cluster address the sweep was started with; ``data``
     points at a moved copy of the dataset (checked against the run's manifest).
     ``run_dir`` is a local folder or a URI (``s3://bucket/runs/name?endpoint_override=...``),
-    read and continued where the sweep wrote it.
+    read and continued where the sweep wrote it. ``mlflow`` tracks it there (its runs
+    go on where the run's ``mlflow.json`` says, else new ones start); by default a
+    tracked sweep goes on being tracked where it was.
     """
+    if mlflow is not None and tracking_uri_problem(mlflow):
+        raise UserError(f"--mlflow {mlflow}: {tracking_uri_problem(mlflow)}")
     run_dir = _absolute(str(run_dir).rstrip("/"))
     run = RunFolder(run_dir)
     record = read_record(run)
@@ -421,8 +466,17 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
                             f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
                             f"; it cannot be resumed, but its finished trials still give a "
                             f"leaderboard") from None
-        results = fit(tuner, run_dir)
+        tracked = read_tracking(run)
+        tracker = tracking(space, opts, run_dir, mlflow or (tracked and tracked.tracking_uri)
+                           or opts.mlflow or space.mlflow.tracking_uri)
+        if tracked and tracker and tracker.tracking_uri == tracked.tracking_uri:
+            tracker.experiment = tracked.experiment
+        callbacks = run_callbacks(tuner)
+        callbacks[:] = [c for c in callbacks if not isinstance(c, MlflowTracking)]
+        callbacks.extend([tracker] if tracker else [])
+        results = fit(tuner, run_dir, tracker)
         set_aside_lost_trials(run_dir, results)
+        attach_leaderboard(tracker, run_dir)
     report_best(results, space, run_dir)
     return results
 
@@ -436,14 +490,15 @@ STOP_GRACE_SECONDS = 8.0
 driver stops at once, from the run's last snapshot (as a second signal does)."""
 
 
-def fit(tuner: tune.Tuner, run_dir: str) -> tune.ResultGrid:
+def fit(tuner: tune.Tuner, run_dir: str,
+        tracker: MlflowTracking | None = None) -> tune.ResultGrid:
     """``tuner.fit()``, stopped cleanly by Ctrl-C or SIGTERM: Ray Tune saves the run's
     state (every trial keeps its last checkpoint), then ``Stopped`` says how to resume.
     A second signal, or a graceful stop that takes longer than ``STOP_GRACE_SECONDS``,
     stops at once; ``resume`` then goes on from the run's last snapshot. A sweep with
     nothing to run for too long ends with ``Stalled`` (``covid_tune.search.status``)."""
     hint = f"continue with: covid-tune resume {shlex.quote(run_dir)}"
-    with signals_stop_tune() as received:
+    with signals_stop_tune() as received, closed(tracker):
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
@@ -460,6 +515,17 @@ def fit(tuner: tune.Tuner, run_dir: str) -> tune.ResultGrid:
         raise Stopped(received[0], f"stopped by {name}; finished trials and every other "
                                    f"trial's last checkpoint are kept; {hint}")
     return results
+
+
+@contextmanager
+def closed(tracker: MlflowTracking | None):
+    """The tracker's last calls sent however the sweep ends (Ray Tune's end of the
+    experiment closes it too, but not when the driver stops at once)."""
+    try:
+        yield
+    finally:
+        if tracker is not None:
+            tracker.close(wait=10.0)
 
 
 def stall_in(exc: BaseException) -> str | None:

@@ -90,6 +90,29 @@ def test_a_restored_trial_can_be_pointed_at_another_checkpoint(ran):
     assert trial.checkpoint is None
 
 
+def test_a_restored_tuner_runs_the_callbacks_added_to_its_list(ran):
+    """``Tuner._local_tuner``: ``run_callbacks`` of a restored ``Tuner`` is the list its
+    fit calls (``resume --mlflow`` changes it)."""
+    calls: list[str] = []
+
+    class Heard(tune.Callback):
+        def setup(self, **info):
+            calls.append("setup")
+
+        def on_experiment_end(self, trials, **info):
+            calls.append(f"end {len(trials)}")
+
+    def report_twice(config):  # the trainable's name, for the restore's check
+        raise AssertionError("the run is finished: no trial should run again")
+
+    tuner = tune.Tuner.restore(str(Path(ran["storage_path"]) / "internals"), report_twice)
+    callbacks = _internals.run_callbacks(tuner)
+    assert isinstance(callbacks, list)
+    callbacks.append(Heard())
+    tuner.fit()
+    assert calls == ["setup", "end 1"]
+
+
 def test_rays_storage_logger_is_the_one_named():
     """``ray.train._internal.storage``: the logger the trainable quiets."""
     module = importlib.import_module(_internals.RAY_STORAGE_LOGGER)
