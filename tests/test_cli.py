@@ -111,6 +111,17 @@ def test_sweep_with_wrong_layout(tmp_path, capsys, multilabel_data, monkeypatch)
         "--storage-path", str(tmp_path / "runs"))
 
 
+def test_a_tracking_uri_mlflow_cannot_read_is_refused_before_anything_runs(
+        tmp_path, capsys, binary_data, monkeypatch):
+    no_ray(monkeypatch)
+    err = refused(capsys, "sweep", "--space", "demo", "--data", str(binary_data),
+                  "--storage-path", str(tmp_path / "runs"), "--mlflow", "ftp://host/x")
+    assert "--mlflow ftp://host/x: ftp:// is not a tracking store MLflow reads" in err
+    assert not (tmp_path / "runs").exists()
+    err = refused(capsys, "resume", str(tmp_path / "runs" / "x"), "--mlflow", "http://")
+    assert "--mlflow http://: no host; give http://HOST:PORT" in err
+
+
 @pytest.mark.parametrize("flag, value, expected", [
     ("--num-samples", "0", "--num-samples 0: out of range; use at least 1"),
     ("--max-epochs", "-3", "--max-epochs -3: out of range; use at least 1"),
@@ -142,7 +153,8 @@ def test_every_sweep_option_is_a_flag_with_the_field_default_and_docstring(capsy
              "--num-samples": "3", "--max-epochs": "4", "--image-size": "64",
              "--pretrained": "none", "--max-concurrent": "2", "--address": "auto",
              "--cpus-per-trial": "0.5", "--gpus-per-trial": "0.25", "--seed": "7",
-             "--max-failures": "-1", "--keep-checkpoints": "3"}
+             "--max-failures": "-1", "--keep-checkpoints": "3",
+             "--mlflow": "http://127.0.0.1:5000"}
     switches = ["--strict", "--shared-storage", "--verbose"]
     opts = sweep_options(parse(["sweep", *(w for kv in given.items() for w in kv), *switches]))
     assert len(given) + len(switches) == len(fields(SweepOptions))
@@ -150,7 +162,8 @@ def test_every_sweep_option_is_a_flag_with_the_field_default_and_docstring(capsy
         space_file="s.yaml", data="d", name="r", storage_path="out", num_samples=3,
         max_epochs=4, image_size=64, pretrained="none", max_concurrent=2, address="auto",
         cpus_per_trial=0.5, gpus_per_trial=0.25, seed=7, max_failures=-1,
-        keep_checkpoints=3, strict=True, shared_storage=True, verbose=True)
+        keep_checkpoints=3, strict=True, shared_storage=True, verbose=True,
+        mlflow="http://127.0.0.1:5000")
     with pytest.raises(SystemExit):
         parse(["sweep", "--help"])
     assert "Checkpoints Ray keeps per running trial" in " ".join(capsys.readouterr().out.split())

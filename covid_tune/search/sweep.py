@@ -525,6 +525,7 @@ def closed(tracker: MlflowTracking | None):
         yield
     finally:
         if tracker is not None:
+            tracker.stopped_at_once()
             tracker.close(wait=10.0)
 
 

@@ -84,6 +84,7 @@ class MlflowTracking(tune.Callback):
         self.ended: set[str] = set()
         """Trials whose end this driver logged."""
         self.total = 0
+        self.experiment_ended = False
         self.best: float | None = None
         self.results = 0
         self.calls: queue.Queue = queue.Queue()
@@ -164,7 +165,19 @@ class MlflowTracking(tune.Callback):
             else:
                 self.send(self.end_trial, trial.trial_id, self.ending(trial), True)
         self.send(self.end_parent, "interrupted" if interrupted else "finished")
+        self.experiment_ended = True
         self.close()
+
+    def stopped_at_once(self) -> None:
+        """The driver stopped without Ray Tune's end of the experiment (a second Ctrl-C,
+        or a graceful stop that took too long): what it started and did not end is
+        ``interrupted``, the parent too."""
+        if self.experiment_ended:
+            return
+        for trial_id in self.started - self.ended:
+            self.send(self.end_trial, trial_id, "interrupted")
+        self.send(self.end_parent, "interrupted")
+        self.experiment_ended = True
 
     def ending(self, trial) -> str:
         if trial.status == trial.ERROR:

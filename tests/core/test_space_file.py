@@ -449,3 +449,30 @@ def test_the_data_key_survives_the_round_trip(tmp_path):
     assert space.data == DataSpec((("covid", None), ("lung_opacity", "pneumonia")),
                                   (("validation", 0.15),))  # the file is written sorted
     assert parse_space(yaml.safe_load(dump_space(space)), "again.yaml").data == space.data
+
+
+@pytest.mark.parametrize("mlflow, key, words", [
+    ({"tracking_uri": "ftp://host/x"}, "mlflow.tracking_uri",
+     "ftp:// is not a tracking store MLflow reads; use http(s)://HOST:PORT"),
+    ({"tracking_uri": "http://"}, "mlflow.tracking_uri", "no host; give http://HOST:PORT"),
+    ({"tracking_uri": 5000}, "mlflow.tracking_uri", "expected a URI such as"),
+    ({"experiment": ""}, "mlflow.experiment", "expected an experiment name"),
+    ({"experimnt": "x"}, "mlflow.experimnt", "did you mean 'experiment'"),
+    ("http://127.0.0.1:5000", "mlflow", "expected a mapping such as {tracking_uri: "),
+])
+def test_mlflow_key_mistakes_name_the_key(tmp_path, mlflow, key, words):
+    message = errors_of(tmp_path, {**MINIMAL, "mlflow": mlflow})
+    assert f": {key}: " in message and words in message
+
+
+def test_the_mlflow_key_survives_the_round_trip_and_loads_without_mlflow(tmp_path):
+    from covid_tune.core.space import Tracking
+
+    for uri in ("http://127.0.0.1:5000", "https://mlflow.example.org", "sqlite:///m.db",
+                "postgresql+psycopg2://u@db/mlflow", str(tmp_path / "mlruns"), "databricks"):
+        doc = {**MINIMAL, "mlflow": {"tracking_uri": uri, "experiment": "chest-xray"}}
+        space = load_space(write(tmp_path, doc))
+        assert space.mlflow == Tracking(uri, "chest-xray")
+        assert parse_space(yaml.safe_load(dump_space(space)), "again.yaml").mlflow == space.mlflow
+    assert load_space(write(tmp_path, MINIMAL)).mlflow == Tracking(None, "covid-tune")
+    assert "mlflow" not in dump_space(load_space(write(tmp_path, MINIMAL)))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from covid_tune.cli import main
 from covid_tune.errors import Stopped
 from covid_tune.runs.record import SweepOptions
 from covid_tune.runs.tracking import read_tracking
@@ -25,9 +25,10 @@ from covid_tune.search.tracking import MlflowTracking, flat
 EPOCHS = 3
 
 
-def space(folder: Path, num_samples: int, grace: int, experiment: str) -> Path:
+def space(folder: Path, num_samples: int, grace: int, experiment: str,
+          epochs: int = EPOCHS) -> Path:
     """A small binary study at 32 px, tracked in ``experiment``."""
-    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": EPOCHS,
+    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": epochs,
            "image_size": 32, "pretrained": "none", "num_samples": num_samples,
            "augment": False, "asha": {"grace_period": grace, "reduction_factor": 2},
            "params": {"backbone": "resnet18", "frozen_layers": {"low": 0, "high": 20},
@@ -48,6 +49,32 @@ def failing(seed: int):
         if config["seed"] == seed:
             raise RuntimeError("a trial that fails, for the test")
         return train_trial(config, data)
+
+    return trainable
+
+
+def interrupting(driver: int, seed: int):
+    """The trainable, except that the trial of this seed, on its first try, sends the
+    driver SIGINT (as Ctrl-C) right after reporting its first epoch with its checkpoint,
+    then goes on: the sweep stops with that trial half done, every time."""
+    def trainable(config, data):
+        import ray.tune
+
+        from covid_tune.training.trial import train_trial
+
+        report, first_try = ray.tune.report, ray.tune.get_checkpoint() is None
+
+        def report_then_interrupt(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            if first_try and config["seed"] == seed and metrics["epoch"] == 1:
+                os.kill(driver, signal.SIGINT)
+                time.sleep(3)  # Ray stops this trial meanwhile
+
+        ray.tune.report = report_then_interrupt
+        try:
+            return train_trial(config, data)
+        finally:
+            ray.tune.report = report
 
     return trainable
 
@@ -83,7 +110,7 @@ def test_a_tracked_sweep_is_a_parent_run_with_a_nested_run_per_trial(
     configuration and exactly the metrics Ray recorded for it, epoch by epoch; the
     statuses say how each ended."""
     run_dir = tmp_path / "runs" / "tracked"
-    run_sweep(SweepOptions(space_file=str(space(tmp_path, 5, 1, "tracked-sweep")),
+    run_sweep(SweepOptions(space_file=str(space(tmp_path, 4, 1, "tracked-sweep")),
                            data=str(binary_data), storage_path=str(tmp_path / "runs"),
                            name="tracked", seed=5, max_failures=0, mlflow=mlflow_server),
               trainable=failing(trial_seed(5, 2)))
@@ -107,7 +134,7 @@ def test_a_tracked_sweep_is_a_parent_run_with_a_nested_run_per_trial(
 
     ray = ray_trials(run_dir)
     runs = nested(client, run_dir)
-    assert set(runs) == set(ray) and len(ray) == 5
+    assert set(runs) == set(ray) and len(ray) == 4
     statuses = {}
     for trial_id, run in runs.items():
         config, epochs = ray[trial_id]["config"], ray[trial_id]["epochs"]
@@ -128,46 +155,37 @@ def test_a_tracked_sweep_is_a_parent_run_with_a_nested_run_per_trial(
     best = min(row["val_loss"] for trial in ray.values() for row in trial["epochs"].values())
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best)
 
+    # The exported best model, registered, links back to its trial's run.
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "model"),
+                 "--mlflow", mlflow_server, "--registered-name", "tracked-best"]) == 0
+    version = client.get_model_version("tracked-best", "1")
+    assert version.run_id == runs[version.tags["trial_id"]].info.run_id
+
 
 def test_a_stopped_sweep_resumed_logs_to_the_same_runs(
         ray_cluster, binary_data, mlflow_server, tmp_path, capsys):
-    """Ctrl-C once a trial has finished: the trial still running is ``interrupted``
+    """Ctrl-C once a trial has finished and the next has done an epoch: the trial still
+    running is ``interrupted``
     (KILLED), the parent too. ``resume`` (no flag: the run's ``mlflow.json``) reopens the
     same parent and the same trial runs; no epoch is logged twice; all end FINISHED."""
     run_dir = tmp_path / "runs" / "resumed"
-    opts = SweepOptions(space_file=str(space(tmp_path, 3, EPOCHS, "resumed-sweep")),
+    opts = SweepOptions(space_file=str(space(tmp_path, 2, 2, "resumed-sweep", epochs=2)),
                         data=str(binary_data), storage_path=str(tmp_path / "runs"),
                         name="resumed", seed=2, max_concurrent=1, mlflow=mlflow_server)
-    finished = threading.Event()
-
-    def a_trial_finished_and_another_checkpointed() -> bool:
-        done = [f for f in run_dir.glob("trial_*/result.json")
-                if f'"epoch": {EPOCHS}' in f.read_text()]
-        return bool(done) and len(list(run_dir.glob("trial_*/checkpoint_*"))) > len(done)
-
-    def watch():
-        while not finished.is_set():
-            if a_trial_finished_and_another_checkpointed():
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.2)
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        with pytest.raises(Stopped):
-            run_sweep(opts)
-    finally:
-        finished.set()
+    with pytest.raises(Stopped):
+        run_sweep(opts, trainable=interrupting(os.getpid(), trial_seed(2, 1)))
     client = MlflowClient(mlflow_server)
     record = read_tracking(run_dir)
     before = nested(client, run_dir)
     assert client.get_run(record.parent_run_id).info.status == "KILLED"
     interrupted = [run for run in before.values()
                    if run.data.tags["covid_tune.status"] == "interrupted"]
-    assert len(interrupted) == 1 and interrupted[0].info.status == "KILLED"
+    assert sorted(run.data.tags["covid_tune.status"] for run in before.values()) == \
+        ["finished", "interrupted"]
+    assert interrupted[0].info.status == "KILLED"
 
     capsys.readouterr()
-    resume_sweep(run_dir)
+    resume_sweep(run_dir, trainable=interrupting(os.getpid(), -1))  # the same name, no signal
     out = capsys.readouterr().out
     assert "trial run(s) continued" in out
     assert read_tracking(run_dir) == record
@@ -175,11 +193,11 @@ def test_a_stopped_sweep_resumed_logs_to_the_same_runs(
     assert len(client.search_runs([experiment.experiment_id],
                                   "tags.covid_tune.run != ''")) == 1
     after = nested(client, run_dir)
-    assert len(after) == 3 and {k: r.info.run_id for k, r in before.items()}.items() <= \
+    assert len(after) == 2 and {k: r.info.run_id for k, r in before.items()}.items() <= \
         {k: r.info.run_id for k, r in after.items()}.items()
     for run in after.values():
         steps = [step for step, _ in history(client, run.info.run_id, "val_loss")]
-        assert steps == list(range(1, EPOCHS + 1)), (run.info.run_name, steps)
+        assert steps == [1, 2], (run.info.run_name, steps)
         assert run.info.status == "FINISHED" and run.data.tags["covid_tune.status"] == "finished"
     assert client.get_run(record.parent_run_id).info.status == "FINISHED"
 
@@ -249,3 +267,24 @@ def test_the_tracker_pickles_as_its_target_alone(mlflow_server, tmp_path, capsys
     callback.close()
     assert copy.tracking_uri == mlflow_server and copy.run_dir == str(tmp_path)
     assert copy.client is None and copy.worker is None and copy.parent is None
+
+
+def test_a_driver_that_stops_at_once_leaves_its_runs_interrupted_not_running(
+        mlflow_server, tmp_path, capsys):
+    """No end of the experiment from Ray Tune (a second Ctrl-C): the trial runs the
+    driver started, and the parent, end KILLED with the tag ``interrupted``."""
+    callback = tracker(mlflow_server, tmp_path)
+    callback.setup(total_num_samples=2)
+    trial = type("T", (), {"trial_id": "t1", "config": {"lr": 0.1, "seed": 4}})()
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"epoch": 1, "val_f1": 0.5})
+    callback.stopped_at_once()
+    callback.close()
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(callback.runs["t1"])
+    assert (run.info.status, run.data.tags["covid_tune.status"]) == ("KILLED", "interrupted")
+    assert history(client, run.info.run_id, "val_f1") == [(1, 0.5)]
+    parent = client.get_run(callback.parent)
+    assert (parent.info.status, parent.data.tags["covid_tune.status"]) == ("KILLED",
+                                                                          "interrupted")
+    assert "note:" not in capsys.readouterr().out
