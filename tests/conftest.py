@@ -105,6 +105,31 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
+def made_once(tmp_path_factory, name: str, make) -> tuple[Path, object]:
+    """A folder ``make(folder)`` fills once for the whole ``make test``, however many
+    pytest processes run it, and what ``make`` returned (None in a process that found
+    the folder made): the first process to ask makes it under a file lock, the others
+    wait and then read the same folder (pytest-xdist's recipe for session fixtures).
+    What is made this way is read only, by every test."""
+    import shutil
+
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        return folder, make(folder)
+    root = tmp_path_factory.getbasetemp().parent  # shared by the processes of one run
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if done.exists():
+            return folder, None
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        made = make(folder)
+        done.touch()
+    return folder, made
+
+
 @pytest.fixture(scope="session")
 def binary_data(tmp_path_factory):
     """A tiny Part 1 dataset of phantoms (48 px), in the layout of the public Kaggle
@@ -112,10 +137,10 @@ def binary_data(tmp_path_factory):
     ``pneumonia``), so every real sweep of Part 1 reads a public layout."""
     from covid_tune.data.synth import generate
 
-    root = tmp_path_factory.mktemp("binary") / "chest_xray"
-    generate(root, "binary", scale=0.006, size=48, seed=1, progress=False,
-             layout="kaggle-pneumonia")
-    return root
+    folder, _ = made_once(tmp_path_factory, "binary", lambda folder: generate(
+        folder / "chest_xray", "binary", scale=0.006, size=48, seed=1, progress=False,
+        layout="kaggle-pneumonia"))
+    return folder / "chest_xray"
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +148,9 @@ def multilabel_data(tmp_path_factory):
     """A tiny Part 2 dataset of phantoms (48 px), with the flat unlabelled Test/."""
     from covid_tune.data.synth import generate
 
-    root = tmp_path_factory.mktemp("multilabel") / "data"
-    generate(root, "multilabel", scale=0.01, size=48, seed=2, progress=False)
-    return root
+    folder, _ = made_once(tmp_path_factory, "multilabel", lambda folder: generate(
+        folder / "data", "multilabel", scale=0.01, size=48, seed=2, progress=False))
+    return folder / "data"
 
 
 BINARY_SPACE = {
@@ -184,19 +209,28 @@ def write_space(folder: Path, doc: dict, name: str = "space.yaml") -> Path:
 @pytest.fixture(scope="session")
 def swept(ray_cluster, binary_data, multilabel_data, tmp_path_factory) -> Swept:
     """One Part 1 and one Part 2 sweep shared by every test that reads a run folder
-    (runs, leaderboard, export, TensorBoard, predict). Tests must not change them:
-    copy a run folder first (``shutil.copytree``) to damage it."""
+    (runs, leaderboard, export, TensorBoard, predict), run once for the whole ``make
+    test`` (``made_once``: the other pytest process reads Ray's results back from the
+    run folders). Tests must not change them: copy a run folder first
+    (``shutil.copytree``) to damage it."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
     from covid_tune.runs.record import SweepOptions
     from covid_tune.search.sweep import run_sweep
 
-    tmp = tmp_path_factory.mktemp("swept")
-    results = {}
-    for task, doc, data in (("binary", BINARY_SPACE, binary_data),
-                            ("multilabel", MULTILABEL_SPACE, multilabel_data)):
-        space = write_space(tmp, doc, f"{task}.yaml")
-        results[task] = run_sweep(SweepOptions(space_file=str(space), data=str(data),
-                                               name=task, storage_path=str(tmp / "runs"),
-                                               seed=3))
+    def sweep(tmp: Path) -> dict:
+        results = {}
+        for task, doc, data in (("binary", BINARY_SPACE, binary_data),
+                                ("multilabel", MULTILABEL_SPACE, multilabel_data)):
+            space = write_space(tmp, doc, f"{task}.yaml")
+            results[task] = run_sweep(SweepOptions(
+                space_file=str(space), data=str(data), name=task,
+                storage_path=str(tmp / "runs"), seed=3))
+        return results
+
+    tmp, results = made_once(tmp_path_factory, "swept", sweep)
+    results = results or {task: ResultGrid(ExperimentAnalysis(str(tmp / "runs" / task)))
+                          for task in ("binary", "multilabel")}
     return Swept(tmp / "runs" / "binary", tmp / "runs" / "multilabel", results["binary"],
                  results["multilabel"], tmp / "binary.yaml")
 
@@ -209,3 +243,4 @@ def exported(swept, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exported")
     export_best([str(swept.binary), str(swept.multilabel)], str(out))
     return out
+

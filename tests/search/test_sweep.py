@@ -353,6 +353,7 @@ def slowed(folder: Path, batch_seconds: float, fail_lr: float | None = None):
     return trainable
 
 
+@pytest.mark.realistic  # real timing (epochs longer than Ray's timeout): make soak runs it
 def test_trials_asha_stops_end_within_rays_reuse_timeout_and_the_next_trial_runs(
         ray_cluster, binary_data, tmp_path):
     """Epochs of about 2 s, longer than the time Ray gives a stopped trial's thread
