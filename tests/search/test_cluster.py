@@ -721,6 +721,7 @@ def signal_self_once(condition, signum: int, finished: threading.Event) -> threa
     return thread
 
 
+@pytest.mark.realistic  # 70-90 s of real stops and kills: make soak runs it (see its note)
 def test_stopped_killed_and_stopped_again_a_sweep_resumes_with_every_trial_once(
         ray_cluster, binary_data, tmp_path, capsys):
     """One run through every way a driver ends early, then a resume to the end:
