@@ -27,10 +27,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_collection_modifyitems(items):
     """A test that uses the Ray cluster, directly or through a fixture (``swept``,
-    ``exported``), is marked ``cluster``: ``make test-fast`` leaves these out."""
+    ``exported``), is marked ``cluster``: ``make test-fast`` leaves these out.
+
+    The tests that read the shared sweeps run last (in file order otherwise): the first
+    pytest process to reach one makes the sweeps (``made_once``) while the other goes on
+    with the rest, instead of waiting for them."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+    items.sort(key=lambda item: "swept" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session", autouse=True)
