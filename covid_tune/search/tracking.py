@@ -111,14 +111,15 @@ class MlflowTracking(tune.Callback):
         try:
             self.client = connect(self.tracking_uri)
             self.parent = self.open_parent()
+            self.runs = self.trial_runs()
         except Unreachable as exc:
             self.note(f"{exc}")
             return
         except Exception as exc:  # the server refused a call: same as unreachable
             self.note(f"MLflow at {self.tracking_uri} refused the sweep's run "
                       f"({one_line(exc)})")
+            self.parent = None
             return
-        self.runs = self.trial_runs()
         print(f"mlflow: {run_url(self.tracking_uri, self.experiment_id, self.parent)}"
               + (f" ({len(self.runs)} trial run(s) continued)" if self.runs else ""),
               flush=True)
