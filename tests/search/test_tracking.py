@@ -222,9 +222,10 @@ def tracker(uri: str, run_dir: Path) -> MlflowTracking:
                           {"task": "binary"})
 
 
-def test_a_server_that_cannot_be_reached_is_one_note_and_nothing_else(tmp_path, capsys):
+def test_a_server_that_cannot_be_reached_is_one_note_and_nothing_else(
+        ray_cluster, binary_data, tmp_path, capsys):
     """Nothing listens on the port: ``setup`` says so once, and every later hook does
-    nothing (the sweep goes on)."""
+    nothing; a real sweep tracked there runs to its end with that one note."""
     import socket
 
     with socket.socket() as closed:
@@ -252,6 +253,17 @@ def test_a_server_that_cannot_be_reached_is_one_note_and_nothing_else(tmp_path, 
     callback.on_trial_complete(0, [], Trial())
     callback.on_experiment_end([Trial()])
     assert capsys.readouterr().out == ""
+
+    results = run_sweep(SweepOptions(
+        space_file=str(space(tmp_path, 1, 1, "never", epochs=1)), data=str(binary_data),
+        storage_path=str(tmp_path / "runs"), name="untracked", seed=1,
+        mlflow=f"http://127.0.0.1:{port}"))
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+        f"note: MLflow at http://127.0.0.1:{port} does not answer ([Errno 111] Connection "
+        f"refused); the sweep goes on without MLflow tracking"]
+    assert len(results) == 1 and results[0].error is None and results[0].metrics["epoch"] == 1
+    assert read_tracking(tmp_path / "runs" / "untracked") is None
 
 
 def test_a_call_the_server_refuses_mid_sweep_is_one_note_and_the_rest_is_dropped(
