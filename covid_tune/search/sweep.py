@@ -416,8 +416,9 @@ def attach_leaderboard(tracker: MlflowTracking | None, run_dir: str) -> None:
     with tempfile.TemporaryDirectory(prefix="covid-tune-leaderboard-") as folder:
         try:
             write_leaderboard([run_dir], folder)
-        except UserError as exc:
-            print(f"note: no leaderboard for MLflow ({exc})", flush=True)
+        except Exception as exc:  # the trials are kept; the sweep's end must not fail here
+            print(f"note: no leaderboard for MLflow ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+                  f"`covid-tune leaderboard {run_dir}` writes it", flush=True)
             return
         tracker.attach_leaderboard(folder)
 
