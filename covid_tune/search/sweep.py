@@ -55,7 +55,7 @@ from covid_tune.nn.models import check_pretrained
 from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
 from covid_tune.runs.folder import DIVERGED_FILE, LOST_DIR, SWEEP_FILE, STUDY_FILE, RunFolder
 from covid_tune.runs.record import SweepOptions, read_record, read_selection, read_space, write_record
-from covid_tune.runs.tracking import read_tracking
+from covid_tune.runs.tracking import one_line, read_tracking
 from covid_tune.runs.ray_state import check_ray_state
 from covid_tune.runs.retention import checkpoint_folders, drop_resume_state, keep_best
 from covid_tune.search._internals import (controller_storage, in_run_folder, point_at_checkpoint,
@@ -417,8 +417,8 @@ def attach_leaderboard(tracker: MlflowTracking | None, run_dir: str) -> None:
         try:
             write_leaderboard([run_dir], folder)
         except Exception as exc:  # the trials are kept; the sweep's end must not fail here
-            print(f"note: no leaderboard for MLflow ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
-                  f"`covid-tune leaderboard {run_dir}` writes it", flush=True)
+            print(f"note: no leaderboard for MLflow ({one_line(exc)}); `covid-tune "
+                  f"leaderboard {run_dir}` writes it", flush=True)
             return
         tracker.attach_leaderboard(folder)
 

@@ -315,3 +315,19 @@ def test_a_driver_that_stops_at_once_leaves_its_runs_interrupted_not_running(
     assert (parent.info.status, parent.data.tags["covid_tune.status"]) == ("KILLED",
                                                                           "interrupted")
     assert "note:" not in capsys.readouterr().out
+
+
+def test_a_leaderboard_that_cannot_be_built_ends_the_sweep_with_a_note(
+        mlflow_server, tmp_path, capsys):
+    """The sweep's trials are kept whatever the leaderboard does: here the folder holds
+    no run, and the end of the sweep is one note naming the command that writes it."""
+    from covid_tune.search.sweep import attach_leaderboard
+
+    callback = tracker(mlflow_server, tmp_path)
+    callback.setup()
+    callback.close()
+    capsys.readouterr()
+    attach_leaderboard(callback, str(tmp_path))
+    out = capsys.readouterr().out
+    assert out.startswith("note: no leaderboard for MLflow (") and out.count("\n") == 1
+    assert f"`covid-tune leaderboard {tmp_path}` writes it" in out
