@@ -40,52 +40,36 @@ def space(folder: Path, num_samples: int, grace: int, experiment: str,
     return path
 
 
-def failing_and_poor(fail: int, poor: int):
-    """The trainable, except that the trial seeded ``fail`` fails before its first epoch
-    and the one seeded ``poor`` reports a validation loss 10 higher than it got, so
-    ASHA stops it at its first rung, whatever the others did (a closure: cloudpickle
-    ships it to Ray's workers by value)."""
+def altered(fail: int = -1, poor: int = -1, interrupt: int = -1, driver: int = 0):
+    """The trainable, altered by trial seed (a closure: cloudpickle ships it to Ray's
+    workers by value):
+
+    - ``fail``: fails before its first epoch;
+    - ``poor``: reports a validation loss 10 higher than it got, so ASHA stops it at
+      its first rung, whatever the others did;
+    - ``interrupt``: on its first try, sends the ``driver`` SIGINT (as Ctrl-C) right
+      after reporting its first epoch with its checkpoint, then goes on: the sweep
+      stops with that trial half done, every time.
+    """
     def trainable(config, data):
         import ray.tune
 
         from covid_tune.training.trial import train_trial
 
-        if config["seed"] == fail:
+        seed = config["seed"]
+        if seed == fail:
             raise RuntimeError("a trial that fails, for the test")
-        report = ray.tune.report
-
-        def report_poorly(metrics, *args, **kwargs):
-            if config["seed"] == poor:
-                metrics = {**metrics, "val_loss": metrics["val_loss"] + 10}
-            report(metrics, *args, **kwargs)
-
-        ray.tune.report = report_poorly
-        try:
-            return train_trial(config, data)
-        finally:
-            ray.tune.report = report
-
-    return trainable
-
-
-def interrupting(driver: int, seed: int):
-    """The trainable, except that the trial of this seed, on its first try, sends the
-    driver SIGINT (as Ctrl-C) right after reporting its first epoch with its checkpoint,
-    then goes on: the sweep stops with that trial half done, every time."""
-    def trainable(config, data):
-        import ray.tune
-
-        from covid_tune.training.trial import train_trial
-
         report, first_try = ray.tune.report, ray.tune.get_checkpoint() is None
 
-        def report_then_interrupt(metrics, *args, **kwargs):
+        def altered_report(metrics, *args, **kwargs):
+            if seed == poor:
+                metrics = {**metrics, "val_loss": metrics["val_loss"] + 10}
             report(metrics, *args, **kwargs)
-            if first_try and config["seed"] == seed and metrics["epoch"] == 1:
+            if first_try and seed == interrupt and metrics["epoch"] == 1:
                 os.kill(driver, signal.SIGINT)
                 time.sleep(3)  # Ray stops this trial meanwhile
 
-        ray.tune.report = report_then_interrupt
+        ray.tune.report = altered_report
         try:
             return train_trial(config, data)
         finally:
@@ -128,7 +112,7 @@ def test_a_tracked_sweep_is_a_parent_run_with_a_nested_run_per_trial(
     run_sweep(SweepOptions(space_file=str(space(tmp_path, 4, 1, "tracked-sweep")),
                            data=str(binary_data), storage_path=str(tmp_path / "runs"),
                            name="tracked", seed=5, max_failures=0, mlflow=mlflow_server),
-              trainable=failing_and_poor(trial_seed(5, 2), trial_seed(5, 3)))
+              trainable=altered(fail=trial_seed(5, 2), poor=trial_seed(5, 3)))
     out = capsys.readouterr().out
     assert "note:" not in out.replace("note: trial", ""), out
     client = MlflowClient(mlflow_server)
@@ -188,7 +172,7 @@ def test_a_stopped_sweep_resumed_logs_to_the_same_runs(
                         data=str(binary_data), storage_path=str(tmp_path / "runs"),
                         name="resumed", seed=2, max_concurrent=1, mlflow=mlflow_server)
     with pytest.raises(Stopped):
-        run_sweep(opts, trainable=interrupting(os.getpid(), trial_seed(2, 1)))
+        run_sweep(opts, trainable=altered(interrupt=trial_seed(2, 1), driver=os.getpid()))
     client = MlflowClient(mlflow_server)
     record = read_tracking(run_dir)
     before = nested(client, run_dir)
@@ -200,7 +184,7 @@ def test_a_stopped_sweep_resumed_logs_to_the_same_runs(
     assert interrupted[0].info.status == "KILLED"
 
     capsys.readouterr()
-    resume_sweep(run_dir, trainable=interrupting(os.getpid(), -1))  # the same name, no signal
+    resume_sweep(run_dir, trainable=altered())  # the same trainable name, unaltered
     out = capsys.readouterr().out
     assert "trial run(s) continued" in out
     assert read_tracking(run_dir) == record
