@@ -16,7 +16,12 @@ A search-space file looks like ``search_spaces/binary.yaml``:
 - ``threshold: {rule: f1 | youden | sensitivity, target: T}``: how each label's
   decision threshold is tuned on the selection split;
 - ``mlflow: {tracking_uri: URI, experiment: NAME}``: where the sweep is tracked in
-  MLflow (``--mlflow URI`` overrides the URI).
+  MLflow (``--mlflow URI`` overrides the URI);
+- ``stop: {at: GOAL, converged: K}``: end the sweep before ``num_samples`` once the
+  metric reaches a goal, or once K finished trials in a row brought no gain beyond the
+  best's bootstrap interval;
+- ``objectives: [latency_ms]``: deploy costs TPE minimises besides the metric (a Pareto
+  search; ``COSTS`` lists them).
 """
 
 from __future__ import annotations
@@ -213,6 +218,30 @@ class Tracking:
 
 
 @dataclass(frozen=True)
+class Stop:
+    """When a sweep ends before ``num_samples`` (``stop:`` in the space); both unset:
+    it runs them all. The sweep's summary and the leaderboard say which one ended it."""
+
+    at: float | None = None
+    """A goal for the metric: the sweep ends once a trial's best epoch reaches it
+    (``>=`` for a metric to maximise, ``<=`` to minimise)."""
+    converged: int | None = None
+    """K: the sweep ends when the last K finished trials have not raised the best score
+    by more than the half-width of the best's bootstrap interval (its noise)."""
+
+    def to_raw(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+COSTS: dict[str, str] = {
+    "latency_ms": "ONNX Runtime CPU latency per image at batch 1, in milliseconds",
+    "params": "the model's parameters, frozen ones included",
+}
+"""The deploy costs a space may name in ``objectives``: each trial measures them once
+(``covid_tune.training.cost``) and reports them with every epoch; lower is better."""
+
+
+@dataclass(frozen=True)
 class Threshold:
     """How each label's decision threshold is tuned on the selection split."""
 
@@ -319,6 +348,11 @@ class SearchSpace:
     """Class map and drawn splits that override the detected layout's."""
     mlflow: Tracking = Tracking()
     """Where the sweep is tracked in MLflow (nowhere by default)."""
+    stop: Stop = Stop()
+    """When the sweep ends before ``num_samples``."""
+    objectives: tuple[str, ...] = ()
+    """Deploy costs (``COSTS``) TPE minimises besides ``metric``: a Pareto search. ASHA
+    still ranks by ``metric`` alone."""
 
     def fixed_settings(self) -> dict:
         """The keys every trial shares, as they go into each trial's config."""

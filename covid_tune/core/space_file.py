@@ -22,6 +22,7 @@ from covid_tune.core.space import (
     FOCAL_PARAMS,
     LOWER_IS_BETTER,
     PARAM_TYPES,
+    COSTS,
     Asha,
     Augment,
     Choice,
@@ -31,6 +32,7 @@ from covid_tune.core.space import (
     Range,
     SearchSpace,
     Selection,
+    Stop,
     Threshold,
     Tracking,
     tracking_uri_problem,
@@ -43,8 +45,9 @@ from covid_tune.errors import UserError
 TOP_KEYS = (
     "task", "metric", "mode", "max_epochs", "image_size", "augment", "pretrained",
     "num_samples", "asha", "params", "start_with", "allow_train_metric", "trial_seed",
-    "selection", "threshold", "data", "mlflow",
+    "selection", "threshold", "data", "mlflow", "stop", "objectives",
 )
+STOP_KEYS = ("at", "converged")
 MLFLOW_KEYS = ("tracking_uri", "experiment")
 DATA_KEYS = ("classes", "split", "patient", "views")
 SPLIT_KEYS = ("validation", "test")
@@ -151,6 +154,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         threshold=_threshold(raw.get("threshold"), problems),
         data=_data(raw.get("data"), task, problems),
         mlflow=_mlflow(raw.get("mlflow"), problems),
+        stop=_stop(raw.get("stop"), problems),
+        objectives=_objectives(raw.get("objectives"), problems),
     )
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
@@ -297,6 +302,44 @@ def _mlflow(raw: Any, problems: Problems) -> Tracking:
         problems.add("mlflow.experiment", f"expected an experiment name, got {_show(experiment)}")
         experiment = "covid-tune"
     return Tracking(uri, experiment.strip())
+
+
+def _stop(raw: Any, problems: Problems) -> Stop:
+    """``stop: {at: GOAL, converged: K}``."""
+    raw = _section(raw, "stop", STOP_KEYS, "{at: 0.95} or {converged: 8}", problems)
+    if raw is None:
+        return Stop()
+    at, converged = raw.get("at"), raw.get("converged")
+    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float))):
+        problems.add("stop.at", f"expected the metric's goal, a number such as 0.95, got "
+                                f"{_show(at)}")
+        at = None
+    if converged is not None and (isinstance(converged, bool) or not isinstance(converged, int)
+                                  or converged < 2):
+        problems.add("stop.converged", f"expected a number of trials >= 2, got "
+                                       f"{_show(converged)}")
+        converged = None
+    return Stop(None if at is None else float(at), converged)
+
+
+def _objectives(raw: Any, problems: Problems) -> tuple[str, ...]:
+    """``objectives: [latency_ms]`` (or one name): deploy costs besides the metric."""
+    if raw is None:
+        return ()
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not names:
+        problems.add("objectives", f"expected a list of deploy costs such as [latency_ms]; "
+                                   f"one of: {', '.join(COSTS)}")
+        return ()
+    for name in names:
+        if name not in COSTS:
+            problems.add("objectives", f"{_show(name)} is not a deploy cost covid-tune "
+                                       f"measures; use one of: {', '.join(COSTS)}")
+            return ()
+    if len(set(names)) < len(names):
+        problems.add("objectives", f"{_show(names)} names a cost twice")
+        return ()
+    return tuple(names)
 
 
 def _patient_rule(raw: Any, problems: Problems) -> str | None:
@@ -640,6 +683,8 @@ def to_raw(space: SearchSpace) -> dict:
         **({"selection": asdict(space.selection)} if space.selection.holdout else {}),
         **({"data": space.data.to_raw()} if space.data.to_raw() else {}),
         **({"mlflow": space.mlflow.to_raw()} if space.mlflow.to_raw() else {}),
+        **({"stop": space.stop.to_raw()} if space.stop.to_raw() else {}),
+        **({"objectives": list(space.objectives)} if space.objectives else {}),
     }
 
 

@@ -476,3 +476,33 @@ def test_the_mlflow_key_survives_the_round_trip_and_loads_without_mlflow(tmp_pat
         assert parse_space(yaml.safe_load(dump_space(space)), "again.yaml").mlflow == space.mlflow
     assert load_space(write(tmp_path, MINIMAL)).mlflow == Tracking(None, "covid-tune")
     assert "mlflow" not in dump_space(load_space(write(tmp_path, MINIMAL)))
+
+
+@pytest.mark.parametrize("doc, key, words", [
+    ({"stop": {"at": "high"}}, "stop.at", "expected the metric's goal, a number such as 0.95"),
+    ({"stop": {"at": True}}, "stop.at", "expected the metric's goal"),
+    ({"stop": {"converged": 1}}, "stop.converged", "expected a number of trials >= 2, got 1"),
+    ({"stop": {"converged": 2.5}}, "stop.converged", "expected a number of trials >= 2"),
+    ({"stop": {"convergd": 4}}, "stop.convergd", "did you mean 'converged'"),
+    ({"stop": 0.95}, "stop", "expected a mapping such as {at: 0.95} or {converged: 8}"),
+    ({"objectives": ["speed"]}, "objectives", "'speed' is not a deploy cost covid-tune "
+                                              "measures; use one of: latency_ms, params"),
+    ({"objectives": []}, "objectives", "expected a list of deploy costs such as [latency_ms]"),
+    ({"objectives": ["params", "params"]}, "objectives", "names a cost twice"),
+])
+def test_stop_and_objectives_mistakes_name_the_key(tmp_path, doc, key, words):
+    message = errors_of(tmp_path, {**MINIMAL, **doc})
+    assert f": {key}: " in message and words in message
+
+
+def test_stop_and_objectives_survive_the_round_trip(tmp_path):
+    from covid_tune.core.space import Stop
+
+    doc = {**MINIMAL, "stop": {"at": 1, "converged": 6}, "objectives": "latency_ms"}
+    space = load_space(write(tmp_path, doc))
+    assert space.stop == Stop(at=1.0, converged=6) and space.objectives == ("latency_ms",)
+    again = parse_space(yaml.safe_load(dump_space(space)), "again.yaml")
+    assert (again.stop, again.objectives) == (space.stop, space.objectives)
+    plain = load_space(write(tmp_path, MINIMAL))
+    assert plain.stop == Stop() and plain.objectives == ()
+    assert "stop" not in dump_space(plain) and "objectives" not in dump_space(plain)
