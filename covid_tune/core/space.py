@@ -365,6 +365,7 @@ class SearchSpace:
             "augment": self.augment.to_raw() if self.augment else None,
             "pretrained": self.pretrained,
             "threshold": self.threshold.to_raw(),
+            **({"objectives": list(self.objectives)} if self.objectives else {}),
         }
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
@@ -424,6 +425,9 @@ class TrialConfig:
     """Seeds the initial head weights, the batch order and the augmentation."""
     threshold: Threshold = Threshold()
     """How each checkpoint's decision thresholds are tuned on the choosing split."""
+    objectives: tuple[str, ...] = ()
+    """The deploy costs the sweep searches besides the metric (``COSTS``): the trial
+    measures ``latency_ms`` only when named (``params`` always)."""
 
     @classmethod
     def from_dict(cls, config: dict) -> TrialConfig:
@@ -432,6 +436,7 @@ class TrialConfig:
         values = {k: v for k, v in config.items() if k in names}
         values["augment"] = Augment.from_dict(values.get("augment"))
         values["threshold"] = Threshold.from_dict(values.get("threshold"))
+        values["objectives"] = tuple(values.get("objectives") or ())
         return cls(**values)
 
     def to_dict(self) -> dict:

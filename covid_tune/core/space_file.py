@@ -684,7 +684,6 @@ def to_raw(space: SearchSpace) -> dict:
         **({"data": space.data.to_raw()} if space.data.to_raw() else {}),
         **({"mlflow": space.mlflow.to_raw()} if space.mlflow.to_raw() else {}),
         **({"stop": space.stop.to_raw()} if space.stop.to_raw() else {}),
-        **({"objectives": list(space.objectives)} if space.objectives else {}),
     }
 
 

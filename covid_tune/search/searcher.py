@@ -46,6 +46,12 @@ class SweepSearch(OptunaSearch):
       (Ray issue 52535: otherwise every trial started while the first ones run is drawn
       at random, far more than TPE's start-up count).
 
+    With ``objectives`` in the space the search is a Pareto one: ``metric`` and
+    ``mode`` are lists (the space's metric, then each deploy cost, minimised), the
+    study has one direction per objective, and TPE learns from finished trials' values
+    of all of them; Optuna takes no per-epoch values in such a study, so a stopped
+    trial is PRUNED without one. ASHA still ranks trials by the space's metric alone.
+
     The study is mirrored into ``study_file`` (``StudyMirror``): a trial that ends at
     once, running trials' new epochs every ``StudyMirror.interval`` seconds. On
     ``resume``, trials that failed are reopened, to be told their new outcome.
@@ -65,6 +71,12 @@ class SweepSearch(OptunaSearch):
         self.mirror = StudyMirror(study_file) if study_file else None
         if self.mirror:  # opening SQLite takes most of a second: before trials, not during
             self.mirror.sync(self.study, now=True)
+
+    @property
+    def pareto(self) -> bool:
+        """Whether TPE searches deploy costs besides the metric (``objectives``): Optuna
+        then takes no per-epoch values, and a trial ASHA stopped is PRUNED without one."""
+        return isinstance(self.metric, list)
 
     @property
     def study(self) -> optuna.Study:
@@ -154,7 +166,8 @@ class SweepSearch(OptunaSearch):
         ot_trial = ot_trials(self)[trial_id]
         step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
         reported = self.frozen(ot_trial).intermediate_values
-        if state == optuna.trial.TrialState.PRUNED and step is not None and step not in reported:
+        if (state == optuna.trial.TrialState.PRUNED and step is not None
+                and step not in reported and not self.pareto):
             # Ray passes the result that made ASHA stop only here, not to on_trial_result.
             ot_trial.report(result[self.metric], step)
         try:
@@ -172,7 +185,7 @@ class SweepSearch(OptunaSearch):
                 for v in (*t.intermediate_values.values(), *(t.values or ()))
                 if math.isfinite(v)]
         reported = self.frozen(ot_trial).intermediate_values
-        if seen:
+        if seen and not self.pareto:  # a multi-objective study takes no intermediate value
             worst = min(seen, key=lambda v: rank_key(v, self.mode))
             ot_trial.report(worst, max(reported, default=0) + 1)
         self.study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
@@ -397,8 +410,11 @@ def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: 
         sampler = optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True,
             n_startup_trials=n_startup_trials(space))
+    metric, mode = space.metric, space.mode
+    if space.objectives:  # a Pareto search: the metric, then each cost, lower is better
+        metric, mode = [metric, *space.objectives], [mode, *["min"] * len(space.objectives)]
     searcher = SweepSearch(
-        space=define_by_run(space, seed), metric=space.metric, mode=space.mode,
+        space=define_by_run(space, seed), metric=metric, mode=mode,
         points_to_evaluate=start_points(space) or None, sampler=sampler,
         study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
         study_file=study_path)

@@ -53,6 +53,7 @@ from covid_tune.runs.checkpoint import DamagedCheckpoint, load_checkpoint, load_
 from covid_tune.runs.retention import checkpoint_folders
 from covid_tune.search._internals import RAY_STORAGE_LOGGER, asked_to_stop, trial_session
 from covid_tune.core.tasks import TASKS, Task
+from covid_tune.training.cost import trial_costs
 from covid_tune.training.tensorboard import TrialWriter
 
 
@@ -101,6 +102,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
     # Ray logs a line for every checkpoint saved; the run folder says as much.
     logging.getLogger(RAY_STORAGE_LOGGER).setLevel(logging.WARNING)
     model, optimizer, scaler, loss_fn = build_training(cfg, device)
+    costs = trial_costs(model, cfg)
     base = Base.of(model, cfg)
     start, reached = restore(model, optimizer, tune.get_checkpoint(), base)
     if start >= cfg.max_epochs and reached:
@@ -124,6 +126,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
             metrics, confusion = epoch_metrics(task, results, epoch, lr,
                                                thresholds["threshold_logits"])
             metrics["node_id"] = node_id
+            metrics.update(costs)
             metrics[CHECKPOINT_SCORE] = tie_broken(metrics.get(cfg.metric), epoch, cfg.mode)
             # Tune would time an epoch from one report to the next, which the publisher
             # thread makes; the training thread's own spacing is the trial's wall time.

@@ -330,3 +330,27 @@ def test_a_restored_searcher_rewrites_a_file_that_went_astray(searcher, tmp_path
     again.suggest("c")
     finish(again, "c", 0.2, 3)
     assert [t.value for t in load(tmp_path).trials] == [0.3, 0.2]
+
+
+def test_a_pareto_search_tells_tpe_the_metric_and_the_cost(tmp_path):
+    """``objectives: [latency_ms]``: a two-objective study (the metric's direction, then
+    lower cost); a finished trial gets both values, a stopped or diverged one is PRUNED
+    without per-epoch values (Optuna takes none in a multi-objective study)."""
+    space = parse_space({**SPACE, "objectives": ["latency_ms"]}, "space.yaml")
+    searcher = build_searcher(space, str(tmp_path / "s.db"), "s", seed=0, max_concurrent=None)
+    for trial_id, result in (("full", {"val_loss": 0.4, "latency_ms": 4.0, "epoch": 3}),
+                             ("stopped", {"val_loss": 0.9, "latency_ms": 2.0, "epoch": 2}),
+                             ("nan", None)):
+        assert searcher.suggest(trial_id) is not None
+        searcher.on_trial_result(trial_id, {"val_loss": 0.6, "latency_ms": 4.0,
+                                            "training_iteration": 1, "epoch": 1})
+        if result:
+            searcher.on_trial_complete(trial_id, result)
+    searcher.diverged.add("nan")
+    searcher.on_trial_complete("nan", None, error=True)
+    study = load(tmp_path)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert study.trials[0].values == [0.4, 4.0]
+    assert all(not t.intermediate_values for t in study.trials)
+    assert searcher.suggest("next") is not None  # TPE samples from a two-objective history
