@@ -10,6 +10,8 @@ record of the run::
     optuna.db       the Optuna study as SQLite (written by covid_tune.search.searcher)
     sweep.lock      held by the sweep or resume running now (covid_tune.runs.lock)
     experiment_state-*.json, searcher-state-*.pkl   Ray Tune's snapshot (for resume)
+    snapshot.tar    a whole copy of Ray Tune's newest snapshot, written by rename: what
+                    resume goes on from when a kill cut Ray's own copy short
     lost_trials/    trials a killed driver's last snapshot did not list (set aside)
     trial_<id>/     result.json, progress.csv, events.out.tfevents.*, diverged.txt,
                     checkpoint_<n>/ (checkpoint.pt: the weights not in the base, epoch;

@@ -37,6 +37,8 @@ RESULT_FILE = "result.json"
 DIVERGED_FILE = "diverged.txt"
 """Written in a trial folder when the trial diverges: its retries then fail at once."""
 RAY_STATE_GLOB = "experiment_state-*.json"
+SNAPSHOT_FILE = "snapshot.tar"
+"""A whole copy of Ray Tune's newest snapshot of the run (``covid_tune.runs.ray_state``)."""
 
 
 class RunFolder:
@@ -63,6 +65,15 @@ class RunFolder:
         self.fs, fs_path = open_path(self.uri)
         self.fs_path = fs_path.rstrip("/") or fs_path
         """The folder's path inside ``fs``."""
+
+    @classmethod
+    def on(cls, fs: pyarrow.fs.FileSystem, fs_path: str) -> RunFolder:
+        """The folder ``fs_path`` on an opened pyarrow filesystem (as Ray holds it)."""
+        folder = object.__new__(cls)
+        folder.fs, folder.fs_path = fs, fs_path.rstrip("/") or fs_path
+        local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+        folder.uri = folder.fs_path if local else f"{fs.type_name}://{folder.fs_path}"
+        return folder
 
     def __repr__(self) -> str:
         return f"RunFolder({self.where()!r})"

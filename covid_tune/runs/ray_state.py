@@ -1,14 +1,20 @@
 """Ray Tune's snapshot of a run (``experiment_state-*.json``), read as plain JSON: the
 one owner of its format on the read side (``resume`` checks it; the leaderboard counts
-its trials' states). Nothing here imports Ray."""
+its trials' states), and of the whole copy of the newest snapshot kept beside it
+(``snapshot.tar``: ``keep_snapshot``, ``put_back``). Nothing here imports Ray."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import tarfile
+import time
 from pathlib import Path
 
 from covid_tune.errors import UserError
-from covid_tune.runs.folder import RAY_STATE_GLOB, RunFolder
+from covid_tune.runs.folder import RAY_STATE_GLOB, SNAPSHOT_FILE, RunFolder
 
 # Ray's snapshot, for resume -------------------------------------------------------
 
@@ -48,3 +54,97 @@ def trial_states(run_dir: str | RunFolder) -> dict[str, str]:
         return {str(t["trial_id"]): str(t["status"]) for t in trials}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return {}
+
+
+# a whole copy of the newest snapshot ----------------------------------------------
+
+STATE_NAME = "experiment_state-{}.json"
+SEARCHER_NAME = "searcher-state-{}.pkl"
+
+
+def keep_snapshot(run_dir: str | RunFolder, staging: str, searcher_file: str) -> str | None:
+    """Keep a whole copy of the snapshot Ray Tune is saving: its trials
+    (``experiment_state-<session>.json``, already written in Ray's ``staging`` folder)
+    and the searcher state being written to ``searcher_file`` there (Ray's temporary
+    name, which ends in ``searcher-state-<session>.pkl``), packed in one file
+    (``SNAPSHOT_FILE``) that replaces the previous one by rename. Returns the
+    session, or None when the staging folder does not hold the pair.
+
+    Ray then copies its files into the run folder in place, one after the other: a
+    driver killed while it copies leaves them cut short or out of step, which the copy
+    kept here makes good (``put_back``). Raises OSError when the copy cannot be
+    written (the caller removes the old one, so a kept copy is never older than
+    Ray's own)."""
+    match = re.search(r"searcher-state-(.+)\.pkl$", os.path.basename(searcher_file))
+    state = os.path.join(staging, STATE_NAME.format(match.group(1))) if match else ""
+    if not match or not os.path.isfile(state):
+        return None
+    session = match.group(1)
+    members = {STATE_NAME.format(session): Path(state).read_bytes(),
+               SEARCHER_NAME.format(session): Path(searcher_file).read_bytes()}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    RunFolder(run_dir).write_bytes(SNAPSHOT_FILE, data=buffer.getvalue())
+    return session
+
+
+def drop_snapshot(run_dir: str | RunFolder) -> None:
+    """Remove the kept copy (after a failed write: Ray's own files are then newer)."""
+    run = RunFolder(run_dir)
+    if run.exists(SNAPSHOT_FILE):
+        run.fs.delete_file(run.path(SNAPSHOT_FILE))
+
+
+def read_snapshot(run_dir: str | RunFolder) -> dict[str, bytes]:
+    """The files of the kept copy, by name; empty when there is none or it cannot be
+    read (a run written before covid-tune kept one)."""
+    run = RunFolder(run_dir)
+    try:
+        data = run.read_bytes(SNAPSHOT_FILE)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (OSError, tarfile.TarError, AttributeError):
+        return {}
+    names = sorted(files)
+    if len(names) != 2 or not names[0].startswith("experiment_state-"):
+        return {}
+    return files
+
+
+def put_back(run_dir: str | RunFolder) -> list[str]:
+    """Before ``resume``: make Ray Tune's snapshot in the run folder the kept copy
+    (``keep_snapshot``) where it differs, and set aside (``*.damaged``) any newer
+    ``experiment_state`` Ray could not have finished; the names written back.
+
+    The copy is the newest complete snapshot: it is written before Ray copies its own
+    files, and removed when it cannot be written. So a run folder whose newest
+    ``experiment_state`` is newer than the copy and reads as JSON keeps Ray's files."""
+    run = RunFolder(run_dir)
+    kept = read_snapshot(run)
+    if not kept:
+        return []
+    state_name = next(name for name in kept if name.startswith("experiment_state-"))
+    newer = [name for name in run.files() if Path(name).match(RAY_STATE_GLOB)
+             and name > state_name]
+    if any(readable_json(run, name) for name in newer):
+        return []
+    for name in newer:
+        run.move((name,), (f"{name}.damaged",))
+    written = []
+    for name, data in kept.items():
+        if not run.exists(name) or run.read_bytes(name) != data:
+            run.write_bytes(name, data=data)
+            written.append(name)
+    return written
+
+
+def readable_json(run: RunFolder, name: str) -> bool:
+    try:
+        json.loads(run.read_bytes(name))
+    except (OSError, ValueError):
+        return False
+    return True

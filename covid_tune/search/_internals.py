@@ -23,6 +23,10 @@ Ray Tune
 - ``Tuner._local_tuner`` (``run_callbacks``): ``Tuner.restore`` brings back the run's
   ``RunConfig``, callbacks included, and takes no new one; ``resume --mlflow`` must
   change where the sweep is tracked.
+- ``AsyncHyperBandScheduler._brackets``, ``._num_stopped``, ``._trial_info``,
+  ``._metric_op`` and ``_Bracket._rungs`` (``asha_state``, ``set_asha_state``,
+  ``asha_record``): Ray Tune saves no scheduler with its snapshot (issue 30838; the PR
+  that would, 30952, was closed unmerged), so ASHA's rungs are empty after a resume.
 - ``RAY_STORAGE_LOGGER`` (``ray.train._internal.storage``): the logger that notes every
   artifact upload; only its private module name reaches it.
 
@@ -99,6 +103,33 @@ def point_at_checkpoint(trial, kept, checkpoint) -> None:
         _TrainingResult(checkpoint=checkpoint, metrics=metrics) if checkpoint else None)
     trial.run_metadata.invalidate_cache()
     trial.invalidate_json_state()
+
+
+def asha_state(scheduler) -> dict:
+    """What ASHA has learned: each bracket's rungs (milestone, and the score each trial
+    had there: the metric times +1 or -1) and how many trials it stopped. Ray Tune
+    does not save a scheduler with its snapshot (Ray issue 30838)."""
+    return {"rungs": [[[milestone, dict(recorded)] for milestone, recorded in bracket._rungs]
+                      for bracket in scheduler._brackets],
+            "stopped": scheduler._num_stopped}
+
+
+def set_asha_state(scheduler, state: dict) -> None:
+    """Put back what ``asha_state`` gave."""
+    for bracket, rungs in zip(scheduler._brackets, state["rungs"]):
+        bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
+    scheduler._num_stopped = state["stopped"]
+
+
+def asha_record(scheduler, trial_id: str, epochs: dict[int, float]) -> None:
+    """Record a trial's scores at the rungs it passed (``epochs``: epoch -> metric), as
+    ASHA would have on seeing each result: at a rung's milestone, the first epoch that
+    reached it; rungs that already hold the trial are left alone."""
+    bracket = scheduler._trial_info.get(trial_id, scheduler._brackets[0])
+    for milestone, recorded in bracket._rungs:
+        reached = [epoch for epoch in sorted(epochs) if epoch >= milestone]
+        if reached and trial_id not in recorded:
+            recorded[trial_id] = scheduler._metric_op * epochs[reached[0]]
 
 
 # Ray Tune: inside a trial --------------------------------------------------------

@@ -29,7 +29,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from covid_tune.core.ranking import rank_key
 from covid_tune.core.space import SearchSpace
-from covid_tune.runs.folder import STUDY_FILE
+from covid_tune.runs.folder import STUDY_FILE, RunFolder
+from covid_tune.runs.ray_state import drop_snapshot, keep_snapshot
 from covid_tune.search._internals import ot_study, ot_trials, reopen, told
 from covid_tune.search.define_by_run import define_by_run, start_points
 from covid_tune.runs.storage import is_uri, write_bytes
@@ -58,11 +59,18 @@ class SweepSearch(OptunaSearch):
     """
 
     def __init__(self, *args, max_epochs: int, n_startup: int, study_file: str | None = None,
-                 **kwargs):
+                 run_dir: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
         self.n_startup = n_startup
         self.study_file = study_file
+        self.run_folder = RunFolder(run_dir) if run_dir else None
+        """Where the whole copy of each snapshot goes (``keep_snapshot``); the scheduler
+        points it at the run folder where Ray has it now (a resumed, moved run)."""
+        self.asha: dict | None = None
+        """ASHA's rungs at the last snapshot (``_internals.asha_state``), saved with
+        the searcher so that ``resume`` puts them back."""
+        self.snapshot_noted = False
         self.diverged: set[str] = set()
         """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
         self.scheduler = None
@@ -89,7 +97,13 @@ class SweepSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict):
-        super().on_trial_result(trial_id, result)
+        """An epoch's score, as the trial's value at step ``epoch`` (not Ray's
+        ``training_iteration``, which a resumed trial counts on from its re-report of
+        the epoch it goes on from); an epoch the study holds already is skipped."""
+        if not self.pareto and trial_id in ot_trials(self) and trial_id not in told(self):
+            ot_trial, step = ot_trials(self)[trial_id], epoch_of(result)
+            if step is not None and step not in self.frozen(ot_trial).intermediate_values:
+                ot_trial.report(result[self.metric], step)
         if self.mirror:
             self.mirror.sync(self.study)
 
@@ -121,10 +135,28 @@ class SweepSearch(OptunaSearch):
         scheduler, self.scheduler = getattr(self, "scheduler", None), None
         if scheduler is not None:
             scheduler.tell_missed_ends()
+            self.asha = scheduler.state()
         try:
             super().save(checkpoint_path)
         finally:
             self.scheduler = scheduler
+        self.keep_snapshot(checkpoint_path)
+
+    def keep_snapshot(self, checkpoint_path: str) -> None:
+        """A whole copy of the snapshot Ray is saving, beside its own files
+        (``covid_tune.runs.ray_state.keep_snapshot``); one note if it cannot be written,
+        and the old copy goes, so ``resume`` never takes an older one than Ray's."""
+        if getattr(self, "run_folder", None) is None:
+            return
+        try:
+            keep_snapshot(self.run_folder, os.path.dirname(checkpoint_path), checkpoint_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                drop_snapshot(self.run_folder)
+            if not self.snapshot_noted:
+                print(f"note: could not keep a copy of the run's snapshot ({exc}); resume "
+                      f"goes on from Ray Tune's own files", flush=True)
+            self.snapshot_noted = True
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         self.tell_optuna(trial_id, result, error)
@@ -133,9 +165,13 @@ class SweepSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str):
         study_file, scheduler = self.study_file, getattr(self, "scheduler", None)
+        run_folder = getattr(self, "run_folder", None)
         super().restore(checkpoint_path)
         self.study_file = study_file or self.study_file
+        self.run_folder = run_folder or getattr(self, "run_folder", None)
         self.scheduler = scheduler
+        if scheduler is not None:  # ASHA's rungs as they were, or rebuilt from results
+            scheduler.take_over(getattr(self, "asha", None))
         self.reopen_failed()
         if self.study_file:  # the file may hold trials the restored snapshot does not
             self.mirror = StudyMirror(self.study_file)
@@ -164,7 +200,7 @@ class SweepSearch(OptunaSearch):
         if state is None:
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = ot_trials(self)[trial_id]
-        step = (result or {}).get("training_iteration", (result or {}).get("epoch"))
+        step = epoch_of(result or {})
         reported = self.frozen(ot_trial).intermediate_values
         if (state == optuna.trial.TrialState.PRUNED and step is not None
                 and step not in reported and not self.pareto):
@@ -194,6 +230,11 @@ class SweepSearch(OptunaSearch):
     def frozen(self, ot_trial: optuna.Trial) -> optuna.trial.FrozenTrial:
         """What the study holds of ``ot_trial`` now (its number is its place)."""
         return self.study.get_trials(deepcopy=False)[ot_trial.number]
+
+
+def epoch_of(result: dict) -> int | None:
+    """The epoch a result reports (Ray's iteration count for results without one)."""
+    return result.get("epoch", result.get("training_iteration"))
 
 
 def find_sweep_search(searcher) -> SweepSearch | None:
@@ -400,7 +441,8 @@ def n_startup_trials(space: SearchSpace) -> int:
 
 
 def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
-                   max_concurrent: int | None) -> ConcurrencyLimiter | SweepSearch:
+                   max_concurrent: int | None,
+                   run_dir: str | None = None) -> ConcurrencyLimiter | SweepSearch:
     """TPE in a ``SweepSearch``; the study is kept in memory and mirrored into
     ``study_path`` (a local path or a URI) as SQLite (``StudyMirror``). Optuna's own INFO lines
     are turned off: the sweep's status line says what they would."""
@@ -417,7 +459,7 @@ def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: 
         space=define_by_run(space, seed), metric=metric, mode=mode,
         points_to_evaluate=start_points(space) or None, sampler=sampler,
         study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
-        study_file=study_path)
+        study_file=study_path, run_dir=run_dir)
     if max_concurrent:
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     return searcher

@@ -27,6 +27,7 @@ such a trial goes on from the newest checkpoint it still has
 from __future__ import annotations
 
 import _thread
+import json
 import logging
 import os
 import pickle
@@ -53,14 +54,16 @@ from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.runs.lock import hold
 from covid_tune.nn.models import check_pretrained
 from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
-from covid_tune.runs.folder import DIVERGED_FILE, LOST_DIR, SWEEP_FILE, STUDY_FILE, RunFolder
+from covid_tune.runs.folder import (DIVERGED_FILE, LOST_DIR, RESULT_FILE, SNAPSHOT_FILE,
+                                    STUDY_FILE, SWEEP_FILE, RunFolder)
 from covid_tune.runs.record import SweepOptions, read_record, read_selection, read_space, write_record
 from covid_tune.runs.tracking import one_line, read_tracking
-from covid_tune.runs.ray_state import check_ray_state
+from covid_tune.runs.ray_state import check_ray_state, put_back
 from covid_tune.runs.retention import checkpoint_folders, drop_resume_state, keep_best
-from covid_tune.search._internals import (controller_storage, in_run_folder, point_at_checkpoint,
-                                          run_callbacks)
-from covid_tune.search.searcher import build_searcher, find_sweep_search
+from covid_tune.search._internals import (asha_record, asha_state, controller_storage,
+                                          in_run_folder, point_at_checkpoint, run_callbacks,
+                                          set_asha_state)
+from covid_tune.search.searcher import build_searcher, epoch_of, find_sweep_search
 from covid_tune.search.status import SweepStatus
 from covid_tune.search.tracking import MlflowTracking
 from covid_tune.runs.storage import exists, exists_on, is_uri, join, open_path
@@ -109,14 +112,34 @@ class SweepScheduler(ASHAScheduler):
         super().on_trial_error(tune_controller, trial)
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        in_run_folder(trial, controller_storage(tune_controller))  # a moved run folder
+        storage = controller_storage(tune_controller)
+        in_run_folder(trial, storage)  # a moved run folder
         if trial.status != trial.TERMINATED:  # a resumed trial, or a new one (no checkpoint)
             go_on_from_a_kept_checkpoint(trial)
         if not trial.is_finished():
             self.open[trial.trial_id] = trial
         if getattr(self, "search_alg", None) is None:  # a run written before 0.2
             self.serve(tune_controller.search_alg)
+        search = find_sweep_search(self.search_alg)
+        if search is not None and storage is not None:  # where Ray has the run now
+            search.run_folder = RunFolder.on(storage.storage_filesystem,
+                                             storage.experiment_fs_path)
         super().on_trial_add(tune_controller, trial)
+        if getattr(self, "rebuild", False) and trial.last_result:
+            asha_record(self, trial.trial_id, scores_until(trial, self.metric,
+                                                           epoch_of(trial.last_result)))
+
+    def state(self) -> dict:
+        """ASHA's rungs, saved with the searcher in each snapshot of the run."""
+        return asha_state(self)
+
+    def take_over(self, saved: dict | None) -> None:
+        """After ``resume``: ASHA's rungs as the run's last snapshot saved them, or,
+        for a run saved without them, rebuilt from each restored trial's results as
+        they are added (``on_trial_add``)."""
+        if saved:
+            set_asha_state(self, saved)
+        self.rebuild = not saved
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
         self.open.pop(trial.trial_id, None)
@@ -147,6 +170,27 @@ class SweepScheduler(ASHAScheduler):
         return [trial.trial_id for trial in missed]
 
 
+def scores_until(trial, metric: str, last: int | None) -> dict[int, float]:
+    """Epoch -> ``metric`` from a trial's ``result.json`` on the run's storage, up to
+    epoch ``last`` (what the run's snapshot knew of it); empty if unreadable."""
+    fs = trial.storage.storage_filesystem
+    try:
+        with fs.open_input_stream(join(trial.path, RESULT_FILE)) as stream:
+            lines = stream.readall().decode(errors="replace").splitlines()
+    except OSError:
+        return {}
+    scores = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, int) and (last is None or epoch <= last) and metric in row:
+            scores[epoch] = row[metric]
+    return scores
+
+
 def go_on_from_a_kept_checkpoint(trial) -> str | None:
     """Point a restored trial whose last registered checkpoint is gone at the newest
     checkpoint folder it still has (the trainable then takes the newest intact one,
@@ -161,18 +205,21 @@ def go_on_from_a_kept_checkpoint(trial) -> str | None:
     fields it sets change, the trial is left as Ray restored it.
     """
     result = trial.latest_checkpoint_result
-    if result is None or on_storage(result.checkpoint):
+    if result is None:
         return None
-    gone = result.checkpoint
+    named = result.checkpoint
     try:
-        folders = checkpoint_folders(gone.filesystem, os.path.dirname(gone.path.rstrip("/")))
+        folders = checkpoint_folders(named.filesystem, os.path.dirname(named.path.rstrip("/")))
+        if on_storage(named) and (not folders or folders[-1].rstrip("/") == named.path.rstrip("/")):
+            return None
         point_at_checkpoint(trial, on_storage, tune.Checkpoint(
-            folders[-1], filesystem=gone.filesystem) if folders else None)
+            folders[-1], filesystem=named.filesystem) if folders else None)
     except (ImportError, AttributeError, OSError):
         return None
-    print(f"note: trial {trial.trial_id}: its checkpoint {os.path.basename(gone.path)} went "
-          f"after the run's last snapshot; it goes on from "
-          f"{os.path.basename(folders[-1]) if folders else 'the start'}", flush=True)
+    print(f"note: trial {trial.trial_id}: the run's last snapshot names its checkpoint "
+          f"{os.path.basename(named.path)}, {'kept' if on_storage(named) else 'gone'} since; "
+          f"it goes on from {os.path.basename(folders[-1]) if folders else 'the start'}",
+          flush=True)
     return folders[-1] if folders else None
 
 
@@ -184,13 +231,16 @@ class CheckpointTrim(tune.Callback):
     """Keeps each trial's checkpoints to what is needed, on any storage
     (``covid_tune.runs.retention.drop_resume_state``, ``keep_best``): a new checkpoint takes the
     optimizer state out of the trial's older ones; a finished trial (completed, stopped
-    or failed) keeps its best epoch's checkpoint, weights only. Ray's own
+    or failed) keeps its best epoch's checkpoint, weights only, from the first snapshot
+    of the run that lists it finished. Ray's own
     ``num_to_keep`` still deletes the rest while the trial runs. A storage error here
     is noted once and never stops the sweep."""
 
     def __init__(self, metric: str, mode: str):
         self.metric, self.mode = metric, mode
         self.noted = False
+        self.finished: list = []
+        """Trials ended since the last snapshot, trimmed at the next (``get_state``)."""
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         fs, newest = checkpoint.filesystem, checkpoint.path.rstrip("/")
@@ -198,16 +248,30 @@ class CheckpointTrim(tune.Callback):
             fs, os.path.dirname(newest)) if folder.rstrip("/") != newest])
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.finish(trial)
+        self.__dict__.setdefault("finished", []).append(trial)  # or restored from before
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.finish(trial)
+        self.__dict__.setdefault("finished", []).append(trial)
 
-    def finish(self, trial) -> None:
-        checkpoint = trial.checkpoint
-        if checkpoint is not None:
-            self.guard(lambda: keep_best(checkpoint.filesystem, os.path.dirname(
-                checkpoint.path.rstrip("/")), self.metric, self.mode))
+    def get_state(self) -> None:
+        """Called by Ray Tune as it saves each snapshot of the run, after the searcher
+        (whose save keeps the whole copy ``resume`` goes on from): the trials that
+        ended before it are trimmed now, not when they ended, so a driver killed in
+        between leaves a trial that the last snapshot calls running with the newest
+        checkpoint it goes on from. Nothing is saved."""
+        self.trim_finished()
+        return None
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.trim_finished()
+
+    def trim_finished(self) -> None:
+        finished, self.finished = getattr(self, "finished", []), []
+        for trial in finished:
+            checkpoint = trial.checkpoint
+            if checkpoint is not None:
+                self.guard(lambda: keep_best(checkpoint.filesystem, os.path.dirname(
+                    checkpoint.path.rstrip("/")), self.metric, self.mode))
 
     def guard(self, work) -> None:
         try:
@@ -373,7 +437,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         write_record(opts, space, opts.data, manifest(layout), held, assignment(layout),
                      layout.grouping.record() if layout.grouping else None)
         searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
-                                  opts.max_concurrent)
+                                  opts.max_concurrent, run_dir)
         without_ray_tensorboard()
         tracker = tracking(space, opts, run_dir, opts.mlflow or space.mlflow.tracking_uri)
         tuner = tune.Tuner(
@@ -446,6 +510,10 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     opts = record.options
     space = read_space(run, record)
     with hold(run_dir), as_found():
+        restored = put_back(run)
+        if restored:
+            print(f"note: Ray Tune's snapshot of the run was cut short or behind; it goes on "
+                  f"from the whole copy kept in {SNAPSHOT_FILE} ({', '.join(restored)})")
         check_ray_state(run)
         choice = choose_data(run, record, space.task, data, allow_changed_data,
                              required=True, spec=space.data)

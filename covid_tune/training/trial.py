@@ -105,9 +105,10 @@ def train_trial(config: dict, data: DataBundle) -> None:
     costs = trial_costs(model, cfg)
     base = Base.of(model, cfg)
     start, reached = restore(model, optimizer, tune.get_checkpoint(), base)
-    if start >= cfg.max_epochs and reached:
-        # It finished under a driver killed before its next snapshot said so (only the
-        # last epoch's checkpoint was kept): Tune, ASHA and the study hear its end again.
+    if reached:
+        # The epoch it goes on from, reported again: a driver killed before its next
+        # snapshot of the run has not heard it (ASHA's rung, the study, or the trial's
+        # end), and hears it now as it did before; one that heard it takes nothing new.
         tune.report(reached)
     node_id = ray.get_runtime_context().get_node_id()
     writer = TrialWriter.open(cfg)

@@ -34,7 +34,8 @@ from covid_tune.data.dataset import manifest, scan
 from covid_tune.errors import UserError
 from covid_tune.bundle.format import read_card
 from covid_tune.runs.checkpoint import CHECKPOINT_FILE, RECIPE_FILE
-from covid_tune.runs.folder import DATASET_FILE, RAY_STATE_GLOB, RESULT_FILE, SPACE_FILE, STUDY_FILE, SWEEP_FILE
+from covid_tune.runs.folder import (DATASET_FILE, RAY_STATE_GLOB, RESULT_FILE, SNAPSHOT_FILE,
+                                    SPACE_FILE, STUDY_FILE, SWEEP_FILE)
 from covid_tune.runs.record import SweepOptions, manifest_fingerprint, read_manifest, read_record, read_space, write_record
 from covid_tune.runs.reader import TrialRecord, best_recipe, best_trial, choose_data, read_run, read_trial
 
@@ -570,6 +571,8 @@ def test_resume_refuses_a_damaged_run_before_ray_starts(swept, changed_data, tmp
     ``--data`` a changed copy): its file counts make the message."""
     run = copy_run(swept.binary, tmp_path / "run")
     damage(next(run.glob(DAMAGEABLE[kind])), how)
+    if kind == "experiment state":  # with its whole copy it would go on (test_ray_state)
+        (run / SNAPSHOT_FILE).unlink()
     extra = ["--data", str(changed_data)] if kind == "dataset.json" else []
     message = one_line_error(capsys, main(["resume", str(run), *extra]))
     assert (DAMAGEABLE[kind] if kind != "experiment state" else "Ray Tune") in message
