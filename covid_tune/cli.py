@@ -206,7 +206,8 @@ def cmd_export(args) -> int:
         from covid_tune.bundle.registry import open_registry, register_bundle
 
         registry = open_registry(args.mlflow)  # refused before anything is exported
-    for folder in export_best(args.run_dirs, args.out, args.data, args.allow_changed_data):
+    for folder in export_best(args.run_dirs, args.out, args.data, args.allow_changed_data,
+                              args.pick):
         print(f"exported {folder}")
         if registry is not None:
             print(register_bundle(registry, folder, args.registered_name))
@@ -284,6 +285,13 @@ def add_data_flags(parser: argparse.ArgumentParser, many: bool) -> None:
                         help="use a dataset that differs from the run's record (noted)")
 
 
+def pick_rules() -> list[str]:
+    """``export --pick``'s rules and aliases (``covid_tune.core.pareto``)."""
+    from covid_tune.core.pareto import ALIASES, RULES
+
+    return [*RULES, *ALIASES]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covid-tune",
@@ -356,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(http://HOST:PORT, or a store such as sqlite:///mlflow.db)")
     p.add_argument("--registered-name", metavar="NAME",
                    help="the registered model's name (default: covid-tune-<task>)")
+    p.add_argument("--pick", default="best", choices=pick_rules(), metavar="RULE",
+                   help="which trial of each task: best (the best metric; the default), "
+                        "or, on the Pareto front of the metric and the space's first "
+                        "objective, cheapest-within-interval (the cheapest whose metric is "
+                        "within the best's 95%% bootstrap interval), cheapest, or fastest "
+                        "(cheapest by latency_ms); docs/pareto.md")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="run an exported model on an image or a folder")

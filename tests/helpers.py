@@ -142,3 +142,58 @@ def on_small_disk(code: str, folder: Path, size_kib: int = 4096,
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+OLD_RUN = Path(__file__).resolve().parent / "fixtures" / "before-0.2"
+"""A real run folder (one trial with checkpoints; ``tests/fixtures/README.md``)."""
+
+
+def pareto_run(folder: Path, trials: dict[str, dict], objectives: tuple[str, ...] = (
+        "latency_ms",)) -> Path:
+    """A copy of ``OLD_RUN`` at ``folder`` whose space names ``objectives`` and whose one
+    real trial is copied once per entry of ``trials`` (trial id -> what its last epoch
+    reports besides: ``val_loss``, ``params``, ``latency_ms``, ``lr``), as the trainable
+    reports deploy costs: in every row of ``result.json`` and in the recipe's metrics.
+    Each copy keeps its last checkpoint, so it loads and exports for real. The recorded
+    dataset is a folder that is not there (pass ``--data`` for one that is)."""
+    import json
+    import shutil
+
+    from covid_tune.runs.checkpoint import bytes_digest
+
+    shutil.copytree(OLD_RUN, folder)
+    (original,) = folder.glob("trial_*")
+    for trial_id, reported in trials.items():
+        trial = folder / f"trial_{trial_id}"
+        shutil.copytree(original, trial)
+        shutil.rmtree(trial / "checkpoint_000000")
+        recipe_path = trial / "checkpoint_000001" / "recipe.json"
+        recipe = json.loads(recipe_path.read_text())
+        config = {**recipe["config"], "lr": reported.get("lr", recipe["config"]["lr"])}
+        metrics = {k: v for k, v in reported.items() if k != "lr"}
+        recipe.update(config=config, metrics={**recipe["metrics"], **metrics})
+        recipe_path.write_text(json.dumps(recipe, indent=1))
+        costs = {k: v for k, v in metrics.items() if k in ("params", "latency_ms")}
+        rows = [{**json.loads(line), **costs} for line in
+                (trial / "result.json").read_text().splitlines()]
+        (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(original)
+    space = (folder / "space.yaml").read_bytes()
+    if objectives:
+        space += f"objectives: [{', '.join(objectives)}]\n".encode()
+    (folder / "space.yaml").write_bytes(space)
+    record = json.loads((folder / "sweep.json").read_text())
+    record["files"]["space.yaml"] = bytes_digest(space)
+    record["provenance"]["data"] = str(folder.parent / "dataset-not-here")
+    (folder / "sweep.json").write_text(json.dumps(record, indent=1))
+    return folder
+
+
+PARETO_TRIALS = {
+    "best": {"val_loss": 0.60, "latency_ms": 40.0, "params": 11_200_000, "lr": 0.01},
+    "front": {"val_loss": 0.62, "latency_ms": 10.0, "params": 5_000_000, "lr": 0.02},
+    "slower": {"val_loss": 0.65, "latency_ms": 12.0, "params": 6_000_000, "lr": 0.03},
+    "fastest": {"val_loss": 0.70, "latency_ms": 2.0, "params": 1_000_000, "lr": 0.04},
+}
+"""Four trials of ``pareto_run`` (val_loss, lower is better): ``slower`` is worse and
+slower than ``front``, so off the front of latency; the others are on it."""

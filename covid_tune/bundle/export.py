@@ -18,23 +18,35 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from covid_tune.data.dataset import scan
-from covid_tune.nn.weights import load_model
+from covid_tune.bundle.format import ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE, write_card
+from covid_tune.bundle.pick import Pick, choose, cost_value, run_data, trial_costs
 from covid_tune.core.metrics import threshold_labels
-from covid_tune.nn.models import WithFeatures, cam_spec
-from covid_tune.bundle.format import (ONNX_FILE, PROGRAM_FILE, README_FILE, WEIGHTS_FILE,
-                                     write_card)
-from covid_tune.data.preprocess import describe
-from covid_tune.runs.reader import best_overall, chooser, RunInfo, TrialRecord, choose_datasets, read_run
+from covid_tune.core.space import COSTS
 from covid_tune.core.tasks import POSITIVE_CLASS, TASKS
+from covid_tune.data.dataset import scan
+from covid_tune.data.preprocess import describe
+from covid_tune.nn.models import WithFeatures, cam_spec
+from covid_tune.nn.weights import load_model
+from covid_tune.runs.reader import (
+    DataChoice,
+    RunInfo,
+    TrialRecord,
+    best_overall,
+    choose_datasets,
+    chooser,
+    read_run,
+)
 
 RTOL, ATOL = 1e-3, 1e-4
 """How close ONNX Runtime's and the saved program's logits must be to PyTorch's."""
 
 
 def export_best(run_dirs: list[str], out: str, data: list[str] | None = None,
-                allow_changed_data: bool = False) -> list[Path]:
-    """Export the best trial of each task found in ``run_dirs`` to ``out/<task>/``.
+                allow_changed_data: bool = False, pick: str = "best") -> list[Path]:
+    """Export the trial of each task found in ``run_dirs`` that ``pick`` chooses to
+    ``out/<task>/``: by default the best (``best_overall``), or another rule on the
+    Pareto front of the metric and a deploy cost (``covid_tune.bundle.pick``). Every
+    task's trial is chosen before anything is written, so a refusal writes nothing.
 
     ``data`` (one folder for all runs, or one per run) points at moved copies of the
     datasets, used for the model card's counts and checked against each run's manifest.
@@ -44,16 +56,27 @@ def export_best(run_dirs: list[str], out: str, data: list[str] | None = None,
     for run in runs:
         for note in [*run.notes, *choices[run.name].notes]:
             print(f"note: {run.name}: {note}")
-    folders = []
-    for task in (t for t in TASKS if any(r.task == t for r in runs)):
-        run, record = best_overall([r for r in runs if r.task == task])
-        folders.append(export_model(run, record, Path(out) / task, choices[run.name].root))
-    return folders
+    chosen = [pick_trial([r for r in runs if r.task == task], pick, choices)
+              for task in TASKS if any(r.task == task for r in runs)]
+    return [export_model(run, record, Path(out) / run.task, choices[run.name].root, picked)
+            for run, record, picked in chosen]
+
+
+def pick_trial(runs: list[RunInfo], rule: str, choices: dict[str, DataChoice]
+               ) -> tuple[RunInfo, TrialRecord, Pick | None]:
+    """The run and trial to export of one task's runs, and the pick the card states:
+    None for ``best`` on runs whose trials report no deploy cost (the card as before)."""
+    best_run, best = best_overall(runs)
+    if rule == "best" and not trial_costs(runs):
+        return best_run, best, None
+    picked = choose(runs, rule, lambda: run_data(best_run, choices[best_run.name]))
+    return next(r for r in runs if r.name == picked.record.run), picked.record, picked
 
 
 def export_model(run: RunInfo, record: TrialRecord, folder: Path,
-                 data_root: Path | None = None) -> Path:
-    """Write the five files of one exported model; return the folder."""
+                 data_root: Path | None = None, picked: Pick | None = None) -> Path:
+    """Write the five files of one exported model; return the folder. ``picked``: how
+    the trial was chosen on the Pareto front, for the card."""
     folder.mkdir(parents=True, exist_ok=True)
     model = load_model(record.local_checkpoint())
     size = int(record.config["image_size"])
@@ -61,6 +84,8 @@ def export_model(run: RunInfo, record: TrialRecord, folder: Path,
     _, checks = write_program(model, folder / PROGRAM_FILE, size)
     checks.update(write_onnx(model, folder / ONNX_FILE, size))
     card = {**model_card(run, record, checks), "cam": cam_spec(model)}
+    if picked is not None:
+        card["pick"] = pick_card(picked)
     write_card(folder, card)
     (folder / README_FILE).write_text(readme(card, data_counts(data_root, record.task,
                                                               run.space.data)))
@@ -155,6 +180,24 @@ def model_card(run: RunInfo, record: TrialRecord, checks: dict) -> dict:
     }
 
 
+def pick_card(picked: Pick) -> dict:
+    """``model.json``'s ``pick``: the rule, the chosen trial's metric with its interval
+    and its deploy costs (each with how it was measured), and the best trial's beside it."""
+    return {"rule": picked.rule, "front_cost": picked.cost, "metric": picked.metric,
+            "mode": picked.mode, **point_card(picked.record, picked.metric, picked.interval),
+            "interval_note": "" if picked.interval else picked.interval_note,
+            "best": {"run": picked.best.run, "trial_id": picked.best.trial_id,
+                     **point_card(picked.best, picked.metric, picked.best_interval)}}
+
+
+def point_card(record: TrialRecord, metric: str, interval: tuple | None) -> dict:
+    """One trial's metric value, its 95% bootstrap interval (or None) and its costs."""
+    costs = {cost: {"value": cost_value(record, cost), "measured": how}
+             for cost, how in COSTS.items() if cost_value(record, cost) is not None}
+    return {"value": record.score(metric), "interval": list(interval) if interval else None,
+            "costs": costs}
+
+
 def outputs_spec(task) -> dict:
     if task.multilabel:
         return {"name": "logits", "activation": "sigmoid per label",
@@ -239,6 +282,7 @@ def readme(card: dict, counts: dict) -> str:
           for split, per in counts.items()], "",
         "Scores on synthetic data (`covid-tune synth`, as used by `covid-tune demo` and the "
         "tests) say nothing clinically: those images are drawn phantoms, not radiographs.", "",
+        *pick_lines(card.get("pick")),
         "## Hyperparameters", "",
         ", ".join(f"{k} {v}" for k, v in hp.items()), "",
         "## Source", "",
@@ -246,3 +290,36 @@ def readme(card: dict, counts: dict) -> str:
         f"`{card['source']['trial_id']}`, checkpoint `{card['source']['checkpoint']}`.", "",
     ]
     return "\n".join(lines)
+
+
+def pick_lines(pick: dict | None) -> list[str]:
+    """The README's section on how the trial was picked and what it costs; none without
+    a pick."""
+    if not pick:
+        return []
+    metric, best = pick["metric"], pick["best"]
+    why = f" ({pick['interval_note']})" if pick["interval_note"] else ""
+    front = (f"on the Pareto front of `{metric}` ({pick['mode']}) and `{pick['front_cost']}`"
+             if pick["front_cost"] else f"by `{metric}` ({pick['mode']})")
+    return [f"## Picked by `{pick['rule']}`", "",
+            f"Chosen {front} (`covid-tune export --pick {pick['rule']}`).", "",
+            f"- {metric}: {point_text(pick)}{why}",
+            *[f"- {cost}: {cost_text(cost, c['value'])} ({c['measured']})"
+              for cost, c in pick["costs"].items()],
+            f"- The best trial by `{metric}`, for comparison: `{best['trial_id']}` of run "
+            f"`{best['run']}`, {point_text(best)}" + "".join(
+                f", {cost} {cost_text(cost, c['value'])}" for cost, c in best["costs"].items()),
+            ""]
+
+
+def point_text(point: dict) -> str:
+    """``0.912 [0.881, 0.940] (95% bootstrap interval)``, or the value alone."""
+    if not point["interval"]:
+        return f"{point['value']:.4f}"
+    low, high = point["interval"]
+    return f"{point['value']:.4f} [{low:.4f}, {high:.4f}] (95% bootstrap interval)"
+
+
+def cost_text(cost: str, value: float) -> str:
+    """``3.21 ms`` or ``11,177,538 parameters``."""
+    return f"{value:.3g} ms" if cost == "latency_ms" else f"{int(value):,} parameters"

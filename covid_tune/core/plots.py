@@ -136,3 +136,41 @@ def save_unit_square(plt, fig, ax, axes: tuple[str, str], title: str, drawn: boo
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_pareto(metric: str, panels: dict[str, dict], title: str, path: Path) -> None:
+    """``metric`` (the y-axis label) against each cost (name -> panel), one panel per cost: every trial a
+    point, the front a step line through its points, the best trial annotated; a log
+    x-axis where the costs span more than 10x. A panel holds ``trials`` and ``front``,
+    lists of (cost, metric), and ``best``, (cost, metric, label)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (cost, panel) in zip(axes[0], panels.items()):
+        draw_front(ax, panel)
+        ax.set_xlabel(f"{cost} (lower is better)")
+        ax.set_ylabel(metric)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_front(ax, panel: dict) -> None:
+    """One panel of ``write_pareto``."""
+    costs, values = zip(*panel["trials"]) if panel["trials"] else ((), ())
+    ax.scatter(costs, values, s=18, color="grey", alpha=0.6, label="trial")
+    if panel["front"]:
+        front_costs, front_values = zip(*sorted(panel["front"]))
+        ax.step(front_costs, front_values, where="post", color="tab:blue", linewidth=1.2)
+        ax.scatter(front_costs, front_values, s=40, color="tab:blue", label="Pareto front")
+    if panel.get("best"):
+        x, y, label = panel["best"]
+        ax.scatter([x], [y], s=90, marker="*", color="tab:red", label="best", zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
+    positive = [c for c in costs if c > 0]
+    if positive and max(positive) > 10 * min(positive):
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7)

@@ -738,3 +738,23 @@ def _read_cache(path: Path, layout: Layout, size: int, key: str, strict: bool) -
                         splits=splits, skipped=skipped, fingerprint=key)
     _refuse_unreadable(bundle, strict)
     return bundle
+
+
+def patient_map(layout) -> dict[str, str]:
+    """Name -> patient group of every image of the layout (its patient key, joined with
+    near-duplicates: ``covid_tune.data.groups``), hashes from the cache after the first
+    time; only the names that share their group with another image."""
+    refs = [ref for split_refs in layout.files.values() for ref in split_refs]
+    grouping = group_images(refs, layout.root, patient=layout.patient,
+                            layout_rule=layout.kind.patient_pattern,
+                            listed=layout.listing is not None, cache=cache_dir())
+    sizes = Counter(grouping.groups.values())
+    return {name: group for name, group in grouping.groups.items() if sizes[group] > 1}
+
+
+def patient_groups(bundle: DataBundle, split: str) -> list[str] | None:
+    """Each image's patient group on ``split`` for a bootstrap by patient; None when no
+    two images of the split share a patient (each image then stands alone)."""
+    names = bundle.splits[split].names
+    groups = [bundle.groups.get(name, name) for name in names]
+    return groups if len(set(groups)) < len(groups) else None

@@ -19,23 +19,27 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 from covid_tune.core.space import SPLIT_PREFIXES
-from covid_tune.data.dataset import (DataBundle, cache_dir, check_memory, load_dataset,
-                                     with_selection)
-from covid_tune.data.groups import group_images
+from covid_tune.data.dataset import (DataBundle, check_memory, load_dataset, patient_groups,
+                                     patient_map, with_selection)
 from covid_tune.errors import UserError
 from covid_tune.core.metrics import scorecard
-from covid_tune.core.plots import write_chart, write_confusion, write_reliability, write_roc
+from covid_tune.core.plots import (write_chart, write_confusion, write_pareto, write_reliability,
+                                   write_roc)
 from covid_tune.bundle.cam import explain, grad_cam, write_overlays
+from covid_tune.bundle.pick import (cost_value, front_keys, metric_interval, pick_record,
+                                    trial_costs, trial_key)
+from covid_tune.core.ranking import rank_key
 from covid_tune.results.render import (ROC_OF, cam_file, chart_file, confusion_file,
-                                      reliability_file, reproduce_command, roc_file,
-                                      table_record, task_section, write_tables)
+                                      pareto_file, pareto_record, pareto_section,
+                                      pareto_table_file, reliability_file, reproduce_command,
+                                      roc_file, table_record, task_section, write_pareto_table,
+                                      write_tables)
 from covid_tune.runs.folder import STUDY_FILE
 from covid_tune.runs.reader import (DataChoice, RunInfo, TrialRecord, best_overall,
                                     choose_datasets, chooser, read_run)
@@ -100,8 +104,14 @@ def write_files(runs: list[RunInfo], choices: dict[str, DataChoice], folder: Pat
                                dataset_for(choices[best.run.name], best, bundles), stage)
         importances = {run.name: param_importances(run) for run in task_runs}
         notes = task_notes(task_runs, choices) + score_notes(spec, rows) + external_notes(rows)
-        sections.append(task_section(spec, task_runs, rows, importances, notes,
-                                     best if drawn else None))
+        section = task_section(spec, task_runs, rows, importances, notes,
+                               best if drawn else None)
+        costs = trial_costs(task_runs)
+        if costs:
+            section += "\n".join(write_pareto_part(task_runs, costs, best.record, stage,
+                                                   dataset_for(choices[best.run.name], best,
+                                                               bundles))) + "\n"
+        sections.append(section)
         table_rows += [table_record(spec, row, i) for i, row in enumerate(rows)]
     text = "# Leaderboard\n\n" + "\n".join(sections)
     (stage / "leaderboard.md").write_text(text)
@@ -145,6 +155,58 @@ def best_row(rows: list[Row], runs: list[RunInfo]) -> Row:
     """The row holding the task's best trial (by the first run's metric)."""
     _, record = best_overall(runs)
     return next(row for row in rows if row.record is record)
+
+
+def write_pareto_part(runs: list[RunInfo], costs: tuple[str, ...], best: TrialRecord,
+                      stage: Path, bundle: DataBundle | None) -> list[str]:
+    """The task's Pareto section (``covid_tune.core.pareto``): every trial's metric and
+    costs with the front marked, as markdown and ``pareto-<task>.csv``, the chart, and
+    which trial each ``export --pick`` rule takes; its markdown lines."""
+    metric, mode, task = runs[0].metric, runs[0].mode, runs[0].task
+    trials = sorted((t for run in runs for t in run.trials),
+                    key=lambda t: rank_key(t.score(metric), mode), reverse=True)
+    fronts = front_keys(trials, metric, mode, costs)
+    better = "higher" if mode == "max" else "lower"
+    write_pareto(f"{metric} ({better} is better)", pareto_panels(trials, metric, fronts, best),
+                 f"{metric} against deploy cost, {task} (every trial at its best epoch)",
+                 stage / pareto_file(task))
+    rows = [pareto_record(t, metric, {c: cost_value(t, c) for c in costs}, fronts)
+            for t in trials]
+    write_pareto_table(rows, stage / pareto_table_file(task))
+    interval, note = metric_interval(best, bundle, metric)
+    return pareto_section(task, metric, mode, rows, pick_texts(runs, costs[0], interval, note))
+
+
+def pareto_panels(trials: list[TrialRecord], metric: str, fronts: dict[str, list[str]],
+                  best: TrialRecord) -> dict[str, dict]:
+    """Cost -> the chart's panel: every trial with the cost, the front, the best trial."""
+    panels = {}
+    for cost, keys in fronts.items():
+        placed = {trial_key(t): (cost_value(t, cost), t.score(metric)) for t in trials
+                  if cost_value(t, cost) is not None and not math.isnan(t.score(metric))}
+        mark = placed.get(trial_key(best))
+        panels[cost] = {"trials": list(placed.values()), "front": [placed[k] for k in keys],
+                        "best": (*mark, f"best: {best.trial_id}") if mark else None}
+    return panels
+
+
+def pick_texts(runs: list[RunInfo], cost: str, interval: tuple | None, note: str) -> list[str]:
+    """Which trial each ``export --pick`` rule takes on the front of ``cost``."""
+    run, best = best_overall(runs)
+    trials = [t for r in runs for t in r.trials]
+    lines = [f"`--pick best` exports `{trial_key(best)}` (the best `{run.metric}`)."]
+    if interval is None:
+        lines.append(f"`--pick cheapest-within-interval`: no bootstrap interval of the best "
+                     f"trial's `{run.metric}` ({note}).")
+    else:
+        chosen = pick_record(trials, run, "cheapest-within-interval", cost, interval)
+        lines.append(f"`--pick cheapest-within-interval` exports `{trial_key(chosen)}`: the "
+                     f"cheapest by `{cost}` within the best's 95% interval "
+                     f"[{interval[0]:.4f}, {interval[1]:.4f}].")
+    cheapest = pick_record(trials, run, "cheapest", cost, None)
+    lines.append(f"`--pick cheapest` exports `{trial_key(cheapest)}` (the lowest `{cost}` "
+                 f"on the front).")
+    return lines
 
 
 CAM_IMAGES = 4
@@ -256,26 +318,6 @@ def score_trial(record: TrialRecord, bundle: DataBundle, splits, reporting) -> d
                                       record.temperatures, groups=patient_groups(bundle, split),
                                       intervals=split in reporting)
     return scores
-
-
-def patient_map(layout) -> dict[str, str]:
-    """Name -> patient group of every image of the layout (its patient key, joined with
-    near-duplicates: ``covid_tune.data.groups``), hashes from the cache after the first
-    time; only the names that share their group with another image."""
-    refs = [ref for split_refs in layout.files.values() for ref in split_refs]
-    grouping = group_images(refs, layout.root, patient=layout.patient,
-                            layout_rule=layout.kind.patient_pattern,
-                            listed=layout.listing is not None, cache=cache_dir())
-    sizes = Counter(grouping.groups.values())
-    return {name: group for name, group in grouping.groups.items() if sizes[group] > 1}
-
-
-def patient_groups(bundle: DataBundle, split: str) -> list[str] | None:
-    """Each image's patient group on ``split`` for a bootstrap by patient; None when no
-    two images of the split share a patient (each image then stands alone)."""
-    names = bundle.splits[split].names
-    groups = [bundle.groups.get(name, name) for name in names]
-    return groups if len(set(groups)) < len(groups) else None
 
 
 def reporting_split(spec: TableSpec, row: Row) -> str | None:

@@ -397,3 +397,59 @@ def write_reproduce_space(row: Row, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_space(reproduce_space(row), header))
     load_space(path)  # a bug here, not the user's, if this fails
+
+
+# --- the Pareto section (objectives: deploy costs) ----------------------------------------
+
+def pareto_file(task: str) -> str:
+    return f"pareto-{task}.png"
+
+
+def pareto_table_file(task: str) -> str:
+    return f"pareto-{task}.csv"
+
+
+def pareto_record(record: TrialRecord, metric: str, costs: dict[str, float | None],
+                  fronts: dict[str, list[str]]) -> dict:
+    """A trial's row of the Pareto table, plain values: who it is, its metric at its
+    best epoch, its costs and whether it is on each cost's front."""
+    key = f"{record.run}/{record.trial_id}"
+    return {"Trial": key, "Backbone": record.config["backbone"].upper(),
+            "Frozen Layers": frozen_name(record.config), "lr": record.config.get("lr"),
+            "Loss Function": loss_name(record.config), "Epoch": record.epoch,
+            metric: record.score(metric), **costs,
+            **{f"On front ({cost})": key in keys for cost, keys in fronts.items()}}
+
+
+def write_pareto_table(rows: list[dict], path: Path) -> None:
+    """``pareto-<task>.csv``: the Pareto table's plain values."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pareto_cell(value) -> str:
+    """A Pareto table cell: ``yes``/blank for front membership, ``n/a`` for a missing
+    or NaN number, else the number (parameters in full)."""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.0f}" if isinstance(value, float) and value >= 1e4 else format_value(value)
+
+
+def pareto_section(task: str, metric: str, mode: str, rows: list[dict],
+                   picks: list[str]) -> list[str]:
+    """The task's "Pareto front" section: what the front is, the table of every trial
+    (its best epoch), the chart and which trial each ``export --pick`` rule takes."""
+    direction = "higher" if mode == "max" else "lower"
+    return ["### Pareto front: metric against deploy cost", "",
+            (f"Every trial at its best epoch by `{metric}` ({direction} is better) against "
+             f"the deploy costs its space's `objectives` named (lower is better). A trial "
+             f"is on the front when no other trial is at least as good on both and better "
+             f"on one; trials without a cost are on no front (docs/pareto.md)."), "",
+            *markdown_table([{k: pareto_cell(v) for k, v in row.items()} for row in rows]),
+            "", f"![{metric} against deploy cost]({pareto_file(task)})", "",
+            f"Table as CSV: [{pareto_table_file(task)}]({pareto_table_file(task)}).", "",
+            *[f"- {line}" for line in picks], ""]

@@ -409,3 +409,48 @@ def test_an_external_collection_of_another_task_is_refused(swept, multilabel_dat
         write_leaderboard([str(swept.binary)], str(tmp_path / "board"),
                           external={"x": str(multilabel_data)})
     assert not (tmp_path / "board").exists()
+
+
+def test_a_pareto_run_gets_its_front_as_a_table_a_csv_and_a_chart(tmp_path):
+    """objectives: [latency_ms]: every trial with its cost, the front marked (not the
+    trial that is both worse and slower), the chart, and what each pick rule exports."""
+    from helpers import PARETO_TRIALS, pareto_run
+
+    run = pareto_run(tmp_path / "run", PARETO_TRIALS)
+    text = write_leaderboard([str(run)], str(tmp_path / "board"))
+    rows = section_rows(text, "### Pareto front")
+    on_front = {r["Trial"].split("/")[1]: r["On front (latency_ms)"] for r in rows}
+    assert on_front == {"best": "yes", "front": "yes", "fastest": "yes", "slower": ""}
+    assert [r["val_loss"] for r in rows] == ["0.6", "0.62", "0.65", "0.7"]  # best first
+    assert rows[0]["latency_ms"] == "40" and rows[0]["Backbone"] == "RESNET18"
+    with open(tmp_path / "board" / "pareto-binary.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert {r["Trial"].split("/")[1]: float(r["latency_ms"]) for r in table} == {
+        name: reported["latency_ms"] for name, reported in PARETO_TRIALS.items()}
+    assert "`--pick cheapest` exports `before-0.2/fastest`" in text
+    assert "`--pick best` exports `before-0.2/best`" in text
+    with Image.open(tmp_path / "board" / "pareto-binary.png") as image:
+        assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+        assert len(set(image.convert("L").getdata())) > 20  # drawn, not blank
+
+
+def test_two_objectives_give_a_front_per_cost(tmp_path):
+    from helpers import PARETO_TRIALS, pareto_run
+
+    trials = {**PARETO_TRIALS, "slower": {**PARETO_TRIALS["slower"], "params": 900_000}}
+    run = pareto_run(tmp_path / "run", trials, objectives=("latency_ms", "params"))
+    rows = section_rows(write_leaderboard([str(run)], str(tmp_path / "board")),
+                        "### Pareto front")
+    slower = next(r for r in rows if r["Trial"].endswith("/slower"))
+    assert slower["On front (latency_ms)"] == "" and slower["On front (params)"] == "yes"
+    assert slower["params"] == "900,000"
+
+
+def test_runs_without_objectives_get_no_pareto_section(tmp_path):
+    """A run from before Pareto searches (no objectives, no costs): the leaderboard as it
+    was, even where the trials report params (which every trial now does)."""
+    from helpers import PARETO_TRIALS, pareto_run
+
+    run = pareto_run(tmp_path / "run", PARETO_TRIALS, objectives=())
+    text = write_leaderboard([str(run)], str(tmp_path / "board"))
+    assert "Pareto" not in text and not list((tmp_path / "board").glob("pareto-*"))
