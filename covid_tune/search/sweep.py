@@ -125,7 +125,7 @@ class SweepScheduler(ASHAScheduler):
             search.run_folder = RunFolder.on(storage.storage_filesystem,
                                              storage.experiment_fs_path)
         super().on_trial_add(tune_controller, trial)
-        if getattr(self, "rebuild", False) and trial.last_result:
+        if getattr(self, "rebuild", False) and "epoch" in (trial.last_result or {}):
             asha_record(self, trial.trial_id, scores_until(trial, self.metric,
                                                            epoch_of(trial.last_result)))
 

@@ -1042,3 +1042,99 @@ def said_nothing_runs(capsys, saying: dict) -> bool:
         saying["when"] = time.monotonic()
         return True
     return False
+
+
+# --- exact resume ----------------------------------------------------------------------
+
+def exact_space(folder: Path) -> Path:
+    """A study where ASHA stops trials (grace 1, halving) and TPE takes over after two,
+    small enough that a trial lasts seconds."""
+    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 4,
+           "image_size": 32, "pretrained": "none", "num_samples": 7, "augment": False,
+           "asha": {"grace_period": 1, "reduction_factor": 2},
+           "params": {"backbone": "resnet18", "frozen_layers": {"low": 14, "high": 20},
+                      "lr": {"low": 1e-4, "high": 0.3, "log": True},
+                      "batch_size": 16, "hidden": 16, "dropout": 0.0}}
+    path = folder / "exact.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def outcome(run_dir: Path) -> dict:
+    """What the sweep found, independent of Ray's random trial ids: each trial's
+    configuration with the epochs it trained and its score at each, and the best row."""
+    trials = {}
+    for folder in run_dir.glob("trial_*"):
+        config = json.dumps(json.loads((folder / "params.json").read_text()), sort_keys=True)
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()
+                if line.strip()]
+        trials[config] = {row["epoch"]: row["val_loss"] for row in rows}
+    best = min((score, epoch, config) for config, scores in trials.items()
+               for epoch, score in scores.items())
+    return {"trials": trials, "best": best}
+
+
+def interrupted(args: list[str], run_dir: Path, log: Path, stop) -> int:
+    """Start the sweep, let ``stop(driver)`` interrupt it, then resume it to its end in
+    another driver; the resume's exit code."""
+    driver = start_driver(args, log)
+    try:
+        stop(driver)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    resume = start_driver(["resume", str(run_dir)], log.with_suffix(".resume.log"))
+    return resume.wait(timeout=600)
+
+
+@pytest.mark.realistic  # three sweeps with real stops: about 3 minutes (make soak)
+def test_a_sweep_stopped_or_killed_then_resumed_finds_what_it_finds_uninterrupted(
+        ray_cluster, binary_data, tmp_path):
+    """Issue 23's exact resume: with one trial at a time and a fixed seed, a sweep
+    interrupted by Ctrl-C after some of its trials, or killed (SIGKILL) at a random
+    moment, then resumed, ends with the same trials (same parameters), the same
+    epochs in each (the same ASHA stops), the same scores and the same best row as the
+    same sweep never interrupted. ASHA's rungs come back from the run's snapshot, a
+    trial goes on from its newest checkpoint and reports it again, and a snapshot Ray
+    was copying when killed comes back from its whole copy."""
+    import random
+
+    space, storage = exact_space(tmp_path), tmp_path / "runs"
+
+    def args(name: str) -> list[str]:
+        return sweep_args(space, binary_data, storage, name, ray_cluster.address,
+                          "--max-concurrent", "1")
+
+    start = time.monotonic()
+    whole = start_driver(args("whole"), tmp_path / "whole.log")
+    assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    seconds = time.monotonic() - start
+    expected = outcome(storage / "whole")
+    stopped_early = sum(max(s) < 4 for s in expected["trials"].values())
+    print(f"uninterrupted: {len(expected['trials'])} trials, {stopped_early} stopped by "
+          f"ASHA, {seconds:.0f} s")
+    assert len(expected["trials"]) == 7 and stopped_early >= 1
+
+    def ctrl_c_after_three(driver):
+        wait_for(lambda: len(list((storage / "ctrl-c").glob("trial_*/checkpoint_*"))) >= 3
+                 and len(list((storage / "ctrl-c").glob("trial_*"))) >= 3, "three trials")
+        driver.send_signal(signal.SIGINT)
+
+    delay = random.Random().uniform(0.25, 0.85) * seconds
+    print(f"kill -9 after {delay:.1f} s")
+
+    def kill_at_random(driver):
+        time.sleep(delay)
+        driver.kill()
+
+    for name, stop in (("ctrl-c", ctrl_c_after_three), ("killed", kill_at_random)):
+        code = interrupted(args(name), storage / name, tmp_path / f"{name}.log", stop)
+        log = (tmp_path / f"{name}.resume.log").read_text()
+        assert code == 0, log[-3000:]
+        found = outcome(storage / name)
+        assert sorted(found["trials"]) == sorted(expected["trials"]), name  # same parameters
+        for config, scores in expected["trials"].items():
+            assert sorted(found["trials"][config]) == sorted(scores), (name, config)  # epochs
+            assert found["trials"][config] == scores, (name, config)
+        assert found["best"] == expected["best"], name
