@@ -146,3 +146,39 @@ def test_a_failed_trial_of_an_in_memory_study_runs_again_under_its_number():
     study.tell(trial, 0.25)
     assert [t.number for t in study.trials] == [0, 1]
     assert study.trials[1].state == TrialState.COMPLETE and study.trials[1].value == 0.25
+
+
+def test_ashas_rungs_can_be_read_put_back_and_rebuilt():
+    """ASHA's rungs after a few results, put into a fresh scheduler, make the same call
+    on the next result; rebuilt from the trials' scores they hold the same values."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    def asha():
+        return ASHAScheduler(time_attr="epoch", metric="val_loss", mode="min", max_t=8,
+                             grace_period=1, reduction_factor=2)
+
+    scores = {"a": {1: 0.5, 2: 0.4}, "b": {1: 0.6, 2: 0.5}, "c": {1: 0.3, 2: 0.2}}
+    first = asha()
+    for trial_id, epochs in scores.items():
+        trial = SimpleNamespace(trial_id=trial_id)
+        first.on_trial_add(None, trial)
+        for epoch, value in epochs.items():
+            first.on_trial_result(None, trial, {"epoch": epoch, "val_loss": value})
+    state = _internals.asha_state(first)
+    assert state["rungs"][0][-1] == [1, {"a": -0.5, "b": -0.6, "c": -0.3}]  # milestone 1
+
+    restored, rebuilt = asha(), asha()
+    _internals.set_asha_state(restored, state)
+    for trial_id, epochs in scores.items():
+        rebuilt.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        _internals.asha_record(rebuilt, trial_id, epochs)
+    assert _internals.asha_state(rebuilt)["rungs"] == state["rungs"]
+    late, fresh = SimpleNamespace(trial_id="late"), asha()  # fresh: what resume had before
+    for scheduler in (first, restored, fresh):
+        scheduler.on_trial_add(None, late)
+    result = {"epoch": 1, "val_loss": 0.7}
+    assert first.on_trial_result(None, late, result) == TrialScheduler.STOP
+    assert restored.on_trial_result(None, late, dict(result)) == TrialScheduler.STOP
+    assert fresh.on_trial_result(None, late, dict(result)) == TrialScheduler.CONTINUE
