@@ -59,37 +59,43 @@ def trial_states(run_dir: str | RunFolder) -> dict[str, str]:
 # a whole copy of the newest snapshot ----------------------------------------------
 
 STATE_NAME = "experiment_state-{}.json"
-SEARCHER_NAME = "searcher-state-{}.pkl"
+SNAPSHOT_NAMES = (STATE_NAME, "searcher-state-{}.pkl", "search_gen_state-{}.json")
+"""The files of one Ray Tune snapshot of a run: the trials, the searcher (with the
+Optuna study and ASHA's rungs) and the search's wrappers (trial count, concurrency)."""
 
 
-def keep_snapshot(run_dir: str | RunFolder, staging: str, searcher_file: str) -> str | None:
-    """Keep a whole copy of the snapshot Ray Tune is saving: its trials
-    (``experiment_state-<session>.json``, already written in Ray's ``staging`` folder)
-    and the searcher state being written to ``searcher_file`` there (Ray's temporary
-    name, which ends in ``searcher-state-<session>.pkl``), packed in one file
-    (``SNAPSHOT_FILE``) that replaces the previous one by rename. Returns the
-    session, or None when the staging folder does not hold the pair.
+def session_of(searcher_file: str) -> str | None:
+    """The session a searcher state file belongs to, from its name (Ray's temporary
+    name for it ends the same way)."""
+    match = re.search(r"searcher-state-(.+)\.pkl$", os.path.basename(searcher_file))
+    return match.group(1) if match else None
+
+
+def keep_snapshot(run_dir: str | RunFolder, staging: str, session: str) -> bool:
+    """Keep a whole copy of the snapshot Ray Tune has just written in its ``staging``
+    folder (``SNAPSHOT_NAMES`` of ``session``), packed in one file (``SNAPSHOT_FILE``)
+    that replaces the previous one by rename; False when the staging folder does not
+    hold the snapshot.
 
     Ray then copies its files into the run folder in place, one after the other: a
     driver killed while it copies leaves them cut short or out of step, which the copy
     kept here makes good (``put_back``). Raises OSError when the copy cannot be
     written (the caller removes the old one, so a kept copy is never older than
     Ray's own)."""
-    match = re.search(r"searcher-state-(.+)\.pkl$", os.path.basename(searcher_file))
-    state = os.path.join(staging, STATE_NAME.format(match.group(1))) if match else ""
-    if not match or not os.path.isfile(state):
-        return None
-    session = match.group(1)
-    members = {STATE_NAME.format(session): Path(state).read_bytes(),
-               SEARCHER_NAME.format(session): Path(searcher_file).read_bytes()}
+    paths = {name.format(session): os.path.join(staging, name.format(session))
+             for name in SNAPSHOT_NAMES}
+    if not all(os.path.isfile(path) for path in list(paths.values())[:2]):
+        return False
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), int(time.time())
-            tar.addfile(info, io.BytesIO(data))
+        for name, path in paths.items():
+            if os.path.isfile(path):
+                data = Path(path).read_bytes()
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), int(time.time())
+                tar.addfile(info, io.BytesIO(data))
     RunFolder(run_dir).write_bytes(SNAPSHOT_FILE, data=buffer.getvalue())
-    return session
+    return True
 
 
 def drop_snapshot(run_dir: str | RunFolder) -> None:
@@ -109,8 +115,7 @@ def read_snapshot(run_dir: str | RunFolder) -> dict[str, bytes]:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     except (OSError, tarfile.TarError, AttributeError):
         return {}
-    names = sorted(files)
-    if len(names) != 2 or not names[0].startswith("experiment_state-"):
+    if not any(name.startswith("experiment_state-") for name in files):
         return {}
     return files
 

@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 from covid_tune.core.ranking import rank_key
 from covid_tune.core.space import SearchSpace
 from covid_tune.runs.folder import STUDY_FILE, RunFolder
-from covid_tune.runs.ray_state import drop_snapshot, keep_snapshot
+from covid_tune.runs.ray_state import drop_snapshot, keep_snapshot, session_of
 from covid_tune.search._internals import ot_study, ot_trials, reopen, told
 from covid_tune.search.define_by_run import define_by_run, start_points
 from covid_tune.runs.storage import is_uri, write_bytes
@@ -140,20 +140,24 @@ class SweepSearch(OptunaSearch):
             super().save(checkpoint_path)
         finally:
             self.scheduler = scheduler
-        self.keep_snapshot(checkpoint_path)
+        self.saved_to = checkpoint_path
 
-    def keep_snapshot(self, checkpoint_path: str) -> None:
-        """A whole copy of the snapshot Ray is saving, beside its own files
-        (``covid_tune.runs.ray_state.keep_snapshot``); one note if it cannot be written,
-        and the old copy goes, so ``resume`` never takes an older one than Ray's."""
-        if getattr(self, "run_folder", None) is None:
+    def keep_snapshot(self) -> None:
+        """A whole copy of the snapshot Ray has just saved (this searcher's state went
+        to ``saved_to``, beside the rest of it), in the run folder
+        (``covid_tune.runs.ray_state.keep_snapshot``); one note if it cannot be
+        written, and the old copy goes, so ``resume`` never takes an older one than
+        Ray's. Called by ``SnapshotCopy`` once Ray has written the whole snapshot."""
+        saved_to, run_folder = getattr(self, "saved_to", None), getattr(self, "run_folder", None)
+        session = session_of(saved_to) if saved_to else None
+        if run_folder is None or session is None:
             return
         try:
-            keep_snapshot(self.run_folder, os.path.dirname(checkpoint_path), checkpoint_path)
+            keep_snapshot(run_folder, os.path.dirname(saved_to), session)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                drop_snapshot(self.run_folder)
-            if not self.snapshot_noted:
+                drop_snapshot(run_folder)
+            if not getattr(self, "snapshot_noted", False):
                 print(f"note: could not keep a copy of the run's snapshot ({exc}); resume "
                       f"goes on from Ray Tune's own files", flush=True)
             self.snapshot_noted = True

@@ -227,6 +227,23 @@ def on_storage(checkpoint: tune.Checkpoint) -> bool:
     return exists_on(checkpoint.filesystem, checkpoint.path)
 
 
+class SnapshotCopy(tune.Callback):
+    """Keeps a whole copy of each snapshot of the run Ray Tune saves
+    (``SweepSearch.keep_snapshot``): Ray asks callbacks for their state once the
+    trials, the searcher and its wrappers are written, before it copies them into the
+    run folder. Listed before ``CheckpointTrim``, which trims what the copy lists as
+    finished."""
+
+    def __init__(self, searcher):
+        self.searcher = searcher
+
+    def get_state(self) -> None:
+        search = find_sweep_search(self.searcher)
+        if search is not None:
+            search.keep_snapshot()
+        return None
+
+
 class CheckpointTrim(tune.Callback):
     """Keeps each trial's checkpoints to what is needed, on any storage
     (``covid_tune.runs.retention.drop_resume_state``, ``keep_best``): a new checkpoint takes the
@@ -329,14 +346,15 @@ def build_trainable(bundle: DataBundle, opts: SweepOptions, trainable=train_tria
     return tune.with_resources(tune.with_parameters(trainable, data=bundle), resources)
 
 
-def run_config(space: SearchSpace, opts: SweepOptions,
+def run_config(space: SearchSpace, opts: SweepOptions, searcher,
                tracker: MlflowTracking | None = None) -> tune.RunConfig:
     return tune.RunConfig(
         name=opts.name,
         storage_path=opts.storage_path,
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
                    SweepStatus(space.metric, space.mode, space.max_epochs),
-                   CheckpointTrim(space.metric, space.mode), *([tracker] if tracker else [])],
+                   SnapshotCopy(searcher), CheckpointTrim(space.metric, space.mode),
+                   *([tracker] if tracker else [])],
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=opts.keep_checkpoints, checkpoint_score_attribute=CHECKPOINT_SCORE,
             checkpoint_score_order=space.mode),
@@ -446,7 +464,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
                                         scheduler=build_scheduler(space, searcher),
                                         num_samples=space.num_samples, reuse_actors=True,
                                         trial_dirname_creator=trial_dirname),
-            run_config=run_config(space, opts, tracker),
+            run_config=run_config(space, opts, searcher, tracker),
         )
         results = fit(tuner, run_dir, tracker)
         attach_leaderboard(tracker, run_dir)

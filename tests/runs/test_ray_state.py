@@ -27,40 +27,38 @@ def test_reading_the_snapshot_does_not_import_ray():
                         f"trial_states({str(FIXTURE)!r})", ("ray",)) == []
 
 
-def staged(folder: Path, session: str, trials: str) -> Path:
-    """Ray's staging folder as ``save_to_dir`` leaves it when it saves the searcher:
-    the trials' state written, the searcher state under its temporary name."""
+def staged(folder: Path, session: str, trials: str) -> None:
+    """Ray's staging folder once it has saved a snapshot: the trials, the searcher and
+    the search's wrappers."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"experiment_state-{session}.json").write_text(
         '{"trial_data": [], "runner_data": {}, "trials": "%s"}' % trials)
-    searcher = folder / f".0a1b-tmp-searcher-state-{session}.pkl"
-    searcher.write_bytes(b"\x80\x05searcher " + trials.encode() + b".")
-    return searcher
+    (folder / f"searcher-state-{session}.pkl").write_bytes(b"\x80\x05searcher " + trials.encode())
+    (folder / f"search_gen_state-{session}.json").write_bytes(b"\x80\x05counter " + trials.encode())
 
 
-def copy_out(staging: Path, run: Path, session: str) -> None:
-    """Ray's own copy of a snapshot into the run folder."""
-    (run / f"experiment_state-{session}.json").write_bytes(
-        (staging / f"experiment_state-{session}.json").read_bytes())
-    (run / f"searcher-state-{session}.pkl").write_bytes(
-        next(staging.glob(f".*searcher-state-{session}.pkl")).read_bytes())
+def copy_out(staging: Path, run: Path, session: str) -> list[str]:
+    """Ray's own copy of a snapshot into the run folder; the names copied."""
+    names = [p.name for p in staging.glob(f"*-{session}.*")]
+    for name in names:
+        (run / name).write_bytes((staging / name).read_bytes())
+    return names
 
 
 def test_a_snapshot_ray_copied_only_in_part_is_put_back_whole(tmp_path):
     run, staging, session = tmp_path / "run", tmp_path / "staging", "2026-12-06_05-00-00"
     run.mkdir()
-    assert keep_snapshot(run, str(staging), str(staging / "searcher-state-x.pkl")) is None
-    searcher = staged(staging, session, "two")
-    assert keep_snapshot(run, str(staging), str(searcher)) == session
-    copy_out(staging, run, session)
-    whole = {name: (run / name).read_bytes() for name in
-             (f"experiment_state-{session}.json", f"searcher-state-{session}.pkl")}
-    assert read_snapshot(run) == whole
+    assert keep_snapshot(run, str(staging), session) is False  # nothing staged
+    staged(staging, session, "two")
+    assert keep_snapshot(run, str(staging), session) is True
+    names = copy_out(staging, run, session)
+    whole = {name: (run / name).read_bytes() for name in names}
+    assert len(whole) == 3 and read_snapshot(run) == whole
     assert put_back(run) == []  # Ray's files are whole: nothing to do
     state = run / f"experiment_state-{session}.json"
     state.write_bytes(whole[state.name][:20])  # killed while Ray copied it
     (run / f"searcher-state-{session}.pkl").unlink()
-    assert sorted(put_back(run)) == sorted(whole)
+    assert sorted(put_back(run)) == sorted([state.name, f"searcher-state-{session}.pkl"])
     assert {name: (run / name).read_bytes() for name in whole} == whole
     check_ray_state(run)
 
@@ -69,7 +67,8 @@ def test_a_newer_snapshot_cut_short_is_set_aside_and_a_newer_whole_one_wins(tmp_
     run, staging = tmp_path / "run", tmp_path / "staging"
     run.mkdir()
     old, new = "2026-12-06_05-00-00", "2026-12-06_06-00-00"
-    keep_snapshot(run, str(staging), str(staged(staging, old, "old")))
+    staged(staging, old, "old")
+    keep_snapshot(run, str(staging), old)
     copy_out(staging, run, old)
     (run / f"experiment_state-{new}.json").write_text('{"trial_data": [')  # cut short
     assert put_back(run) == []  # Ray's old files equal the copy

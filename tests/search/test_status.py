@@ -77,9 +77,9 @@ def test_lower_is_better_and_the_loss_shown_where_chosen():
 
 def test_rays_own_tables_only_with_verbose():
     space = parse_space({"task": "binary", "params": {"backbone": "resnet18"}}, "s.yaml")
-    quiet = run_config(space, SweepOptions(space_file="s.yaml", data="d", name="n"))
+    quiet = run_config(space, SweepOptions(space_file="s.yaml", data="d", name="n"), None)
     loud = run_config(space, SweepOptions(space_file="s.yaml", data="d", name="n",
-                                          verbose=True))
+                                          verbose=True), None)
     assert (quiet.verbose, loud.verbose) == (0, 1)
     assert any(isinstance(c, SweepStatus) for c in quiet.callbacks)
 
