@@ -66,7 +66,8 @@ def add_option_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = (
         if names and f.name not in names:
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        required = f.default is dataclasses.MISSING
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        required = f.default is dataclasses.MISSING and factory is None
         text = " ".join(helps.get(f.name, docs[f.name]).replace("``", "").split())
         if not required and f.default is not None and f.default is not False and f.default != "":
             text = f"{text.rstrip('.')} (default: {f.default})."
@@ -79,10 +80,12 @@ def add_option_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = (
         kwargs["metavar"] = flag[2:].upper().replace("-", "_")
         if "least" in f.metadata:
             kwargs.update(action=AtLeast, **f.metadata)
+        if "nargs" in f.metadata:
+            kwargs["nargs"] = f.metadata["nargs"]
         if required:
             kwargs["required"] = True
         else:
-            kwargs["default"] = f.default
+            kwargs["default"] = factory() if factory else f.default
         parser.add_argument(flag, type=kind, **kwargs)
 
 
@@ -157,7 +160,8 @@ def cmd_resume(args) -> int:
 
     return exit_code(resume_sweep(args.run_dir, address=args.address, data=args.data,
                                   allow_changed_data=args.allow_changed_data,
-                                  mlflow=args.mlflow))
+                                  mlflow=args.mlflow, num_samples=args.num_samples,
+                                  time_budget=args.time_budget))
 
 
 def exit_code(results) -> int:
@@ -336,11 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped")
     p.add_argument("run_dir")
-    add_option_flags(p, ("address", "mlflow"),
+    add_option_flags(p, ("address", "mlflow", "num_samples", "time_budget"),
                      address="The Ray cluster to join (auto, HOST:PORT); none: the one the "
                              "sweep used.",
                      mlflow="Track the sweep in this MLflow server (http://HOST:PORT) or "
-                            "store; by default a tracked sweep goes on in its own runs.")
+                            "store; by default a tracked sweep goes on in its own runs.",
+                     num_samples="Raise the sweep's trial budget to this many trials (a "
+                                 "stopped or finished sweep grows; the study goes on).",
+                     time_budget="End this resume when this much time has passed (90m, "
+                                 "2h), as Ctrl-C does; resume again to go on.")
     add_data_flags(p, many=False)
     p.set_defaults(func=cmd_resume)
 

@@ -233,6 +233,9 @@ class Stop:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+INTERVAL_METRICS = ("accuracy", "f1", "auroc", "ece", "brier")
+"""The metrics that have a bootstrap interval (``covid_tune.core.metrics.bootstrap_intervals``)."""
+
 COSTS: dict[str, str] = {
     "latency_ms": "ONNX Runtime CPU latency per image at batch 1, in milliseconds",
     "params": "the model's parameters, frozen ones included",
@@ -366,6 +369,7 @@ class SearchSpace:
             "pretrained": self.pretrained,
             "threshold": self.threshold.to_raw(),
             **({"objectives": list(self.objectives)} if self.objectives else {}),
+            **({"report_interval": True} if self.stop.converged else {}),
         }
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
@@ -428,6 +432,9 @@ class TrialConfig:
     objectives: tuple[str, ...] = ()
     """The deploy costs the sweep searches besides the metric (``COSTS``): the trial
     measures ``latency_ms`` only when named (``params`` always)."""
+    report_interval: bool = False
+    """Report ``<metric>_half_width`` with every epoch: the half-width of the metric's
+    95% bootstrap interval on its split (``stop: {converged: K}`` needs it)."""
 
     @classmethod
     def from_dict(cls, config: dict) -> TrialConfig:

@@ -23,6 +23,7 @@ from covid_tune.core.space import (
     LOWER_IS_BETTER,
     PARAM_TYPES,
     COSTS,
+    INTERVAL_METRICS,
     Asha,
     Augment,
     Choice,
@@ -157,6 +158,10 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         stop=_stop(raw.get("stop"), problems),
         objectives=_objectives(raw.get("objectives"), problems),
     )
+    if space.stop.converged and space.metric.split("_", 1)[-1] not in INTERVAL_METRICS:
+        problems.add("stop.converged", f"{space.metric} has no bootstrap interval to tell a "
+                     f"gain from noise; rank by one that has ({', '.join(INTERVAL_METRICS)}) "
+                     f"or use stop.at")
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "
                      f"max_epochs ({space.max_epochs}); lower it")
@@ -672,7 +677,7 @@ def to_raw(space: SearchSpace) -> dict:
         {b: param_raw(p) for b, p in v.items()} if isinstance(v, dict) else param_raw(v)
     ) for k, v in space.params.items()}
     return {
-        **space.fixed_settings(),
+        **{k: v for k, v in space.fixed_settings().items() if k != "report_interval"},
         "augment": space.augment.to_raw() if space.augment is not None else False,
         "num_samples": space.num_samples,
         "asha": asdict(space.asha),

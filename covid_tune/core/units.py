@@ -14,6 +14,19 @@ def duration(seconds: float | None) -> str:
     return f"{minutes}min {secs}s" if minutes else f"{secs}s"
 
 
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``90``, ``45s``, ``30m``, ``2h`` or ``1h30m``; None if it is not one."""
+    import re
+
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*"
+                         r"(?:(\d+(?:\.\d+)?)s?)?\s*", str(text))
+    if not parts or not any(parts.groups()):
+        return None
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    return total if total > 0 else None
+
+
 def human_bytes(count: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":

@@ -9,6 +9,8 @@ record of the run::
     dataset.json    the dataset's manifest: relative path -> bytes of every image
     optuna.db       the Optuna study as SQLite (written by covid_tune.search.searcher)
     sweep.lock      held by the sweep or resume running now (covid_tune.runs.lock)
+    end.json        why its last driver ended: all trials run, a goal reached, converged,
+                    the time budget spent, stopped by a signal (runs.record.write_end)
     experiment_state-*.json, searcher-state-*.pkl   Ray Tune's snapshot (for resume)
     snapshot.tar    a whole copy of Ray Tune's newest snapshot, written by rename: what
                     resume goes on from when a kill cut Ray's own copy short

@@ -15,7 +15,7 @@ from covid_tune.core.space import SearchSpace
 from covid_tune.core.space_file import dump_space, load_space, parse_space_text
 from covid_tune.errors import UserError
 from covid_tune.runs.checkpoint import bytes_digest
-from covid_tune.runs.folder import DATASET_FILE, SPACE_FILE, SWEEP_FILE, RunFolder, brief
+from covid_tune.runs.folder import DATASET_FILE, END_FILE, SPACE_FILE, SWEEP_FILE, RunFolder, brief
 from covid_tune.runs.storage import join, remove, write_bytes
 
 RECORD_FORMAT = "covid-tune run 2"
@@ -82,6 +82,12 @@ class SweepOptions:
     """An MLflow tracking server (http://HOST:PORT) or store: the sweep is logged there,
     one parent run with a nested run per trial; overrides the space's
     mlflow.tracking_uri."""
+    time_budget: str | None = None
+    """End the sweep when this much time has passed (90m, 2h, 1h30m), as Ctrl-C does:
+    every trial keeps its last checkpoint, and resume goes on."""
+    warm_start: list[str] = field(default_factory=list, metadata={"nargs": "+"})
+    """Earlier runs of the same task and metric whose finished trials TPE starts from
+    (their parameters outside this space are left out)."""
 
     def space(self) -> SearchSpace:
         """The space file with this sweep's overrides applied."""
@@ -302,3 +308,65 @@ def read_selection(run_dir: str | RunFolder, space: SearchSpace) -> list[str]:
         raise UserError(f"{path}: damaged (no list of the images held out for selection); "
                         f"the run's selection split cannot be rebuilt; start the sweep again")
     return names
+
+
+def write_num_samples(run_dir: str | RunFolder, num_samples: int) -> None:
+    """Record a new trial budget in ``sweep.json`` (``resume --num-samples``): the one
+    file, rewritten whole; its other fields as they were."""
+    run = RunFolder(run_dir)
+    raw = run.read_json(SWEEP_FILE, what="the run's record cannot be recovered")
+    raw["options"]["num_samples"] = num_samples
+    try:
+        run.write_bytes(SWEEP_FILE, data=json.dumps(raw, indent=1).encode())
+    except OSError as exc:
+        raise UserError(f"{run.where(SWEEP_FILE)}: cannot record the new budget "
+                        f"({brief(exc)}); nothing was changed") from None
+
+
+# why the sweep ended --------------------------------------------------------------
+
+END_KINDS = ("finished", "goal", "converged", "time budget", "stopped")
+"""How a sweep's driver ends: every trial run, ``stop.at`` reached, ``stop.converged``,
+``--time-budget`` spent (resume goes on), a signal (resume goes on)."""
+
+
+@dataclass(frozen=True)
+class SweepEnd:
+    """``end.json``: why the sweep's last driver ended."""
+
+    kind: str
+    """One of ``END_KINDS``."""
+    reason: str
+    """What happened, in a sentence the summary and the leaderboard show."""
+    time: str = ""
+    """UTC time, ISO 8601."""
+
+    @property
+    def resumable(self) -> bool:
+        return self.kind in ("time budget", "stopped")
+
+
+def write_end(run_dir: str | RunFolder, kind: str, reason: str) -> SweepEnd:
+    """Record why the sweep ended (one whole file); a storage error is one note."""
+    end = SweepEnd(kind, reason, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    try:
+        RunFolder(run_dir).write_bytes(END_FILE, data=json.dumps(asdict(end), indent=1).encode())
+    except OSError as exc:
+        print(f"note: could not record why the sweep ended ({brief(exc)})", flush=True)
+    return end
+
+
+def read_end(run_dir: str | RunFolder) -> SweepEnd | None:
+    """Why the sweep ended, or None (running, written before 0.5, or unreadable)."""
+    try:
+        raw = json.loads(RunFolder(run_dir).read_bytes(END_FILE))
+        return SweepEnd(str(raw["kind"]), str(raw["reason"]), str(raw.get("time", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_end(run_dir: str | RunFolder) -> None:
+    """A resumed sweep goes on: its last end no longer holds."""
+    run = RunFolder(run_dir)
+    if run.exists(END_FILE):
+        run.fs.delete_file(run.path(END_FILE))

@@ -20,9 +20,15 @@ Ray Tune
 - ``ray.train._internal.session.get_session`` and ``_TrainSession.stop_event``
   (``trial_session``, ``asked_to_stop``): Tune tells a trial to stop only through its
   next ``report``; a trial that trains between reports has no public way to ask.
-- ``Tuner._local_tuner`` (``run_callbacks``): ``Tuner.restore`` brings back the run's
-  ``RunConfig``, callbacks included, and takes no new one; ``resume --mlflow`` must
-  change where the sweep is tracked.
+- ``Tuner._local_tuner`` (``run_callbacks``, ``restored_tune_config``): ``Tuner.restore``
+  brings back the run's ``RunConfig`` and ``TuneConfig``, callbacks and searcher
+  included, and takes no new ones; ``resume --mlflow`` must change where the sweep is
+  tracked, ``resume --num-samples`` its budget.
+- ``SearchGenerator._total_samples``, ``._finished`` (``raise_budget``): the trial
+  budget Ray restores from the snapshot over the ``TuneConfig``'s.
+- ``TuneController.request_stop_experiment`` behind the scheduler's
+  ``TrialRunnerWrapper`` (``stop_experiment``): a scheduler cannot end a sweep
+  publicly; ``stop: {at, converged}`` is decided where every result arrives.
 - ``AsyncHyperBandScheduler._brackets``, ``._num_stopped``, ``._trial_info``,
   ``._metric_op`` and ``_Bracket._rungs`` (``asha_state``, ``set_asha_state``,
   ``asha_record``): Ray Tune saves no scheduler with its snapshot (issue 30838; the PR
@@ -65,6 +71,28 @@ def run_callbacks(tuner) -> list:
     if run_config.callbacks is None:
         run_config.callbacks = []
     return run_config.callbacks
+
+
+def stop_experiment(tune_controller) -> None:
+    """End the sweep from a scheduler hook: no new trials, running ones stopped (as
+    ``RunConfig(stop=...)``'s ``stop_all`` does, but decided by the scheduler, whose
+    state covers every trial's results); the hook's wrapper hides the call."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    controller.request_stop_experiment()
+
+
+def restored_tune_config(tuner):
+    """The ``TuneConfig`` a restored ``Tuner`` runs with (its searcher, its
+    ``num_samples``), to change in place; ``Tuner.restore`` takes no new one."""
+    return tuner._local_tuner._tune_config
+
+
+def raise_budget(search_generator, num_samples: int) -> None:
+    """Let Ray's ``SearchGenerator`` (what a scheduler hook sees as ``search_alg``)
+    create trials up to ``num_samples``: it restores its count and ``finished`` flag
+    from the run's snapshot, after the ``TuneConfig`` is read."""
+    search_generator._total_samples = num_samples
+    search_generator._finished = False
 
 
 def in_run_folder(trial, storage) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from covid_tune.core.ranking import rank_key
@@ -92,6 +92,8 @@ class SweepSearch(OptunaSearch):
         return ot_study(self)
 
     def suggest(self, trial_id: str):
+        if getattr(self, "finished", False):  # stop: {at, converged} ended the sweep
+            return Searcher.FINISHED
         if trial_id not in ot_trials(self) and self.waiting_for_startup():
             return None
         return super().suggest(trial_id)

@@ -29,8 +29,10 @@ from __future__ import annotations
 import _thread
 import json
 import logging
+import math
 import os
 import pickle
+import re
 import shlex
 import signal
 import sys
@@ -46,7 +48,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from covid_tune.search.cluster import check_object_store, check_resources, check_storage, start_ray
 from covid_tune.core.ranking import rank_key
-from covid_tune.core.space import SearchSpace, tracking_uri_problem
+from covid_tune.core.space import SearchSpace, Stop, tracking_uri_problem
+from covid_tune.core.units import duration, parse_duration
 from covid_tune.core.space_file import find_space
 from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, check_memory, hold_out,
                              load_dataset, manifest, scan, train_grouping, with_selection)
@@ -56,13 +59,15 @@ from covid_tune.nn.models import check_pretrained
 from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
 from covid_tune.runs.folder import (DIVERGED_FILE, LOST_DIR, RESULT_FILE, SNAPSHOT_FILE,
                                     STUDY_FILE, SWEEP_FILE, RunFolder)
-from covid_tune.runs.record import SweepOptions, read_record, read_selection, read_space, write_record
+from covid_tune.runs.record import (SweepOptions, clear_end, read_end, read_record, read_selection,
+                                    read_space, write_end, write_num_samples, write_record)
 from covid_tune.runs.tracking import one_line, read_tracking
-from covid_tune.runs.ray_state import check_ray_state, put_back
+from covid_tune.runs.ray_state import check_ray_state, put_back, trial_states
 from covid_tune.runs.retention import checkpoint_folders, drop_resume_state, keep_best
 from covid_tune.search._internals import (asha_record, asha_state, controller_storage,
-                                          in_run_folder, point_at_checkpoint, run_callbacks,
-                                          set_asha_state)
+                                          in_run_folder, point_at_checkpoint, raise_budget,
+                                          restored_tune_config, run_callbacks, set_asha_state,
+                                          stop_experiment)
 from covid_tune.search.searcher import build_searcher, epoch_of, find_sweep_search
 from covid_tune.search.status import SweepStatus
 from covid_tune.search.tracking import MlflowTracking
@@ -86,10 +91,16 @@ class SweepScheduler(ASHAScheduler):
     (``tuner.pkl``) keeps the two together for ``resume``.
     """
 
-    def __init__(self, *args, search_alg=None, **kwargs):
+    def __init__(self, *args, search_alg=None, stop: Stop = Stop(), **kwargs):
         super().__init__(*args, **kwargs)
         self.open: dict = {}
         """Trial id -> Ray's trial, for trials added and not yet ended."""
+        self.stop, self.rank_mode = stop, kwargs.get("mode", "max")
+        self.best: dict[str, list] = {}
+        """Trial id -> [its best score, that epoch's interval half-width], while it runs."""
+        self.finished: list[list] = []
+        """[trial id, best score, half-width] of each trial with a score, as they ended."""
+        self.ended: str | None = None
         self.search_alg = None
         """The searcher, in its wrappers: told of the ends Ray misses."""
         self.serve(search_alg)
@@ -124,14 +135,19 @@ class SweepScheduler(ASHAScheduler):
         if search is not None and storage is not None:  # where Ray has the run now
             search.run_folder = RunFolder.on(storage.storage_filesystem,
                                              storage.experiment_fs_path)
+        if search is not None and getattr(search, "budget", None):  # resume --num-samples
+            raise_budget(tune_controller.search_alg, search.budget)
+            search.budget = None
         super().on_trial_add(tune_controller, trial)
         if getattr(self, "rebuild", False) and "epoch" in (trial.last_result or {}):
             asha_record(self, trial.trial_id, scores_until(trial, self.metric,
                                                            epoch_of(trial.last_result)))
 
     def state(self) -> dict:
-        """ASHA's rungs, saved with the searcher in each snapshot of the run."""
-        return asha_state(self)
+        """ASHA's rungs, and the scores ``stop`` goes by, saved with the searcher in
+        each snapshot of the run."""
+        return {**asha_state(self), "best": dict(getattr(self, "best", {})),
+                "finished": list(getattr(self, "finished", []))}
 
     def take_over(self, saved: dict | None) -> None:
         """After ``resume``: ASHA's rungs as the run's last snapshot saved them, or,
@@ -139,17 +155,72 @@ class SweepScheduler(ASHAScheduler):
         they are added (``on_trial_add``)."""
         if saved:
             set_asha_state(self, saved)
+            self.best, self.finished = dict(saved.get("best", {})), list(saved.get("finished", []))
         self.rebuild = not saved
+
+    def on_trial_result(self, tune_controller, trial, result) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = self.best.get(trial.trial_id)
+            if best is None or rank_key(value, self.rank_mode) > rank_key(best[0], self.rank_mode):
+                half = result.get(f"{self.metric}_half_width", math.nan)
+                self.best[trial.trial_id] = [value, half]
+            goal = getattr(self, "stop", Stop()).at
+            if goal is not None and rank_key(value, self.rank_mode) >= rank_key(goal, self.rank_mode):
+                self.end(tune_controller, "goal", f"{self.metric} {value:.4f} reached the goal "
+                         f"{goal:g} (trial {trial.trial_id}, epoch {result.get('epoch')})")
+        return action
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
         self.open.pop(trial.trial_id, None)
         super().on_trial_complete(tune_controller, trial, result)
+        best = getattr(self, "best", {}).pop(trial.trial_id, None)
+        if best is not None:
+            self.finished.append([trial.trial_id, *best])
+            self.check_converged(tune_controller)
+
+    def check_converged(self, tune_controller) -> None:
+        """``stop: {converged: K}``: end the sweep when the last K trials to end have not
+        raised the best score by more than the half-width of its bootstrap interval."""
+        k = getattr(self, "stop", Stop()).converged
+        if not k or len(self.finished) <= k:
+            return
+        key = lambda entry: rank_key(entry[1], self.rank_mode)  # noqa: E731
+        before, now = max(self.finished[:-k], key=key), max(self.finished, key=key)
+        gain, half = abs(now[1] - before[1]), now[2]
+        if isinstance(half, (int, float)) and math.isfinite(half) and gain <= half:
+            self.end(tune_controller, "converged", f"the last {k} trials to end raised the best "
+                     f"{self.metric} by {gain:.4f}, within the half-width of its 95% interval "
+                     f"({half:.4f}): converged")
+
+    def end(self, tune_controller, kind: str, reason: str) -> None:
+        """End the sweep, once: no new trial is suggested from now on, and at Tune's
+        next step (once it has kept the checkpoint of the result that decided) the
+        running ones stop; why goes in the run's ``end.json``."""
+        if getattr(self, "ended", None):
+            return
+        self.ended = reason
+        print(f"\n{reason}; ending the sweep", flush=True)
+        search = find_sweep_search(self.search_alg)
+        if search is not None:
+            search.finished = True
+            if getattr(search, "run_folder", None) is not None:
+                write_end(search.run_folder, kind, reason)
+        self.ending = True
+
+    def choose_trial_to_run(self, tune_controller):
+        if getattr(self, "ending", False):
+            self.ending = False
+            stop_experiment(tune_controller)
+            return None
+        return self.choose_after_missed_ends(tune_controller)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         self.open.pop(trial.trial_id, None)
         super().on_trial_remove(tune_controller, trial)
 
-    def choose_trial_to_run(self, tune_controller):
+    def choose_after_missed_ends(self, tune_controller):
         self.tell_missed_ends()
         return super().choose_trial_to_run(tune_controller)
 
@@ -332,7 +403,7 @@ def build_scheduler(space: SearchSpace, searcher=None) -> ASHAScheduler:
     return SweepScheduler(time_attr="epoch", metric=space.metric, mode=space.mode,
                           max_t=space.max_epochs, grace_period=space.asha.grace_period,
                           reduction_factor=space.asha.reduction_factor,
-                          search_alg=searcher)
+                          search_alg=searcher, stop=space.stop)
 
 
 def trial_dirname(trial) -> str:
@@ -401,10 +472,22 @@ def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
     open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
     if opts.mlflow is not None and tracking_uri_problem(opts.mlflow):
         raise UserError(f"--mlflow {opts.mlflow}: {tracking_uri_problem(opts.mlflow)}")
+    budget_seconds(opts.time_budget)
     backbones = space.params["backbone"]
     for backbone in getattr(backbones, "choices", None) or [backbones.value]:
         check_pretrained(backbone, space.pretrained)
     return opts, space
+
+
+def budget_seconds(text: str | None) -> float | None:
+    """``--time-budget`` in seconds (None: no budget); UserError naming the flag."""
+    if text is None:
+        return None
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise UserError(f"--time-budget {text}: not a duration; give one such as 90m, 2h "
+                        f"or 1h30m")
+    return seconds
 
 
 def decode(layout: Layout, space: SearchSpace, strict: bool,
@@ -466,7 +549,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
                                         trial_dirname_creator=trial_dirname),
             run_config=run_config(space, opts, searcher, tracker),
         )
-        results = fit(tuner, run_dir, tracker)
+        results = fit(tuner, run_dir, tracker, opts.time_budget)
         attach_leaderboard(tracker, run_dir)
     report_best(results, space, run_dir)
     return results
@@ -507,7 +590,8 @@ def attach_leaderboard(tracker: MlflowTracking | None, run_dir: str) -> None:
 
 def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | None = None,
                  allow_changed_data: bool = False, trainable=train_trial,
-                 mlflow: str | None = None) -> tune.ResultGrid:
+                 mlflow: str | None = None, num_samples: int | None = None,
+                 time_budget: str | None = None) -> tune.ResultGrid:
     """Continue a sweep whose driver died or was stopped: finished trials kept, the rest
     resumed.
 
@@ -518,10 +602,13 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
     ``run_dir`` is a local folder or a URI (``s3://bucket/runs/name?endpoint_override=...``),
     read and continued where the sweep wrote it. ``mlflow`` tracks it there (its runs
     go on where the run's ``mlflow.json`` says, else new ones start); by default a
-    tracked sweep goes on being tracked where it was.
+    tracked sweep goes on being tracked where it was. ``num_samples`` raises the trial
+    budget of a stopped or finished sweep (recorded in ``sweep.json``); ``time_budget``
+    ends this resume as Ctrl-C does once the time is up.
     """
     if mlflow is not None and tracking_uri_problem(mlflow):
         raise UserError(f"--mlflow {mlflow}: {tracking_uri_problem(mlflow)}")
+    budget_seconds(time_budget)
     run_dir = _absolute(str(run_dir).rstrip("/"))
     run = RunFolder(run_dir)
     record = read_record(run)
@@ -533,6 +620,8 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
             print(f"note: Ray Tune's snapshot of the run was cut short or behind; it goes on "
                   f"from the whole copy kept in {SNAPSHOT_FILE} ({', '.join(restored)})")
         check_ray_state(run)
+        if num_samples is not None:
+            check_budget(run, num_samples)
         choice = choose_data(run, record, space.task, data, allow_changed_data,
                              required=True, spec=space.data)
         for note in choice.notes:
@@ -561,11 +650,38 @@ def resume_sweep(run_dir: str | Path, address: str | None = None, data: str | No
         callbacks = run_callbacks(tuner)
         callbacks[:] = [c for c in callbacks if not isinstance(c, MlflowTracking)]
         callbacks.extend([tracker] if tracker else [])
-        results = fit(tuner, run_dir, tracker)
+        if num_samples is not None:
+            grow(tuner, run, num_samples)
+        clear_end(run)
+        results = fit(tuner, run_dir, tracker, time_budget)
         set_aside_lost_trials(run_dir, results)
         attach_leaderboard(tracker, run_dir)
     report_best(results, space, run_dir)
     return results
+
+
+def check_budget(run: RunFolder, num_samples: int) -> None:
+    """``resume --num-samples N`` must raise the budget past the trials the run has."""
+    have = len(trial_states(run))
+    if num_samples <= have:
+        raise UserError(f"--num-samples {num_samples}: {run.where()} already has {have} "
+                        f"trials; give more than {have} to grow the sweep (or resume without "
+                        f"it to finish the ones it has)")
+
+
+def grow(tuner: tune.Tuner, run: RunFolder, num_samples: int) -> None:
+    """Raise a restored sweep's trial budget: Ray's ``TuneConfig`` and the count Ray
+    restores from the snapshot (``SweepScheduler`` sets it as trials are restored),
+    and ``sweep.json``'s record."""
+    config = restored_tune_config(tuner)
+    config.num_samples = num_samples
+    search = find_sweep_search(config.search_alg)
+    if search is None:
+        raise UserError(f"{run.where()}: this run's search cannot grow (it was written by an "
+                        f"older covid-tune); start a new sweep with --warm-start {run.where()}")
+    search.budget, search.finished = num_samples, False
+    write_num_samples(run, num_samples)
+    print(f"the sweep grows to {num_samples} trials")
 
 
 def bundle_bytes(bundle: DataBundle) -> int:
@@ -577,15 +693,18 @@ STOP_GRACE_SECONDS = 8.0
 driver stops at once, from the run's last snapshot (as a second signal does)."""
 
 
-def fit(tuner: tune.Tuner, run_dir: str,
-        tracker: MlflowTracking | None = None) -> tune.ResultGrid:
+def fit(tuner: tune.Tuner, run_dir: str, tracker: MlflowTracking | None = None,
+        time_budget: str | None = None) -> tune.ResultGrid:
     """``tuner.fit()``, stopped cleanly by Ctrl-C or SIGTERM: Ray Tune saves the run's
     state (every trial keeps its last checkpoint), then ``Stopped`` says how to resume.
     A second signal, or a graceful stop that takes longer than ``STOP_GRACE_SECONDS``,
     stops at once; ``resume`` then goes on from the run's last snapshot. A sweep with
-    nothing to run for too long ends with ``Stalled`` (``covid_tune.search.status``)."""
+    nothing to run for too long ends with ``Stalled`` (``covid_tune.search.status``).
+    ``time_budget`` spent stops it as Ctrl-C does, and it returns. Why it ended goes in
+    the run's ``end.json`` (``write_end``), unless ``stop`` in the space ended it and
+    said so there."""
     hint = f"continue with: covid-tune resume {shlex.quote(run_dir)}"
-    with signals_stop_tune() as received, closed(tracker):
+    with signals_stop_tune(budget_seconds(time_budget)) as received, closed(tracker):
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
@@ -597,10 +716,20 @@ def fit(tuner: tune.Tuner, run_dir: str,
                 raise
             raise Stalled(f"{stalled}; finished trials and every other trial's last "
                           f"checkpoint are kept; {hint}") from None
-    if received:
+    if received and received[0] == BUDGET:
+        write_end(run_dir, "time budget", f"the time budget ({time_budget}) was spent; "
+                                          f"finished trials and every other trial's last "
+                                          f"checkpoint are kept; {hint}")
+    elif received:
         name = signal.Signals(received[0]).name
-        raise Stopped(received[0], f"stopped by {name}; finished trials and every other "
-                                   f"trial's last checkpoint are kept; {hint}")
+        message = (f"stopped by {name}; finished trials and every other trial's last "
+                   f"checkpoint are kept; {hint}")
+        write_end(run_dir, "stopped", message)
+        raise Stopped(received[0], message)
+    elif read_end(run_dir) is None:
+        write_end(run_dir, "finished", f"all {len(results)} trials ran")
+    else:
+        drop_unstarted(run_dir, results)
     return results
 
 
@@ -628,21 +757,47 @@ def stall_in(exc: BaseException) -> str | None:
     return None
 
 
+BUDGET = "time budget"
+"""What ``signals_stop_tune`` lists when the time budget, not a signal, stopped it."""
+
+
 @contextmanager
-def signals_stop_tune():
-    """Turn SIGINT and SIGTERM into Ray Tune's own graceful stop (its SIGUSR1 handler,
-    installed by ``fit``); the list it yields holds the signal received, if any. A
-    second signal, or ``STOP_GRACE_SECONDS`` without the stop done, raises
-    ``KeyboardInterrupt`` in the main thread.
+def signals_stop_tune(budget: float | None = None):
+    """Turn SIGINT and SIGTERM, and ``budget`` seconds spent, into Ray Tune's own
+    graceful stop (its SIGUSR1 handler, installed by ``fit``); the list it yields holds
+    the signal received (or ``BUDGET``), if any. A second signal, or
+    ``STOP_GRACE_SECONDS`` without the stop done, raises ``KeyboardInterrupt`` in the
+    main thread.
 
     Only the main thread can set handlers; elsewhere (tests run sweeps in threads)
-    signals keep their usual effect.
+    signals keep their usual effect, and a budget is not kept (a note says so).
     """
-    received: list[int] = []
+    received: list = []
     if threading.current_thread() is not threading.main_thread():
+        if budget:
+            print("note: the time budget needs the sweep in the main thread; it is not "
+                  "kept here", flush=True)
         yield received
         return
     done = threading.Event()
+
+    def budget_spent():
+        while signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
+            if done.wait(0.2):  # Ray Tune listens once the sweep starts
+                return
+        if received or done.is_set():
+            return
+        received.append(BUDGET)
+        print(f"\nthe time budget ({duration(budget)}) is spent: stopping the sweep; Ray "
+              f"Tune saves the run's state first", file=sys.stderr, flush=True)
+        threading.Thread(target=stop_at_once_after_grace, args=(done,), daemon=True,
+                         name="covid-tune-stop-grace").start()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    timer = threading.Timer(budget, budget_spent) if budget else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
 
     def stop(signum, frame):
         if received or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
@@ -658,11 +813,16 @@ def signals_stop_tune():
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     tune_log = logging.getLogger("ray.tune.tune")
     tune_log.addFilter(without_tune_restore_hints)
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log.addFilter(without_unstarted_trials)
     try:
         yield received
     finally:
         done.set()
+        if timer is not None:
+            timer.cancel()
         tune_log.removeFilter(without_tune_restore_hints)
+        analysis_log.removeFilter(without_unstarted_trials)
         for number, handler in previous.items():
             signal.signal(number, handler)
 
@@ -681,6 +841,30 @@ def without_tune_restore_hints(record: logging.LogRecord) -> bool:
     ``Stopped`` names the command that resumes the sweep."""
     text = record.getMessage()
     return not text.startswith(("Stop signal received", "Experiment has been interrupted"))
+
+
+def without_unstarted_trials(record: logging.LogRecord) -> bool:
+    """Drop Ray Tune's warning about trials without results when each one it names
+    never started (its folder is empty): a sweep that ``stop`` ended leaves the trial
+    Ray had queued next; ``drop_unstarted`` removes its folder."""
+    text = record.getMessage()
+    if not text.startswith("Failed to fetch metrics"):
+        return True
+    folders = re.findall(r"not found at (\S+?)'?\)", text)
+    return not folders or any(not os.path.isdir(f) or os.listdir(f) for f in folders)
+
+
+def drop_unstarted(run_dir: str, results: tune.ResultGrid) -> int:
+    """Remove the empty folders of trials a ``stop`` ended before they started; how
+    many."""
+    run, dropped = RunFolder(run_dir), 0
+    for result in results:
+        name = os.path.basename(result.path.rstrip("/"))
+        if not result.metrics and run.exists(name) and not run.files(name) \
+                and not run.folders(name):
+            run.fs.delete_dir(run.path(name))
+            dropped += 1
+    return dropped
 
 
 def set_aside_lost_trials(run_dir: str, results: tune.ResultGrid) -> list[str]:
@@ -734,13 +918,17 @@ def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> N
     checkpoint = (best.get_best_checkpoint(space.metric, space.mode)
                   if best.best_checkpoints else None)
     errors = sum(1 for r in results if r.error)
-    print(f"\n{len(results)} trials, {errors} failed. Best trial {best.metrics['trial_id']}: "
+    ran = sum(1 for r in results if r.metrics or r.error)
+    print(f"\n{ran} trials, {errors} failed. Best trial {best.metrics['trial_id']}: "
           f"{space.metric} = {_best_value(best, space):.4f}")
     params = {k: best.config[k] for k in ("backbone", "frozen_layers", "lr", "loss")
               if k in best.config}
     print(f"  config: {params}")
     print(f"  checkpoint: {checkpoint.path if checkpoint else '(none kept)'}")
     print(f"  run dir: {run_dir}")
+    end = read_end(run_dir)
+    if end is not None:
+        print(f"  ended: {end.reason}")
 
 
 def _best_value(result, space: SearchSpace) -> float:
