@@ -21,6 +21,7 @@ from covid_tune.runs.ray_state import trial_states
 from covid_tune.runs.record import (
     SweepRecord,
     manifest_fingerprint,
+    read_end,
     read_grouping,
     read_manifest,
     read_record,
@@ -217,6 +218,9 @@ def read_run(run_dir: str | Path | RunFolder) -> RunInfo:
     grouping = read_grouping(run)
     if grouping:
         notes.append(f"Patients: {grouping_line(grouping)}.")
+    end = read_end(run)
+    if end is not None and end.kind != "finished":
+        notes.append(f"The sweep ended early: {end.reason}.")
     return RunInfo(run.local() if run.is_local else run.where(), name, record, space, trials,
                    notes, states, read_selection(run, space), folder=run)
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import optuna
+import yaml
 from PIL import Image
 from ray.tune import ExperimentAnalysis
 
 from conftest import BINARY_SPACE, write_space
+from covid_tune.cli import main
 from covid_tune.runs.folder import STUDY_FILE
 
 
@@ -543,3 +546,85 @@ def test_a_graceful_stop_that_hangs_is_cut_short_with_the_resume_command(monkeyp
     assert time.monotonic() - started < 5
     assert stopped.value.signum == signal.SIGTERM
     assert str(stopped.value).endswith("continue with: covid-tune resume /runs/hung")
+
+
+# --- stops, budgets, growing a sweep ---------------------------------------------------
+
+def steady_space(tmp_path, stop: dict, num_samples: int = 6) -> Path:
+    """A study whose trials score alike (one seed for all, a learning rate too small to
+    move a prediction, only the dropout searched), one epoch each, one at a time."""
+    doc = {**BINARY_SPACE, "metric": "val_f1", "mode": "max", "num_samples": num_samples,
+           "max_epochs": 1, "augment": False, "stop": stop, "start_with": [],
+           "trial_seed": 5,
+           "asha": {"grace_period": 1, "reduction_factor": 2},
+           "params": {**BINARY_SPACE["params"], "backbone": "resnet18", "frozen_layers": 20,
+                      "lr": 1e-9, "dropout": {"low": 0.0, "high": 0.01}}}
+    return write_space(tmp_path, doc)
+
+
+@pytest.mark.parametrize("stop, kind, trials, words", [
+    ({"at": 0.0}, "goal", 1, "val_f1 {best} reached the goal 0 (trial "),
+    ({"converged": 2}, "converged", 3, "the last 2 trials to end raised the best val_f1 by "),
+])
+def test_a_goal_or_a_converged_study_ends_the_sweep_and_says_why(ray_cluster, binary_data,
+                                                                 tmp_path, capsys, stop,
+                                                                 kind, trials, words):
+    """``stop: {at: G}`` ends the sweep at the first result that reaches G;
+    ``stop: {converged: K}`` once K trials in a row brought no gain beyond the best's
+    bootstrap half-width (trials here score alike: the third ends it). The summary,
+    ``end.json`` and the leaderboard say why."""
+    from covid_tune.runs.ray_state import trial_states
+    from covid_tune.runs.record import read_end
+
+    run = tmp_path / "runs" / kind
+    assert main(["sweep", "--space", str(steady_space(tmp_path, stop)), "--data",
+                 str(binary_data), "--storage-path", str(tmp_path / "runs"), "--name", kind,
+                 "--max-concurrent", "1", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    end = read_end(run)
+    assert end is not None and end.kind == kind and not end.resumable
+    best = max(json.loads(line)["val_f1"] for path in run.glob("trial_*/result.json")
+               for line in path.read_text().splitlines())
+    assert words.format(best=f"{best:.4f}") in end.reason
+    assert f"ended: {end.reason}" in out
+    assert len(trial_states(run)) == trials, trial_states(run)  # not the 6 of num_samples
+    assert main(["leaderboard", str(run), "--out", str(tmp_path / "board")]) == 0
+    assert end.reason in (tmp_path / "board" / "leaderboard.md").read_text()
+
+
+@pytest.mark.realistic  # a real time budget: about a minute (make soak)
+def test_a_time_budget_stops_as_ctrl_c_does_and_resume_grows_the_sweep(ray_cluster,
+                                                                        binary_data,
+                                                                        tmp_path, capsys):
+    """``--time-budget`` ends the sweep gracefully (exit 0, trials kept mid-way, the
+    reason recorded); ``resume --num-samples N`` then finishes them and grows the sweep
+    to N trials, each once, the study with it; a budget not above the trials the run
+    has is refused in one line."""
+    from covid_tune.runs.ray_state import trial_states
+    from covid_tune.runs.record import read_end, read_record
+
+    space = steady_space(tmp_path, {}, num_samples=4)
+    doc = yaml.safe_load(space.read_text())
+    doc["max_epochs"], doc["asha"]["grace_period"] = 3, 3  # no ASHA stop: 3 epochs each
+    space.write_text(yaml.safe_dump(doc))
+    run = tmp_path / "runs" / "budget"
+    started = time.monotonic()
+    assert main(["sweep", "--space", str(space), "--data", str(binary_data), "--storage-path",
+                 str(tmp_path / "runs"), "--name", "budget", "--max-concurrent", "1",
+                 "--time-budget", "8s"]) == 0
+    print(f"stopped by the budget after {time.monotonic() - started:.0f} s")
+    end, states = read_end(run), trial_states(run)
+    assert end.kind == "time budget" and end.resumable and "resume" in end.reason
+    assert len(states) < 4 or set(states.values()) != {"TERMINATED"}, states
+    assert "ended: the time budget (8s) was spent" in capsys.readouterr().out
+
+    assert main(["resume", str(run), "--num-samples", str(len(states) - 1)]) == 2
+    assert "--num-samples" in capsys.readouterr().err
+    assert main(["resume", str(run), "--num-samples", "6"]) == 0
+    states = trial_states(run)
+    assert len(states) == 6 and set(states.values()) == {"TERMINATED"}, states
+    assert read_end(run).reason == "all 6 trials ran"
+    assert read_record(run).options.num_samples == 6
+    study = optuna.load_study(study_name="budget", storage=f"sqlite:///{run / STUDY_FILE}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+    assert len(list(run.glob("trial_*"))) == 6
