@@ -58,7 +58,7 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     ``out`` and moved into it only when all are written: a full disk leaves the
     previous leaderboard as it was. ``external`` (name -> collection, ``--external``)
     adds columns scoring each row on another labelled collection (``score_external``)."""
-    runs = [read_run(d) for d in run_dirs]
+    runs = mark_earlier([read_run(d) for d in run_dirs])
     choices = choose_datasets(runs, data or [], allow_changed_data)
     externals = read_externals(external or {}, runs)
     folder = Path(out).resolve() if out else default_folder(runs[0])
@@ -75,6 +75,17 @@ def write_leaderboard(run_dirs: list[str], out: str | None = None,
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return text + f"\nWritten to {folder}/ (leaderboard.md, .csv, .parquet and PNGs)\n"
+
+
+def mark_earlier(runs: list[RunInfo]) -> list[RunInfo]:
+    """Mark the trials of runs another run here was warm-started from (``earlier``)."""
+    sources = {str(Path(where).resolve()) if "://" not in where else where
+               for run in runs for where in run.record.options.warm_start}
+    for run in runs:
+        if str(run.path) in sources:
+            for trial in run.trials:
+                trial.earlier = True
+    return runs
 
 
 def default_folder(run: RunInfo) -> Path:

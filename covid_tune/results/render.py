@@ -97,7 +97,8 @@ def reliability_file(task: str) -> str:
 
 
 def source(record: TrialRecord) -> str:
-    return "hand grid" if record.hand_grid else "searched"
+    kind = "hand grid" if record.hand_grid else "searched"
+    return f"{kind}, earlier run" if record.earlier else kind
 
 
 def format_value(value) -> str:

@@ -108,6 +108,9 @@ class TrialRecord:
     """Wall time of the trial up to the end of that epoch (Ray's ``time_total_s``)."""
     hand_grid: bool = False
     """Whether the config is a ``start_with`` row of the run's space."""
+    earlier: bool = False
+    """From a run another run of the leaderboard was warm-started from (``--warm-start``):
+    TPE of the later run learned from it."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """Label -> the decision threshold tuned at that epoch, as a probability, for people
     to read (empty: 0.5 for every label)."""
@@ -218,6 +221,10 @@ def read_run(run_dir: str | Path | RunFolder) -> RunInfo:
     grouping = read_grouping(run)
     if grouping:
         notes.append(f"Patients: {grouping_line(grouping)}.")
+    if record.options.warm_start:
+        notes.append(f"TPE started from the finished trials of earlier runs (warm start): "
+                     f"{', '.join(record.options.warm_start)}; give them to the leaderboard "
+                     f"too to see their rows, marked earlier.")
     end = read_end(run)
     if end is not None and end.kind != "finished":
         notes.append(f"The sweep ended early: {end.reason}.")

@@ -29,7 +29,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from covid_tune.core.ranking import rank_key
 from covid_tune.core.space import SearchSpace
+from covid_tune.errors import UserError
 from covid_tune.runs.folder import STUDY_FILE, RunFolder
+from covid_tune.runs.record import read_record, read_space
 from covid_tune.runs.ray_state import drop_snapshot, keep_snapshot, session_of
 from covid_tune.search._internals import ot_study, ot_trials, reopen, told
 from covid_tune.search.define_by_run import define_by_run, start_points
@@ -441,14 +443,79 @@ def study_as_sqlite(study: optuna.Study) -> bytes:
         return Path(path).read_bytes()
 
 
+WARM_START_ATTR = "warm_start"
+"""The user attribute of a trial added from an earlier run: that run's folder."""
+
+
+def warm_trials(space: SearchSpace, runs: list[str]) -> list[optuna.trial.FrozenTrial]:
+    """The finished trials (COMPLETE and PRUNED: what TPE learns from) of earlier runs,
+    as trials of ``space``: a parameter ``space`` fixes is dropped, a trial with a value
+    outside a range ``space`` narrowed (or a parameter it never had) is left out. A run
+    of another task, metric or objectives is refused in one line."""
+    found = []
+    for where in runs:
+        run = RunFolder(where)
+        earlier = read_space(run, read_record(run))
+        if (earlier.task, earlier.metric, earlier.objectives) != (
+                space.task, space.metric, space.objectives):
+            raise UserError(f"--warm-start {run.where()}: its trials were scored for "
+                            f"{goal_text(earlier)}, this sweep's are for {goal_text(space)}; "
+                            f"warm-start from a run of the same task and metric")
+        if not run.exists(STUDY_FILE):
+            raise UserError(f"--warm-start {run.where()}: no {STUDY_FILE} (the run stopped "
+                            f"before its first trial); pick a run with finished trials")
+        with run.local_file(STUDY_FILE) as path:
+            storage = quiet_storage(str(path))
+            try:
+                name = storage.get_all_studies()[0].study_name
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials(
+                    states=(TrialState.COMPLETE, TrialState.PRUNED))
+            finally:
+                storage.engine.dispose()
+        found += [t for t in (refit(space, trial, run.where()) for trial in trials) if t]
+    return found
+
+
+def goal_text(space: SearchSpace) -> str:
+    costs = f" and {', '.join(space.objectives)}" if space.objectives else ""
+    return f"{space.task} by {space.metric}{costs}"
+
+
+def refit(space: SearchSpace, trial: optuna.trial.FrozenTrial,
+          source: str) -> optuna.trial.FrozenTrial | None:
+    """``trial`` as a trial of ``space``'s define-by-run function (its distributions),
+    or None when one of its values lies outside them or it lacks a searched one."""
+    probe = optuna.create_study()  # in memory: only asked, never told
+    probe.enqueue_trial(trial.params, skip_if_exists=False)
+    asked = probe.ask()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna warns of fixed values out of range
+        define_by_run(space)(asked)
+    for name, value in asked.params.items():
+        if name not in trial.params or not within(asked.distributions[name], value):
+            return None
+    return optuna.trial.create_trial(
+        state=trial.state, values=trial.values,
+        params=dict(asked.params), distributions=dict(asked.distributions),
+        intermediate_values=dict(trial.intermediate_values) if len(space.objectives) == 0
+        else None, user_attrs={WARM_START_ATTR: source, "warm_start_number": trial.number})
+
+
+def within(distribution, value) -> bool:
+    """Whether ``value`` is one ``distribution`` can give."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    return distribution.low <= value <= distribution.high
+
+
 def n_startup_trials(space: SearchSpace) -> int:
     """TPE's random start-up trials: the hand-picked rows, or a third of the budget."""
     return max(len(space.start_with), min(10, max(2, space.num_samples // 3)))
 
 
 def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: int,
-                   max_concurrent: int | None,
-                   run_dir: str | None = None) -> ConcurrencyLimiter | SweepSearch:
+                   max_concurrent: int | None, run_dir: str | None = None,
+                   warm: list[optuna.trial.FrozenTrial] = ()) -> ConcurrencyLimiter | SweepSearch:
     """TPE in a ``SweepSearch``; the study is kept in memory and mirrored into
     ``study_path`` (a local path or a URI) as SQLite (``StudyMirror``). Optuna's own INFO lines
     are turned off: the sweep's status line says what they would."""
@@ -461,11 +528,17 @@ def build_searcher(space: SearchSpace, study_path: str | None, name: str, seed: 
     metric, mode = space.metric, space.mode
     if space.objectives:  # a Pareto search: the metric, then each cost, lower is better
         metric, mode = [metric, *space.objectives], [mode, *["min"] * len(space.objectives)]
+    points = [point for point in start_points(space)  # a hand row run before is learned
+              if not any(point == {k: t.params.get(k) for k in point} for t in warm)]
     searcher = SweepSearch(
         space=define_by_run(space, seed), metric=metric, mode=mode,
-        points_to_evaluate=start_points(space) or None, sampler=sampler,
+        points_to_evaluate=points or None, sampler=sampler,
         study_name=name, max_epochs=space.max_epochs, n_startup=n_startup_trials(space),
         study_file=study_path, run_dir=run_dir)
+    if warm:
+        searcher.study.add_trials(warm)
+        if searcher.mirror:
+            searcher.mirror.sync(searcher.study, now=True)
     if max_concurrent:
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     return searcher

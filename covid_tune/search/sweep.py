@@ -68,7 +68,8 @@ from covid_tune.search._internals import (asha_record, asha_state, controller_st
                                           in_run_folder, point_at_checkpoint, raise_budget,
                                           restored_tune_config, run_callbacks, set_asha_state,
                                           stop_experiment)
-from covid_tune.search.searcher import build_searcher, epoch_of, find_sweep_search
+from covid_tune.search.searcher import (WARM_START_ATTR, build_searcher, epoch_of,
+                                       find_sweep_search, warm_trials)
 from covid_tune.search.status import SweepStatus
 from covid_tune.search.tracking import MlflowTracking
 from covid_tune.runs.storage import exists, exists_on, is_uri, join, open_path
@@ -468,6 +469,7 @@ def resolve(opts: SweepOptions) -> tuple[SweepOptions, SearchSpace]:
     name = opts.name or f"{space.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = replace(opts, name=name, storage_path=_absolute(opts.storage_path),
                    data=_absolute(opts.data),
+                   warm_start=[_absolute(w.rstrip("/")) for w in opts.warm_start],
                    space_file=_absolute(str(find_space(opts.space_file))))
     open_path(opts.storage_path)  # an unknown URI scheme fails here, before decoding
     if opts.mlflow is not None and tracking_uri_problem(opts.mlflow):
@@ -529,6 +531,9 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         if exists(join(run_dir, SWEEP_FILE)):
             raise UserError(f"{run_dir}: a sweep of this name exists; pick another --name "
                             f"or continue it with `covid-tune resume {run_dir}`")
+        warm = warm_trials(space, opts.warm_start) if opts.warm_start else []
+        if opts.warm_start:
+            report_warm(warm, opts.warm_start)
         layout = scan(opts.data, space.task, spec=space.data)
         bundle, held = decode(layout, space, opts.strict, seed=opts.seed)
         start_ray(opts.address)
@@ -538,7 +543,7 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         write_record(opts, space, opts.data, manifest(layout), held, assignment(layout),
                      layout.grouping.record() if layout.grouping else None)
         searcher = build_searcher(space, join(run_dir, STUDY_FILE), opts.name, opts.seed,
-                                  opts.max_concurrent, run_dir)
+                                  opts.max_concurrent, run_dir, warm)
         without_ray_tensorboard()
         tracker = tracking(space, opts, run_dir, opts.mlflow or space.mlflow.tracking_uri)
         tuner = tune.Tuner(
@@ -553,6 +558,16 @@ def run_sweep(opts: SweepOptions, trainable=train_trial) -> tune.ResultGrid:
         attach_leaderboard(tracker, run_dir)
     report_best(results, space, run_dir)
     return results
+
+
+def report_warm(warm: list, runs: list[str]) -> None:
+    """Say how many earlier trials TPE starts from, run by run."""
+    counts = {}
+    for trial in warm:
+        source = trial.user_attrs[WARM_START_ATTR]
+        counts[source] = counts.get(source, 0) + 1
+    print(f"warm start: TPE starts from {len(warm)} finished trial(s) of {len(runs)} earlier "
+          f"run(s): " + ", ".join(f"{source} ({count})" for source, count in counts.items()))
 
 
 def tracking(space: SearchSpace, opts: SweepOptions, run_dir: str,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import yaml
 
-from covid_tune.core.space_file import parse_space
+from covid_tune.core.space_file import dump_space, parse_space
 from covid_tune.search._internals import ot_trials
 from covid_tune.search.searcher import SweepSearch, build_searcher, n_startup_trials
 from helpers import can_mount_tmpfs, on_small_disk
@@ -354,3 +355,66 @@ def test_a_pareto_search_tells_tpe_the_metric_and_the_cost(tmp_path):
     assert study.trials[0].values == [0.4, 4.0]
     assert all(not t.intermediate_values for t in study.trials)
     assert searcher.suggest("next") is not None  # TPE samples from a two-objective history
+
+
+def test_tpe_learns_from_the_trials_of_a_warm_start_from_its_first_trial(tmp_path):
+    """Twenty earlier trials that score best near lr 0.003: a warm-started search asks
+    there from its first trial (TPE's start-up is already met), where a cold one with
+    the same seed draws at random."""
+    import math
+
+    space = parse_space({**SPACE, "metric": "val_f1", "mode": "max",
+                         "params": {**SPACE["params"], "frozen_layers": 20}}, "space.yaml")
+    lr = optuna.distributions.FloatDistribution(1e-4, 0.1, log=True)
+    rng = __import__("random").Random(4)
+    warm = [optuna.trial.create_trial(
+        params={"lr": value}, distributions={"lr": lr},
+        value=1 - abs(math.log10(value / 0.003)), user_attrs={"warm_start": "earlier"})
+        for value in (10 ** rng.uniform(-4, -1) for _ in range(20))]
+
+    def distances(searcher) -> list[float]:
+        asked = []
+        for i in range(6):
+            asked.append(searcher.suggest(f"t{i}"))
+            searcher.on_trial_complete(f"t{i}", {"val_f1": 0.5, "epoch": 3})
+        return sorted(abs(math.log10(config["lr"] / 0.003)) for config in asked)
+
+    warm_search = build_searcher(space, None, "w", seed=0, max_concurrent=None, warm=warm)
+    cold_search = build_searcher(space, None, "c", seed=0, max_concurrent=None)
+    near, far = distances(warm_search), distances(cold_search)
+    assert len(warm_search.study.trials) == 26
+    assert near[3] < 0.4 < far[3], (near, far)  # the median of six asks
+
+
+def test_a_warm_start_takes_the_trials_a_space_still_allows(swept, tmp_path):
+    """From the shared Part 1 sweep: every finished trial, as trials of the same space;
+    a narrowed lr range leaves out the trials outside it; a parameter now fixed is
+    dropped; another metric is refused in one line."""
+    from covid_tune.errors import UserError
+    from covid_tune.runs.record import read_record, read_space
+    from covid_tune.search.searcher import warm_trials
+
+    space = read_space(swept.binary, read_record(swept.binary))
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{swept.binary / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    warm = warm_trials(space, [str(swept.binary)])
+    assert [t.params for t in warm] == [t.params for t in finished]
+    assert [t.values for t in warm] == [t.values for t in finished]
+    assert {t.user_attrs["warm_start"] for t in warm} == {str(swept.binary)}
+
+    lrs = sorted(t.params["lr"] for t in finished)
+    cut = (lrs[0] + lrs[-1]) / 2
+    raw = yaml.safe_load(dump_space(space))
+    raw["params"]["lr"] = {"low": 1e-3, "high": cut, "log": True}
+    raw["params"]["momentum"] = 0.8
+    narrowed = parse_space(raw, "narrowed.yaml")
+    kept = warm_trials(narrowed, [str(swept.binary)])
+    assert [t.params["lr"] for t in kept] == [t.params["lr"] for t in finished
+                                              if t.params["lr"] <= cut]
+    assert all("momentum" not in t.params for t in kept)
+
+    raw["metric"], raw["mode"] = "val_auroc", "max"
+    with pytest.raises(UserError, match=r"--warm-start .*: its trials were scored for "
+                                        r"binary by val_loss, this sweep's are for binary by "
+                                        r"val_auroc; warm-start from a run of the same task"):
+        warm_trials(parse_space(raw, "other.yaml"), [str(swept.binary)])
