@@ -275,3 +275,44 @@ def test_a_signal_outside_the_search_exits_with_the_shells_code(tmp_path, signum
     command.send_signal(signum)
     _, err = command.communicate(timeout=60)
     assert command.returncode == code and err.strip() == said, err
+
+
+def test_a_time_budget_that_is_not_a_duration_is_refused_before_anything(tmp_path, capsys,
+                                                                       monkeypatch):
+    no_ray(monkeypatch)
+    message = refused(capsys, "sweep", "--space", str(DEMO_SPACE), "--data", str(tmp_path),
+                      "--storage-path", str(tmp_path / "runs"), "--time-budget", "2x")
+    assert "--time-budget 2x: not a duration; give one such as 90m, 2h or 1h30m" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_growing_a_sweep_to_no_more_trials_than_it_has_is_refused(swept, tmp_path, capsys,
+                                                                 monkeypatch):
+    import shutil
+
+    from covid_tune.runs.ray_state import trial_states
+
+    no_ray(monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(swept.binary, run)
+    have = len(trial_states(run))
+    message = refused(capsys, "resume", str(run), "--num-samples", str(have))
+    assert f"--num-samples {have}: {run} already has {have} trials; give more than {have}" \
+        in message
+
+
+def test_warm_start_flags_and_a_run_without_a_study(tmp_path, capsys, monkeypatch):
+    from covid_tune.cli import build_parser
+
+    args = build_parser().parse_args(["sweep", "--space", "demo", "--data", "d",
+                                      "--warm-start", "runs/a", "runs/b"])
+    assert args.warm_start == ["runs/a", "runs/b"]
+    assert build_parser().parse_args(["sweep", "--space", "demo", "--data", "d"]).warm_start == []
+    no_ray(monkeypatch)
+    opts = SweepOptions(space_file=str(DEMO_SPACE), data=str(tmp_path / "data"), name="early",
+                        storage_path=str(tmp_path / "runs"))
+    write_record(opts, opts.space(), opts.data, {"train/normal/0.png": 10})
+    message = refused(capsys, "sweep", "--space", str(DEMO_SPACE), "--data", str(tmp_path),
+                      "--storage-path", str(tmp_path / "runs"), "--warm-start", opts.run_dir())
+    assert f"--warm-start {opts.run_dir()}: no optuna.db (the run stopped before its first " \
+           f"trial); pick a run with finished trials" in message
