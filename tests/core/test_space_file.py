@@ -491,7 +491,7 @@ def test_the_mlflow_key_survives_the_round_trip_and_loads_without_mlflow(tmp_pat
     ({"objectives": ["params", "params"]}, "objectives", "names a cost twice"),
     ({"stop": {"converged": 4}, "metric": "val_loss", "mode": "min"}, "stop.converged",
      "val_loss has no bootstrap interval to tell a gain from noise; rank by one that has "
-     "(accuracy, f1, auroc, ece, brier) or use stop.at"),
+     "(accuracy, f1, macro_f1, auroc, ece, brier) or use stop.at"),
 ])
 def test_stop_and_objectives_mistakes_name_the_key(tmp_path, doc, key, words):
     message = errors_of(tmp_path, {**MINIMAL, **doc})
