@@ -154,7 +154,8 @@ def test_every_sweep_option_is_a_flag_with_the_field_default_and_docstring(capsy
              "--pretrained": "none", "--max-concurrent": "2", "--address": "auto",
              "--cpus-per-trial": "0.5", "--gpus-per-trial": "0.25", "--seed": "7",
              "--max-failures": "-1", "--keep-checkpoints": "3",
-             "--mlflow": "http://127.0.0.1:5000"}
+             "--mlflow": "http://127.0.0.1:5000", "--time-budget": "2h",
+             "--warm-start": "runs/a"}
     switches = ["--strict", "--shared-storage", "--verbose"]
     opts = sweep_options(parse(["sweep", *(w for kv in given.items() for w in kv), *switches]))
     assert len(given) + len(switches) == len(fields(SweepOptions))
@@ -163,7 +164,7 @@ def test_every_sweep_option_is_a_flag_with_the_field_default_and_docstring(capsy
         max_epochs=4, image_size=64, pretrained="none", max_concurrent=2, address="auto",
         cpus_per_trial=0.5, gpus_per_trial=0.25, seed=7, max_failures=-1,
         keep_checkpoints=3, strict=True, shared_storage=True, verbose=True,
-        mlflow="http://127.0.0.1:5000")
+        mlflow="http://127.0.0.1:5000", time_budget="2h", warm_start=["runs/a"])
     with pytest.raises(SystemExit):
         parse(["sweep", "--help"])
     assert "Checkpoints Ray keeps per running trial" in " ".join(capsys.readouterr().out.split())

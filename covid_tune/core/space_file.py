@@ -337,7 +337,7 @@ def _objectives(raw: Any, problems: Problems) -> tuple[str, ...]:
                                    f"one of: {', '.join(COSTS)}")
         return ()
     for name in names:
-        if name not in COSTS:
+        if not isinstance(name, str) or name not in COSTS:
             problems.add("objectives", f"{_show(name)} is not a deploy cost covid-tune "
                                        f"measures; use one of: {', '.join(COSTS)}")
             return ()

@@ -92,11 +92,11 @@ class SweepScheduler(ASHAScheduler):
     (``tuner.pkl``) keeps the two together for ``resume``.
     """
 
-    def __init__(self, *args, search_alg=None, stop: Stop = Stop(), **kwargs):
+    def __init__(self, *args, search_alg=None, stop: Stop | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.open: dict = {}
         """Trial id -> Ray's trial, for trials added and not yet ended."""
-        self.stop, self.rank_mode = stop, kwargs.get("mode", "max")
+        self.stop, self.rank_mode = stop or Stop(), kwargs.get("mode", "max")
         self.best: dict[str, list] = {}
         """Trial id -> [its best score, that epoch's interval half-width], while it runs."""
         self.finished: list[list] = []
@@ -105,6 +105,13 @@ class SweepScheduler(ASHAScheduler):
         self.search_alg = None
         """The searcher, in its wrappers: told of the ends Ray misses."""
         self.serve(search_alg)
+
+    def __setstate__(self, state: dict) -> None:
+        """A scheduler pickled by an older covid-tune (a run's ``tuner.pkl``) gets the
+        fields added since."""
+        self.__dict__.update({"best": {}, "finished": [], "stop": Stop(), "ended": None,
+                              "rank_mode": state.get("_mode") or "max"})
+        self.__dict__.update(state)
 
     def serve(self, search_alg) -> None:
         """Work with ``search_alg``: tell it the ends Ray misses, and let it ask for them
@@ -187,7 +194,9 @@ class SweepScheduler(ASHAScheduler):
         k = getattr(self, "stop", Stop()).converged
         if not k or len(self.finished) <= k:
             return
-        key = lambda entry: rank_key(entry[1], self.rank_mode)  # noqa: E731
+        def key(entry):
+            return rank_key(entry[1], self.rank_mode)
+
         before, now = max(self.finished[:-k], key=key), max(self.finished, key=key)
         gain, half = abs(now[1] - before[1]), now[2]
         if isinstance(half, (int, float)) and math.isfinite(half) and gain <= half:
@@ -313,7 +322,6 @@ class SnapshotCopy(tune.Callback):
         search = find_sweep_search(self.searcher)
         if search is not None:
             search.keep_snapshot()
-        return None
 
 
 class CheckpointTrim(tune.Callback):
@@ -359,8 +367,8 @@ class CheckpointTrim(tune.Callback):
         for trial in finished:
             checkpoint = trial.checkpoint
             if checkpoint is not None:
-                self.guard(lambda: keep_best(checkpoint.filesystem, os.path.dirname(
-                    checkpoint.path.rstrip("/")), self.metric, self.mode))
+                self.guard(lambda kept=checkpoint: keep_best(kept.filesystem, os.path.dirname(
+                    kept.path.rstrip("/")), self.metric, self.mode))
 
     def guard(self, work) -> None:
         try:

@@ -126,7 +126,7 @@ def train_trial(config: dict, data: DataBundle) -> None:
             thresholds = choose_thresholds(task, results, cfg)
             metrics, confusion = epoch_metrics(task, results, epoch, lr,
                                                thresholds["threshold_logits"])
-            metrics["node_id"] = node_id
+            metrics["node_id"], metrics["started_from"] = node_id, start
             metrics.update(costs)
             if cfg.report_interval:
                 metrics[f"{cfg.metric}_half_width"] = half_width(task, results, cfg,

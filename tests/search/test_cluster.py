@@ -35,7 +35,8 @@ from ray.tune import ExperimentAnalysis
 from covid_tune.search import cluster
 from covid_tune.cli import build_parser, main
 from covid_tune.errors import UserError
-from covid_tune.runs.folder import DIVERGED_FILE, LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, STUDY_FILE, SWEEP_FILE
+from covid_tune.runs.folder import (DIVERGED_FILE, LOCK_FILE, LOST_DIR, RAY_STATE_GLOB, SNAPSHOT_FILE,
+                                    STUDY_FILE, SWEEP_FILE)
 from covid_tune.runs.record import SweepOptions, read_record
 from covid_tune.search.sweep import go_on_from_a_kept_checkpoint, run_sweep, set_aside_lost_trials
 
@@ -91,7 +92,7 @@ def final_trials(run_dir: Path) -> list:
 
 def started_from(result: dict) -> int:
     """The epoch of the checkpoint a trial's last attempt started from (0: scratch)."""
-    return result["epoch"] - result["iterations_since_restore"]
+    return result["started_from"]
 
 
 def trial_folders(run_dir: Path) -> set[str]:
@@ -899,12 +900,14 @@ def test_trials_whose_checkpoint_went_after_the_last_snapshot_resume_to_their_en
         trial.run_metadata.invalidate_cache()
     state["trial_data"] = [list(t.get_json_state()) for t in trials]
     newest.write_text(json.dumps(state))
+    (run_dir / SNAPSHOT_FILE).unlink()  # its whole copy would name the kept checkpoints
 
     capsys.readouterr()
     assert main(["resume", str(run_dir)]) == 0
     out = capsys.readouterr().out
     for trial in (goes_on, ends):
-        assert f"note: trial {trial.trial_id}: its checkpoint checkpoint_000099 went " in out
+        assert (f"note: trial {trial.trial_id}: the run's last snapshot names its checkpoint "
+                f"checkpoint_000099, gone since; it goes on from ") in out
     after = {t.trial_id: t for t in final_trials(run_dir)}
     assert len(after) == 6 and trial_folders(run_dir) == {f"trial_{i}" for i in after}
     assert all(t.status == "TERMINATED" for t in after.values())
@@ -928,6 +931,7 @@ def test_resume_of_a_run_whose_ray_snapshot_is_damaged(swept, tmp_path, capsys, 
     newest = sorted(run_dir.glob(RAY_STATE_GLOB))[-1]
     text = newest.read_text()
     newest.write_text(text[: len(text) // 2])
+    (run_dir / SNAPSHOT_FILE).unlink()  # with its whole copy it goes on (test_ray_state)
     before = sorted(p.name for p in run_dir.iterdir())
     assert main(["resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
