@@ -355,9 +355,8 @@ class CheckpointTrim(tune.Callback):
         (whose save keeps the whole copy ``resume`` goes on from): the trials that
         ended before it are trimmed now, not when they ended, so a driver killed in
         between leaves a trial that the last snapshot calls running with the newest
-        checkpoint it goes on from. Nothing is saved."""
+        checkpoint it goes on from. Nothing is saved (None)."""
         self.trim_finished()
-        return None
 
     def on_experiment_end(self, trials, **info) -> None:
         self.trim_finished()
