@@ -23,7 +23,7 @@ from covid_tune.core.space import (
     LOWER_IS_BETTER,
     PARAM_TYPES,
     COSTS,
-    INTERVAL_METRICS,
+    INTERVAL_OF,
     Asha,
     Augment,
     Choice,
@@ -158,9 +158,9 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         stop=_stop(raw.get("stop"), problems),
         objectives=_objectives(raw.get("objectives"), problems),
     )
-    if space.stop.converged and space.metric.split("_", 1)[-1] not in INTERVAL_METRICS:
+    if space.stop.converged and space.metric.split("_", 1)[-1] not in INTERVAL_OF:
         problems.add("stop.converged", f"{space.metric} has no bootstrap interval to tell a "
-                     f"gain from noise; rank by one that has ({', '.join(INTERVAL_METRICS)}) "
+                     f"gain from noise; rank by one that has ({', '.join(INTERVAL_OF)}) "
                      f"or use stop.at")
     if space.asha.grace_period > space.max_epochs:
         problems.add("asha.grace_period", f"{space.asha.grace_period} is more than "

@@ -38,7 +38,7 @@ import torch
 from ray import tune
 
 from covid_tune.nn.augment import to_model_input
-from covid_tune.core.space import INTERVAL_METRICS, SPLIT_PREFIXES, TrialConfig
+from covid_tune.core.space import INTERVAL_OF, SPLIT_PREFIXES, TrialConfig
 from covid_tune.data.dataset import SELECTION, DataBundle, Split
 from covid_tune.nn.weights import Base, build_for, put_weights
 from covid_tune.nn.logits import predict_logits
@@ -360,7 +360,7 @@ def half_width(task: Task, results: dict[str, EpochResult], cfg: TrialConfig,
     low, high = bootstrap_intervals(task, result.targets, result.outputs, resamples=200,
                                     seed=cfg.seed,
                                     threshold_logits=thresholds["threshold_logits"]
-                                    )[INTERVAL_METRICS[name]]
+                                    )[INTERVAL_OF[name]]
     return (high - low) / 2 if math.isfinite(high - low) else math.nan
 
 
