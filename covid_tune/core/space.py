@@ -234,7 +234,7 @@ class Stop:
 
 
 INTERVAL_OF = {"accuracy": "accuracy", "f1": "f1", "macro_f1": "f1", "auroc": "auroc",
-                    "ece": "ece", "brier": "brier"}
+               "ece": "ece", "brier": "brier"}
 """The metrics that have a bootstrap interval, and the name it goes by in
 ``covid_tune.core.metrics.bootstrap_intervals`` (Part 2's ``macro_f1`` is its ``f1``)."""
 
