@@ -102,6 +102,10 @@ class SweepScheduler(ASHAScheduler):
         self.finished: list[list] = []
         """[trial id, best score, half-width] of each trial with a score, as they ended."""
         self.ended: str | None = None
+        self.stopped_at: dict[str, int] = {}
+        """Trial id -> the epoch at which ASHA stopped it: a driver stopped before Tune
+        ended the trial saved the decision, and the trial's resumed report hears it
+        again."""
         self.search_alg = None
         """The searcher, in its wrappers: told of the ends Ray misses."""
         self.serve(search_alg)
@@ -110,7 +114,7 @@ class SweepScheduler(ASHAScheduler):
         """A scheduler pickled by an older covid-tune (a run's ``tuner.pkl``) gets the
         fields added since."""
         self.__dict__.update({"best": {}, "finished": [], "stop": Stop(), "ended": None,
-                              "rank_mode": state.get("_mode") or "max"})
+                              "stopped_at": {}, "rank_mode": state.get("_mode") or "max"})
         self.__dict__.update(state)
 
     def serve(self, search_alg) -> None:
@@ -155,7 +159,8 @@ class SweepScheduler(ASHAScheduler):
         """ASHA's rungs, and the scores ``stop`` goes by, saved with the searcher in
         each snapshot of the run."""
         return {**asha_state(self), "best": dict(getattr(self, "best", {})),
-                "finished": list(getattr(self, "finished", []))}
+                "finished": list(getattr(self, "finished", [])),
+                "stopped_at": dict(getattr(self, "stopped_at", {}))}
 
     def take_over(self, saved: dict | None) -> None:
         """After ``resume``: ASHA's rungs as the run's last snapshot saved them, or,
@@ -164,10 +169,16 @@ class SweepScheduler(ASHAScheduler):
         if saved:
             set_asha_state(self, saved)
             self.best, self.finished = dict(saved.get("best", {})), list(saved.get("finished", []))
+            self.stopped_at = dict(saved.get("stopped_at", {}))
         self.rebuild = not saved
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
+        stopped_at = getattr(self, "stopped_at", {}).get(trial.trial_id)
+        if stopped_at is not None and result.get("epoch", 0) >= stopped_at:
+            return self.STOP  # decided before a stop of the driver cut the trial's end
         action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP:
+            self.__dict__.setdefault("stopped_at", {})[trial.trial_id] = result.get("epoch", 0)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             best = self.best.get(trial.trial_id)

@@ -1125,11 +1125,16 @@ def test_a_sweep_stopped_or_killed_then_resumed_finds_what_it_finds_uninterrupte
                  and len(list((storage / "ctrl-c").glob("trial_*"))) >= 3, "three trials")
         driver.send_signal(signal.SIGINT)
 
-    delay = random.Random().uniform(0.25, 0.85) * seconds
-    print(f"kill -9 after {delay:.1f} s")
+    delay = random.Random().uniform(0.0, 0.5) * seconds
 
     def kill_at_random(driver):
+        """SIGKILL at a random moment once the sweep has started (Ray's first snapshot
+        and a trial's first checkpoint), and before it would end."""
+        wait_for(lambda: list((storage / "killed").glob(RAY_STATE_GLOB))
+                 and list((storage / "killed").glob("trial_*/checkpoint_*")), "a checkpoint")
         time.sleep(delay)
+        assert driver.poll() is None, "the sweep ended before the kill"
+        print(f"kill -9 {delay:.1f} s after the first checkpoint")
         driver.kill()
 
     for name, stop in (("ctrl-c", ctrl_c_after_three), ("killed", kill_at_random)):
