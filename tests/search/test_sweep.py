@@ -628,3 +628,41 @@ def test_a_time_budget_stops_as_ctrl_c_does_and_resume_grows_the_sweep(ray_clust
     study = optuna.load_study(study_name="budget", storage=f"sqlite:///{run / STUDY_FILE}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
     assert len(list(run.glob("trial_*"))) == 6
+
+
+def test_the_schedulers_state_brings_back_its_rungs_and_its_stop_decisions():
+    """What ``SweepScheduler.state`` saves (with the searcher, in each snapshot) makes a
+    new scheduler decide as the old one did: a trial it stopped is stopped again when
+    its resumed report of that epoch arrives (a driver stopped before Tune ended the
+    trial), and a new trial meets the same rung."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from covid_tune.core.space_file import parse_space
+    from covid_tune.search.sweep import build_scheduler
+
+    class Trial(SimpleNamespace):  # what the scheduler reads of Ray's Trial
+        TERMINATED, status, last_result, latest_checkpoint_result = "TERMINATED", "PENDING", {}, None
+
+        def is_finished(self):
+            return False
+
+    space = parse_space({**BINARY_SPACE, "max_epochs": 4}, "space.yaml")
+    first = build_scheduler(space)
+    trials = {name: Trial(trial_id=name) for name in ("good", "poor", "late")}
+    for trial in trials.values():
+        first.on_trial_add(SimpleNamespace(search_alg=None), trial)
+    assert first.on_trial_result(None, trials["good"], {"epoch": 1, "val_loss": 0.5}) == \
+        TrialScheduler.CONTINUE
+    assert first.on_trial_result(None, trials["poor"], {"epoch": 1, "val_loss": 0.9}) == \
+        TrialScheduler.STOP
+    resumed = build_scheduler(space)
+    resumed.take_over(first.state())
+    for trial in trials.values():
+        resumed.on_trial_add(SimpleNamespace(search_alg=None), trial)
+    assert resumed.on_trial_result(None, trials["poor"], {"epoch": 1, "val_loss": 0.9}) == \
+        TrialScheduler.STOP
+    assert resumed.on_trial_result(None, trials["late"], {"epoch": 1, "val_loss": 0.95}) == \
+        first.on_trial_result(None, trials["late"], {"epoch": 1, "val_loss": 0.95}) == \
+        TrialScheduler.STOP
