@@ -1078,6 +1078,17 @@ def outcome(run_dir: Path) -> dict:
     return {"trials": trials, "best": best}
 
 
+def results_in(run_dir: Path) -> int:
+    """Epoch results the driver has written so far, over all trials."""
+    count = 0
+    for path in run_dir.glob("trial_*/result.json"):
+        try:
+            count += sum(1 for line in path.read_text().splitlines() if line.strip())
+        except OSError:
+            continue
+    return count
+
+
 def interrupted(args: list[str], run_dir: Path, log: Path, stop) -> int:
     """Start the sweep, let ``stop(driver)`` interrupt it, then resume it to its end in
     another driver; the resume's exit code."""
@@ -1125,16 +1136,17 @@ def test_a_sweep_stopped_or_killed_then_resumed_finds_what_it_finds_uninterrupte
                  and len(list((storage / "ctrl-c").glob("trial_*"))) >= 3, "three trials")
         driver.send_signal(signal.SIGINT)
 
-    delay = random.Random().uniform(0.0, 0.5) * seconds
+    chance = random.Random()
+    epochs = sum(len(scores) for scores in expected["trials"].values())
+    after, jitter = chance.randint(1, epochs - 2), chance.uniform(0.0, 1.0)
 
     def kill_at_random(driver):
-        """SIGKILL at a random moment once the sweep has started (Ray's first snapshot
-        and a trial's first checkpoint), and before it would end."""
-        wait_for(lambda: list((storage / "killed").glob(RAY_STATE_GLOB))
-                 and list((storage / "killed").glob("trial_*/checkpoint_*")), "a checkpoint")
-        time.sleep(delay)
+        """SIGKILL at a random moment: a random number of epochs into the sweep, then a
+        random fraction of a second (mid-epoch, mid-snapshot or between trials)."""
+        wait_for(lambda: results_in(storage / "killed") >= after, f"{after} epochs")
+        time.sleep(jitter)
         assert driver.poll() is None, "the sweep ended before the kill"
-        print(f"kill -9 {delay:.1f} s after the first checkpoint")
+        print(f"kill -9 {jitter:.2f} s after epoch {after} of {epochs}")
         driver.kill()
 
     for name, stop in (("ctrl-c", ctrl_c_after_three), ("killed", kill_at_random)):
