@@ -418,3 +418,31 @@ def test_a_warm_start_takes_the_trials_a_space_still_allows(swept, tmp_path):
                                         r"binary by val_loss, this sweep's are for binary by "
                                         r"val_auroc; warm-start from a run of the same task"):
         warm_trials(parse_space(raw, "other.yaml"), [str(swept.binary)])
+
+
+def test_a_snapshot_copy_that_cannot_be_written_is_one_note_and_the_old_copy_goes(
+        tmp_path, monkeypatch, capsys):
+    """A full disk while keeping the copy (simulated: ``keep_snapshot`` raises ENOSPC):
+    one note, and the previous copy is removed, so ``resume`` never takes a copy older
+    than Ray's own files."""
+    import errno
+
+    import covid_tune.search.searcher as searcher_module
+
+    space = parse_space(SPACE, "space.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    searcher = build_searcher(space, None, "s", seed=0, max_concurrent=None, run_dir=str(run))
+    (run / "snapshot.tar").write_bytes(b"an older copy")
+    searcher.saved_to = str(tmp_path / "staging" / ".0a-tmp-searcher-state-2026-12-06_06-00-00.pkl")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(searcher_module, "keep_snapshot", full)
+    searcher.keep_snapshot()
+    searcher.keep_snapshot()
+    out = capsys.readouterr().out
+    assert out.count("note: could not keep a copy of the run's snapshot ([Errno 28] No space "
+                     "left on device); resume goes on from Ray Tune's own files") == 1
+    assert not (run / "snapshot.tar").exists()
