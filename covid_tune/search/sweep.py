@@ -814,18 +814,21 @@ def signals_stop_tune(budget: float | None = None):
         return
     done = threading.Event()
 
+    def stop_gracefully(cause, message: str) -> None:
+        """Ray Tune's own stop (SIGUSR1), cut short after ``STOP_GRACE_SECONDS``."""
+        received.append(cause)
+        print(f"\n{message}; Ray Tune saves the run's state first", file=sys.stderr, flush=True)
+        threading.Thread(target=stop_at_once_after_grace, args=(done,), daemon=True,
+                         name="covid-tune-stop-grace").start()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
     def budget_spent():
         while signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
             if done.wait(0.2):  # Ray Tune listens once the sweep starts
                 return
-        if received or done.is_set():
-            return
-        received.append(BUDGET)
-        print(f"\nthe time budget ({duration(budget)}) is spent: stopping the sweep; Ray "
-              f"Tune saves the run's state first", file=sys.stderr, flush=True)
-        threading.Thread(target=stop_at_once_after_grace, args=(done,), daemon=True,
-                         name="covid-tune-stop-grace").start()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        if not received and not done.is_set():
+            stop_gracefully(BUDGET, f"the time budget ({duration(budget)}) is spent: "
+                                    f"stopping the sweep")
 
     timer = threading.Timer(budget, budget_spent) if budget else None
     if timer is not None:
@@ -835,12 +838,8 @@ def signals_stop_tune(budget: float | None = None):
     def stop(signum, frame):
         if received or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
             raise KeyboardInterrupt  # again, or before Ray Tune listens: stop at once
-        received.append(signum)
-        print(f"\n{signal.Signals(signum).name}: stopping the sweep; Ray Tune saves the "
-              f"run's state first (send it again to stop at once)", file=sys.stderr, flush=True)
-        threading.Thread(target=stop_at_once_after_grace, args=(done,), daemon=True,
-                         name="covid-tune-stop-grace").start()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        stop_gracefully(signum, f"{signal.Signals(signum).name}: stopping the sweep (send it "
+                                f"again to stop at once)")
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ray's would hide which signal came
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}

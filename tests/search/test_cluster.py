@@ -556,17 +556,23 @@ def test_a_sweep_spreads_over_nodes_writes_to_a_uri_and_survives_losing_a_node(
 SOAK_TRIALS = 200
 
 
-def soak_space(folder: Path) -> Path:
-    """The soak's tiny study: resnet18 at 32 px, two epochs, ASHA after the first."""
-    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 2,
-           "image_size": 32, "pretrained": "none", "num_samples": SOAK_TRIALS,
+def small_study(path: Path, num_samples: int, max_epochs: int, frozen_from: int,
+                lr: tuple[float, float]) -> Path:
+    """A tiny binary study written to ``path``: resnet18 at 32 px, the first
+    ``frozen_from``..20 conv layers frozen, ASHA at every epoch, halving."""
+    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": max_epochs,
+           "image_size": 32, "pretrained": "none", "num_samples": num_samples,
            "augment": False, "asha": {"grace_period": 1, "reduction_factor": 2},
-           "params": {"backbone": "resnet18", "frozen_layers": {"low": 8, "high": 20},
-                      "lr": {"low": 1e-3, "high": 0.1, "log": True},
+           "params": {"backbone": "resnet18", "frozen_layers": {"low": frozen_from, "high": 20},
+                      "lr": {"low": lr[0], "high": lr[1], "log": True},
                       "batch_size": 16, "hidden": 16, "dropout": 0.0}}
-    path = folder / "soak.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def soak_space(folder: Path) -> Path:
+    """The soak's tiny study: two epochs, ASHA after the first."""
+    return small_study(folder / "soak.yaml", SOAK_TRIALS, 2, 8, (1e-3, 0.1))
 
 
 @pytest.mark.soak
@@ -1051,17 +1057,9 @@ def said_nothing_runs(capsys, saying: dict) -> bool:
 # --- exact resume ----------------------------------------------------------------------
 
 def exact_space(folder: Path) -> Path:
-    """A study where ASHA stops trials (grace 1, halving) and TPE takes over after two,
-    small enough that a trial lasts seconds."""
-    doc = {"task": "binary", "metric": "val_loss", "mode": "min", "max_epochs": 4,
-           "image_size": 32, "pretrained": "none", "num_samples": 7, "augment": False,
-           "asha": {"grace_period": 1, "reduction_factor": 2},
-           "params": {"backbone": "resnet18", "frozen_layers": {"low": 14, "high": 20},
-                      "lr": {"low": 1e-4, "high": 0.3, "log": True},
-                      "batch_size": 16, "hidden": 16, "dropout": 0.0}}
-    path = folder / "exact.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """A study where ASHA stops trials and TPE takes over after two, small enough that
+    a trial lasts seconds."""
+    return small_study(folder / "exact.yaml", 7, 4, 14, (1e-4, 0.3))
 
 
 def outcome(run_dir: Path) -> dict:
