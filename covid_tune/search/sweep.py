@@ -943,8 +943,12 @@ def report_data(bundle: DataBundle) -> None:
 def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> None:
     """Print the best trial (by its best epoch) and where its checkpoint is."""
     finished = [r for r in results if r.metrics and space.metric in r.metrics]
+    end = read_end(run_dir)
     if not finished:
-        print("no trial reported a result; see the errors above")
+        print("no trial reported a result yet" if end and end.resumable else
+              "no trial reported a result; see the errors above")
+        if end is not None:
+            print(f"  ended: {end.reason}")
         return
     best = results.get_best_result(space.metric, space.mode, scope="all")
     checkpoint = (best.get_best_checkpoint(space.metric, space.mode)
@@ -958,7 +962,6 @@ def report_best(results: tune.ResultGrid, space: SearchSpace, run_dir: str) -> N
     print(f"  config: {params}")
     print(f"  checkpoint: {checkpoint.path if checkpoint else '(none kept)'}")
     print(f"  run dir: {run_dir}")
-    end = read_end(run_dir)
     if end is not None:
         print(f"  ended: {end.reason}")
 

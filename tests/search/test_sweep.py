@@ -596,31 +596,35 @@ def test_a_goal_or_a_converged_study_ends_the_sweep_and_says_why(ray_cluster, bi
 def test_a_time_budget_stops_as_ctrl_c_does_and_resume_grows_the_sweep(ray_cluster,
                                                                         binary_data,
                                                                         tmp_path, capsys):
-    """``--time-budget`` ends the sweep gracefully (exit 0, trials kept mid-way, the
-    reason recorded); ``resume --num-samples N`` then finishes them and grows the sweep
-    to N trials, each once, the study with it; a budget not above the trials the run
-    has is refused in one line."""
+    """``--time-budget`` ends the sweep gracefully (trials kept mid-way, the reason
+    recorded, the run resumable); ``resume --num-samples N`` then finishes them and
+    grows the sweep to N trials, each once, the study with it; a budget not above the
+    trials the run has is refused in one line. Batches are slowed so that the sweep
+    outlasts its budget on any machine."""
     from covid_tune.runs.ray_state import trial_states
-    from covid_tune.runs.record import read_end, read_record
+    from covid_tune.runs.record import SweepOptions, read_end, read_record
+    from covid_tune.search.sweep import resume_sweep, run_sweep
 
     space = steady_space(tmp_path, {}, num_samples=4)
     doc = yaml.safe_load(space.read_text())
     doc["max_epochs"], doc["asha"]["grace_period"] = 3, 3  # no ASHA stop: 3 epochs each
     space.write_text(yaml.safe_dump(doc))
-    run = tmp_path / "runs" / "budget"
+    run, logs = tmp_path / "runs" / "budget", tmp_path / "logs"
+    logs.mkdir()
+    trainable = slowed(logs, batch_seconds=0.4)  # about 2 s an epoch, 6 s a trial
     started = time.monotonic()
-    assert main(["sweep", "--space", str(space), "--data", str(binary_data), "--storage-path",
-                 str(tmp_path / "runs"), "--name", "budget", "--max-concurrent", "1",
-                 "--time-budget", "8s"]) == 0
+    run_sweep(SweepOptions(space_file=str(space), data=str(binary_data), name="budget",
+                           storage_path=str(tmp_path / "runs"), max_concurrent=1,
+                           time_budget="12s"), trainable=trainable)
     print(f"stopped by the budget after {time.monotonic() - started:.0f} s")
     end, states = read_end(run), trial_states(run)
     assert end.kind == "time budget" and end.resumable and "resume" in end.reason
     assert len(states) < 4 or set(states.values()) != {"TERMINATED"}, states
-    assert "ended: the time budget (8s) was spent" in capsys.readouterr().out
+    assert "ended: the time budget (12s) was spent" in capsys.readouterr().out
 
-    assert main(["resume", str(run), "--num-samples", str(len(states) - 1)]) == 2
+    assert main(["resume", str(run), "--num-samples", str(len(states))]) == 2
     assert "--num-samples" in capsys.readouterr().err
-    assert main(["resume", str(run), "--num-samples", "6"]) == 0
+    resume_sweep(run, num_samples=6, trainable=trainable)
     states = trial_states(run)
     assert len(states) == 6 and set(states.values()) == {"TERMINATED"}, states
     assert read_end(run).reason == "all 6 trials ran"
