@@ -102,6 +102,8 @@ class SweepScheduler(ASHAScheduler):
         self.finished: list[list] = []
         """[trial id, best score, half-width] of each trial with a score, as they ended."""
         self.ended: str | None = None
+        self.ending = False
+        """``end`` decided: Tune's next step stops the sweep."""
         self.stopped_at: dict[str, int] = {}
         """Trial id -> the epoch at which ASHA stopped it: a driver stopped before Tune
         ended the trial saved the decision, and the trial's resumed report hears it
@@ -114,7 +116,8 @@ class SweepScheduler(ASHAScheduler):
         """A scheduler pickled by an older covid-tune (a run's ``tuner.pkl``) gets the
         fields added since."""
         self.__dict__.update({"best": {}, "finished": [], "stop": Stop(), "ended": None,
-                              "stopped_at": {}, "rank_mode": state.get("_mode") or "max"})
+                              "ending": False, "stopped_at": {},
+                              "rank_mode": state.get("_mode") or "max"})
         self.__dict__.update(state)
 
     def serve(self, search_alg) -> None:
@@ -158,9 +161,8 @@ class SweepScheduler(ASHAScheduler):
     def state(self) -> dict:
         """ASHA's rungs, and the scores ``stop`` goes by, saved with the searcher in
         each snapshot of the run."""
-        return {**asha_state(self), "best": dict(getattr(self, "best", {})),
-                "finished": list(getattr(self, "finished", [])),
-                "stopped_at": dict(getattr(self, "stopped_at", {}))}
+        return {**asha_state(self), "best": dict(self.best), "finished": list(self.finished),
+                "stopped_at": dict(self.stopped_at)}
 
     def take_over(self, saved: dict | None) -> None:
         """After ``resume``: ASHA's rungs as the run's last snapshot saved them, or,
@@ -173,19 +175,19 @@ class SweepScheduler(ASHAScheduler):
         self.rebuild = not saved
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
-        stopped_at = getattr(self, "stopped_at", {}).get(trial.trial_id)
+        stopped_at = self.stopped_at.get(trial.trial_id)
         if stopped_at is not None and result.get("epoch", 0) >= stopped_at:
             return self.STOP  # decided before a stop of the driver cut the trial's end
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP:
-            self.__dict__.setdefault("stopped_at", {})[trial.trial_id] = result.get("epoch", 0)
+            self.stopped_at[trial.trial_id] = result.get("epoch", 0)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             best = self.best.get(trial.trial_id)
             if best is None or rank_key(value, self.rank_mode) > rank_key(best[0], self.rank_mode):
                 half = result.get(f"{self.metric}_half_width", math.nan)
                 self.best[trial.trial_id] = [value, half]
-            goal = getattr(self, "stop", Stop()).at
+            goal = self.stop.at
             if goal is not None and rank_key(value, self.rank_mode) >= rank_key(goal, self.rank_mode):
                 self.end(tune_controller, "goal", f"{self.metric} {value:.4f} reached the goal "
                          f"{goal:g} (trial {trial.trial_id}, epoch {result.get('epoch')})")
@@ -194,7 +196,7 @@ class SweepScheduler(ASHAScheduler):
     def on_trial_complete(self, tune_controller, trial, result) -> None:
         self.open.pop(trial.trial_id, None)
         super().on_trial_complete(tune_controller, trial, result)
-        best = getattr(self, "best", {}).pop(trial.trial_id, None)
+        best = self.best.pop(trial.trial_id, None)
         if best is not None:
             self.finished.append([trial.trial_id, *best])
             self.check_converged(tune_controller)
@@ -202,9 +204,10 @@ class SweepScheduler(ASHAScheduler):
     def check_converged(self, tune_controller) -> None:
         """``stop: {converged: K}``: end the sweep when the last K trials to end have not
         raised the best score by more than the half-width of its bootstrap interval."""
-        k = getattr(self, "stop", Stop()).converged
+        k = self.stop.converged
         if not k or len(self.finished) <= k:
             return
+
         def key(entry):
             return rank_key(entry[1], self.rank_mode)
 
@@ -219,7 +222,7 @@ class SweepScheduler(ASHAScheduler):
         """End the sweep, once: no new trial is suggested from now on, and at Tune's
         next step (once it has kept the checkpoint of the result that decided) the
         running ones stop; why goes in the run's ``end.json``."""
-        if getattr(self, "ended", None):
+        if self.ended:
             return
         self.ended = reason
         print(f"\n{reason}; ending the sweep", flush=True)
@@ -231,7 +234,7 @@ class SweepScheduler(ASHAScheduler):
         self.ending = True
 
     def choose_trial_to_run(self, tune_controller):
-        if getattr(self, "ending", False):
+        if self.ending:
             self.ending = False
             stop_experiment(tune_controller)
             return None
