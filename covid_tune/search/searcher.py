@@ -73,6 +73,10 @@ class SweepSearch(OptunaSearch):
         """ASHA's rungs at the last snapshot (``_internals.asha_state``), saved with
         the searcher so that ``resume`` puts them back."""
         self.snapshot_noted = False
+        self.finished = False
+        """``stop: {at, converged}`` ended the sweep: no more suggestions."""
+        self.budget: int | None = None
+        """``resume --num-samples``: the trial budget the scheduler raises Ray's count to."""
         self.diverged: set[str] = set()
         """Trials whose loss became NaN or infinite (``SweepScheduler`` marks them)."""
         self.scheduler = None
