@@ -3,14 +3,18 @@ parameter count, and ONNX Runtime's CPU latency per image at batch 1.
 
 The latency is measured the same way in every trial, on the node that runs it: the
 model (architecture only; weights do not change the time) exported to ONNX, one
-ONNX Runtime thread, ``WARMUP`` runs, then the median of ``REPEATS``. A process measures
-each architecture once (``measured``), so a reused actor does not time the same
-backbone again while other trials train beside it.
+ONNX Runtime thread, ``WARMUP`` runs, then the median of ``REPEATS``. Each architecture
+is measured once per node: the figure is kept in the node's cache folder
+(``LATENCY_FILE`` under ``$COVID_TUNE_CACHE``, by architecture, image size and ONNX
+Runtime version) and in the process (``measured``), so every trial of one architecture
+reports the same figure, in this sweep and the next, and the front compares
+architectures rather than the noise of trials training beside the timing.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
 import tempfile
@@ -23,8 +27,10 @@ import torch
 WARMUP = 5
 REPEATS = 30
 
+LATENCY_FILE = "latency.json"
+
 measured: dict[tuple, float] = {}
-"""(backbone, image size, outputs, hidden) -> latency in ms, for this process."""
+"""(task, backbone, image size, hidden) -> latency in ms, for this process."""
 
 
 def trial_costs(model: torch.nn.Module, cfg) -> dict:
@@ -46,8 +52,33 @@ def onnx_latency_ms(model: torch.nn.Module, image_size: int, key: tuple) -> floa
     """The median latency of one image through the model in ONNX Runtime on one CPU
     thread, in milliseconds (measured once per ``key`` in this process)."""
     if key not in measured:
-        measured[key] = _measure(model, image_size)
+        measured[key] = node_latency(key, lambda: _measure(model, image_size))
     return measured[key]
+
+
+def node_latency(key: tuple, measure) -> float:
+    """The figure this node's cache keeps for ``key``, else ``measure()``'s, kept there
+    for the next trial (a cache that cannot be read or written is measured around)."""
+    import onnxruntime as ort
+
+    from covid_tune.data.dataset import cache_dir
+    from covid_tune.runs.storage import write_bytes
+
+    path = cache_dir() / LATENCY_FILE
+    name = "|".join(map(str, (*key, f"onnxruntime {ort.__version__}")))
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    kept = kept if isinstance(kept, dict) else {}
+    if isinstance(kept.get(name), (int, float)):
+        return float(kept[name])
+    value = measure()
+    try:
+        write_bytes(str(path), json.dumps({**kept, name: value}, indent=1).encode())
+    except OSError:
+        pass
+    return value
 
 
 def _measure(model: torch.nn.Module, image_size: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from covid_tune.nn.models import build_model
@@ -31,3 +32,24 @@ def test_a_larger_backbone_costs_more_and_the_model_is_left_as_it_was():
 
 def test_latency_is_measured_only_when_the_sweep_searches_it():
     assert set(cost.trial_costs(build_model("resnet18", 1), config("resnet18", ()))) == {"params"}
+
+
+def test_an_architecture_is_timed_once_per_node_and_every_trial_reports_that(tmp_path,
+                                                                              monkeypatch):
+    """The first trial of an architecture keeps its figure in the node's cache; a trial
+    in another process (the in-process figures cleared) reads it back without timing,
+    so trials of one architecture never differ by the timing's noise."""
+    monkeypatch.setenv("COVID_TUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "measured", {})
+    first = cost.trial_costs(build_model("resnet18", 1), config("resnet18"))["latency_ms"]
+    assert (tmp_path / cost.LATENCY_FILE).exists()
+    monkeypatch.setattr(cost, "measured", {})
+
+    def no_timing(*args):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(cost, "_measure", no_timing)
+    assert cost.trial_costs(build_model("resnet18", 1), config("resnet18"))["latency_ms"] == first
+    wider = SimpleNamespace(**{**vars(config("resnet18")), "hidden": 64})
+    with pytest.raises(AssertionError, match="timed again"):  # another architecture is timed
+        cost.trial_costs(build_model("resnet18", 1, hidden=64), wider)
