@@ -345,19 +345,29 @@ def chooser(run: RunInfo) -> str:
     return run.space.selection.split
 
 
-def training_seconds(folder: Path | str | RunFolder, epoch: int) -> float | None:
-    """``time_total_s`` of the last result reported for ``epoch`` in ``result.json``."""
+def result_rows(folder: Path | str | RunFolder) -> list[dict]:
+    """A trial's ``result.json``, one dict per reported result, in order; a line being
+    written while we read, or a damaged one, is skipped; empty if unreadable."""
     try:
         lines = RunFolder(folder).read_text(RESULT_FILE).splitlines()
     except OSError:
-        return None
-    seconds = None
+        return []
+    rows = []
     for line in lines:
         try:
-            result = json.loads(line)
+            row = json.loads(line)
         except ValueError:
-            continue  # a line being written while we read, or a damaged one
-        if isinstance(result, dict) and result.get("epoch") == epoch:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def training_seconds(folder: Path | str | RunFolder, epoch: int) -> float | None:
+    """``time_total_s`` of the last result reported for ``epoch`` in ``result.json``."""
+    seconds = None
+    for result in result_rows(folder):
+        if result.get("epoch") == epoch:
             value = result.get("time_total_s")
             seconds = float(value) if isinstance(value, (int, float)) else seconds
     return seconds

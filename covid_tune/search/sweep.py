@@ -27,7 +27,6 @@ such a trial goes on from the newest checkpoint it still has
 from __future__ import annotations
 
 import _thread
-import json
 import logging
 import math
 import os
@@ -56,9 +55,9 @@ from covid_tune.data.dataset import (SELECTION, DataBundle, Layout, assignment, 
 from covid_tune.errors import Stalled, Stopped, UserError
 from covid_tune.runs.lock import hold
 from covid_tune.nn.models import check_pretrained
-from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data
-from covid_tune.runs.folder import (DIVERGED_FILE, LOST_DIR, RESULT_FILE, SNAPSHOT_FILE,
-                                    STUDY_FILE, SWEEP_FILE, RunFolder)
+from covid_tune.runs.reader import CHECKPOINT_SCORE, choose_data, result_rows
+from covid_tune.runs.folder import (DIVERGED_FILE, LOST_DIR, SNAPSHOT_FILE, STUDY_FILE,
+                                    SWEEP_FILE, RunFolder)
 from covid_tune.runs.record import (SweepOptions, clear_end, read_end, read_record, read_selection,
                                     read_space, write_end, write_num_samples, write_record)
 from covid_tune.runs.tracking import one_line, read_tracking
@@ -268,22 +267,10 @@ class SweepScheduler(ASHAScheduler):
 def scores_until(trial, metric: str, last: int | None) -> dict[int, float]:
     """Epoch -> ``metric`` from a trial's ``result.json`` on the run's storage, up to
     epoch ``last`` (what the run's snapshot knew of it); empty if unreadable."""
-    fs = trial.storage.storage_filesystem
-    try:
-        with fs.open_input_stream(join(trial.path, RESULT_FILE)) as stream:
-            lines = stream.readall().decode(errors="replace").splitlines()
-    except OSError:
-        return {}
-    scores = {}
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        epoch = row.get("epoch") if isinstance(row, dict) else None
-        if isinstance(epoch, int) and (last is None or epoch <= last) and metric in row:
-            scores[epoch] = row[metric]
-    return scores
+    rows = result_rows(RunFolder.on(trial.storage.storage_filesystem, trial.path))
+    return {row["epoch"]: row[metric] for row in rows
+            if isinstance(row.get("epoch"), int) and metric in row
+            and (last is None or row["epoch"] <= last)}
 
 
 def go_on_from_a_kept_checkpoint(trial) -> str | None:
