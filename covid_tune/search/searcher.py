@@ -177,10 +177,12 @@ class SweepSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str):
         study_file, scheduler = self.study_file, getattr(self, "scheduler", None)
-        run_folder = getattr(self, "run_folder", None)
+        run_folder, budget = getattr(self, "run_folder", None), getattr(self, "budget", None)
         super().restore(checkpoint_path)
         self.study_file = study_file or self.study_file
         self.run_folder = run_folder or getattr(self, "run_folder", None)
+        if budget:  # resume --num-samples, set before Ray restored the saved state
+            self.budget, self.finished = budget, False
         self.scheduler = scheduler
         if scheduler is not None:  # ASHA's rungs as they were, or rebuilt from results
             scheduler.take_over(getattr(self, "asha", None))

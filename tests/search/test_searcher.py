@@ -446,3 +446,19 @@ def test_a_snapshot_copy_that_cannot_be_written_is_one_note_and_the_old_copy_goe
     assert out.count("note: could not keep a copy of the run's snapshot ([Errno 28] No space "
                      "left on device); resume goes on from Ray Tune's own files") == 1
     assert not (run / "snapshot.tar").exists()
+
+
+def test_a_budget_set_before_ray_restores_the_searcher_survives_the_restore(searcher,
+                                                                             tmp_path):
+    """``resume --num-samples`` sets the new budget on the restored searcher before Ray
+    puts its saved state back (a sweep a goal ended saved ``finished``): the budget stays
+    and the search suggests again."""
+    searcher.suggest("a")
+    searcher.finished = True
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    resumed = build_searcher(parse_space(SPACE, "space.yaml"), str(tmp_path / "s.db"), "s",
+                             seed=0, max_concurrent=None)
+    resumed.budget = 9
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert (resumed.budget, resumed.finished) == (9, False)
+    assert resumed.suggest("b") is not None
